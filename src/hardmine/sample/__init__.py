@@ -1,0 +1,1 @@
+"""hardmine.sample."""

@@ -1,0 +1,115 @@
+"""The two records that flow from assigners to samplers to losses, and the interfaces between them.
+
+Both are per image and hold tensors only (no index lists), so the CUDA path needs no host
+synchronisation. See DESIGN.md, "Conventions".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What an assigner decided for each of an image's ``N`` candidates.
+
+    Attributes:
+        label: ``int8 [N]``: -1 ignore, 0 negative, 1 positive.
+        gt_index: ``int64 [N]``: 0-based index of the matched ground truth where ``label == 1``; the
+            best-overlapping ground truth elsewhere (0 when the image has none).
+        max_iou: ``float [N]``: IoU with that ground truth (0 when the image has none).
+        gt_class: ``int64 [N]``: class of the matched ground truth where positive, 0 (background)
+            elsewhere.
+    """
+
+    label: Tensor
+    gt_index: Tensor
+    max_iou: Tensor
+    gt_class: Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return self.label.shape[0]
+
+    @property
+    def positive(self) -> Tensor:
+        """``bool [N]``."""
+        return self.label == POSITIVE
+
+    @property
+    def negative(self) -> Tensor:
+        """``bool [N]``."""
+        return self.label == NEGATIVE
+
+    @staticmethod
+    def empty(num: int, device: torch.device | str | None = None) -> Assignment:
+        """All ``num`` candidates negative: the assignment of an image without ground truth."""
+        return Assignment(
+            label=torch.zeros(num, dtype=torch.int8, device=device),
+            gt_index=torch.zeros(num, dtype=torch.int64, device=device),
+            max_iou=torch.zeros(num, dtype=torch.float32, device=device),
+            gt_class=torch.zeros(num, dtype=torch.int64, device=device),
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of an image's ``N`` candidates the loss sees, and with what weight.
+
+    Attributes:
+        mask: ``bool [N]``: picked candidates.
+        weight: ``float [N]``: loss weights; 1 where picked and 0 elsewhere unless the method
+            reweights (the overlap sampler's ε).
+    """
+
+    mask: Tensor
+    weight: Tensor
+
+    @property
+    def num_picked(self) -> int:
+        return int(self.mask.sum())
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A sampler: per image, from the candidates and their assignment, a ``Selection``.
+
+    ``needs_losses`` samplers (OHEM) also take per-candidate losses, computed by the model
+    integration in a read-only pass; they never receive a model.
+    """
+
+    needs_losses: bool
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]: ...
+
+
+@runtime_checkable
+class Assigner(Protocol):
+    """An assigner: per image, from candidates and ground truths, an ``Assignment``.
+
+    ``num_per_level`` gives the candidates per pyramid level (ATSS needs it; max-IoU ignores it).
+    """
+
+    def __call__(
+        self,
+        candidates: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        *,
+        ignore_boxes: Sequence[Tensor] | None = None,
+        num_per_level: Sequence[int] | None = None,
+    ) -> list[Assignment]: ...
