@@ -1,17 +1,34 @@
 """hardmine: choose which examples an object detector trains on."""
 
 from hardmine.boxes import box_iof, box_iou
-from hardmine.sample.random import RandomSampler, sample_random
+from hardmine.sample import (
+    SAMPLERS,
+    IoUBalancedSampler,
+    OHEMSampler,
+    OverlapSampler,
+    RandomSampler,
+    sample_iou_balanced,
+    sample_ohem,
+    sample_overlap,
+    sample_random,
+)
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
 
 __all__ = [
+    "SAMPLERS",
     "Assigner",
     "Assignment",
+    "IoUBalancedSampler",
+    "OHEMSampler",
+    "OverlapSampler",
     "RandomSampler",
     "Sampler",
     "Selection",
     "box_iof",
     "box_iou",
+    "sample_iou_balanced",
+    "sample_ohem",
+    "sample_overlap",
     "sample_random",
 ]
 __version__ = "0.1.0"

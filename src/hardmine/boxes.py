@@ -35,37 +35,38 @@ def check_finite(values: Tensor, name: str) -> None:
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of ``boxes: [N, 4]`` -> ``[N]``; inverted boxes count as zero area."""
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
-    return wh[:, 0] * wh[:, 1]
+    """Area of ``boxes: [..., N, 4]`` -> ``[..., N]``; inverted boxes count as zero area."""
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
 
 
 def _intersection(a: Tensor, b: Tensor) -> Tensor:
-    """Intersection areas of ``a: [G, 4]`` and ``b: [N, 4]`` -> ``[G, N]``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # [G, N, 2]
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])  # [G, N, 2]
+    """Intersection areas of ``a: [..., G, 4]`` and ``b: [..., N, 4]`` -> ``[..., G, N]``."""
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # [..., G, N, 2]
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])  # [..., G, N, 2]
     wh = (rb - lt).clamp(min=0)
     return wh[..., 0] * wh[..., 1]
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Intersection over union of ``a: [G, 4]`` and ``b: [N, 4]`` -> ``[G, N]``.
+    """Intersection over union of ``a: [..., G, 4]`` and ``b: [..., N, 4]`` -> ``[..., G, N]``.
 
-    Unlike ``torchvision.ops.box_iou`` this never divides by zero: two zero-area boxes have IoU 0,
-    not NaN, so degenerate input cannot poison a ``max``.
+    Leading dimensions (a batch of images) broadcast. Unlike ``torchvision.ops.box_iou`` this
+    never divides by zero: two zero-area boxes have IoU 0, not NaN, so degenerate input (and
+    zero-area padding) cannot poison a ``max``.
     """
     inter = _intersection(a, b)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return inter / union.clamp(min=_EPS)
 
 
 def box_iof(a: Tensor, b: Tensor) -> Tensor:
-    """Intersection over the area of the *first* boxes: ``a: [G, 4]``, ``b: [N, 4]`` -> ``[G, N]``.
+    """Intersection over the area of the *first* boxes: ``a: [..., G, 4]``, ``b: [..., N, 4]``.
 
-    Used for ignore regions: ``box_iof(candidates, ignore)[i, j]`` is the fraction of candidate
-    ``i`` covered by ignore box ``j``.
+    Returns ``[..., G, N]``. Used for ignore regions: ``box_iof(candidates, ignore)[i, j]`` is the
+    fraction of candidate ``i`` covered by ignore box ``j``.
     """
-    return _intersection(a, b) / box_area(a)[:, None].clamp(min=_EPS)
+    return _intersection(a, b) / box_area(a)[..., :, None].clamp(min=_EPS)
 
 
 def box_centers(boxes: Tensor) -> Tensor:

@@ -1,1 +1,35 @@
-"""hardmine.sample."""
+"""Samplers: which candidates the loss sees, and with what weight.
+
+Each is a function ``sample_x`` plus a frozen ``XSampler`` dataclass in the ``Sampler`` interface,
+all built on the one kernel in ``quota``. ``SAMPLERS`` maps config names to the classes.
+"""
+
+from hardmine.sample.iou_balanced import (
+    IoUBalancedSampler,
+    sample_instance_balanced,
+    sample_iou_balanced,
+)
+from hardmine.sample.ohem import OHEMSampler, sample_ohem
+from hardmine.sample.overlap import OverlapSampler, overlap_with_positives, sample_overlap
+from hardmine.sample.random import RandomSampler, sample_random
+
+SAMPLERS: dict[str, type] = {
+    "random": RandomSampler,
+    "ohem": OHEMSampler,
+    "iou_balanced": IoUBalancedSampler,
+    "overlap": OverlapSampler,
+}
+
+__all__ = [
+    "SAMPLERS",
+    "IoUBalancedSampler",
+    "OHEMSampler",
+    "OverlapSampler",
+    "RandomSampler",
+    "overlap_with_positives",
+    "sample_instance_balanced",
+    "sample_iou_balanced",
+    "sample_ohem",
+    "sample_overlap",
+    "sample_random",
+]

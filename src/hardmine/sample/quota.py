@@ -130,6 +130,19 @@ class FlatBatch:
         """Broadcast a per-image ``[B]`` tensor to the candidates: ``[N]``."""
         return values[self.image]
 
+    def cat(self, values: Sequence[Tensor], name: str) -> Tensor:
+        """Concatenate per-image ``values`` (boxes ``[N_i, 4]``, losses ``[N_i]``) in batch order.
+
+        Raises:
+            ValueError: if the number of images or any image's ``N_i`` disagrees with the batch.
+        """
+        if len(values) != self.num_images:
+            raise ValueError(f"{name}: got {len(values)} images, expected {self.num_images}")
+        for i, (v, n) in enumerate(zip(values, self.sizes, strict=True)):
+            if v.shape[0] != n:
+                raise ValueError(f"{name}[{i}]: got {v.shape[0]} rows, expected {n} candidates")
+        return torch.cat(list(values))
+
     def split(self, mask: Tensor, weight: Tensor | None = None) -> list[Selection]:
         """Cut flat ``mask`` / ``weight`` back into one ``Selection`` per image."""
         if weight is None:
@@ -146,8 +159,11 @@ def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
         raise ValueError("expected at least one image's assignment, got an empty batch")
     sizes = [a.num_candidates for a in assignments]
     device = assignments[0].label.device
+    # output_size spares CUDA the sync that sizing the result from a device tensor would need.
     image = torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+        torch.arange(len(sizes), device=device),
+        torch.tensor(sizes, device=device),
+        output_size=sum(sizes),
     )
     return FlatBatch(
         label=torch.cat([a.label for a in assignments]),
@@ -157,6 +173,34 @@ def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
         image=image,
         sizes=sizes,
     )
+
+
+def segment_by_key(image: Tensor, key: Tensor, mask: Tensor) -> Tensor:
+    """One segment per distinct ``(image, key)`` pair among the ``mask`` candidates.
+
+    Groups whose number is data-dependent (one per ground truth) get dense ids without a host
+    sync: sort by ``(image, key)`` and number the runs. The ids are ordered by ``(image, key)``.
+
+    Args:
+        image: ``int64 [N]``.
+        key: ``int64 [N]``, e.g. ``gt_index``.
+        mask: ``bool [N]``, the candidates to group.
+
+    Returns:
+        ``int64 [N]``: ids in ``[0, N)`` where ``mask``, -1 elsewhere; ``N`` segments suffice.
+    """
+    n = key.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=key.device)
+    order = torch.argsort(key, stable=True)
+    order = order[torch.argsort(image[order], stable=True)]
+    order = order[torch.argsort(~mask[order], stable=True)]  # the masked ones first
+    img, k, m = image[order], key[order], mask[order]
+    new_run = m.clone()
+    new_run[1:] &= (img[1:] != img[:-1]) | (k[1:] != k[:-1])
+    segment = torch.empty_like(order)
+    segment[order] = torch.where(m, torch.cumsum(new_run, 0) - 1, -1)
+    return segment
 
 
 def fill_shortfall(

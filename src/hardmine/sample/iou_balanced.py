@@ -1,0 +1,185 @@
+"""IoU-balanced negatives and instance-balanced positives: Libra R-CNN (Pang et al., CVPR 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hardmine.boxes import check_finite
+from hardmine.sample.quota import (
+    FlatBatch,
+    count_per_segment,
+    draw,
+    fill_shortfall,
+    flatten,
+    segment_by_key,
+)
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection
+
+
+def sample_instance_balanced(
+    flat: FlatBatch,
+    eligible: Tensor,
+    target: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick ``target`` candidates per image, spread evenly over the ground truths they match.
+
+    Each ground truth present among an image's ``eligible`` candidates gets
+    ``target // num_gts`` of them; the shortfall is filled uniformly from the rest. MMDetection's
+    ``InstanceBalancedPosSampler`` gives ``round(target / num_gts) + 1`` each and then trims the
+    surplus at random; the floor never overshoots, so no trim is needed and every ground truth
+    keeps its full even share.
+
+    Args:
+        flat: the batch; ``flat.gt_index`` names each candidate's ground truth.
+        eligible: ``bool [N]``, usually the positives.
+        target: ``int64 [B]``, picks wanted per image (at most the eligible count).
+        generator: makes the picks reproducible.
+
+    Returns:
+        ``bool [N]``.
+    """
+    n = eligible.numel()
+    segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
+    # Which image each segment lies in; every member writes the same value. Slot n is overflow.
+    slot = torch.where(segment >= 0, segment, n)
+    seg_image = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
+    seg_image.scatter_(0, slot, flat.image)
+    seg_used = torch.zeros(n + 1, dtype=torch.bool, device=flat.device)
+    seg_used[slot] = True
+    num_gts = count_per_segment(seg_used[:n], seg_image[:n], flat.num_images)  # [B]
+    share = target // num_gts.clamp(min=1)  # [B]
+    quota = torch.where(seg_used[:n], share[seg_image[:n]], 0)  # [N] segments
+    picked = draw(torch.ones_like(flat.max_iou), segment, quota, generator=generator)
+    return fill_shortfall(flat, picked, eligible, target, generator=generator)
+
+
+def sample_iou_balanced(
+    assignments: Sequence[Assignment],
+    *,
+    num: int = 512,
+    pos_fraction: float = 0.25,
+    num_bins: int = 3,
+    neg_thr: float = 0.5,
+    floor_thr: float = -1.0,
+    floor_fraction: float = 0.0,
+    instance_balanced: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[Selection]:
+    """Libra R-CNN sampling: negatives balanced over IoU bins, positives over ground truths.
+
+    Per image, as ``sample_random``: ``int(num * pos_fraction)`` positives at most, negatives fill
+    the rest of ``num``. Negatives (Pang et al., CVPR 2019, section 3.1):
+
+    1. With ``floor_thr >= 0`` the negatives with ``max_iou < floor_thr`` (``== 0`` when
+       ``floor_thr == 0``) form a *floor* group; the others are *balanced*. ``floor_thr < 0``
+       means no floor group.
+    2. The balanced ones fall into ``num_bins`` equal IoU bins over ``[max(floor_thr, 0),
+       neg_thr)`` (negatives at or above ``neg_thr``, possible with an assigner whose negative
+       threshold is higher, count in the top bin). Each bin gets
+       ``num_balanced // num_bins`` with ``num_balanced = int(num_neg * (1 - floor_fraction))``.
+    3. The shortfall of the bins is filled uniformly from the balanced negatives, then the floor
+       group tops up to ``num_neg``, then any negative does.
+
+    That is MMDetection's ``IoUBalancedNegSampler`` with two differences, both deliberate:
+    it is stateless (MMDetection sets ``floor_thr = 0`` on its first call with a negative
+    ``floor_thr``, so from the second call on zero-IoU negatives are only filler), and the bins
+    span the negative IoU range, not ``[floor_thr, max IoU of all proposals)``, which includes
+    positives and ground-truth copies and so leaves the top bins empty of negatives.
+
+    Positives: with ``instance_balanced`` (the paper's setting), an even share per ground truth
+    (``sample_instance_balanced``); otherwise uniform.
+
+    Args:
+        assignments: one per image; ``max_iou`` drives the bins.
+        num: candidates per image.
+        pos_fraction: at most this fraction positive.
+        num_bins: IoU bins ``K`` (paper: 3).
+        neg_thr: top of the negative IoU range, the assigner's negative threshold (0.5).
+        floor_thr: below it, negatives form the floor group; negative disables it.
+        floor_fraction: the floor group's share of the negative quota.
+        instance_balanced: balance positives over ground truths.
+        generator: makes the picks reproducible.
+
+    Returns:
+        One ``Selection`` per image, weight 1 on the picks.
+
+    Raises:
+        ValueError: on non-finite ``max_iou`` or inconsistent settings.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
+    if floor_thr >= neg_thr:
+        raise ValueError(f"floor_thr ({floor_thr}) must be below neg_thr ({neg_thr})")
+    flat = flatten(assignments)
+    check_finite(flat.max_iou, "max_iou")
+    pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
+    num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
+    num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
+    nothing = torch.zeros_like(pos)
+
+    if instance_balanced:
+        pos_mask = sample_instance_balanced(flat, pos, num_pos, generator=generator)
+    else:
+        pos_mask = fill_shortfall(flat, nothing, pos, num_pos, generator=generator)
+
+    iou = flat.max_iou
+    if floor_thr > 0:
+        floor = neg & (iou < floor_thr)
+    elif floor_thr == 0:
+        floor = neg & (iou <= 0)
+    else:
+        floor = nothing
+    balanced = neg & ~floor
+    low = max(floor_thr, 0.0)
+    bin_index = ((iou - low) / ((neg_thr - low) / num_bins)).floor().clamp(0, num_bins - 1)
+    group = torch.where(balanced, bin_index.long(), -1)
+    num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long()  # [B]
+    quota = (num_balanced // num_bins).repeat_interleave(num_bins)  # [B * K]
+    ones = torch.ones_like(iou)
+    neg_mask = draw(ones, flat.segment(group, num_bins), quota, generator=generator)
+    neg_mask = fill_shortfall(flat, neg_mask, balanced, num_balanced, generator=generator)
+    neg_mask = fill_shortfall(flat, neg_mask, floor, num_neg, generator=generator)
+    neg_mask = fill_shortfall(flat, neg_mask, neg, num_neg, generator=generator)
+    return flat.split(pos_mask | neg_mask)
+
+
+@dataclass(frozen=True)
+class IoUBalancedSampler:
+    """``sample_iou_balanced`` with its settings, in the ``Sampler`` interface."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    num_bins: int = 3
+    neg_thr: float = 0.5
+    floor_thr: float = -1.0
+    floor_fraction: float = 0.0
+    instance_balanced: bool = True
+    needs_losses: bool = False
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]:
+        return sample_iou_balanced(
+            assignments,
+            num=self.num,
+            pos_fraction=self.pos_fraction,
+            num_bins=self.num_bins,
+            neg_thr=self.neg_thr,
+            floor_thr=self.floor_thr,
+            floor_fraction=self.floor_fraction,
+            instance_balanced=self.instance_balanced,
+            generator=generator,
+        )

@@ -1,0 +1,93 @@
+"""OHEM: exact NMS cases, a brute-force per-image reference, the MMDetection variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from hardmine.sample import OHEMSampler, sample_ohem
+from hardmine.structures import Assignment
+
+
+def _assignment(label: list[int] | torch.Tensor) -> Assignment:
+    label = torch.as_tensor(label, dtype=torch.int8)
+    n = label.shape[0]
+    return Assignment(label, torch.zeros(n, dtype=torch.long), torch.zeros(n), label.long())
+
+
+def _ids(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask).flatten().tolist()
+
+
+BOXES = torch.tensor(
+    [
+        [0.0, 0.0, 10.0, 10.0],  # 0: loss 0.9
+        [0.0, 0.0, 10.0, 11.0],  # 1: IoU 0.91 with 0, loss 0.8: suppressed
+        [20.0, 20.0, 30.0, 30.0],  # 2: loss 0.5
+        [0.0, 0.0, 10.0, 10.0],  # 3: ignored, loss 5: never picked, suppresses nothing
+        [0.0, 0.0, 10.0, 14.0],  # 4: IoU 0.71 with 0: suppressed
+        [0.0, 0.0, 10.0, 15.0],  # 5: IoU 0.67 with 0, 0.93 with 4 (suppressed): kept, loss 0.3
+        [40.0, 40.0, 40.0, 50.0],  # 6: zero area, loss 0.2
+    ]
+)
+LOSSES = torch.tensor([0.9, 0.8, 0.5, 5.0, 0.6, 0.3, 0.2])
+LABELS = [1, 0, 0, -1, 0, 0, 0]
+
+
+def test_nms_then_highest_losses():
+    sel = sample_ohem([BOXES], [_assignment(LABELS)], [LOSSES], num=3)[0]
+    assert _ids(sel.mask) == [0, 2, 5] and sel.weight.tolist() == sel.mask.float().tolist()
+    sel = sample_ohem([BOXES], [_assignment(LABELS)], [LOSSES], num=10)[0]
+    assert _ids(sel.mask) == [0, 2, 5, 6]
+
+
+def test_without_nms_plain_top_losses():
+    sel = sample_ohem([BOXES], [_assignment(LABELS)], [LOSSES], num=3, nms_iou=None)[0]
+    assert _ids(sel.mask) == [0, 1, 4]
+
+
+def test_pos_fraction_mines_groups_separately():
+    # Positives {0, 1}, negatives the rest: at most 1 positive, then 2 negatives; NMS within each
+    # group, so negative 4 is no longer suppressed by positive 0 but 5 is by 4.
+    label = [1, 1, 0, -1, 0, 0, 0]
+    sel = sample_ohem([BOXES], [_assignment(label)], [LOSSES], num=3, pos_fraction=0.5)[0]
+    assert _ids(sel.mask) == [0, 2, 4]
+
+
+def _reference(boxes, label, loss, num, nms_iou):
+    """Per image: eligible candidates, greedy NMS by loss, the top ``num``."""
+    eligible = torch.nonzero(label >= 0).flatten()
+    keep = nms(boxes[eligible], loss[eligible], nms_iou)[:num]
+    mask = torch.zeros(label.shape[0], dtype=torch.bool)
+    mask[eligible[keep]] = True
+    return mask
+
+
+@pytest.mark.parametrize("n", [30, 1500])  # the large size takes torchvision's per-class path
+def test_batched_equals_per_image_brute_force(n):
+    gen = torch.Generator().manual_seed(n)
+    boxes, labels, losses = [], [], []
+    for k in range(4):
+        xy = torch.rand(n, 2, generator=gen) * 100 - 50 * k  # out-of-image, negative coordinates
+        boxes.append(torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=gen) * 20], 1))
+        labels.append(torch.randint(-1, 2, (n,), generator=gen))
+        losses.append(torch.rand(n, generator=gen))
+    assignments = [_assignment(lab) for lab in labels]
+    batched = sample_ohem(boxes, assignments, losses, num=16)
+    for sel, b, lab, loss in zip(batched, boxes, labels, losses, strict=True):
+        assert torch.equal(sel.mask, _reference(b, lab, loss, 16, 0.7))
+        single = sample_ohem([b], [_assignment(lab)], [loss], num=16)[0]
+        assert torch.equal(sel.mask, single.mask)
+
+
+def test_sampler_needs_losses_and_validates_them():
+    sampler = OHEMSampler()
+    assert sampler.needs_losses
+    a = _assignment(LABELS)
+    with pytest.raises(ValueError, match="losses"):
+        sampler([BOXES], [a])
+    with pytest.raises(ValueError, match="expected 7 candidates"):
+        sampler([BOXES], [a], losses=[LOSSES[:5]])
+    with pytest.raises(ValueError, match="NaN"):
+        sampler([BOXES], [a], losses=[torch.full((7,), float("nan"))])
