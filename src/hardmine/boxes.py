@@ -70,5 +70,5 @@ def box_iof(a: Tensor, b: Tensor) -> Tensor:
 
 
 def box_centers(boxes: Tensor) -> Tensor:
-    """Centres of ``boxes: [N, 4]`` -> ``[N, 2]`` as ``(x, y)``."""
-    return (boxes[:, :2] + boxes[:, 2:]) / 2
+    """Centres of ``boxes: [..., N, 4]`` -> ``[..., N, 2]`` as ``(x, y)``."""
+    return (boxes[..., :2] + boxes[..., 2:]) / 2

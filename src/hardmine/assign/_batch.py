@@ -1,0 +1,137 @@
+"""A batch of candidates and ground truths, checked and padded for the ``[B, G, N]`` assigners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hardmine.boxes import box_iof, check_boxes
+from hardmine.structures import POSITIVE, Assignment
+
+#: Ground truths per chunk of the ``[B, G, N]`` matrices. With 100k candidates a chunk's IoU
+#: matrix is 25 MB per image (float32); typical images (COCO: about 7 ground truths) fit in one.
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of images' candidates and ground truths, zero-padded to common sizes.
+
+    Attributes:
+        candidates: ``float [B, N, 4]``, ``N`` the largest candidate count.
+        gt_boxes: ``[B, G, 4]`` in the candidates' dtype, ``G`` the largest ground-truth count
+            (at least 1, so that images without ground truth need no special path).
+        gt_labels: ``int64 [B, G]``.
+        gt_valid: ``bool [B, G]``: false on padding.
+        ignored: ``bool [B, N]``: candidates inside an ignore region.
+        num_candidates: candidates per image (host ints, known from the shapes: no sync).
+    """
+
+    candidates: Tensor
+    gt_boxes: Tensor
+    gt_labels: Tensor
+    gt_valid: Tensor
+    ignored: Tensor
+    num_candidates: list[int]
+
+    @property
+    def has_gt(self) -> Tensor:
+        """``bool [B, 1]``: which images have any ground truth."""
+        return self.gt_valid.any(dim=1, keepdim=True)
+
+    def split(self, label: Tensor, gt_index: Tensor, max_iou: Tensor) -> list[Assignment]:
+        """Cut padded ``[B, N]`` results back into one ``Assignment`` per image.
+
+        ``gt_class`` is looked up from ``gt_index`` where the label is positive.
+        """
+        gt_class = torch.where(label == POSITIVE, self.gt_labels.gather(1, gt_index), 0)  # [B, N]
+        return [
+            Assignment(
+                label=label[b, :n],
+                gt_index=gt_index[b, :n],
+                max_iou=max_iou[b, :n],
+                gt_class=gt_class[b, :n],
+            )
+            for b, n in enumerate(self.num_candidates)
+        ]
+
+
+def _check_box_batch(boxes: Sequence[Tensor], name: str) -> None:
+    """``check_boxes`` on every image, with one finiteness check (one host sync) for the batch."""
+    for i, b in enumerate(boxes):
+        # An empty slice checks type, shape and dtype without a per-image sync.
+        check_boxes(b[:0] if isinstance(b, Tensor) and b.dim() else b, f"{name}[{i}]")
+    if len(boxes) and not bool(torch.isfinite(torch.cat(list(boxes))).all()):
+        bad = next(i for i, b in enumerate(boxes) if not bool(torch.isfinite(b).all()))
+        raise ValueError(f"{name}[{bad}]: contains NaN or infinite coordinates")
+
+
+def _pad(tensors: Sequence[Tensor], length: int, like: Tensor) -> Tensor:
+    """Zero-pad ``[n_i, ...]`` tensors to ``[B, length, ...]`` in ``like``'s dtype and device."""
+    out = like.new_zeros((len(tensors), length, *like.shape[1:]))
+    for b, t in enumerate(tensors):
+        out[b, : t.shape[0]] = t
+    return out
+
+
+def prepare_batch(
+    candidates: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    ignore_boxes: Sequence[Tensor] | None,
+    ignore_iof_thr: float,
+) -> Batch:
+    """Validate one batch of assigner input and pad it (shared by the max-IoU and ATSS assigners).
+
+    Args:
+        candidates: per image ``float [N_i, 4]``.
+        gt_boxes: per image ``float [G_i, 4]``.
+        gt_labels: per image ``int [G_i]``.
+        ignore_boxes: per image ``float [K_i, 4]``, or ``None``.
+        ignore_iof_thr: a candidate is ignored where the fraction of it covered by an ignore box
+            exceeds this.
+
+    Raises:
+        ValueError: on mismatched lengths or shapes, non-finite boxes, non-integer labels or a
+            threshold outside ``[0, 1]``.
+    """
+    num_images = len(candidates)
+    if len(gt_boxes) != num_images or len(gt_labels) != num_images:
+        raise ValueError(
+            f"expected one entry per image: {num_images} candidates, {len(gt_boxes)} gt_boxes, "
+            f"{len(gt_labels)} gt_labels"
+        )
+    if ignore_boxes is not None and len(ignore_boxes) != num_images:
+        raise ValueError(f"ignore_boxes: expected {num_images} entries, got {len(ignore_boxes)}")
+    if not 0.0 <= ignore_iof_thr <= 1.0:
+        raise ValueError(f"ignore_iof_thr must lie in [0, 1], got {ignore_iof_thr}")
+    _check_box_batch(candidates, "candidates")
+    _check_box_batch(gt_boxes, "gt_boxes")
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True)):
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"gt_labels[{i}]: expected an integer tensor of shape [G]")
+        if labels.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"gt_labels[{i}]: {labels.shape[0]} labels for {boxes.shape[0]} gt_boxes"
+            )
+
+    like = candidates[0]
+    num_candidates = [c.shape[0] for c in candidates]
+    num_gt = [g.shape[0] for g in gt_boxes]
+    cand = _pad(candidates, max(num_candidates), like)  # [B, N, 4]
+    gts = _pad(gt_boxes, max(max(num_gt), 1), like)  # [B, G, 4]
+    labels = _pad(gt_labels, gts.shape[1], like.new_zeros(1, dtype=torch.int64))  # [B, G]
+    counts = torch.tensor(num_gt, device=like.device)
+    gt_valid = torch.arange(gts.shape[1], device=like.device) < counts[:, None]  # [B, G]
+
+    if ignore_boxes is None:
+        ignored = torch.zeros(cand.shape[:2], dtype=torch.bool, device=like.device)
+    else:
+        _check_box_batch(ignore_boxes, "ignore_boxes")
+        # Zero-area padding covers nothing, so it never ignores a candidate.
+        ign = _pad(ignore_boxes, max(max(b.shape[0] for b in ignore_boxes), 1), like)
+        ignored = box_iof(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
+    return Batch(cand, gts, labels, gt_valid, ignored, num_candidates)

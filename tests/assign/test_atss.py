@@ -1,0 +1,316 @@
+"""ATSS: MMDetection's own fixture, a per-GT / per-level reference transcription, edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from hardmine.assign import ATSSAssigner, assign_atss
+from hardmine.boxes import box_centers, box_iof, box_iou
+from hardmine.structures import Assigner, Assignment
+
+# MMDetection's test fixture (tests/test_models/test_task_modules/test_assigners/).
+PRIORS = torch.tensor(
+    [[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0], [5.0, 5.0, 15.0, 15.0], [32, 32, 38, 42]]
+)
+GTS = torch.tensor([[0.0, 0.0, 10.0, 9.0], [0.0, 10.0, 10.0, 19.0]])
+GT_LABELS = torch.tensor([2, 3])
+
+
+def reference_atss(
+    anchors: Tensor,
+    gts: Tensor,
+    gt_labels: Tensor,
+    num_per_level: list[int],
+    *,
+    topk: int = 9,
+    ignore: Tensor | None = None,
+    ignore_iof_thr: float = 0.5,
+    margin: float = 0.01,
+) -> Assignment:
+    """One image, loops over ground truths and levels, as MMDetection's ``ATSSAssigner.assign``.
+
+    Distance ties go to the lower index (a stable sort) where MMDetection's ``topk`` leaves them
+    unspecified; on continuous random input there are none.
+    """
+    n, g = len(anchors), len(gts)
+    ignored = torch.zeros(n, dtype=torch.bool)
+    if ignore is not None and len(ignore):
+        ignored = box_iof(anchors, ignore).amax(dim=1) > ignore_iof_thr
+    label = torch.where(ignored, -1, 0).to(torch.int8)
+    if g == 0:
+        zeros = torch.zeros(n, dtype=torch.int64)
+        return Assignment(label, zeros, torch.zeros(n), zeros)
+    iou = box_iou(gts, anchors)  # [G, N]
+    centers, gt_centers = box_centers(anchors), box_centers(gts)
+    matched: dict[int, tuple[float, int]] = {}
+    for j in range(g):
+        distance = (centers - gt_centers[j]).pow(2).sum(-1).sqrt()
+        distance[ignored] = 1e8
+        candidates = []
+        start = 0
+        for count in num_per_level:
+            order = torch.sort(distance[start : start + count], stable=True).indices
+            candidates += (order[: min(topk, count)] + start).tolist()
+            start += count
+        values = iou[j, candidates]
+        threshold = values.mean() + values.std()
+        for a in candidates:
+            cx, cy = centers[a].tolist()
+            x1, y1, x2, y2 = gts[j].tolist()
+            inside = min(cx - x1, cy - y1, x2 - cx, y2 - cy) > margin
+            if (
+                iou[j, a] >= threshold
+                and inside
+                and (a not in matched or iou[j, a] > matched[a][0])
+            ):
+                matched[a] = (iou[j, a].item(), j)
+    best_iou, best_gt = iou.max(dim=0)
+    gt_index, max_iou, gt_class = (
+        best_gt.clone(),
+        best_iou.clone(),
+        torch.zeros(n, dtype=torch.int64),
+    )
+    for a, (value, j) in matched.items():
+        label[a], gt_index[a], max_iou[a], gt_class[a] = 1, j, value, gt_labels[j]
+    return Assignment(label, gt_index, max_iou, gt_class)
+
+
+def random_boxes(n: int, generator: torch.Generator, size: float, extent: float) -> Tensor:
+    xy = torch.rand(n, 2, generator=generator) * extent
+    wh = (torch.rand(n, 2, generator=generator) + 0.5) * size
+    return torch.cat([xy - wh / 2, xy + wh / 2], dim=1)
+
+
+def random_anchors(num_per_level: list[int], generator: torch.Generator) -> Tensor:
+    return torch.cat(
+        [random_boxes(n, generator, 8.0 * 2**i, 128.0) for i, n in enumerate(num_per_level)]
+    )
+
+
+def grid_anchors(sizes: list[int], strides: list[int], scales: list[float]) -> Tensor:
+    """Anchors on a grid, ``len(scales)`` per location (they tie in distance), levels in order."""
+    levels = []
+    for size, stride in zip(sizes, strides, strict=True):
+        c = (torch.arange(size) + 0.5) * stride
+        cy, cx = torch.meshgrid(c, c, indexing="ij")
+        ctr = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2)  # [L, 1, 2]
+        half = torch.tensor(scales)[None, :, None] * stride * 2  # [1, A, 1]
+        levels.append(torch.cat([ctr - half, ctr + half], dim=-1).reshape(-1, 4))
+    return torch.cat(levels)
+
+
+def assert_same(a: Assignment, b: Assignment) -> None:
+    assert torch.equal(a.label, b.label)
+    pos = a.positive
+    assert torch.equal(a.gt_index[pos], b.gt_index[pos])
+    assert torch.equal(a.gt_class, b.gt_class)
+    assert torch.allclose(a.max_iou, b.max_iou)
+
+
+def test_mmdetection_fixture() -> None:
+    (a,) = assign_atss([PRIORS], [GTS], [GT_LABELS], num_per_level=[4])
+    assert a.label.tolist() == [1, 0, 0, 0]
+    assert a.gt_index[0] == 0 and a.gt_class.tolist() == [2, 0, 0, 0]
+    assert a.label.dtype == torch.int8 and a.gt_index.dtype == torch.int64
+    assert a.gt_class.dtype == torch.int64 and a.max_iou.dtype == torch.float32
+    assert_same(a, reference_atss(PRIORS, GTS, GT_LABELS, [4]))
+
+
+def test_mmdetection_fixture_with_ignore() -> None:
+    # MMDetection's version of this test leaves ignoring off (its ignore_iof_thr defaults to -1)
+    # and expects the same picks; with ignoring on, the last prior (80 % covered) is ignored.
+    priors = PRIORS.clone()
+    priors[3] = torch.tensor([30.0, 32.0, 40.0, 42.0])
+    ignore = [torch.tensor([[30.0, 30.0, 40.0, 40.0]])]
+    (a,) = assign_atss([priors], [GTS], [GT_LABELS], num_per_level=[4], ignore_iof_thr=1.0)
+    assert a.label.tolist() == [1, 0, 0, 0]
+    (a,) = assign_atss([priors], [GTS], [GT_LABELS], num_per_level=[4], ignore_boxes=ignore)
+    assert a.label.tolist() == [1, 0, 0, -1]
+    assert a.gt_index[0] == 0
+    assert_same(a, reference_atss(priors, GTS, GT_LABELS, [4], ignore=ignore[0]))
+
+
+def test_no_ground_truth() -> None:
+    empty, no_labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    (a,) = assign_atss([PRIORS], [empty], [no_labels], num_per_level=[4])
+    assert a.label.tolist() == [0, 0, 0, 0]
+    assert a.gt_index.tolist() == [0] * 4 and a.gt_class.tolist() == [0] * 4
+    assert a.max_iou.tolist() == [0.0] * 4
+    ignore = [torch.tensor([[30.0, 30.0, 40.0, 42.0]])]
+    (a,) = assign_atss([PRIORS], [empty], [no_labels], num_per_level=[4], ignore_boxes=ignore)
+    assert a.label.tolist() == [0, 0, 0, -1]
+
+
+@pytest.mark.parametrize("num_gt", [0, 2])
+def test_no_anchors(num_gt: int) -> None:
+    out = assign_atss(
+        [torch.zeros(0, 4)] * 2,
+        [GTS[:num_gt]] * 2,
+        [GT_LABELS[:num_gt]] * 2,
+        num_per_level=[0, 0],
+        ignore_boxes=[torch.tensor([[30.0, 30.0, 40.0, 40.0]])] * 2,
+    )
+    assert [a.num_candidates for a in out] == [0, 0]
+    assert out[0].label.dtype == torch.int8
+    assert assign_atss([], [], [], num_per_level=[4]) == []
+
+
+def test_all_equal_ious() -> None:
+    # Nine copies of one anchor: equal IoUs (0.1 rounds the float mean above itself) and equal
+    # distances. The threshold equals the IoU, so all are positive.
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 1.0]])
+    anchors = torch.cat([anchor.repeat(9, 1), torch.tensor([[50.0, 50.0, 60.0, 60.0]])])
+    anchors[:9, 1] += 4.5  # centre (5, 5), IoU 0.1
+    anchors[:9, 3] += 4.5
+    (a,) = assign_atss([anchors], [gt], [torch.tensor([1])], num_per_level=[10])
+    assert a.label.tolist() == [1] * 9 + [0]
+    assert torch.allclose(a.max_iou[:9], torch.tensor(0.1))
+    # MMDetection's arithmetic (mean + std in float32) rejects them all here.
+    assert not reference_atss(anchors, gt, torch.tensor([1]), [10]).positive.any()
+
+
+def test_single_candidate() -> None:
+    (a,) = assign_atss([GTS[:1]], [GTS[:1]], [GT_LABELS[:1]], num_per_level=[1])
+    assert a.label.tolist() == [1]
+
+
+def test_degenerate_boxes() -> None:
+    anchors = torch.tensor(
+        [
+            [5.0, 4.5, 5.0, 4.5],  # zero area at the GT centre: IoU 0, so below the threshold
+            [-40.0, -40.0, -30.0, -30.0],  # off the image
+            [0.0, 0.0, 10.0, 9.0],
+            [1.0, 1.0, 9.0, 8.0],
+        ]
+    )
+    gts = torch.tensor([[0.0, 0.0, 10.0, 9.0], [60.0, 60.0, 60.0, 70.0]])  # the second: no area
+    (a,) = assign_atss([anchors], [gts], [GT_LABELS], num_per_level=[4])
+    assert a.label.tolist() == [0, 0, 1, 0]
+    assert_same(a, reference_atss(anchors, gts, GT_LABELS, [4]))
+
+
+def far_anchors(n: int) -> Tensor:
+    """``n`` anchors overlapping nothing near the origin: they pull the IoU threshold down."""
+    return torch.tensor([[100.0, 100.0, 110.0, 110.0]]).repeat(n, 1) + 20 * torch.arange(n)[:, None]
+
+
+def test_center_must_lie_inside() -> None:
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    # Both have IoU 0.5; the first one's centre lies 0.005 inside the GT: too close (margin 0.01).
+    anchors = torch.cat(
+        [torch.tensor([[-9.99, 0.0, 10.0, 10.0], [-9.9, 0.0, 10.0, 10.0]]), far_anchors(6)]
+    )
+    (a,) = assign_atss([anchors], [gt], [torch.tensor([1])], num_per_level=[8])
+    assert a.label.tolist() == [0, 1] + [0] * 6
+    (a,) = assign_atss([anchors], [gt], [torch.tensor([1])], num_per_level=[8], center_margin=0.0)
+    assert a.label.tolist() == [1, 1] + [0] * 6
+
+
+def test_overlapping_gts_take_the_highest_iou() -> None:
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 12.0], [0.0, 0.0, 10.0, 10.0]])
+    anchors = torch.cat(
+        [torch.tensor([[0.0, 0.0, 10.0, 11.0], [0.0, 0.0, 10.0, 10.0]]), far_anchors(6)]
+    )
+    gt_labels = torch.tensor([1, 2, 3])
+    (a,) = assign_atss([anchors], [gts], [gt_labels], num_per_level=[8])
+    assert a.label.tolist() == [1, 1] + [0] * 6
+    assert a.gt_index[:2].tolist() == [1, 0]  # GT 2 ties GT 0 on anchor 1: the first wins
+    assert a.gt_class[:2].tolist() == [2, 1]
+    assert_same(a, reference_atss(anchors, gts, gt_labels, [8]))
+
+
+@pytest.mark.parametrize("topk", [1, 3, 9])
+def test_matches_reference_on_random_input(topk: int) -> None:
+    g = torch.Generator().manual_seed(topk)
+    num_per_level = [60, 30, 12, 5]
+    for _ in range(3):
+        anchors = [random_anchors(num_per_level, g) for _ in range(3)]
+        gts = [random_boxes(n, g, 24.0, 128.0) for n in (5, 0, 11)]
+        labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+        ignore = [random_boxes(n, g, 30.0, 128.0) for n in (2, 1, 0)]
+        out = assign_atss(
+            anchors, gts, labels, num_per_level=num_per_level, topk=topk, ignore_boxes=ignore
+        )
+        for i in range(3):
+            ref = reference_atss(
+                anchors[i], gts[i], labels[i], num_per_level, topk=topk, ignore=ignore[i]
+            )
+            assert_same(out[i], ref)
+        assert sum(int(a.positive.sum()) for a in out) > 0
+
+
+def test_grid_anchors_with_ties_match_reference() -> None:
+    num_per_level = [8 * 8 * 3, 4 * 4 * 3]
+    anchors = grid_anchors([8, 4], [8, 16], [1.0, 1.26, 1.59])
+    gts = torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 20.0, 50.0, 60.0], [0.0, 0.0, 64.0, 64.0]])
+    labels = torch.tensor([1, 2, 3])
+    for scale_topk in (False, True):
+        (a,) = assign_atss(
+            [anchors],
+            [gts],
+            [labels],
+            num_per_level=num_per_level,
+            topk=4,
+            anchors_per_location=3,
+            scale_topk=scale_topk,
+        )
+        ref = reference_atss(anchors, gts, labels, num_per_level, topk=12 if scale_topk else 4)
+        assert_same(a, ref)
+        assert a.positive.any()
+
+
+def test_batched_equals_per_image_and_chunking() -> None:
+    g = torch.Generator().manual_seed(7)
+    num_per_level = [50, 20, 6]
+    anchors = [random_anchors(num_per_level, g) for _ in range(3)]
+    gts = [random_boxes(n, g, 24.0, 128.0) for n in (16, 3, 0)]
+    labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+    ignore = [random_boxes(n, g, 30.0, 128.0) for n in (0, 3, 1)]
+    batched = assign_atss(anchors, gts, labels, num_per_level=num_per_level, ignore_boxes=ignore)
+    for chunk_size in (1, 6):
+        chunked = assign_atss(
+            anchors,
+            gts,
+            labels,
+            num_per_level=num_per_level,
+            ignore_boxes=ignore,
+            chunk_size=chunk_size,
+        )
+        for a, b in zip(batched, chunked, strict=True):
+            for field in ("label", "gt_index", "max_iou", "gt_class"):
+                assert torch.equal(getattr(a, field), getattr(b, field))
+    for i in range(3):
+        (single,) = assign_atss(
+            [anchors[i]],
+            [gts[i]],
+            [labels[i]],
+            num_per_level=num_per_level,
+            ignore_boxes=[ignore[i]],
+        )
+        for field in ("label", "gt_index", "max_iou", "gt_class"):
+            assert torch.equal(getattr(batched[i], field), getattr(single, field))
+
+
+def test_invalid_input() -> None:
+    bad = PRIORS.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"candidates\[0\]"):
+        assign_atss([bad], [GTS], [GT_LABELS], num_per_level=[4])
+    with pytest.raises(ValueError, match="gt_boxes"):
+        assign_atss([PRIORS], [GTS * float("nan")], [GT_LABELS], num_per_level=[4])
+    with pytest.raises(ValueError, match="sum"):
+        assign_atss([PRIORS], [GTS], [GT_LABELS], num_per_level=[3])
+    with pytest.raises(ValueError, match="topk"):
+        assign_atss([PRIORS], [GTS], [GT_LABELS], num_per_level=[4], topk=0)
+    with pytest.raises(ValueError, match="num_per_level"):
+        ATSSAssigner()([PRIORS], [GTS], [GT_LABELS])
+
+
+def test_assigner_interface() -> None:
+    assigner = ATSSAssigner(topk=9)
+    assert isinstance(assigner, Assigner)
+    (a,) = assigner([PRIORS], [GTS], [GT_LABELS], num_per_level=[4])
+    assert a.label.tolist() == [1, 0, 0, 0]
