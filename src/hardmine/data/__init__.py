@@ -1,1 +1,44 @@
-"""hardmine.data."""
+"""Datasets in one interface, for training and for COCO AP.
+
+A dataset is a ``torch.utils.data.Dataset`` of ``(image, target)``:
+
+- ``image``: ``float32 [3, H, W]`` in [0, 1];
+- ``target["boxes"]``: ``float32 [K, 4]`` xyxy, absolute pixels;
+- ``target["labels"]``: ``int64 [K]`` in ``1..C`` (0 is background);
+- ``target["image_id"]``: ``int``, the image's id in ``coco_gt``;
+- ``target["ignore_boxes"]``: ``float32 [M, 4]`` regions (COCO ``iscrowd``) that count as neither
+  positive nor negative, ``[0, 4]`` when there are none;
+- ``target["masks"]``: ``uint8 [K, H, W]``, only when the dataset was made ``with_masks``.
+
+and it has ``categories: list[str]`` (label ``i + 1`` is ``categories[i]``) and ``coco_gt``, a
+COCO instances dict whose ``category_id`` is the label, built once and used for AP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hardmine.data.coco import CocoDataset, CocoFormatError, write_coco
+from hardmine.data.scenes import CLASS_NAMES, Scene, SceneDataset, make_scenes
+
+
+def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """``[(image, target), ...]`` -> ``([image, ...], [target, ...])``, as torchvision takes them.
+
+    Images keep their own sizes: the detector's transform resizes and batches them.
+    """
+    images, targets = zip(*batch, strict=True) if batch else ((), ())
+    return list(images), list(targets)
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "CocoDataset",
+    "CocoFormatError",
+    "Scene",
+    "SceneDataset",
+    "collate_fn",
+    "make_scenes",
+    "write_coco",
+]

@@ -1,0 +1,366 @@
+"""Any COCO-format ("instances") detection dataset, read and written.
+
+The whole annotation file is validated at construction, so that bad input fails before training
+starts, with a message naming the file and the annotation (or image) id:
+
+- malformed JSON, missing ``images`` / ``annotations`` / ``categories``, duplicate ids;
+- an image file that does not exist (or, when read, whose size differs from the one declared);
+- an annotation whose image or category is unknown, or whose ``bbox`` is not four finite numbers;
+- a *bad box*: zero or negative width or height, or one reaching more than ``box_tolerance`` pixels
+  outside the image. Boxes within the tolerance are clipped to the image, since rounding in
+  converters routinely puts edges a fraction of a pixel out. ``on_bad_box="error"`` (the default)
+  raises; ``"skip"`` drops the annotation and warns once with the count and the first ids;
+- with masks, an annotation with neither a usable ``segmentation`` nor a ``mask_file``.
+
+Category ids map to contiguous labels ``1..C`` in order of id; ``iscrowd`` annotations become
+``ignore_boxes``. Masks come from polygons or RLE (decoded by ``faster_coco_eval``), or from the
+PennFudan layout, where an annotation names a ``mask_file`` (relative to the annotation file's
+folder) and the ``mask_value`` of its pixels there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from faster_coco_eval.core import mask as mask_utils
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+
+class CocoFormatError(ValueError):
+    """A COCO annotation file, or a file it refers to, is unusable."""
+
+
+@dataclass(frozen=True)
+class _ImageRecord:
+    """One image with its validated annotations (boxes already clipped, labels contiguous)."""
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [K, 4] xyxy
+    labels: np.ndarray  # int64 [K]
+    ignore_boxes: np.ndarray  # float32 [M, 4] xyxy
+    annotations: list[dict[str, Any]]  # the K non-crowd annotations, for their masks
+
+
+def _as_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class CocoDataset(Dataset[tuple[Tensor, dict[str, Tensor | int]]]):
+    """A COCO-format detection dataset in the common interface (see ``hardmine.data``).
+
+    Items are ``(image, target)``: ``image`` ``float32 [3, H, W]`` in [0, 1]; ``target`` with
+    ``boxes`` ``float32 [K, 4]`` xyxy pixels, ``labels`` ``int64 [K]`` in ``1..C``, ``image_id``
+    (the COCO image id), ``ignore_boxes`` ``float32 [M, 4]`` and, with masks, ``masks``
+    ``uint8 [K, H, W]``. Images come in the order of the file's ``images`` list.
+
+    Args:
+        image_dir: folder that ``file_name`` is relative to.
+        ann_file: the COCO instances JSON.
+        with_masks: include instance masks in targets (every non-crowd annotation needs one).
+        on_bad_box: ``"error"`` raises ``CocoFormatError`` on a bad box; ``"skip"`` drops it and
+            warns.
+        box_tolerance: how far, in pixels, a box may reach outside the image and still be
+            clipped rather than be a bad box.
+
+    Raises:
+        CocoFormatError: on any of the problems listed in the module docstring.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        *,
+        with_masks: bool = False,
+        on_bad_box: Literal["error", "skip"] = "error",
+        box_tolerance: float = 1.0,
+    ) -> None:
+        if on_bad_box not in ("error", "skip"):
+            raise ValueError(f"on_bad_box must be 'error' or 'skip', got {on_bad_box!r}")
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.with_masks = with_masks
+        self._on_bad_box = on_bad_box
+        self._tolerance = box_tolerance
+        data = self._load_json()
+
+        cats = sorted(data["categories"], key=self._category_id)
+        self._label_of = {c["id"]: i + 1 for i, c in enumerate(cats)}
+        if len(self._label_of) != len(cats):
+            raise self._error("duplicate category ids")
+        self.categories: list[str] = [str(c.get("name", c["id"])) for c in cats]
+
+        images = [self._check_image(img) for img in data["images"]]
+        by_id = {img["id"]: img for img in images}
+        if len(by_id) != len(images):
+            raise self._error("duplicate image ids")
+
+        per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in by_id}
+        self._skipped: list[int] = []
+        seen_ann: set[int] = set()
+        for ann in data["annotations"]:
+            checked = self._check_annotation(ann, by_id, seen_ann)
+            if checked is not None:
+                per_image[ann["image_id"]].append(checked)
+        if self._skipped:
+            shown = ", ".join(str(i) for i in self._skipped[:5])
+            warnings.warn(
+                f"{self.ann_file}: skipped {len(self._skipped)} annotation(s) with bad boxes "
+                f"(ids {shown}{', ...' if len(self._skipped) > 5 else ''})",
+                stacklevel=2,
+            )
+
+        self._records = [self._record(img, per_image[img["id"]]) for img in images]
+        self.coco_gt: dict = {
+            "images": [
+                {k: img[k] for k in ("id", "file_name", "width", "height")} for img in images
+            ],
+            "annotations": [a for img in images for a in per_image[img["id"]]],
+            "categories": [
+                {"id": self._label_of[c["id"]], "name": name}
+                for c, name in zip(cats, self.categories, strict=True)
+            ],
+        }
+
+    # --- validation -------------------------------------------------------------------------
+
+    def _error(self, message: str, *, ann_id: object = None, image_id: object = None) -> Exception:
+        where = f"annotation id {ann_id}: " if ann_id is not None else ""
+        where = f"image id {image_id}: " if image_id is not None else where
+        return CocoFormatError(f"{self.ann_file}: {where}{message}")
+
+    def _load_json(self) -> dict[str, Any]:
+        try:
+            with open(self.ann_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise self._error("annotation file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self._error(f"malformed JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise self._error("expected a JSON object at the top level")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                raise self._error(f"missing or non-list {key!r}")
+        return data
+
+    def _category_id(self, cat: object) -> int:
+        if not isinstance(cat, dict) or not _as_int(cat.get("id")):
+            raise self._error(f"category without an integer id: {cat!r}")
+        return cat["id"]
+
+    def _check_image(self, img: object) -> dict[str, Any]:
+        """The image entry with ``width`` / ``height`` (read from the file's header if absent)."""
+        if not isinstance(img, dict) or not _as_int(img.get("id")):
+            raise self._error(f"image entry without an integer id: {img!r}")
+        image_id = img["id"]
+        if not isinstance(img.get("file_name"), str):
+            raise self._error("missing 'file_name'", image_id=image_id)
+        path = self.image_dir / img["file_name"]
+        if not path.is_file():
+            raise self._error(f"image file not found: {path}", image_id=image_id)
+        width, height = img.get("width"), img.get("height")
+        if not (_as_int(width) and _as_int(height)):
+            with Image.open(path) as im:  # reads the header only
+                width, height = im.size
+        return {**img, "width": width, "height": height}
+
+    def _check_annotation(
+        self, ann: object, images: dict[int, dict[str, Any]], seen: set[int]
+    ) -> dict[str, Any] | None:
+        """The annotation for ``coco_gt`` (label as category, box clipped), or None if skipped."""
+        if not isinstance(ann, dict) or not _as_int(ann.get("id")):
+            raise self._error(f"annotation without an integer id: {ann!r}")
+        ann_id = ann["id"]
+        if ann_id in seen:
+            raise self._error("duplicate annotation id", ann_id=ann_id)
+        seen.add(ann_id)
+        img = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+        if img is None:
+            raise self._error(f"unknown image_id {ann.get('image_id')!r}", ann_id=ann_id)
+        label = self._label_of.get(ann.get("category_id"))  # type: ignore[arg-type]
+        if label is None:
+            raise self._error(f"unknown category_id {ann.get('category_id')!r}", ann_id=ann_id)
+        bbox = ann.get("bbox")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+        ):
+            raise self._error(
+                f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}", ann_id=ann_id
+            )
+        crowd = bool(ann.get("iscrowd", 0))
+
+        box = self._clip_box(bbox, img, ann_id)
+        if box is None:
+            return None
+        if self.with_masks and not crowd:
+            self._check_mask_source(ann, img)
+        x1, y1, x2, y2 = box
+        out = {
+            "id": ann_id,
+            "image_id": img["id"],
+            "category_id": label,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": float(ann.get("area", (x2 - x1) * (y2 - y1))),
+            "iscrowd": int(crowd),
+        }
+        for key in ("segmentation", "mask_file", "mask_value"):
+            if key in ann:
+                out[key] = ann[key]
+        return out
+
+    def _clip_box(
+        self, bbox: list[float], img: dict[str, Any], ann_id: int
+    ) -> tuple[float, float, float, float] | None:
+        """``[x, y, w, h]`` -> clipped xyxy, or None for a bad box that is skipped."""
+        x, y, w, h = bbox
+        width, height, tol = img["width"], img["height"], self._tolerance
+        problem = None
+        if w <= 0 or h <= 0:
+            problem = f"zero-area box {bbox}"
+        elif x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+            problem = f"box {bbox} reaches more than {tol} px outside the {width}x{height} image"
+        else:
+            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x2, y2 = min(x + w, width), min(y + h, height)
+            if x2 > x1 and y2 > y1:
+                return float(x1), float(y1), float(x2), float(y2)
+            problem = f"box {bbox} has zero area once clipped to the {width}x{height} image"
+        if self._on_bad_box == "error":
+            raise self._error(
+                f"{problem} in {img['file_name']} (on_bad_box='skip' drops such boxes)",
+                ann_id=ann_id,
+            )
+        self._skipped.append(ann_id)
+        return None
+
+    def _check_mask_source(self, ann: dict[str, Any], img: dict[str, Any]) -> None:
+        segm = ann.get("segmentation")
+        if segm:
+            if isinstance(segm, list):
+                ok = all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
+            else:
+                ok = (
+                    isinstance(segm, dict)
+                    and "counts" in segm
+                    and list(segm.get("size", [])) == [img["height"], img["width"]]
+                )
+            if not ok:
+                raise self._error(
+                    "segmentation is neither polygons nor an RLE of the image's size",
+                    ann_id=ann["id"],
+                )
+        elif "mask_file" in ann and "mask_value" in ann:
+            path = self.ann_file.parent / ann["mask_file"]
+            if not path.is_file():
+                raise self._error(f"mask file not found: {path}", ann_id=ann["id"])
+        else:
+            raise self._error(
+                "with_masks needs a 'segmentation' or a 'mask_file' and 'mask_value'",
+                ann_id=ann["id"],
+            )
+
+    def _record(self, img: dict[str, Any], anns: list[dict[str, Any]]) -> _ImageRecord:
+        def xyxy(group: list[dict[str, Any]]) -> np.ndarray:
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in group)]
+            return np.array(boxes, dtype=np.float32).reshape(-1, 4)
+
+        objects = [a for a in anns if not a["iscrowd"]]
+        return _ImageRecord(
+            image_id=img["id"],
+            path=self.image_dir / img["file_name"],
+            width=img["width"],
+            height=img["height"],
+            boxes=xyxy(objects),
+            labels=np.array([a["category_id"] for a in objects], dtype=np.int64),
+            ignore_boxes=xyxy([a for a in anns if a["iscrowd"]]),
+            annotations=objects,
+        )
+
+    # --- items ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor | int]]:
+        rec = self._records[index]
+        with Image.open(rec.path) as im:
+            if im.size != (rec.width, rec.height):
+                raise self._error(
+                    f"{rec.path} is {im.size[0]}x{im.size[1]}, the file declares "
+                    f"{rec.width}x{rec.height}",
+                    image_id=rec.image_id,
+                )
+            image = pil_to_tensor(im.convert("RGB")).float().div_(255)
+        target: dict[str, Tensor | int] = {
+            "boxes": torch.from_numpy(rec.boxes.copy()),
+            "labels": torch.from_numpy(rec.labels.copy()),
+            "image_id": rec.image_id,
+            "ignore_boxes": torch.from_numpy(rec.ignore_boxes.copy()),
+        }
+        if self.with_masks:
+            masks = [self._mask(a, rec) for a in rec.annotations]
+            target["masks"] = torch.from_numpy(
+                np.stack(masks) if masks else np.zeros((0, rec.height, rec.width), np.uint8)
+            )
+        return image, target
+
+    def _mask(self, ann: dict[str, Any], rec: _ImageRecord) -> np.ndarray:
+        """``uint8 [H, W]`` mask of a validated annotation."""
+        segm = ann.get("segmentation")
+        if not segm:
+            with Image.open(self.ann_file.parent / ann["mask_file"]) as im:
+                return (np.asarray(im) == ann["mask_value"]).astype(np.uint8)
+        if isinstance(segm, list):  # polygons, one object possibly in several parts
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, rec.height, rec.width))
+        elif isinstance(segm["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(segm, rec.height, rec.width)
+        else:
+            rle = segm
+        return mask_utils.decode(rle).astype(np.uint8)
+
+
+def write_coco(dataset: Dataset, out_dir: str | Path) -> Path:
+    """Write a dataset of the common interface as PNG images and a COCO instances JSON.
+
+    Images go to ``out_dir/images/`` (named after ``coco_gt``'s ``file_name``, with a ``.png``
+    suffix), the annotations (``dataset.coco_gt``) to ``out_dir/annotations.json``; read them back
+    with ``CocoDataset(out_dir / "images", out_dir / "annotations.json")``.
+
+    Args:
+        dataset: items ``(image float32 [3, H, W] in [0, 1], target)`` and a ``coco_gt`` dict.
+        out_dir: created if needed.
+
+    Returns:
+        The path of the JSON file.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    coco_gt: dict = dataset.coco_gt  # type: ignore[attr-defined]
+    entries = {img["id"]: {**img} for img in coco_gt["images"]}
+    for index in range(len(dataset)):  # type: ignore[arg-type]
+        image, target = dataset[index]
+        entry = entries[target["image_id"]]
+        entry["file_name"] = str(Path(entry["file_name"]).with_suffix(".png"))
+        pixels = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        path = out_dir / "images" / entry["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    ann_file = out_dir / "annotations.json"
+    ann_file.write_text(json.dumps({**coco_gt, "images": list(entries.values())}))
+    return ann_file

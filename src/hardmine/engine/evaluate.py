@@ -1,0 +1,158 @@
+"""COCO AP of a detector on a dataset, computed by ``faster-coco-eval`` (never by hand).
+
+``coco_ap`` is the pure part (ground-truth dict and detection list in, numbers out); ``evaluate``
+runs a torchvision detector over a dataset of the common interface (``hardmine.data``) and calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from faster_coco_eval import COCO, COCOeval_faster
+from faster_coco_eval.core import mask as mask_utils
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from hardmine.data import collate_fn
+
+IouType = Literal["bbox", "segm"]
+# Our names for the first six of COCO's twelve summary numbers.
+_STATS = {
+    "AP": "AP_all",
+    "AP50": "AP_50",
+    "AP75": "AP_75",
+    "APs": "AP_small",
+    "APm": "AP_medium",
+    "APl": "AP_large",
+}
+_PREFIX: dict[str, str] = {"bbox": "", "segm": "mask_"}
+
+
+def _quiet(*_args: object, **_kwargs: object) -> None:
+    """Print function for faster-coco-eval, which otherwise reports every step."""
+
+
+def coco_ap(
+    coco_gt: dict[str, Any],
+    detections: Sequence[dict[str, Any]],
+    *,
+    iou_type: IouType = "bbox",
+    image_ids: Collection[int] | None = None,
+) -> dict[str, float]:
+    """COCO average precision of ``detections`` against ``coco_gt``.
+
+    Args:
+        coco_gt: COCO instances dict (``images``, ``annotations`` with ``area`` and ``iscrowd``,
+            ``categories``). Not modified.
+        detections: COCO results, ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
+            each, plus ``"segmentation"`` (RLE) for ``iou_type="segm"``. Not modified.
+        iou_type: match boxes or masks.
+        image_ids: evaluate only these images (those a model was run on, when it saw part of
+            the dataset); all of ``coco_gt``'s by default.
+
+    Returns:
+        ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (small < 32², medium,
+        large > 96² px of ``area``), prefixed ``mask_`` for ``segm``. No detections give 0; a
+        number with no ground truth to measure (no large objects, say) is -1, as in COCO.
+    """
+    if iou_type not in _PREFIX:
+        raise ValueError(f"iou_type must be one of {sorted(_PREFIX)}, got {iou_type!r}")
+    gt = COCO(copy.deepcopy(coco_gt), print_function=_quiet)
+    # loadRes adds ids and areas to the dicts it receives.
+    dt = gt.loadRes([dict(d) for d in detections])
+    evaluator = COCOeval_faster(gt, dt, iouType=iou_type, print_function=_quiet)
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted(image_ids)
+    evaluator.run()
+    stats = evaluator.stats_as_dict
+    return {_PREFIX[iou_type] + name: stats[key] for name, key in _STATS.items()}
+
+
+def _coco_gt_of(dataset: Dataset) -> dict[str, Any]:
+    """The ``coco_gt`` of a dataset, looking through ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    coco_gt = getattr(dataset, "coco_gt", None)
+    if coco_gt is None:
+        raise TypeError(f"{type(dataset).__name__} has no coco_gt; pass coco_gt= explicitly")
+    return coco_gt
+
+
+def _to_results(output: dict[str, torch.Tensor], image_id: int, with_masks: bool) -> list[dict]:
+    """One image's torchvision detections -> COCO result dicts (boxes xyxy -> xywh)."""
+    boxes = output["boxes"].detach().float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    results = [
+        {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+        for box, label, score in zip(
+            boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(), strict=True
+        )
+    ]
+    if with_masks and results:
+        # torchvision gives per-pixel probabilities [K, 1, H, W]; COCO wants binary RLE.
+        binary = (output["masks"][:, 0] > 0.5).to(torch.uint8).cpu().numpy()  # [K, H, W]
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        for result, rle in zip(results, rles, strict=True):
+            result["segmentation"] = rle
+    return results
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    *,
+    device: torch.device | str,
+    iou_types: Sequence[IouType] = ("bbox",),
+    batch_size: int = 4,
+    coco_gt: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Run a torchvision detector over a dataset and return its COCO AP.
+
+    The model is put in eval mode for the run and back in its previous mode after. Only images
+    the model saw are evaluated, so a ``Subset`` of a dataset is measured on itself.
+
+    Args:
+        model: a torchvision detector (eval mode returns ``boxes`` xyxy, ``labels``, ``scores``
+            and, for Mask R-CNN, ``masks`` per image) whose labels are the dataset's.
+        data: a dataset of the common interface, or a ``DataLoader`` over one that yields
+            ``(images, targets)`` lists (``hardmine.data.collate_fn``).
+        device: where the model runs.
+        iou_types: ``"bbox"`` and/or ``"segm"`` (Mask R-CNN).
+        batch_size: images per forward pass when ``data`` is a dataset.
+        coco_gt: ground truth; the dataset's ``coco_gt`` by default.
+
+    Returns:
+        ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` for boxes and the same prefixed
+        ``mask_`` for masks, as ``coco_ap`` gives them.
+    """
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    if coco_gt is None:
+        coco_gt = _coco_gt_of(loader.dataset)
+    with_masks = "segm" in iou_types
+
+    was_training = model.training
+    model.eval()
+    detections: list[dict[str, Any]] = []
+    image_ids: set[int] = set()
+    try:
+        for images, targets in loader:
+            outputs = model([image.to(device) for image in images])
+            for output, target in zip(outputs, targets, strict=True):
+                image_id = int(target["image_id"])
+                image_ids.add(image_id)
+                detections.extend(_to_results(output, image_id, with_masks))
+    finally:
+        model.train(was_training)
+
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        metrics.update(coco_ap(coco_gt, detections, iou_type=iou_type, image_ids=image_ids))
+    return metrics
