@@ -12,6 +12,7 @@ from hardmine.sample.quota import (
     flatten,
     segment_by_key,
     take_top,
+    take_top_in_segments,
 )
 from hardmine.structures import Assignment
 
@@ -20,67 +21,6 @@ INF = float("inf")
 
 def _ids(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask).flatten().tolist()
-
-
-def test_take_top_ranks_within_segments():
-    keys = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0, 0.0])
-    segment = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert _ids(take_top(keys, segment, torch.tensor([2, 1]))) == [0, 2, 3]
-
-
-def test_take_top_ties_go_to_lower_index():
-    keys = torch.ones(5)
-    assert _ids(take_top(keys, torch.zeros(5, dtype=torch.long), torch.tensor([2]))) == [0, 1]
-
-
-def test_take_top_never_picks_minus_inf_or_negative_segments():
-    keys = torch.tensor([-INF, 1.0, 2.0, -INF, 3.0])
-    segment = torch.tensor([0, 0, -1, 1, 1])
-    assert _ids(take_top(keys, segment, torch.tensor([10, 10]))) == [1, 4]
-
-
-def test_take_top_quota_larger_than_segment_takes_all_and_zero_takes_none():
-    keys = torch.tensor([0.5, 0.1, 0.9, 0.3])
-    segment = torch.tensor([0, 0, 1, 1])
-    assert _ids(take_top(keys, segment, torch.tensor([99, 0]))) == [0, 1]
-
-
-def test_take_top_empty():
-    empty = torch.zeros(0)
-    assert take_top(empty, empty.long(), torch.tensor([3])).shape == (0,)
-
-
-def test_count_per_segment_skips_masked_and_negative():
-    mask = torch.tensor([True, True, False, True, True])
-    segment = torch.tensor([0, 2, 2, -1, 2])
-    assert count_per_segment(mask, segment, 3).tolist() == [1, 0, 2]
-
-
-def test_draw_respects_quota_and_never_draws_weight_zero():
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0, 1.0])
-    segment = torch.tensor([0, 0, 0, 1, 1, 1])
-    for _ in range(20):
-        mask = draw(weight, segment, torch.tensor([5, 1]), generator=gen)
-        assert _ids(mask[:3]) == [1, 2]
-        assert not mask[3] and int(mask[3:].sum()) == 1
-
-
-def test_draw_first_pick_is_proportional_to_weight():
-    # 20000 independent segments of 4 candidates, one draw each, in a single call.
-    gen = torch.Generator().manual_seed(1)
-    reps, weights = 20000, torch.tensor([1.0, 2.0, 3.0, 4.0])
-    segment = torch.arange(reps).repeat_interleave(4)
-    mask = draw(weights.repeat(reps), segment, torch.ones(reps, dtype=torch.long), generator=gen)
-    freq = mask.view(reps, 4).float().mean(0)
-    torch.testing.assert_close(freq, weights / weights.sum(), atol=0.015, rtol=0)
-
-
-def test_segment_by_key_numbers_image_key_pairs():
-    image = torch.tensor([0, 0, 0, 1, 1, 1, 1])
-    key = torch.tensor([5, 2, 5, 2, 0, 2, 7])
-    mask = torch.tensor([True, True, True, True, False, True, True])
-    assert segment_by_key(image, key, mask).tolist() == [1, 0, 1, 2, -1, 2, 3]
 
 
 def _flat(labels: list[list[int]]):
@@ -95,6 +35,130 @@ def _flat(labels: list[list[int]]):
             for lab in labels
         ]
     )
+
+
+def _sizes(*sizes: int):
+    return _flat([[0] * n for n in sizes])
+
+
+def test_take_top_ranks_within_images_and_groups():
+    flat = _sizes(6)
+    keys = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert _ids(take_top(flat, keys, group, torch.tensor([[2, 1]]))) == [0, 2, 3]
+
+
+def test_take_top_separates_images():
+    flat = _sizes(3, 4)
+    keys = torch.tensor([3.0, 1.0, 2.0, 9.0, 8.0, 0.5, 7.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 0])
+    quota = torch.tensor([[1, 0], [1, 2]])
+    assert _ids(take_top(flat, keys, group, quota)) == [0, 3, 4, 5]
+
+
+def test_take_top_ties_go_to_lower_index():
+    flat = _sizes(5)
+    group = torch.zeros(5, dtype=torch.long)
+    assert _ids(take_top(flat, torch.ones(5), group, torch.tensor([[2]]))) == [0, 1]
+
+
+def test_take_top_orders_negative_and_mixed_sign_keys():
+    flat = _sizes(6)
+    keys = torch.tensor([-1e9, -2.5, -0.0, 0.0, 1e-30, 7.0])
+    group = torch.zeros(6, dtype=torch.long)
+    for q, expected in [(1, [5]), (2, [4, 5]), (3, [3, 4, 5]), (5, [1, 2, 3, 4, 5])]:
+        assert _ids(take_top(flat, keys, group, torch.tensor([[q]]))) == expected
+
+
+def test_take_top_never_picks_minus_inf_or_negative_groups():
+    flat = _sizes(5)
+    keys = torch.tensor([-INF, 1.0, 2.0, -INF, 3.0])
+    group = torch.tensor([0, 0, -1, 1, 1])
+    assert _ids(take_top(flat, keys, group, torch.tensor([[10, 10]]))) == [1, 4]
+
+
+def test_take_top_quota_larger_than_group_takes_all_and_zero_takes_none():
+    flat = _sizes(4)
+    keys = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    group = torch.tensor([0, 0, 1, 1])
+    assert _ids(take_top(flat, keys, group, torch.tensor([[99, 0]]))) == [0, 1]
+
+
+def test_take_top_max_quota_caps_and_empty_input():
+    flat = _sizes(4)
+    keys = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    group = torch.zeros(4, dtype=torch.long)
+    assert _ids(take_top(flat, keys, group, torch.tensor([[3]]), max_quota=2)) == [0, 2]
+    empty = _sizes(0, 0)
+    out = take_top(empty, torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.ones(2, 1))
+    assert out.shape == (0,)
+
+
+def test_take_top_equals_a_per_segment_sort():
+    gen = torch.Generator().manual_seed(3)
+    sizes = [0, 7, 40, 1, 25]
+    flat = _sizes(*sizes)
+    n, groups = sum(sizes), 3
+    for _ in range(20):
+        keys = torch.randint(0, 6, (n,), generator=gen).float()  # many ties
+        keys[torch.rand(n, generator=gen) < 0.1] = -INF
+        group = torch.randint(-1, groups, (n,), generator=gen)
+        quota = torch.randint(0, 12, (len(sizes), groups), generator=gen)
+        expected = torch.zeros(n, dtype=torch.bool)
+        for b in range(len(sizes)):
+            for g in range(groups):
+                members = [
+                    i for i in range(n) if flat.image[i] == b and group[i] == g and keys[i] > -INF
+                ]
+                members.sort(key=lambda i: (-keys[i].item(), i))
+                expected[members[: quota[b, g]]] = True
+        assert torch.equal(take_top(flat, keys, group, quota), expected)
+
+
+def test_take_top_in_segments_matches_old_cases():
+    keys = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0, 0.0])
+    segment = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert _ids(take_top_in_segments(keys, segment, torch.tensor([2, 1]))) == [0, 2, 3]
+    keys = torch.tensor([-INF, 1.0, 1.0, -INF, 3.0, 1.0])
+    segment = torch.tensor([0, 0, 0, 1, -1, 1])
+    assert _ids(take_top_in_segments(keys, segment, torch.tensor([1, 5]))) == [1, 5]
+    assert take_top_in_segments(torch.zeros(0), torch.zeros(0).long(), torch.ones(1)).shape == (0,)
+
+
+def test_count_per_segment_skips_masked_and_negative():
+    mask = torch.tensor([True, True, False, True, True])
+    segment = torch.tensor([0, 2, 2, -1, 2])
+    assert count_per_segment(mask, segment, 3).tolist() == [1, 0, 2]
+
+
+def test_draw_respects_quota_and_never_draws_weight_zero():
+    gen = torch.Generator().manual_seed(0)
+    flat = _sizes(6)
+    weight = torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0, 1.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    for _ in range(20):
+        mask = draw(flat, weight, group, torch.tensor([[5, 1]]), generator=gen)
+        assert _ids(mask[:3]) == [1, 2]
+        assert not mask[3] and int(mask[3:].sum()) == 1
+
+
+def test_draw_first_pick_is_proportional_to_weight():
+    # 20000 independent segments of 4 candidates, one draw each, in a single call.
+    gen = torch.Generator().manual_seed(1)
+    reps, weights = 20000, torch.tensor([1.0, 2.0, 3.0, 4.0])
+    flat = _sizes(*[4] * reps)
+    group = torch.zeros(4 * reps, dtype=torch.long)
+    quota = torch.ones(reps, 1, dtype=torch.long)
+    mask = draw(flat, weights.repeat(reps), group, quota, generator=gen)
+    freq = mask.view(reps, 4).float().mean(0)
+    torch.testing.assert_close(freq, weights / weights.sum(), atol=0.015, rtol=0)
+
+
+def test_segment_by_key_numbers_image_key_pairs():
+    image = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    key = torch.tensor([5, 2, 5, 2, 0, 2, 7])
+    mask = torch.tensor([True, True, True, True, False, True, True])
+    assert segment_by_key(image, key, mask).tolist() == [1, 0, 1, 2, -1, 2, 3]
 
 
 def test_fill_shortfall_tops_up_to_target_from_eligible_only():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -15,7 +16,9 @@ from hardmine.sample.quota import (
     draw,
     fill_shortfall,
     flatten,
+    random_keys,
     segment_by_key,
+    take_top_in_segments,
 )
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection
 
@@ -25,6 +28,7 @@ def sample_instance_balanced(
     eligible: Tensor,
     target: Tensor,
     *,
+    max_quota: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick ``target`` candidates per image, spread evenly over the ground truths they match.
@@ -39,6 +43,7 @@ def sample_instance_balanced(
         flat: the batch; ``flat.gt_index`` names each candidate's ground truth.
         eligible: ``bool [N]``, usually the positives.
         target: ``int64 [B]``, picks wanted per image (at most the eligible count).
+        max_quota: a host bound on ``target`` (see ``quota.take_top``).
         generator: makes the picks reproducible.
 
     Returns:
@@ -55,8 +60,9 @@ def sample_instance_balanced(
     num_gts = count_per_segment(seg_used[:n], seg_image[:n], flat.num_images)  # [B]
     share = target // num_gts.clamp(min=1)  # [B]
     quota = torch.where(seg_used[:n], share[seg_image[:n]], 0)  # [N] segments
-    picked = draw(torch.ones_like(flat.max_iou), segment, quota, generator=generator)
-    return fill_shortfall(flat, picked, eligible, target, generator=generator)
+    keys = random_keys(None, like=flat.max_iou, generator=generator)
+    picked = take_top_in_segments(keys, segment, quota)
+    return fill_shortfall(flat, picked, eligible, target, max_quota=max_quota, generator=generator)
 
 
 def sample_iou_balanced(
@@ -124,11 +130,14 @@ def sample_iou_balanced(
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
     nothing = torch.zeros_like(pos)
+    fill = partial(fill_shortfall, flat, max_quota=num, generator=generator)
 
     if instance_balanced:
-        pos_mask = sample_instance_balanced(flat, pos, num_pos, generator=generator)
+        pos_mask = sample_instance_balanced(
+            flat, pos, num_pos, max_quota=int(num * pos_fraction), generator=generator
+        )
     else:
-        pos_mask = fill_shortfall(flat, nothing, pos, num_pos, generator=generator)
+        pos_mask = fill(nothing, pos, num_pos)
 
     iou = flat.max_iou
     if floor_thr > 0:
@@ -142,12 +151,11 @@ def sample_iou_balanced(
     bin_index = ((iou - low) / ((neg_thr - low) / num_bins)).floor().clamp(0, num_bins - 1)
     group = torch.where(balanced, bin_index.long(), -1)
     num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long()  # [B]
-    quota = (num_balanced // num_bins).repeat_interleave(num_bins)  # [B * K]
-    ones = torch.ones_like(iou)
-    neg_mask = draw(ones, flat.segment(group, num_bins), quota, generator=generator)
-    neg_mask = fill_shortfall(flat, neg_mask, balanced, num_balanced, generator=generator)
-    neg_mask = fill_shortfall(flat, neg_mask, floor, num_neg, generator=generator)
-    neg_mask = fill_shortfall(flat, neg_mask, neg, num_neg, generator=generator)
+    quota = (num_balanced // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
+    neg_mask = draw(flat, None, group, quota, max_quota=num // num_bins, generator=generator)
+    neg_mask = fill(neg_mask, balanced, num_balanced)
+    neg_mask = fill(neg_mask, floor, num_neg)
+    neg_mask = fill(neg_mask, neg, num_neg)
     return flat.split(pos_mask | neg_mask)
 
 

@@ -82,11 +82,11 @@ def sample_ohem(
     keys = torch.where(kept, loss, float("-inf"))
 
     if pos_fraction is None:
-        quota = torch.full((flat.num_images,), num, dtype=torch.int64, device=flat.device)
+        quota = torch.full((flat.num_images, 1), num, dtype=torch.int64, device=flat.device)
     else:
         num_pos = flat.count(kept & pos).clamp(max=int(num * pos_fraction))  # [B]
-        quota = torch.stack([num_pos, num - num_pos], dim=1).flatten()  # [B * 2]
-    return flat.split(take_top(keys, segment, quota))
+        quota = torch.stack([num_pos, num - num_pos], dim=1)  # [B, 2]
+    return flat.split(take_top(flat, keys, group, quota, max_quota=num))
 
 
 @dataclass(frozen=True)

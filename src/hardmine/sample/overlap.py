@@ -22,7 +22,7 @@ from hardmine.sample.quota import (
     fill_shortfall,
     flatten,
     segment_by_key,
-    take_top,
+    take_top_in_segments,
 )
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection
 
@@ -92,6 +92,7 @@ def _pick(
     num_bins: int,
     hard_thr: float,
     upper: float,
+    max_quota: int,
     generator: torch.Generator | None,
 ) -> Tensor:
     """``target: [B]`` picks per image from ``eligible: [N]`` by ``overlap: [N]`` -> ``bool [N]``.
@@ -99,22 +100,27 @@ def _pick(
     Every strategy ends with a uniform top-up from the eligible not yet picked.
     """
     nothing = torch.zeros_like(eligible)
+    fill = partial(fill_shortfall, flat, max_quota=max_quota, generator=generator)
     if strategy == "hard":
-        first = eligible & (overlap >= hard_thr)
-        picked = fill_shortfall(flat, nothing, first, target, generator=generator)
+        picked = fill(nothing, eligible & (overlap >= hard_thr), target)
     elif strategy == "soft":
         bin_index = (overlap / (upper / num_bins)).floor().long().clamp(0, num_bins - 1)
-        quota = (target // num_bins).repeat_interleave(num_bins)  # [B * K]
-        segment = flat.segment(torch.where(eligible, bin_index, -1), num_bins)
-        picked = draw(torch.ones_like(overlap), segment, quota, generator=generator)
+        quota = (target // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
+        group = torch.where(eligible, bin_index, -1)
+        picked = draw(
+            flat,
+            None,
+            group,
+            quota,
+            max_quota=max_quota // num_bins,
+            generator=generator,
+        )
     elif strategy == "linear":
         # Weight 0 is never drawn, so zero-overlap candidates only come in with the top-up.
-        picked = fill_shortfall(
-            flat, nothing, eligible, target, weight=overlap, generator=generator
-        )
+        picked = fill(nothing, eligible, target, weight=overlap)
     else:  # uniform: the top-up is the whole draw
         picked = nothing
-    return fill_shortfall(flat, picked, eligible, target, generator=generator)
+    return fill(picked, eligible, target)
 
 
 def sample_overlap(
@@ -202,14 +208,14 @@ def sample_overlap(
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
     iou_pn, iou_pe = overlap_with_positives(flat_boxes, flat, pos)
     pick = partial(_pick, num_bins=num_bins, hard_thr=hard_thr, upper=upper, generator=generator)
-    pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos)
-    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg)
+    pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
+    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num)
     mask = pos_mask | neg_mask
     weight = mask.to(flat.max_iou.dtype)
     if epsilon != 1.0:
         keys = torch.where(pos_mask, flat.max_iou, float("-inf"))
         per_gt = segment_by_key(flat.image, flat.gt_index, pos_mask)
-        best = take_top(keys, per_gt, torch.ones_like(per_gt))
+        best = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
         weight = torch.where(best, epsilon, weight)
     return flat.split(mask, weight)
 

@@ -32,22 +32,170 @@ def count_per_segment(mask: Tensor, segment: Tensor, num_segments: int) -> Tenso
     return counts[:num_segments]
 
 
-def take_top(keys: Tensor, segment: Tensor, quota: Tensor) -> Tensor:
-    """In every segment, pick the ``quota`` candidates with the largest keys.
+_NEVER = torch.iinfo(torch.int64).min
+_ALWAYS = torch.iinfo(torch.int64).max
+
+
+def _ranking_keys(keys: Tensor, position: Tensor) -> Tensor:
+    """``float [N]`` keys -> ``int64 [N]`` keys in the same order, unique within an image.
+
+    The float's bits become an order-preserving integer (flip all but the sign bit of negatives)
+    in the high 32 bits; the low 32 bits prefer the lower position. So ties go to the lower index,
+    exactly and on every device, which a float ``topk`` does not promise.
+    """
+    bits = keys.to(torch.float32).contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    return ordered.to(torch.int64) * (1 << 32) + ((1 << 32) - 1 - position)
+
+
+def take_top(
+    flat: FlatBatch,
+    keys: Tensor,
+    group: Tensor,
+    quota: Tensor,
+    *,
+    max_quota: int | None = None,
+) -> Tensor:
+    """In every image and group, pick the ``quota`` candidates with the largest keys.
+
+    The batch becomes a table with one row per (image, group) and one column per position in the
+    image, ``[B * G, N_max]``, and one ``topk`` over its rows picks for every image and group at
+    once. Each row also gets ``k - quota`` entries that beat every key, so an unsorted ``topk(k)``
+    (a linear-time selection, no sort of the flat batch nor of the picks) returns exactly the
+    row's ``quota`` best candidates beside them. ``k`` is ``max_quota``, so the work is about
+    ``G * (N + B * max_quota)``.
+
+    Args:
+        flat: the batch.
+        keys: ``float [N]``; ``-inf`` is never picked.
+        group: ``int64 [N]`` in ``[0, G)``, negative for candidates that may not be picked.
+        quota: ``int64 [B, G]``: how many to pick per image and group (more than the group holds
+            takes all).
+        max_quota: a bound on ``quota`` known on the host (e.g. ``num``); tighter is faster.
+            Defaults to the longest image.
+
+    Returns:
+        ``bool [N]``. Ties go to the lower index, so the result is deterministic.
+    """
+    usable = (group >= 0) & (keys > float("-inf"))
+    ranked = torch.where(usable, _ranking_keys(keys, flat.position), _NEVER)
+    return _take_ranked(flat, ranked, group, quota, max_quota)
+
+
+def _take_ranked(
+    flat: FlatBatch, ranked: Tensor, group: Tensor, quota: Tensor, max_quota: int | None
+) -> Tensor:
+    """``take_top`` on ``int64`` keys unique within each image; ``_NEVER`` is never taken."""
+    num_groups = quota.shape[1]
+    n, length = ranked.numel(), flat.max_size
+    k = length if max_quota is None else min(max_quota, length)
+    if n == 0 or k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=ranked.device)
+    rows, width = flat.num_images * num_groups, length + k
+    table = torch.full((rows, width), _NEVER, device=ranked.device)  # [B * G, N_max + k]
+    # Each cell (image, g, position) has one owner, the candidate at that position, so the
+    # unusable writing _NEVER into their group-0 row clobbers nobody.
+    cell = (flat.image * num_groups + group.clamp(min=0)) * width + flat.position
+    table.view(-1).scatter_(0, cell, ranked)
+    rank = torch.arange(k, device=ranked.device)
+    spare = k - quota.reshape(-1, 1).clamp(0, k)  # [B * G, 1]
+    table[:, length:] = torch.where(rank < spare, _ALWAYS, _NEVER)
+    values, cols = table.topk(k, dim=1, sorted=False)  # [B * G, k]
+    take = (cols < length) & (values > _NEVER)
+    row_start = flat.starts.repeat_interleave(num_groups)  # [B * G]
+    index = torch.where(take, row_start[:, None] + cols, n)  # n: a spare slot for the unpicked
+    mask = torch.zeros(n + 1, dtype=torch.bool, device=ranked.device)
+    return mask.scatter_(0, index.flatten(), True)[:n]
+
+
+def random_keys(
+    weight: Tensor | None,
+    *,
+    like: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random keys whose top k are a draw without replacement.
+
+    Uniform (``weight=None``): the keys are ``u ~ U[0, 1)``. Weighted: Efraimidis–Spirakis keys
+    ``log(u) / w = -E / w`` with ``E ~ Exp(1)``; weight 0 gives ``-inf`` (never drawn).
+
+    Args:
+        weight: ``float [N] >= 0``, or ``None`` for uniform.
+        like: a ``[N]`` tensor giving the size and device.
+        generator: makes the keys reproducible.
+
+    Returns:
+        ``float32 [N]``.
+    """
+    if weight is None:
+        return torch.rand(like.shape, generator=generator, device=like.device)
+    e = torch.empty(like.shape, device=like.device).exponential_(generator=generator)
+    w = weight.to(torch.float32)
+    return torch.where(w > 0, -e / w, float("-inf"))
+
+
+def draw(
+    flat: FlatBatch,
+    weight: Tensor | None,
+    group: Tensor,
+    quota: Tensor,
+    *,
+    max_quota: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw without replacement ``quota[b, g]`` candidates per image and group.
+
+    Args:
+        flat: the batch.
+        weight: ``float [N] >= 0``, pick probability proportional to it (0 is never drawn), or
+            ``None`` for a uniform draw.
+        group: ``int64 [N]`` in ``[0, G)``, negative for candidates that may not be drawn.
+        quota: ``int64 [B, G]``.
+        max_quota: a host bound on ``quota`` (see ``take_top``).
+        generator: makes the draw reproducible; must live on the batch's device.
+
+    Returns:
+        ``bool [N]``.
+    """
+    if weight is None:
+        # Random 62-bit integers rank a uniform draw directly: no float keys to convert, and
+        # ties, which only the tie-break could decide, have probability about N^2 / 2^63.
+        ranked = torch.randint(
+            1 << 62, flat.image.shape, generator=generator, device=flat.image.device
+        )
+        return _take_ranked(flat, torch.where(group >= 0, ranked, _NEVER), group, quota, max_quota)
+    keys = random_keys(weight, like=flat.max_iou, generator=generator)
+    return take_top(flat, keys, group, quota, max_quota=max_quota)
+
+
+def take_top_in_segments(keys: Tensor, segment: Tensor, quota: Tensor) -> Tensor:
+    """``take_top`` for segments that are not (image, group) pairs, e.g. one per ground truth.
+
+    Sorts, so it costs ``N log N`` in the usable candidates: on the CPU, where a host sync is
+    free, it first drops the unusable ones (usually most: it serves the positives).
 
     Args:
         keys: ``float [N]``; ``-inf`` is never picked.
         segment: ``int64 [N]`` in ``[0, S)``, or negative for candidates that may not be picked.
-        quota: ``int64 [S]``: how many to pick per segment (more than the segment holds takes all).
+        quota: ``int64 [S]``.
 
     Returns:
-        ``bool [N]``. Ties go to the lower index (stable sort), so the result is deterministic.
+        ``bool [N]``. Ties go to the lower index.
     """
     n, num_segments = keys.numel(), quota.numel()
+    usable = (segment >= 0) & (keys > float("-inf"))
+    if keys.device.type == "cpu":
+        index = torch.nonzero(usable).flatten()
+        picked = _take_top_sorted(keys[index], segment[index], quota, num_segments)
+        return torch.zeros(n, dtype=torch.bool).index_put_((index,), picked)
+    seg = torch.where(usable, segment, num_segments)  # the unusable go to an overflow segment
+    return _take_top_sorted(keys, seg, quota, num_segments)
+
+
+def _take_top_sorted(keys: Tensor, seg: Tensor, quota: Tensor, num_segments: int) -> Tensor:
+    n = keys.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=keys.device)
-    usable = (segment >= 0) & (keys > float("-inf"))
-    seg = torch.where(usable, segment, num_segments)  # the unusable go to an overflow segment
     # Sort by key (descending), then stably by segment: keys stay descending within each segment.
     order = torch.argsort(keys, descending=True, stable=True)
     order = order[torch.argsort(seg[order], stable=True)]
@@ -62,37 +210,6 @@ def take_top(keys: Tensor, segment: Tensor, quota: Tensor) -> Tensor:
     return mask
 
 
-def random_keys(weight: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """Efraimidis–Spirakis keys ``log(u) / w``: the top k are a weighted draw without replacement.
-
-    ``weight: float [N] >= 0``; weight 0 gives ``-inf`` (never drawn). Uniform weights give a
-    uniform draw.
-    """
-    u = torch.rand(weight.shape, generator=generator, device=weight.device, dtype=torch.float64)
-    return u.clamp_min(torch.finfo(torch.float64).tiny).log() / weight.to(torch.float64)
-
-
-def draw(
-    weight: Tensor,
-    segment: Tensor,
-    quota: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Weighted draw without replacement of ``quota[s]`` candidates in each segment ``s``.
-
-    Args:
-        weight: ``float [N] >= 0``, pick probability proportional to it; 0 is never drawn.
-        segment: ``int64 [N]``, negative for candidates that may not be drawn.
-        quota: ``int64 [S]``.
-        generator: makes the draw reproducible; must live on ``weight``'s device.
-
-    Returns:
-        ``bool [N]``.
-    """
-    return take_top(random_keys(weight, generator=generator), segment, quota)
-
-
 @dataclass(frozen=True)
 class FlatBatch:
     """The assignments of a batch concatenated, with each candidate's image index.
@@ -100,6 +217,8 @@ class FlatBatch:
     Attributes:
         label, gt_index, max_iou, gt_class: the ``Assignment`` fields, concatenated, ``[N]``.
         image: ``int64 [N]``: which image each candidate belongs to.
+        position: ``int64 [N]``: each candidate's index within its image.
+        starts: ``int64 [B]``: where each image's candidates begin.
         sizes: candidates per image (host ints: known from the shapes, no sync).
     """
 
@@ -108,7 +227,14 @@ class FlatBatch:
     max_iou: Tensor
     gt_class: Tensor
     image: Tensor
+    position: Tensor
+    starts: Tensor
     sizes: list[int]
+
+    @property
+    def max_size(self) -> int:
+        """Candidates in the largest image."""
+        return max(self.sizes)
 
     @property
     def num_images(self) -> int:
@@ -159,18 +285,22 @@ def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
         raise ValueError("expected at least one image's assignment, got an empty batch")
     sizes = [a.num_candidates for a in assignments]
     device = assignments[0].label.device
+    total = sum(sizes)
+    counts = torch.tensor(sizes, device=device)
+    starts = counts.cumsum(0) - counts  # [B]
     # output_size spares CUDA the sync that sizing the result from a device tensor would need.
     image = torch.repeat_interleave(
-        torch.arange(len(sizes), device=device),
-        torch.tensor(sizes, device=device),
-        output_size=sum(sizes),
+        torch.arange(len(sizes), device=device), counts, output_size=total
     )
+    start_of = torch.repeat_interleave(starts, counts, output_size=total)
     return FlatBatch(
         label=torch.cat([a.label for a in assignments]),
         gt_index=torch.cat([a.gt_index for a in assignments]),
         max_iou=torch.cat([a.max_iou for a in assignments]),
         gt_class=torch.cat([a.gt_class for a in assignments]),
         image=image,
+        position=torch.arange(total, device=device) - start_of,
+        starts=starts,
         sizes=sizes,
     )
 
@@ -180,6 +310,7 @@ def segment_by_key(image: Tensor, key: Tensor, mask: Tensor) -> Tensor:
 
     Groups whose number is data-dependent (one per ground truth) get dense ids without a host
     sync: sort by ``(image, key)`` and number the runs. The ids are ordered by ``(image, key)``.
+    On the CPU, where a sync is free, only the ``mask`` candidates are sorted.
 
     Args:
         image: ``int64 [N]``.
@@ -189,6 +320,15 @@ def segment_by_key(image: Tensor, key: Tensor, mask: Tensor) -> Tensor:
     Returns:
         ``int64 [N]``: ids in ``[0, N)`` where ``mask``, -1 elsewhere; ``N`` segments suffice.
     """
+    if key.device.type == "cpu":
+        index = torch.nonzero(mask).flatten()
+        segment = torch.full_like(key, -1)
+        segment[index] = _number_runs(image[index], key[index], torch.ones_like(index, dtype=bool))
+        return segment
+    return _number_runs(image, key, mask)
+
+
+def _number_runs(image: Tensor, key: Tensor, mask: Tensor) -> Tensor:
     n = key.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=key.device)
@@ -210,6 +350,7 @@ def fill_shortfall(
     target: Tensor,
     *,
     weight: Tensor | None = None,
+    max_quota: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Top up each image to ``target`` picks from the ``eligible`` candidates not yet picked.
@@ -220,13 +361,13 @@ def fill_shortfall(
         eligible: ``bool [N]``, the fallback group.
         target: ``int64 [B]``, the wanted number of picks per image.
         weight: ``float [N]`` draw weights for the fallback (uniform by default).
+        max_quota: a host bound on ``target`` (see ``take_top``).
+        generator: makes the draw reproducible.
 
     Returns:
         ``bool [N]``: ``picked`` plus the top-up.
     """
     shortfall = (target - flat.count(picked)).clamp(min=0)
-    pool = eligible & ~picked
-    segment = torch.where(pool, flat.image, -1)
-    if weight is None:
-        weight = torch.ones_like(flat.max_iou)
-    return picked | draw(weight, segment, shortfall, generator=generator)
+    group = torch.where(eligible & ~picked, 0, -1)
+    top_up = draw(flat, weight, group, shortfall[:, None], max_quota=max_quota, generator=generator)
+    return picked | top_up

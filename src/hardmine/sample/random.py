@@ -39,8 +39,8 @@ def sample_random(
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
     group = torch.where(pos, 0, torch.where(neg, 1, -1))
-    quota = torch.stack([num_pos, num_neg], dim=1).flatten()  # [B * 2]
-    mask = draw(torch.ones_like(flat.max_iou), flat.segment(group, 2), quota, generator=generator)
+    quota = torch.stack([num_pos, num_neg], dim=1)  # [B, 2]
+    mask = draw(flat, None, group, quota, max_quota=num, generator=generator)
     return flat.split(mask)
 
 
