@@ -51,7 +51,8 @@ def test_overlaps_equal_a_per_image_brute_force():
     flat = flatten([Assignment.empty(b.shape[0]) for b, _ in images])
     boxes = torch.cat([b for b, _ in images])
     positive = torch.cat([lab for _, lab in images]) == 1
-    iou_pn, iou_pe = overlap_with_positives(boxes, flat, positive, chunk=5)  # several chunks
+    budget = 5 * flat.num_images * flat.max_size  # blocks of 5 positives: several chunks
+    iou_pn, iou_pe = overlap_with_positives(boxes, flat, positive, budget=budget)
     want_pn, want_pe = [], []
     for b, lab in images:
         pos = lab == 1

@@ -30,20 +30,27 @@ Strategy = Literal["uniform", "hard", "soft", "linear"]
 
 
 def overlap_with_positives(
-    boxes: Tensor, flat: FlatBatch, positive: Tensor, *, chunk: int = 128
+    boxes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    *,
+    with_pe: bool = True,
+    budget: int = 1 << 20,
 ) -> tuple[Tensor, Tensor]:
     """Each candidate's largest IoU with a positive of its image, and each positive's with another.
 
     The batch is padded to ``[B, N_max, 4]`` and compared with its positives padded to
-    ``[B, P_max, 4]``, ``chunk`` positives at a time, so memory stays at ``B * N_max * chunk``
-    (16 images of 2000 proposals: 4M IoUs) whatever ``P_max`` is. Padding is zero-area boxes,
-    whose IoU with anything is 0, the floor of both maxima anyway.
+    ``[B, P_max, 4]``, a chunk of positives at a time. Chunks hold about ``budget`` IoUs, so
+    memory stays bounded whatever ``P_max`` is, and the blocks stay small enough to live in cache
+    (the arithmetic per IoU is tiny, so memory traffic is what costs). Padding is zero-area
+    boxes, whose IoU with anything is 0, the floor of both maxima anyway.
 
     Args:
         boxes: ``float [N, 4]``, the flat batch's candidates.
         flat: the batch.
         positive: ``bool [N]``.
-        chunk: positives per IoU block.
+        with_pe: also compute ``iou_pe`` (else it is all 0).
+        budget: IoUs per block.
 
     Returns:
         ``iou_pn: float [N]``: max IoU with any positive of the same image (a positive's own IoU
@@ -57,26 +64,28 @@ def overlap_with_positives(
     p_max = int(pos_count.max()) if n else 0
     if p_max == 0:
         return boxes.new_zeros(n), boxes.new_zeros(n)
-    sizes = torch.tensor(flat.sizes, device=boxes.device)
-    row = torch.arange(n, device=boxes.device) - (torch.cumsum(sizes, 0) - sizes)[flat.image]
-    padded = boxes.new_zeros(b, max(flat.sizes), 4)  # [B, N_max, 4]
+    row = flat.position
+    padded = boxes.new_zeros(b, flat.max_size, 4)  # [B, N_max, 4]
     padded[flat.image, row] = boxes
     rank = torch.cumsum(positive, 0) - 1 - (torch.cumsum(pos_count, 0) - pos_count)[flat.image]
     col = torch.where(positive, rank, p_max)  # non-positives land in a spare column, dropped
     pos_boxes = boxes.new_zeros(b, p_max + 1, 4)
     pos_boxes[flat.image, col] = boxes
-    pos_row = torch.full((b, p_max + 1), -1, dtype=torch.int64, device=boxes.device)
+    pos_row = torch.zeros((b, p_max + 1), dtype=torch.int64, device=boxes.device)
     pos_row[flat.image, col] = row
     pos_boxes, pos_row = pos_boxes[:, :p_max], pos_row[:, :p_max]  # [B, P_max, 4], [B, P_max]
 
-    rows = torch.arange(padded.shape[1], device=boxes.device)[None, :, None]  # [1, N_max, 1]
-    best_pn = boxes.new_zeros(b, padded.shape[1])  # [B, N_max]
+    chunk = max(1, budget // (b * flat.max_size))
+    best_pn = boxes.new_zeros(b, flat.max_size)  # [B, N_max]
     best_pe = boxes.new_zeros(b, p_max)  # [B, P_max]
     for start in range(0, p_max, chunk):
         iou = box_iou(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
-        best_pn = torch.maximum(best_pn, iou.amax(2))
-        itself = rows == pos_row[:, None, start : start + chunk]  # [B, N_max, c]
-        best_pe[:, start : start + chunk] = iou.masked_fill(itself, 0).amax(1)
+        torch.maximum(best_pn, iou.amax(2), out=best_pn)
+        if with_pe:
+            # A positive's own IoU (1) would always win: zero that one cell per positive. Padded
+            # positives point at row 0, where their IoU is 0 anyway.
+            own = pos_row[:, None, start : start + chunk]  # [B, 1, c]
+            best_pe[:, start : start + chunk] = iou.scatter_(1, own, 0).amax(1)
     iou_pn = best_pn[flat.image, row]
     iou_pe = torch.where(positive, best_pe[flat.image, rank.clamp(min=0)], 0)
     return iou_pn, iou_pe
@@ -206,7 +215,12 @@ def sample_overlap(
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
-    iou_pn, iou_pe = overlap_with_positives(flat_boxes, flat, pos)
+    # Uniform strategies never look at the overlaps: skip what neither side needs.
+    if strategy == "uniform" and pos_strategy == "uniform":
+        iou_pn = iou_pe = torch.zeros_like(flat.max_iou)
+    else:
+        with_pe = pos_strategy != "uniform"
+        iou_pn, iou_pe = overlap_with_positives(flat_boxes, flat, pos, with_pe=with_pe)
     pick = partial(_pick, num_bins=num_bins, hard_thr=hard_thr, upper=upper, generator=generator)
     pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
     neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num)
