@@ -1,0 +1,186 @@
+"""Seconds per training step and peak memory of every sampler, as ratios to random sampling.
+
+The comparison is at equal RoIs per image (``--num``, default 128: the OHEM paper's B per image):
+every sampler's training pass then costs the same, and what is measured is each sampler's own
+overhead, for OHEM the read-only pass of the box head over all proposals (``--proposals`` per
+image). ``torchvision`` is the unwrapped model with torchvision's own sampler at the same ``num``,
+and ``random@512`` random sampling at torchvision's default 512 RoIs per image, for reference.
+No optimiser step is taken, so every sampler sees the same weights.
+
+Time: the samplers' steps are interleaved (one step of each, in turn, ``--steps`` times) so that
+drift in the machine's load hits all of them alike; the median is reported.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the steps (reset per sampler). On CPU no
+allocator statistic sees torch's tensors (``tracemalloc`` does not), so each sampler runs in its
+own subprocess and reports its peak resident set size (``ru_maxrss``) minus the resident size just
+before its first step: the memory a training step adds on top of the process, model and batch.
+The absolute peak RSS is printed too; its ratios are diluted by the ~0.3-0.5 GB of the process.
+
+Example::
+
+    python benchmarks/train_step.py --model faster_rcnn_tiny --steps 20
+    python benchmarks/train_step.py --device cuda --model faster_rcnn_r50_fpn --image-size 800
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from hardmine.models import build, with_sampler
+from hardmine.sample import SAMPLERS, RandomSampler
+
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+
+
+def make_batch(args: argparse.Namespace) -> Batch:
+    """``--batch`` random images of ``--image-size`` px, ``--objects`` boxes (and masks) each."""
+    g = torch.Generator().manual_seed(0)
+    size = args.image_size
+    images, targets = [], []
+    for _ in range(args.batch):
+        xy = torch.rand(args.objects, 2, generator=g) * size * 0.7
+        wh = (torch.rand(args.objects, 2, generator=g) * 0.25 + 0.05) * size
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        masks = torch.zeros(args.objects, size, size, dtype=torch.uint8)  # boxes, filled
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist(), strict=True):
+            m[y0:y1, x0:x1] = 1
+        labels = torch.randint(1, args.num_classes, (args.objects,), generator=g)
+        images.append(torch.rand(3, size, size, generator=g).to(args.device))
+        target = {"boxes": boxes, "labels": labels}
+        if "mask" in args.model:
+            target["masks"] = masks
+        targets.append({k: v.to(args.device) for k, v in target.items()})
+    return images, targets
+
+
+def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The same detector (same weights) with every sampler, plus torchvision's own sampler."""
+    torch.manual_seed(0)
+    kwargs = {
+        "min_size": args.image_size,
+        "max_size": args.image_size,
+        "rpn_pre_nms_top_n_train": 2 * args.proposals,
+        "rpn_post_nms_top_n_train": args.proposals,
+        "box_batch_size_per_image": args.num,
+    }
+    base = build(args.model, args.num_classes, **kwargs).to(args.device).train()
+    models = {"torchvision": base}
+    for name, cls in SAMPLERS.items():
+        models[name] = with_sampler(base, cls(num=args.num)).train()
+    # torchvision's default 512 RoIs per image: what OHEM at 128 replaces in practice.
+    models["random@512"] = with_sampler(base, RandomSampler(num=512)).train()
+    return models
+
+
+def step(model: nn.Module, batch: Batch) -> None:
+    model.zero_grad(set_to_none=True)
+    sum(model(*batch).values()).backward()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_time(args: argparse.Namespace) -> dict[str, float]:
+    models, batch = make_models(args), make_batch(args)
+    for model in models.values():  # warm-up
+        step(model, batch)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.steps):
+        for name, model in models.items():
+            sync(args.device)
+            start = time.perf_counter()
+            step(model, batch)
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory_here(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Peak memory of ``name``'s training steps, in this process (see the module docstring)."""
+    model, batch = make_models(args)[name], make_batch(args)
+    if args.device.startswith("cuda"):
+        step(model, batch)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(args.mem_steps):
+            step(model, batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak": peak, "added": peak - base}
+    base = _rss_bytes()
+    for _ in range(args.mem_steps):
+        step(model, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"peak": peak, "added": peak - base}
+
+
+def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
+    """One subprocess per sampler, since a process's peak RSS never goes down."""
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-of", name]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="faster_rcnn_tiny")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per sampler")
+    parser.add_argument("--mem-steps", type=int, default=3, help="steps per memory measurement")
+    parser.add_argument("--batch", type=int, default=2, help="images per batch")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--objects", type=int, default=6, help="ground truths per image")
+    parser.add_argument("--num-classes", type=int, default=11)
+    parser.add_argument("--proposals", type=int, default=2000, help="RPN proposals per image")
+    parser.add_argument("--num", type=int, default=128, help="RoIs per image, every sampler")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps(measure_memory_here(args, args.memory_of)))
+        return
+
+    times = measure_time(args)
+    memory = measure_memory(args, list(times))
+    print(
+        f"{args.model} on {args.device}: batch {args.batch} x {args.image_size} px, "
+        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps"
+    )
+    print(
+        f"{'sampler':<14}{'s/step':>9}{'time':>8}{'peak MB':>10}{'peak':>7}{'added MB':>10}"
+        f"{'added':>7}"
+    )
+    ref_t, ref_m = times["random"], memory["random"]
+    for name, t in times.items():
+        m = memory[name]
+        print(
+            f"{name:<14}{t:>9.4f}{t / ref_t:>7.3f}x{m['peak'] / 2**20:>10.1f}"
+            f"{m['peak'] / ref_m['peak']:>6.3f}x{m['added'] / 2**20:>10.1f}"
+            f"{m['added'] / ref_m['added']:>6.3f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

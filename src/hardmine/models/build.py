@@ -1,0 +1,243 @@
+"""Named detector configurations: tiny ones that train from scratch on a CPU, and the standard ones.
+
+``DETECTORS`` maps each name to a plain builder function ``(num_classes, *, weights, **kwargs)``;
+``build`` looks the name up and attaches a sampler or assigner. ``weights=None`` never downloads
+anything (nor does any backbone: ``weights_backbone`` defaults to ``None`` too).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+from torchvision.models.detection import (
+    FasterRCNN,
+    MaskRCNN,
+    RetinaNet,
+    fasterrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn,
+    retinanet_resnet50_fpn,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.misc import Conv2dNormActivation
+
+from hardmine.assign.atss import ATSSAssigner
+from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
+from hardmine.models.roi_heads import with_sampler
+from hardmine.sample.random import RandomSampler
+from hardmine.structures import Assigner, Sampler
+
+Builder = Callable[..., nn.Module]
+
+_TINY_STRIDES = (8, 16, 32)
+_R50_STRIDES = (8, 16, 32, 64, 128)  # P3-P7, RetinaNet's and ATSS's pyramid
+
+
+class TinyBackbone(nn.Module):
+    """Five stride-2 convolutions and a three-level FPN: trains from scratch on a CPU.
+
+    Group norm rather than batch norm, because the tiny configurations train with 1-4 images per
+    batch. Output: ``OrderedDict`` ``"0"``, ``"1"``, ``"2"`` = P3, P4, P5 (strides 8, 16, 32),
+    ``[B, out_channels, H / s, W / s]`` each.
+    """
+
+    def __init__(self, *, out_channels: int = 64, widths: tuple[int, ...] = (16, 32, 32, 64, 64)):
+        super().__init__()
+        gn = partial(nn.GroupNorm, 8)
+        layers, cin = [], 3
+        for width in widths:
+            layers.append(Conv2dNormActivation(cin, width, stride=2, norm_layer=gn))
+            cin = width
+        self.stem = nn.Sequential(*layers[:3])  # stride 8
+        self.stages = nn.ModuleList(layers[3:])  # strides 16, 32
+        self.fpn = FeaturePyramidNetwork(list(widths[2:]), out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """``x: [B, 3, H, W]`` -> three levels (see the class docstring)."""
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def _no_weights(name: str, weights: Any) -> None:
+    if weights is not None:
+        raise ValueError(f"{name} has no pretrained weights; pass weights=None")
+
+
+def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
+    """Faster R-CNN settings scaled down: 128-256 px images, 500 proposals, 128 RoIs per image."""
+    levels = [str(i) for i in range(len(_TINY_STRIDES))]
+    return {
+        "min_size": 128,
+        "max_size": 256,
+        "rpn_anchor_generator": AnchorGenerator(
+            tuple((2 * s,) for s in _TINY_STRIDES), ((0.5, 1.0, 2.0),) * len(_TINY_STRIDES)
+        ),
+        "rpn_head": RPNHead(64, 3),
+        "rpn_pre_nms_top_n_train": 1000,
+        "rpn_post_nms_top_n_train": 500,
+        "rpn_pre_nms_top_n_test": 500,
+        "rpn_post_nms_top_n_test": 300,
+        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 2),
+        "box_head": TwoMLPHead(64 * 7 * 7, 256),
+        "box_predictor": FastRCNNPredictor(256, num_classes),
+        "box_batch_size_per_image": 128,
+    }
+
+
+def faster_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FasterRCNN:
+    """Faster R-CNN on ``TinyBackbone`` (three FPN levels, 64 channels, 256-d box head)."""
+    _no_weights("faster_rcnn_tiny", weights)
+    return FasterRCNN(TinyBackbone(), **(_tiny_rcnn_kwargs(num_classes) | kwargs))
+
+
+def mask_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> MaskRCNN:
+    """Mask R-CNN on ``TinyBackbone``, with a two-conv 14x14 mask head."""
+    _no_weights("mask_rcnn_tiny", weights)
+    levels = [str(i) for i in range(len(_TINY_STRIDES))]
+    mask = {
+        "mask_roi_pool": MultiScaleRoIAlign(levels, 14, 2),
+        "mask_head": MaskRCNNHeads(64, [64, 64], 1),
+        "mask_predictor": MaskRCNNPredictor(64, 64, num_classes),
+    }
+    return MaskRCNN(TinyBackbone(), **(_tiny_rcnn_kwargs(num_classes) | mask | kwargs))
+
+
+def retinanet_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> RetinaNet:
+    """RetinaNet on ``TinyBackbone``: RetinaNet's 3 scales x 3 ratios anchors from 2x the stride."""
+    _no_weights("retinanet_tiny", weights)
+    sizes = tuple(tuple(int(2 * s * 2 ** (i / 3)) for i in range(3)) for s in _TINY_STRIDES)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    settings = {
+        "min_size": 128,
+        "max_size": 256,
+        "anchor_generator": anchors,
+        "head": RetinaNetHead(64, 9, num_classes),
+    }
+    return RetinaNet(TinyBackbone(), num_classes, **(settings | kwargs))
+
+
+def _atss_head(channels: int, num_classes: int) -> RetinaNetHead:
+    """ATSS's head: one anchor per location, group norm, GIoU box loss (Zhang et al., Sec. 4)."""
+    head = RetinaNetHead(channels, 1, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+    # torchvision's own RetinaNet v2 selects GIoU through this attribute; there is no argument.
+    head.regression_head._loss_type = "giou"
+    return head
+
+
+def _square_anchors(strides: tuple[int, ...], scale: int) -> AnchorGenerator:
+    """One square anchor per location, ``scale`` times the level's stride (ATSS: scale 8)."""
+    return AnchorGenerator(tuple((scale * s,) for s in strides), ((1.0,),) * len(strides))
+
+
+def atss_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> AssignedRetinaNet:
+    """ATSS on ``TinyBackbone``: RetinaNet with one square anchor per location and ATSS (top 9).
+
+    Anchor scale 4 instead of the paper's 8: the tiny images are 128-256 px, where scale 8 would
+    make the P5 anchor (256 px) larger than the image.
+    """
+    _no_weights("atss_tiny", weights)
+    settings = {
+        "min_size": 128,
+        "max_size": 256,
+        "anchor_generator": _square_anchors(_TINY_STRIDES, 4),
+        "head": _atss_head(64, num_classes),
+    }
+    model = RetinaNet(TinyBackbone(), num_classes, **(settings | kwargs))
+    return with_assigner(model, ATSSAssigner(topk=9))
+
+
+def faster_rcnn_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_resnet50_fpn``, without a pretrained backbone unless asked."""
+    kwargs.setdefault("weights_backbone", None)
+    return fasterrcnn_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+
+
+def mask_rcnn_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> MaskRCNN:
+    """torchvision's ``maskrcnn_resnet50_fpn``, without a pretrained backbone unless asked."""
+    kwargs.setdefault("weights_backbone", None)
+    return maskrcnn_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+
+
+def retinanet_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> RetinaNet:
+    """torchvision's ``retinanet_resnet50_fpn``, without a pretrained backbone unless asked."""
+    kwargs.setdefault("weights_backbone", None)
+    return retinanet_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+
+
+def atss_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> AssignedRetinaNet:
+    """ATSS R-50-FPN as in the paper (without its centerness branch): one square anchor of scale 8
+    per location on P3-P7, group-norm head, GIoU box loss, ATSS assignment with top 9 per level.
+    """
+    _no_weights("atss_r50_fpn", weights)
+    kwargs.setdefault("weights_backbone", None)
+    model = retinanet_resnet50_fpn(
+        weights=None,
+        num_classes=num_classes,
+        anchor_generator=_square_anchors(_R50_STRIDES, 8),
+        head=_atss_head(256, num_classes),
+        **kwargs,
+    )
+    return with_assigner(model, ATSSAssigner(topk=9))
+
+
+DETECTORS: dict[str, Builder] = {
+    "faster_rcnn_tiny": faster_rcnn_tiny,
+    "mask_rcnn_tiny": mask_rcnn_tiny,
+    "retinanet_tiny": retinanet_tiny,
+    "atss_tiny": atss_tiny,
+    "faster_rcnn_r50_fpn": faster_rcnn_r50_fpn,
+    "mask_rcnn_r50_fpn": mask_rcnn_r50_fpn,
+    "retinanet_r50_fpn": retinanet_r50_fpn,
+    "atss_r50_fpn": atss_r50_fpn,
+}
+
+
+def build(
+    name: str,
+    num_classes: int,
+    *,
+    sampler: Sampler | None = None,
+    assigner: Assigner | None = None,
+    weights: Any = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The detector ``name`` from ``DETECTORS``, trained with ``sampler`` / ``assigner``.
+
+    Args:
+        name: a key of ``DETECTORS``.
+        num_classes: including the background class for the R-CNNs (torchvision's convention).
+        sampler: R-CNN only: the RoI sampler (``with_sampler``). Without it (and without
+            ``assigner``) the model is torchvision's, with its own random sampler.
+        assigner: R-CNN: labels the proposals; RetinaNet / ATSS: labels the anchors
+            (``with_assigner``), replacing ATSS's default ``ATSSAssigner(topk=9)``.
+        weights: torchvision weights for the standard models; ``None`` (random init, nothing
+            downloaded) is the only value the tiny ones and ATSS accept.
+        **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
+            ``box_batch_size_per_image``.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
+    model = DETECTORS[name](num_classes, weights=weights, **kwargs)
+    if isinstance(model, RetinaNet):
+        if sampler is not None:
+            raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
+        return model if assigner is None else with_assigner(model, assigner)
+    if sampler is None and assigner is None:
+        return model
+    if sampler is None:
+        fg_bg = model.roi_heads.fg_bg_sampler
+        sampler = RandomSampler(
+            num=fg_bg.batch_size_per_image, pos_fraction=fg_bg.positive_fraction
+        )
+    return with_sampler(model, sampler, assigner=assigner)

@@ -1,0 +1,108 @@
+"""torchvision's RetinaNet trained with a hardmine assigner (ATSS: Zhang et al., CVPR 2020)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.retinanet import RetinaNet
+
+from hardmine.structures import Assigner, Assignment
+
+# torchvision's RetinaNet head marks ignored anchors with its matcher's codes.
+_TV_NEGATIVE, _TV_IGNORE = -1, -2
+
+
+class AssignedRetinaNet(RetinaNet):
+    """RetinaNet whose anchors are labelled by a hardmine ``Assigner`` instead of its IoU matcher.
+
+    The rest of RetinaNet's training is kept: its head's ``compute_loss`` (sigmoid focal loss over
+    positives and negatives, ignored anchors excluded, normalised by the positives; the box loss
+    the regression head is configured with, L1 or GIoU). Inference is RetinaNet's, untouched.
+
+    Overrides ``forward`` in training mode only: torchvision's ``compute_loss`` does not receive the
+    feature maps, and ATSS needs the number of anchors per pyramid level, which they give.
+
+    Args:
+        model: the RetinaNet whose backbone, head, anchor generator, transform and inference
+            settings to share (not copied).
+        assigner: labels the anchors, e.g. ``ATSSAssigner(topk=9)``.
+    """
+
+    def __init__(self, model: RetinaNet, *, assigner: Assigner) -> None:
+        super().__init__(
+            model.backbone,
+            model.head.classification_head.num_classes,
+            anchor_generator=model.anchor_generator,
+            head=model.head,
+            proposal_matcher=model.proposal_matcher,
+            score_thresh=model.score_thresh,
+            nms_thresh=model.nms_thresh,
+            detections_per_img=model.detections_per_img,
+            topk_candidates=model.topk_candidates,
+        )
+        self.transform = model.transform
+        self.assigner = assigner
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """torchvision's signature: the losses in training mode, the detections in eval mode.
+
+        Args:
+            images: per image, ``[3, H, W]`` in [0, 1].
+            targets: per image, ``boxes [G_i, 4]`` and ``labels int64 [G_i]``.
+        """
+        if not self.training:
+            return super().forward(images, targets)
+        if targets is None:
+            raise ValueError("targets should not be None in training mode")
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        feature_list = list(features.values())
+        head_outputs = self.head(feature_list)
+        anchors = self.anchor_generator(image_list, feature_list)
+        per_location = self.anchor_generator.num_anchors_per_location()
+        num_per_level = [
+            f.shape[-2] * f.shape[-1] * a for f, a in zip(feature_list, per_location, strict=True)
+        ]
+        assignments = self.assigner(
+            anchors,
+            [t["boxes"] for t in targets],
+            [t["labels"] for t in targets],
+            num_per_level=num_per_level,
+        )
+        matched = [_torchvision_matches(a) for a in assignments]
+        return self.head.compute_loss(targets, head_outputs, anchors, matched)
+
+
+def _torchvision_matches(assignment: Assignment) -> Tensor:
+    """An ``Assignment`` in torchvision's matcher codes: ``int64 [N]``, gt index, -1 or -2."""
+    codes = torch.where(assignment.negative, _TV_NEGATIVE, _TV_IGNORE)
+    return torch.where(assignment.positive, assignment.gt_index, codes)
+
+
+def with_assigner(model: RetinaNet, assigner: Assigner) -> AssignedRetinaNet:
+    """RetinaNet trained with ``assigner`` (e.g. ``ATSSAssigner(topk=9)``), same weights.
+
+    The returned model shares every submodule with ``model`` (training one trains the other);
+    ``model`` itself is left as it was. ATSS's own setting is one square anchor per location
+    (``hardmine.models.build("atss_r50_fpn", ...)``); with RetinaNet's 9 anchors per location pass
+    ``ATSSAssigner(anchors_per_location=9)``.
+
+    Raises:
+        ValueError: when the assigner's ``anchors_per_location`` (if it has one) disagrees with the
+            model's anchor generator.
+    """
+    expected = model.anchor_generator.num_anchors_per_location()[0]
+    per_location = getattr(assigner, "anchors_per_location", expected)
+    if per_location != expected:
+        raise ValueError(
+            f"the assigner expects {per_location} anchors per location, the model has {expected}"
+        )
+    return AssignedRetinaNet(model, assigner=assigner)

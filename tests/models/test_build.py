@@ -1,0 +1,56 @@
+"""The named detector configurations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+
+from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.models import DETECTORS, AssignedRetinaNet, SamplingRoIHeads, build
+from hardmine.sample import OHEMSampler, RandomSampler
+
+FAMILIES = {
+    "faster_rcnn": FasterRCNN,
+    "mask_rcnn": MaskRCNN,
+    "retinanet": RetinaNet,
+    "atss": AssignedRetinaNet,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_every_detector_builds_without_weights(name):
+    model = build(name, 5)
+    family = name.rsplit("_", 2 if name.endswith("r50_fpn") else 1)[0]
+    assert isinstance(model, FAMILIES[family])
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(DETECTORS) if n.endswith("_tiny")])
+def test_tiny_detectors_train(name, batch):
+    torch.manual_seed(0)
+    model = build(name, 3).train()
+    losses = model(*batch)
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_sampler_and_assigner_are_attached():
+    model = build("faster_rcnn_tiny", 3, sampler=OHEMSampler(num=64))
+    assert isinstance(model.roi_heads, SamplingRoIHeads)
+    assert model.roi_heads.sampler == OHEMSampler(num=64)
+    plain = build("faster_rcnn_tiny", 3)
+    assert not isinstance(plain.roi_heads, SamplingRoIHeads)
+    # An assigner alone keeps torchvision's sampling settings, through RandomSampler.
+    assigner = MaxIoUAssigner(pos_thr=0.5, neg_thr=(0.1, 0.5))
+    model = build("faster_rcnn_tiny", 3, assigner=assigner)
+    assert model.roi_heads.sampler == RandomSampler(num=128, pos_fraction=0.25)
+    assert model.roi_heads.assigner == assigner
+
+
+def test_build_errors():
+    with pytest.raises(ValueError, match="unknown detector"):
+        build("yolo", 3)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build("faster_rcnn_tiny", 3, weights="DEFAULT")
+    with pytest.raises(ValueError, match="takes no sampler"):
+        build("atss_tiny", 3, sampler=RandomSampler())

@@ -1,0 +1,318 @@
+"""Sampling RoI heads and RPN on torchvision's Faster / Mask R-CNN (tiny CPU configurations)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.ops import nms
+
+from hardmine.models import SamplingRoIHeads, build, with_sampler
+from hardmine.models.roi_heads import run_read_only
+from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
+from hardmine.structures import Assignment, Sampler, Selection
+
+RCNNS = ["faster_rcnn_tiny", "mask_rcnn_tiny"]
+
+
+@dataclass
+class TorchvisionSampler:
+    """torchvision's own random sampler behind the ``Sampler`` interface: the same RNG calls, so
+    under the same seed it picks what torchvision's heads pick."""
+
+    num: int
+    pos_fraction: float
+    needs_losses: bool = False
+
+    def __call__(self, boxes, assignments, *, losses=None, generator=None) -> list[Selection]:
+        labels = [torch.where(a.positive, 1, torch.where(a.negative, 0, -1)) for a in assignments]
+        pos, neg = BalancedPositiveNegativeSampler(self.num, self.pos_fraction)(labels)
+        return [
+            Selection(mask=(p | n).bool(), weight=(p | n).float())
+            for p, n in zip(pos, neg, strict=True)
+        ]
+
+
+@dataclass
+class EveryThirdSampler:
+    """Picks every third non-ignored candidate by index, with weights 1, 1.5, 2, 2.5 by index."""
+
+    needs_losses: bool = False
+
+    def __call__(self, boxes, assignments, *, losses=None, generator=None) -> list[Selection]:
+        out = []
+        for a in assignments:
+            index = torch.arange(a.num_candidates)
+            mask = (index % 3 == 0) & (a.label >= 0)
+            out.append(Selection(mask=mask, weight=torch.where(mask, 1 + (index % 4) / 2, 0.0)))
+        return out
+
+
+@dataclass
+class Spy:
+    """Wraps a sampler and records what it received and returned."""
+
+    sampler: Sampler
+    losses: list[Tensor] | None = None
+    selections: list[Selection] = field(default_factory=list)
+
+    @property
+    def needs_losses(self) -> bool:
+        return self.sampler.needs_losses
+
+    def __call__(self, boxes, assignments, *, losses=None, generator=None) -> list[Selection]:
+        self.losses = losses
+        self.selections = self.sampler(boxes, assignments, losses=losses, generator=generator)
+        return self.selections
+
+
+def head_inputs(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]):
+    """What the RoI heads receive in training: features, proposals, image sizes, targets."""
+    model.train()
+    with torch.no_grad():
+        image_list, targets = model.transform(images, targets)
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features, targets)
+    return features, proposals, image_list.image_sizes, targets
+
+
+def torchvision_targets(model, proposals, targets):
+    """Proposals with GT appended, labels, matched indices and box targets, all by torchvision."""
+    heads = model.roi_heads
+    gt = [t["boxes"] for t in targets]
+    rois = heads.add_gt_proposals(proposals, gt)
+    matched, labels = heads.assign_targets_to_proposals(rois, gt, [t["labels"] for t in targets])
+    # Images without GT regress to nothing; the dummy box only fills the (unused) rows.
+    boxes = [g[m] if len(g) else r for g, m, r in zip(gt, matched, rois, strict=True)]
+    return rois, labels, matched, heads.box_coder.encode(boxes, rois)
+
+
+def plain_roi_losses(model, features, rois, sizes, labels, reg_targets) -> Tensor:
+    """Every RoI's CE + foreground smooth-L1, the plain way (with autograd, no batching tricks)."""
+    heads = model.roi_heads
+    logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
+    labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    fg = torch.where(labels > 0)[0]
+    deltas = deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
+    box = F.smooth_l1_loss(deltas, reg_targets[fg], beta=1 / 9, reduction="none").sum(1)
+    return loss.index_add(0, fg, box)
+
+
+def test_training_step_every_sampler_and_model_runs(batch):
+    """Every sampler (RoI heads and RPN) on both R-CNNs: finite losses, finite gradients."""
+    for model_name in RCNNS:
+        for name, cls in SAMPLERS.items():
+            torch.manual_seed(0)
+            model = with_sampler(build(model_name, 3), cls(num=64), rpn_sampler=cls(num=128))
+            model.train()
+            losses = model(*batch)
+            assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_objectness"}
+            assert all(bool(torch.isfinite(v)) for v in losses.values()), (model_name, name)
+            sum(losses.values()).backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(bool(torch.isfinite(g).all()) for g in grads), (model_name, name)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_images_without_ground_truth(name, batch):
+    images, targets = batch
+    model = with_sampler(build("mask_rcnn_tiny", 3), SAMPLERS[name](num=32))
+    model.train()
+    losses = model(images[1:], targets[1:])
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    assert losses["loss_box_reg"].item() == 0.0 and losses["loss_mask"].item() == 0.0
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("name", RCNNS)
+def test_random_sampling_reproduces_torchvision(name, batch):
+    """Fed torchvision's own picks, the sampling RPN and heads give torchvision's losses."""
+    torch.manual_seed(0)
+    model = build(name, 3)
+    wrapped = with_sampler(
+        model, TorchvisionSampler(128, 0.25), rpn_sampler=TorchvisionSampler(256, 0.5)
+    )
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*batch)
+    torch.manual_seed(1)
+    actual = wrapped(*batch)
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
+
+
+def test_gradients_come_only_from_picked_rois(batch):
+    """Moving every proposal that is not picked changes neither the loss nor any gradient."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    heads = SamplingRoIHeads(model.roi_heads, sampler=EveryThirdSampler()).train()
+    params = list(heads.box_head.parameters()) + list(heads.box_predictor.parameters())
+
+    def loss_and_grads(props: list[Tensor]) -> tuple[Tensor, Sequence[Tensor]]:
+        feats = {k: v.clone().requires_grad_() for k, v in features.items()}
+        total = sum(heads(feats, props, sizes, targets)[1].values())
+        return total, torch.autograd.grad(total, params + list(feats.values()))
+
+    moved = []
+    for p in proposals:
+        unpicked = (torch.arange(len(p)) % 3 != 0)[:, None]
+        moved.append(torch.where(unpicked, (p + 7).clamp(max=127), p))
+    loss, grads = loss_and_grads(proposals)
+    loss_moved, grads_moved = loss_and_grads(moved)
+    assert not torch.equal(torch.cat(moved), torch.cat(proposals))
+    torch.testing.assert_close(loss_moved, loss)
+    for g, g_moved in zip(grads, grads_moved, strict=True):
+        torch.testing.assert_close(g_moved, g)
+
+
+def test_ohem_picks_equal_brute_force(batch):
+    """OHEM's picks: all RoI losses computed plainly, NMS 0.7 by loss, the top B per image."""
+    num = 32
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    spy = Spy(OHEMSampler(num=num))
+    SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+
+    rois, labels, _, reg_targets = torchvision_targets(model, proposals, targets)
+    with torch.no_grad():
+        losses = plain_roi_losses(model, features, rois, sizes, labels, reg_targets)
+    losses = losses.split([len(r) for r in rois])
+    for r, loss, got, selection in zip(rois, losses, spy.losses, spy.selections, strict=True):
+        torch.testing.assert_close(got, loss)
+        expected = torch.zeros(len(r), dtype=torch.bool)
+        expected[nms(r, loss, 0.7)[:num]] = True
+        assert torch.equal(selection.mask, expected)
+        assert int(selection.mask.sum()) == min(num, len(nms(r, loss, 0.7)))
+
+
+def test_read_only_pass_holds_no_graph(batch):
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    features = {k: v.requires_grad_() for k, v in features.items()}
+    spy = Spy(OHEMSampler(num=16))
+    _, losses = SamplingRoIHeads(model.roi_heads, sampler=spy).train()(
+        features, proposals, sizes, targets
+    )
+    assert spy.losses is not None
+    assert all(not loss.requires_grad and loss.grad_fn is None for loss in spy.losses)
+    assert losses["loss_classifier"].grad_fn is not None  # the training pass does hold one
+
+
+def test_read_only_pass_leaves_batch_norm_statistics_alone():
+    """Batch statistics as in training, but the running statistics are not updated."""
+    head = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).train()
+    reference = copy.deepcopy(head)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    x = torch.randn(16, 4) * 3 + 1
+    with torch.no_grad():
+        out = run_read_only(head, x)
+        torch.testing.assert_close(out, reference(x))
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def expected_weighted_losses(model, features, proposals, sizes, targets, selections):
+    """The losses of the picks weighted by hand: sum(w * loss) / num_picked per term."""
+    rois, labels, matched, reg_targets = torchvision_targets(model, proposals, targets)
+    picks = [torch.where(s.mask)[0] for s in selections]
+    weight = torch.cat([s.weight[i] for s, i in zip(selections, picks, strict=True)])
+    take = [
+        [x[i] for x, i in zip(xs, picks, strict=True)]
+        for xs in (rois, labels, matched, reg_targets)
+    ]
+    p_rois, p_labels, p_matched, p_reg = take
+    heads = model.roi_heads
+    logits, deltas = heads.box_predictor(
+        heads.box_head(heads.box_roi_pool(features, p_rois, sizes))
+    )
+    lab = torch.cat(p_labels)
+    n = len(lab)
+    out = {"loss_classifier": (weight * F.cross_entropy(logits, lab, reduction="none")).sum() / n}
+    fg = torch.where(lab > 0)[0]
+    box = F.smooth_l1_loss(
+        deltas.reshape(n, -1, 4)[fg, lab[fg]], torch.cat(p_reg)[fg], beta=1 / 9, reduction="none"
+    ).sum(1)
+    out["loss_box_reg"] = (weight[fg] * box).sum() / n
+    if heads.has_mask():
+        pos = [lb > 0 for lb in p_labels]
+        m_rois = [r[p] for r, p in zip(p_rois, pos, strict=True)]
+        logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, m_rois, sizes)))
+        mask_targets = torch.cat(
+            [
+                project_masks_on_boxes(t["masks"], r, m[p], logits.shape[-1])
+                for t, r, m, p in zip(targets, m_rois, p_matched, pos, strict=True)
+            ]
+        )
+        per_roi = F.binary_cross_entropy_with_logits(
+            logits[torch.arange(len(fg)), lab[fg]], mask_targets, reduction="none"
+        ).mean((1, 2))
+        out["loss_mask"] = (weight[fg] * per_roi).sum() / len(fg)
+    return out
+
+
+@pytest.mark.parametrize("name", RCNNS)
+@pytest.mark.parametrize("sampler", ["every_third", "overlap"])
+def test_weights_reach_the_loss(name, sampler, batch):
+    torch.manual_seed(0)
+    model = build(name, 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    inner = EveryThirdSampler() if sampler == "every_third" else OverlapSampler(num=64, epsilon=3.0)
+    spy = Spy(inner)
+    _, losses = SamplingRoIHeads(model.roi_heads, sampler=spy).train()(
+        features, proposals, sizes, targets
+    )
+    weights = torch.cat([s.weight[s.mask] for s in spy.selections])
+    assert len(set(weights.tolist())) > 1  # non-trivial weights did reach the heads
+    expected = expected_weighted_losses(model, features, proposals, sizes, targets, spy.selections)
+    assert set(losses) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(losses[key], value, msg=key)
+        assert math.isfinite(value.item()) and value.item() > 0
+
+
+@pytest.mark.parametrize("name", RCNNS)
+def test_eval_mode_is_untouched(name, batch):
+    """Detections, parameters and the state_dict keys of the wrapped model are the original's."""
+    torch.manual_seed(0)
+    model = build(name, 3, box_score_thresh=0.0)
+    wrapped = with_sampler(model, OHEMSampler(num=16), rpn_sampler=OverlapSampler(num=64))
+    assert wrapped.roi_heads.box_head is model.roi_heads.box_head
+    assert type(wrapped) is type(model) and model.roi_heads is not wrapped.roi_heads
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    model.eval()
+    wrapped.eval()
+    with torch.no_grad():
+        expected, actual = model(batch[0]), wrapped(batch[0])
+    assert len(expected[0]["boxes"]) > 0
+    for e, a in zip(expected, actual, strict=True):
+        assert set(e) == set(a)
+        for key in e:
+            assert torch.equal(a[key], e[key]), key
+
+
+def test_assignment_is_torchvisions(batch):
+    """The default assigner labels the proposals as torchvision's matcher does (fg 0.5, bg 0.5)."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    _, proposals, _, targets = head_inputs(model, *batch)
+    heads = SamplingRoIHeads(model.roi_heads, sampler=EveryThirdSampler())
+    rois, labels, matched, _ = torchvision_targets(model, proposals, targets)
+    gt = [t["boxes"] for t in targets]
+    assignments: list[Assignment] = heads.assigner(rois, gt, [t["labels"] for t in targets])
+    for a, lab, m in zip(assignments, labels, matched, strict=True):
+        assert torch.equal(torch.where(a.label < 0, -1, a.gt_class), lab)
+        assert torch.equal(a.gt_index[a.positive], m[a.positive])
