@@ -15,6 +15,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import nms
 
+from hardmine.assign import MaxIoUAssigner
+from hardmine.boxes import box_iof
 from hardmine.models import SamplingRoIHeads, build, with_sampler
 from hardmine.models.roi_heads import run_read_only
 from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
@@ -316,3 +318,35 @@ def test_assignment_is_torchvisions(batch):
     for a, lab, m in zip(assignments, labels, matched, strict=True):
         assert torch.equal(torch.where(a.label < 0, -1, a.gt_class), lab)
         assert torch.equal(a.gt_index[a.positive], m[a.positive])
+
+
+@dataclass
+class RecordingAssigner:
+    """Max-IoU assignment that remembers what it was given and what it decided."""
+
+    seen: list[tuple[list[Tensor], list[Tensor], list[Assignment]]] = field(default_factory=list)
+
+    def __call__(self, candidates, gt_boxes, gt_labels, *, ignore_boxes=None, num_per_level=None):
+        out = MaxIoUAssigner()(candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes)
+        self.seen.append((list(candidates), list(ignore_boxes), out))
+        return out
+
+
+def test_ignore_regions_reach_the_assigner_resized_with_the_image(batch):
+    images, targets = batch
+    targets = copy.deepcopy(targets)
+    region = torch.tensor([[0.0, 0.0, 40.0, 32.0]])
+    targets[0]["ignore_boxes"] = region.clone()
+    recorder = RecordingAssigner()
+    model = with_sampler(
+        build("faster_rcnn_tiny", num_classes=3), SAMPLERS["random"](num=64), assigner=recorder
+    )
+    model.transform.min_size = (192,)  # the 128-px-high images are upscaled by 1.5
+    model.train()
+    model(images, targets)
+    proposals, ignore, assignments = recorder.seen[-1]
+    torch.testing.assert_close(ignore[0], region * 1.5)
+    assert ignore[1].shape == (0, 4)
+    covered = box_iof(proposals[0], ignore[0]).amax(1) > 0.5
+    assert covered.any()
+    assert (assignments[0].label[covered & ~assignments[0].positive] == -1).all()

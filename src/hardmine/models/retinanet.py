@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.retinanet import RetinaNet
 
+from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.structures import Assigner, Assignment
 
 # torchvision's RetinaNet head marks ignored anchors with its matcher's codes.
@@ -42,7 +43,7 @@ class AssignedRetinaNet(RetinaNet):
             detections_per_img=model.detections_per_img,
             topk_candidates=model.topk_candidates,
         )
-        self.transform = model.transform
+        self.transform = with_box_keys(model.transform)
         self.assigner = assigner
 
     def forward(
@@ -54,7 +55,8 @@ class AssignedRetinaNet(RetinaNet):
 
         Args:
             images: per image, ``[3, H, W]`` in [0, 1].
-            targets: per image, ``boxes [G_i, 4]`` and ``labels int64 [G_i]``.
+            targets: per image, ``boxes [G_i, 4]``, ``labels int64 [G_i]`` and optionally
+                ``ignore_boxes [M_i, 4]``, regions whose anchors are ignored.
         """
         if not self.training:
             return super().forward(images, targets)
@@ -75,6 +77,7 @@ class AssignedRetinaNet(RetinaNet):
             anchors,
             [t["boxes"] for t in targets],
             [t["labels"] for t in targets],
+            ignore_boxes=target_boxes(targets, "ignore_boxes", anchors[0]),
             num_per_level=num_per_level,
         )
         matched = [_torchvision_matches(a) for a in assignments]

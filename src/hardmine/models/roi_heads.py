@@ -29,6 +29,7 @@ from hardmine.models._losses import (
     weighted_mask_loss,
     weighted_mean,
 )
+from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.rpn import SamplingRPN
 from hardmine.structures import Assigner, Assignment, Sampler
 
@@ -118,7 +119,8 @@ class SamplingRoIHeads(RoIHeads):
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
-        assignments = self.assigner(proposals, gt_boxes, gt_labels)
+        ignore = target_boxes(targets, "ignore_boxes", proposals[0])
+        assignments = self.assigner(proposals, gt_boxes, gt_labels, ignore_boxes=ignore)
 
         losses = None
         if self.sampler.needs_losses:
@@ -220,7 +222,9 @@ def with_sampler(
 
     The returned model is a shallow copy of ``model``: same class, every submodule and weight shared
     (training one trains the other), with ``roi_heads`` replaced by ``SamplingRoIHeads`` and, when
-    ``rpn_sampler`` is given, ``rpn`` by ``SamplingRPN``. ``model`` itself is left as it was, so
+    ``rpn_sampler`` is given, ``rpn`` by ``SamplingRPN``. Targets may carry ``ignore_boxes``
+    ``[M, 4]`` (crowd regions): the transform resizes them with the image and the assigners ignore
+    the candidates they cover. ``model`` itself is left as it was, so
     the two can be compared; inference is identical.
 
     Args:
@@ -232,6 +236,7 @@ def with_sampler(
     """
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
+    wrapped.transform = with_box_keys(model.transform)
     wrapped.roi_heads = SamplingRoIHeads(
         model.roi_heads, sampler=sampler, assigner=assigner, generator=generator
     )

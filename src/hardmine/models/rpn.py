@@ -9,6 +9,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 
 from hardmine.assign.max_iou import MaxIoUAssigner
 from hardmine.models._losses import matched_boxes, rpn_anchor_losses, weighted_mean
+from hardmine.models._transform import target_boxes
 from hardmine.structures import Assigner, Sampler
 
 
@@ -83,7 +84,9 @@ class SamplingRPN(RegionProposalNetwork):
         boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_per_level)
 
         gt_boxes = [t["boxes"].to(anchors[0].dtype) for t in targets]
-        assignments = self.assigner(anchors, gt_boxes, [t["labels"] for t in targets])
+        ignore = target_boxes(targets, "ignore_boxes", anchors[0])
+        labels = [t["labels"] for t in targets]
+        assignments = self.assigner(anchors, gt_boxes, labels, ignore_boxes=ignore)
         labels = torch.cat([a.positive for a in assignments]).to(objectness.dtype)  # [B*A]
         targets_reg = torch.cat(
             self.box_coder.encode(
