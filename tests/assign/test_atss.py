@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from hardmine.assign import ATSSAssigner, assign_atss
+from hardmine.assign import ATSSAssigner, _batch, assign_atss
 from hardmine.boxes import box_centers, box_iof, box_iou
 from hardmine.structures import Assigner, Assignment
 
@@ -260,6 +260,39 @@ def test_grid_anchors_with_ties_match_reference() -> None:
         ref = reference_atss(anchors, gts, labels, num_per_level, topk=12 if scale_topk else 4)
         assert_same(a, ref)
         assert a.positive.any()
+
+
+def test_float64_matches_reference() -> None:
+    # Float64 distances leave no room for the index in the ranking key: the other exact path.
+    num_per_level = [8 * 8 * 3, 4 * 4 * 3]
+    anchors = grid_anchors([8, 4], [8, 16], [1.0, 1.26, 1.59]).double()
+    gts = torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 20.0, 50.0, 60.0]], dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    (a,) = assign_atss([anchors], [gts], [labels], num_per_level=num_per_level, topk=4)
+    assert a.max_iou.dtype == torch.float64 and a.positive.any()
+    assert_same(a, reference_atss(anchors, gts, labels, num_per_level, topk=4))
+    (b,) = assign_atss(
+        [anchors.float()], [gts.float()], [labels], num_per_level=num_per_level, topk=4
+    )
+    assert torch.equal(a.label, b.label) and torch.equal(a.gt_index, b.gt_index)
+
+
+@pytest.mark.parametrize("block_elements", [1, 3000])
+def test_cpu_blocks_give_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    num_per_level = [50, 20, 6]
+    anchors = [random_anchors(num_per_level, g) for _ in range(5)]
+    gts = [random_boxes(n, g, 24.0, 128.0) for n in (16, 3, 0, 1, 7)]
+    labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+    ignore = [random_boxes(n, g, 30.0, 128.0) for n in (0, 3, 1, 0, 2)]
+    whole = assign_atss(anchors, gts, labels, num_per_level=num_per_level, ignore_boxes=ignore)
+    monkeypatch.setattr(_batch, "CPU_BLOCK_ELEMENTS", block_elements)
+    blocked = assign_atss(anchors, gts, labels, num_per_level=num_per_level, ignore_boxes=ignore)
+    for a, b in zip(whole, blocked, strict=True):
+        for field in ("label", "gt_index", "max_iou", "gt_class"):
+            assert torch.equal(getattr(a, field), getattr(b, field))
 
 
 def test_batched_equals_per_image_and_chunking() -> None:

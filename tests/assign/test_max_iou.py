@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection._utils import Matcher
 
-from hardmine.assign import MaxIoUAssigner, assign_max_iou
+from hardmine.assign import MaxIoUAssigner, _batch, assign_max_iou
 from hardmine.boxes import box_iou
 from hardmine.structures import Assigner, Assignment
 
@@ -208,6 +208,23 @@ def test_batched_equals_per_image() -> None:
             [cands[i]], [gts[i]], [gt_labels[i]], **{**kwargs, "ignore_boxes": [ignore[i]]}
         )
         assert_same(batched[i], single[0])
+
+
+@pytest.mark.parametrize("block_elements", [1, 400])
+def test_cpu_blocks_give_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    # Blocks of images padded to their own sizes: uneven candidate and ground-truth counts.
+    g = torch.Generator().manual_seed(4)
+    cands = [random_boxes(n, g) for n in (30, 0, 50, 20, 5)]
+    gts = [random_boxes(n, g) for n in (3, 2, 0, 7, 1)]
+    gt_labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+    ignore = [random_boxes(n, g) for n in (1, 0, 2, 0, 1)]
+    kwargs = {"pos_thr": 0.6, "neg_thr": (0.1, 0.4), "low_quality": True, "ignore_boxes": ignore}
+    whole = assign_max_iou(cands, gts, gt_labels, **kwargs)
+    monkeypatch.setattr(_batch, "CPU_BLOCK_ELEMENTS", block_elements)
+    for a, b in zip(whole, assign_max_iou(cands, gts, gt_labels, **kwargs), strict=True):
+        assert_same(a, b)
 
 
 def test_chunking_gives_the_same_answer() -> None:

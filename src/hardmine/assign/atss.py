@@ -16,53 +16,64 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
 from hardmine.boxes import box_centers, box_iou
-from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment
+from hardmine.structures import IGNORE, POSITIVE, Assignment
+
+_INF = float("inf")
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
 def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[int]) -> Tensor:
-    """Per level, the ``k`` smallest distances of each row: ``[B, G, N]`` -> ``bool [B, G, N]``.
+    """Per level, the anchors of the ``k`` smallest distances of each row, ties to the lower index.
 
-    Ties go to the lower anchor index, so the picks are deterministic (``topk`` leaves tie order
-    unspecified, and anchors sharing a location always tie). The k-th smallest value comes from
-    ``kthvalue``, which is unique; the ties at that value are ranked by a cumulative count, which
-    costs no sort.
+    ``distance: [B, G, N]`` (non-negative, no ``-0.0``) -> ``int64 [B, G, sum(level_k)]`` anchor
+    indices, level by level, in no particular order within a level.
+
+    ``topk`` leaves the order of ties unspecified (and anchors sharing a location always tie), so
+    it runs on ``int64`` keys that are unique and order as ``(distance, index)`` does. For floats of
+    up to 32 bits the key is the distance's bit pattern (which orders non-negative floats as their
+    values) above the index: a few cheap passes, where ranking ties after a ``kthvalue`` costs
+    several times more. Wider floats leave no room for the index; their key is the index plus
+    ``n`` times a class (0 below the ``k``-th smallest distance, 1 equal to it, 2 above).
     """
-    parts = []
-    for d, k in zip(distance.split(list(num_per_level), dim=-1), level_k, strict=True):
-        if k == d.shape[-1]:
-            parts.append(torch.ones_like(d, dtype=torch.bool))
-            continue
-        kth = d.kthvalue(k, dim=-1, keepdim=True).values  # [B, G, 1]
-        below, tie = d < kth, d == kth
-        room = k - below.sum(dim=-1, keepdim=True)  # how many of the ties still fit
-        parts.append(below | (tie & (tie.cumsum(dim=-1) <= room)))
+    parts, start = [], 0
+    for n, k in zip(num_per_level, level_k, strict=True):
+        d = distance[..., start : start + n]  # [B, G, n]
+        index = torch.arange(n, device=d.device)
+        if d.element_size() <= 4:
+            key = d.view(_INT_OF_SIZE[d.element_size()]).to(torch.int64)
+            key.bitwise_left_shift_(32).bitwise_or_(index)
+        else:
+            kth = d.topk(k, dim=-1, largest=False).values.amax(dim=-1, keepdim=True)  # [B, G, 1]
+            key = torch.add(index, (d >= kth).to(torch.int64).add_(d > kth), alpha=n)
+        parts.append(key.topk(k, dim=-1, largest=False, sorted=False).indices + start)
+        start += n
     return torch.cat(parts, dim=-1)
 
 
-def _adaptive_threshold(iou: Tensor, candidate: Tensor, num_candidates: int) -> Tensor:
-    """Mean plus standard deviation (Bessel-corrected, as ``torch.std``) of the candidates' IoUs.
+def _adaptive_threshold(iou: Tensor) -> Tensor:
+    """Mean plus standard deviation (Bessel-corrected, as ``torch.std``) of each row's IoUs.
 
-    ``iou: [B, G, N]``, ``candidate: bool [B, G, N]`` with ``num_candidates`` per row ->
-    ``[B, G, 1]``. The statistics are taken about the best candidate IoU: equal IoUs then give
-    exactly that IoU as threshold (a plain mean may round above it and reject them all), and the
-    sums lose less precision. A single candidate has standard deviation 0.
+    ``iou: [B, G, K]`` (the candidates') -> ``[B, G, 1]``. The statistics are taken about the
+    best IoU: equal IoUs then give exactly that IoU as threshold (a plain mean may round above it
+    and reject them all), and the sums lose less precision. A single candidate has standard
+    deviation 0.
     """
-    ref = iou.masked_fill(~candidate, float("-inf")).amax(dim=-1, keepdim=True)  # [B, G, 1]
-    dev = (iou - ref).masked_fill(~candidate, 0.0)  # [B, G, N]
-    mean = dev.sum(dim=-1, keepdim=True) / num_candidates
-    sq = (dev - mean).masked_fill(~candidate, 0.0).square()
-    var = sq.sum(dim=-1, keepdim=True) / max(num_candidates - 1, 1)
-    return ref + mean + var.sqrt()
+    num = iou.shape[-1]
+    ref = iou.amax(dim=-1, keepdim=True)  # [B, G, 1]
+    dev = iou - ref
+    mean = dev.sum(dim=-1, keepdim=True) / num
+    var = (dev - mean).square_().sum(dim=-1, keepdim=True) / max(num - 1, 1)
+    return ref + mean + var.sqrt_()
 
 
-def _center_inside(centers: Tensor, gt_boxes: Tensor, margin: float) -> Tensor:
+def _center_inside(cx: Tensor, cy: Tensor, gt_boxes: Tensor, margin: float) -> Tensor:
     """Whether anchor centres lie inside ground truths by more than ``margin`` on every side.
 
-    ``centers: [B, N, 2]``, ``gt_boxes: [B, G, 4]`` -> ``bool [B, G, N]``.
+    ``cx, cy: [B, G, K]`` (each ground truth's candidates), ``gt_boxes: [B, G, 4]`` ->
+    ``bool [B, G, K]``.
     """
-    cx, cy = centers[:, None, :, 0], centers[:, None, :, 1]  # [B, 1, N]
     x1, y1, x2, y2 = (gt_boxes[..., i, None] for i in range(4))  # [B, G, 1]
     nearest_side = torch.minimum(torch.minimum(cx - x1, cy - y1), torch.minimum(x2 - cx, y2 - cy))
     return nearest_side > margin
@@ -143,46 +154,91 @@ def assign_atss(
         raise ValueError(
             f"anchors: expected sum(num_per_level) = {total} per image, got {batch.num_candidates}"
         )
-    anc, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     k = topk * anchors_per_location if scale_topk else topk
     level_k = [min(k, n) for n in num_per_level]
-    centers = box_centers(anc)  # [B, N, 2]
+    return [
+        a
+        for block, chunk in batch.blocks(chunk_size)
+        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk)
+    ]
 
-    best_iou = anc.new_full(anc.shape[:2], -1.0)  # [B, N]
-    best_gt = torch.zeros(anc.shape[:2], dtype=torch.int64, device=anc.device)  # [B, N]
-    pos_iou = anc.new_full(anc.shape[:2], float("-inf"))  # [B, N]
-    pos_gt = torch.zeros_like(best_gt)  # [B, N]
-    # Without anchors there is nothing to compute (and the reductions below need some).
-    for start in range(0, gts.shape[1], chunk_size) if total else ():
+
+def _assign_block(
+    batch: Batch,
+    num_per_level: Sequence[int],
+    level_k: Sequence[int],
+    center_margin: float,
+    chunk_size: int,
+) -> list[Assignment]:
+    """``assign_atss`` on one block of images (see ``Batch.blocks``)."""
+    anc, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
+    num_images, num_anchors = anc.shape[:2]
+    if num_anchors == 0:  # nothing to rank, and the reductions below need something
+        zeros = anc.new_zeros(num_images, 0)
+        return batch.split(zeros.to(torch.int8), zeros.to(torch.int64), zeros)
+    centers = box_centers(anc).transpose(1, 2).contiguous()  # [B, 2, N]: a plane per coordinate
+    # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
+    near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
+
+    best_iou = best_gt = None
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
+    for start in range(0, gts.shape[1], chunk_size):
         chunk = gts[:, start : start + chunk_size]  # [B, C, 4]
-        valid = batch.gt_valid[:, start : start + chunk_size, None]  # [B, C, 1]
+        # Squared distances order anchors as the distances do, without a square root. One plane
+        # per coordinate, in place, avoids [B, C, N, 2] intermediates; the arithmetic (and so any
+        # tie) is the reference's. They come before the IoUs, so that the two matrices and their
+        # temporaries are never alive together: on the CPU, memory not freshly touched is speed.
+        gt_centers = box_centers(chunk)  # [B, C, 2]
+        distance = (near[:, None, 0] - gt_centers[..., 0, None]).square_()  # [B, C, N]
+        distance += (near[:, None, 1] - gt_centers[..., 1, None]).square_()
+        # Ties (anchors sharing a location always tie) go to the lower anchor index.
+        candidate = _nearest(distance, num_per_level, level_k)  # [B, C, K]
+        del distance
+
+        # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
+        # before them, and never pass the centre test.
         iou = box_iou(chunk, anc)  # [B, C, N]
+        value, index = iou.max(dim=1)  # [B, N]
+        if best_iou is None:
+            best_iou, best_gt = value, index
+        else:
+            better = value > best_iou  # strict: earlier chunks keep ties
+            best_iou = torch.where(better, value, best_iou)
+            best_gt = torch.where(better, index + start, best_gt)
 
-        value, index = iou.masked_fill(~valid, -1.0).max(dim=1)  # [B, N]
-        better = value > best_iou  # strict: earlier chunks keep ties
-        best_iou = torch.where(better, value, best_iou)
-        best_gt = torch.where(better, index + start, best_gt)
-
-        # Squared distances order anchors as the distances do, without a square root.
-        distance = (centers[:, None] - box_centers(chunk)[:, :, None]).square().sum(dim=-1)
-        distance = distance.masked_fill(batch.ignored[:, None], float("inf"))  # [B, C, N]
-        candidate = _nearest(distance, num_per_level, level_k)
+        # The threshold and the centre test need only the K candidates of each ground truth.
+        cand_iou = iou.gather(2, candidate)  # [B, C, K]
+        flat = candidate.flatten(1)  # [B, C * K]
+        cx = centers[:, 0].gather(1, flat).view_as(candidate)
+        cy = centers[:, 1].gather(1, flat).view_as(candidate)
         positive = (
-            candidate
-            & (iou >= _adaptive_threshold(iou, candidate, sum(level_k)))
-            & _center_inside(centers, chunk, center_margin)
-            & valid
+            (cand_iou >= _adaptive_threshold(cand_iou))
+            & _center_inside(cx, cy, chunk, center_margin)
+            & batch.gt_valid[:, start : start + chunk_size, None]
         )
-        value, index = iou.masked_fill(~positive, float("-inf")).max(dim=1)  # [B, N]
-        better = value > pos_iou
-        pos_iou = torch.where(better, value, pos_iou)
-        pos_gt = torch.where(better, index + start, pos_gt)
+        parts.append((candidate, cand_iou, positive))
 
-    is_pos = pos_iou > float("-inf")
-    label = torch.where(is_pos, POSITIVE, torch.where(batch.ignored, IGNORE, NEGATIVE))
+    # [B, G, K] each
+    candidate, cand_iou, positive = (torch.cat(p, dim=1) for p in zip(*parts, strict=True))
+    flat = candidate.flatten(1)  # [B, G * K]
+    # An anchor positive for several ground truths takes the highest IoU, then the first of them.
+    pos_iou = torch.full_like(best_iou, -_INF).scatter_reduce_(
+        1, flat, cand_iou.masked_fill(~positive, -_INF).flatten(1), "amax"
+    )  # [B, N]
+    winner = positive & (cand_iou == pos_iou.gather(1, flat).view_as(cand_iou))
+    gt_number = torch.arange(gts.shape[1], device=anc.device)[:, None]  # [G, 1]
+    pos_gt = torch.full_like(best_gt, gts.shape[1]).scatter_reduce_(
+        1, flat, torch.where(winner, gt_number, gts.shape[1]).flatten(1), "amin"
+    )  # [B, N]
+
+    is_pos = pos_iou > -_INF
+    label = torch.zeros_like(best_gt, dtype=torch.int8)  # [B, N]
+    if batch.ignored is not None:
+        label.masked_fill_(batch.ignored, IGNORE)
+    label.masked_fill_(is_pos, POSITIVE)
     gt_index = torch.where(is_pos, pos_gt, best_gt)
-    max_iou = torch.where(is_pos, pos_iou, best_iou.clamp(min=0))
-    return batch.split(label.to(torch.int8), gt_index, max_iou)
+    max_iou = torch.where(is_pos, pos_iou, best_iou)
+    return batch.split(label, gt_index, max_iou)
 
 
 @dataclass(frozen=True)

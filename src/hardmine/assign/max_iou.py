@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
 from hardmine.boxes import box_iou
 from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment
 
@@ -90,31 +90,46 @@ def assign_max_iou(
     if len(candidates) == 0:
         return []
     batch = prepare_batch(candidates, gt_boxes, gt_labels, ignore_boxes, ignore_iof_thr)
-    cand, gts = batch.candidates, batch.gt_boxes
-    best_iou = cand.new_full(cand.shape[:2], -1.0)  # [B, N]
-    best_gt = torch.zeros(cand.shape[:2], dtype=torch.int64, device=cand.device)  # [B, N]
-    low_quality_match = torch.zeros_like(batch.ignored)  # [B, N]
-    for start in range(0, gts.shape[1], chunk_size):
-        valid = batch.gt_valid[:, start : start + chunk_size, None]  # [B, C, 1]
-        # Padded ground truths get IoU -1 so that they never win a max.
-        iou = box_iou(gts[:, start : start + chunk_size], cand).masked_fill(~valid, -1.0)
-        value, index = iou.max(dim=1)  # [B, N]
-        better = value > best_iou  # strict: the earlier chunk keeps ties, as one global max would
-        best_iou = torch.where(better, value, best_iou)
-        best_gt = torch.where(better, index + start, best_gt)
-        if low_quality and cand.shape[1]:
-            eligible = iou.masked_fill(batch.ignored[:, None, :], -1.0)  # [B, C, N]
-            gt_best = eligible.amax(dim=2, keepdim=True)  # [B, C, 1]; padded candidates have 0
-            is_best = (eligible == gt_best) & (gt_best > 0)
-            low_quality_match |= is_best.any(dim=1)
+    return [
+        a
+        for block, chunk in batch.blocks(chunk_size)
+        for a in _assign_block(block, pos_thr, neg_lo, neg_hi, low_quality, chunk)
+    ]
 
-    max_iou = best_iou.clamp(min=0)  # -1 only in images without ground truth
-    positive = (max_iou >= pos_thr) | low_quality_match
-    negative = (max_iou >= neg_lo) & (max_iou < neg_hi)
-    label = torch.where(positive, POSITIVE, torch.where(negative, NEGATIVE, IGNORE))
-    label = torch.where(batch.has_gt, label, NEGATIVE)
-    label = torch.where(batch.ignored, IGNORE, label).to(torch.int8)  # [B, N]
-    return batch.split(label, best_gt, max_iou)
+
+def _assign_block(
+    batch: Batch, pos_thr: float, neg_lo: float, neg_hi: float, low_quality: bool, chunk_size: int
+) -> list[Assignment]:
+    """``assign_max_iou`` on one block of images (see ``Batch.blocks``)."""
+    cand, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
+    best_iou = best_gt = None
+    low_quality_match = torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device)  # [B, N]
+    for start in range(0, gts.shape[1], chunk_size):
+        # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
+        # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.
+        iou = box_iou(gts[:, start : start + chunk_size], cand)  # [B, C, N]
+        value, index = iou.max(dim=1)  # [B, N]
+        if best_iou is None:
+            best_iou, best_gt = value, index
+        else:
+            better = value > best_iou  # strict: the earlier chunk keeps ties, as one max would
+            best_iou = torch.where(better, value, best_iou)
+            best_gt = torch.where(better, index + start, best_gt)
+        if low_quality and cand.shape[1]:
+            if batch.ignored is not None:
+                iou.masked_fill_(batch.ignored[:, None, :], -1.0)
+            gt_best = iou.amax(dim=2, keepdim=True)  # [B, C, 1]
+            # NaN equals nothing: ground truths that overlap no candidate match none.
+            gt_best = torch.where(gt_best > 0, gt_best, float("nan"))
+            low_quality_match |= (iou == gt_best).any(dim=1)
+
+    label = torch.full_like(best_gt, IGNORE, dtype=torch.int8)  # [B, N]
+    label.masked_fill_((best_iou >= neg_lo) & (best_iou < neg_hi), NEGATIVE)
+    label.masked_fill_((best_iou >= pos_thr) | low_quality_match, POSITIVE)
+    label.masked_fill_(~batch.has_gt, NEGATIVE)
+    if batch.ignored is not None:
+        label.masked_fill_(batch.ignored, IGNORE)
+    return batch.split(label, best_gt, best_iou)
 
 
 @dataclass(frozen=True)
