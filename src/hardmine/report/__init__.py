@@ -1,1 +1,1 @@
-"""hardmine.report."""
+"""Reports: ``compare`` (tables of AP over methods and seeds), ``plots`` (loss curves, AP bars)."""

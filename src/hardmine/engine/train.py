@@ -1,0 +1,655 @@
+"""Training one detector with one sampler or assigner: ``train_one_epoch``, ``train``, and
+``evaluate_run``.
+
+A run directory holds::
+
+    config.yaml      the resolved configuration
+    metrics.jsonl    one row per logged step (losses, learning rate, picks per image) and per
+                     evaluation (COCO AP)
+    checkpoint.pt    the latest checkpoint (written atomically)
+    results.json     the final evaluation; its presence marks the run finished
+    plots/           losses.png
+    tensorboard/     the same scalars for TensorBoard
+
+Reproducibility: the weights are initialised from ``seed``; the data order comes from
+``DistributedSampler(seed=seed)`` and the epoch; each process's sampler generator (and global RNG)
+from ``(seed, rank)``. A checkpoint stores all of them with the position inside the epoch, so a
+resumed run takes exactly the steps the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from hardmine.config import REGISTRIES, RunConfig, config_to_dict, load_config, save_config
+from hardmine.data import CocoDataset, SceneDataset, collate_fn
+from hardmine.engine import checkpoint
+from hardmine.engine.distributed import (
+    Process,
+    barrier,
+    mean_over_processes,
+    process_group,
+    rank_seed,
+    resolve_device,
+    unwrap,
+    wrap,
+)
+from hardmine.engine.evaluate import evaluate
+from hardmine.engine.roi_loss import mean_loss_all_rois
+from hardmine.mine import MinedNegativeSampler, with_hard_negatives
+from hardmine.models import SamplingRoIHeads, SamplingRPN, build
+from hardmine.report.plots import loss_curve, plot_loss_curves, read_metrics
+from hardmine.structures import Assigner, Assignment, Sampler, Selection
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+# The generated scenes' seeds: train and validation images never coincide.
+SCENE_SEEDS = {"train": 0, "val": 1}
+# The shared PennFudan layout's split, as torchvision's detection tutorial makes it.
+PENNFUDAN_VAL_IMAGES = 50
+#: Training images over whose RoIs the mean loss is logged at each evaluation (a few seconds on a
+#: CPU for the tiny detectors).
+ROI_LOSS_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        model: the trained detector (without a DDP wrapper), in train mode.
+        metrics: the final COCO metrics (AP, AP50, ...); empty when evaluation is off.
+        run_dir: the run directory.
+    """
+
+    model: nn.Module
+    metrics: dict[str, float]
+    run_dir: Path
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stopped before the optimiser step."""
+
+
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint.
+
+    Attributes:
+        epoch: the current epoch, 0-based.
+        epoch_step: steps done in ``epoch``.
+        step: steps done in total.
+    """
+
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+
+
+class PickCounter:
+    """Per-image positive and negative counts of what the loss sees, summed on the device.
+
+    Counting stays on the device (no host synchronisation per step); ``take`` reads and resets.
+    """
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None  # [2]: positives, negatives
+        self._images = 0
+
+    def add(self, positive: Sequence[Tensor], negative: Sequence[Tensor]) -> None:
+        """Add one batch's ``bool [N_i]`` masks of positives and negatives seen by the loss."""
+        counts = torch.stack([torch.cat(positive).sum(), torch.cat(negative).sum()])
+        self._sum = counts if self._sum is None else self._sum + counts
+        self._images += len(positive)
+
+    def take(self) -> dict[str, float]:
+        """Mean positives and negatives per image since the last ``take`` (empty if none)."""
+        if self._sum is None:
+            return {}
+        pos, neg = (self._sum / self._images).tolist()
+        self._sum, self._images = None, 0
+        return {"positive": pos, "negative": neg}
+
+
+@dataclass(frozen=True)
+class CountingSampler:
+    """A sampler that also counts its picks: positive and negative candidates per image."""
+
+    sampler: Sampler
+    counter: PickCounter
+
+    @property
+    def needs_losses(self) -> bool:
+        return self.sampler.needs_losses
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        mined: Sequence[Tensor] | None = None,
+    ) -> list[Selection]:
+        # ``mined`` reaches a MinedNegativeSampler only: other samplers do not take it.
+        extra = {} if mined is None else {"mined": mined}
+        selections = self.sampler(boxes, assignments, losses=losses, generator=generator, **extra)
+        self.counter.add(
+            [s.mask & a.positive for s, a in zip(selections, assignments, strict=True)],
+            [s.mask & a.negative for s, a in zip(selections, assignments, strict=True)],
+        )
+        return selections
+
+
+@dataclass(frozen=True)
+class CountingAssigner:
+    """An assigner that also counts its positives and negatives (for detectors without a sampler,
+    such as RetinaNet, whose loss sees every candidate that is not ignored)."""
+
+    assigner: Assigner
+    counter: PickCounter
+
+    def __call__(
+        self,
+        candidates: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        *,
+        ignore_boxes: Sequence[Tensor] | None = None,
+        num_per_level: Sequence[int] | None = None,
+    ) -> list[Assignment]:
+        assignments = self.assigner(
+            candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes, num_per_level=num_per_level
+        )
+        self.counter.add([a.positive for a in assignments], [a.negative for a in assignments])
+        return assignments
+
+
+def has_masks(config: RunConfig) -> bool:
+    """Whether the detector predicts masks (Mask R-CNN): its data loads masks, its AP has both."""
+    return config.model.name is not None and config.model.name.startswith("mask_rcnn")
+
+
+def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """The training set, the validation set and the category names that ``config.data`` gives.
+
+    Masks are loaded for Mask R-CNN models only.
+    """
+    data = config.data
+    with_masks = has_masks(config)
+    if data.kind == "scenes":
+        train_set, val_set = (
+            SceneDataset(
+                num,
+                seed=SCENE_SEEDS[split],
+                image_size=data.image_size,
+                num_classes=data.num_classes,
+                with_masks=with_masks,
+            )
+            for split, num in (("train", data.num_train), ("val", data.num_val))
+        )
+        return train_set, val_set, train_set.categories
+    if data.root is not None:
+        return pennfudan_split(Path(data.root), with_masks=with_masks)
+    paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
+    if any(p is None for p in paths):
+        raise ValueError(
+            "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
+            "data.val_images and data.val_ann"
+        )
+    train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
+    val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
+    if val_set.categories != train_set.categories:
+        raise ValueError(
+            f"{data.train_ann} and {data.val_ann} have different categories: "
+            f"{train_set.categories} and {val_set.categories}"
+        )
+    return train_set, val_set, train_set.categories
+
+
+def pennfudan_split(root: Path, *, with_masks: bool) -> tuple[Dataset, Dataset, list[str]]:
+    """The shared PennFudan layout (``PNGImages/``, ``annotations.json``) split as torchvision's
+    detection tutorial does: images sorted by file name, the last 50 are validation."""
+    dataset = CocoDataset(root / "PNGImages", root / "annotations.json", with_masks=with_masks)
+    names = [image["file_name"] for image in dataset.coco_gt["images"]]  # in item order
+    order = sorted(range(len(names)), key=names.__getitem__)
+    cut = len(order) - PENNFUDAN_VAL_IMAGES
+    if cut <= 0:
+        raise ValueError(f"{root}: {len(order)} images, need more than {PENNFUDAN_VAL_IMAGES}")
+    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:]), dataset.categories
+
+
+def build_detector(
+    config: RunConfig, num_classes: int, counter: PickCounter | None = None
+) -> nn.Module:
+    """The detector of ``config`` with its sampler and assigner.
+
+    With ``config.hard_negatives``, the sampler guarantees the mined boxes their share of the
+    negative picks (``MinedNegativeSampler``).
+
+    Args:
+        config: the run configuration.
+        num_classes: object classes, without the background.
+        counter: receives the picks in training (the sampler's, or without one the assigner's).
+    """
+    sampler: Sampler | None = None
+    assigner: Assigner | None = None
+    if config.sampler.name is not None:
+        sampler = REGISTRIES["sampler"][config.sampler.name](**config.sampler.settings)
+        if config.hard_negatives is not None:
+            sampler = MinedNegativeSampler(sampler, share=config.hard_negative_share)
+        if counter is not None:
+            sampler = CountingSampler(sampler, counter)
+    if config.assigner.name is not None:
+        assigner = REGISTRIES["assigner"][config.assigner.name](**config.assigner.settings)
+        if counter is not None and sampler is None:
+            assigner = CountingAssigner(assigner, counter)
+    return build(
+        config.model.name,
+        num_classes + 1,  # torchvision's class 0 is the background
+        sampler=sampler,
+        assigner=assigner,
+        **config.model.settings,
+    )
+
+
+def set_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Give the sampling modules of ``model`` the run's generator (the others draw from torch's
+    global RNG, which ``train`` seeds per process)."""
+    for module in model.modules():
+        if isinstance(module, SamplingRoIHeads | SamplingRPN):
+            module.generator = generator
+
+
+def lr_factor(step: int, config: RunConfig, total_steps: int) -> float:
+    """The learning rate at ``step`` as a fraction of ``train.lr``: linear warm-up, step decay."""
+    train = config.train
+    warmup = 1.0
+    if step < train.warmup_steps:
+        warmup = train.warmup_factor + (1 - train.warmup_factor) * step / train.warmup_steps
+    decays = sum(step >= int(fraction * total_steps) for fraction in train.decay_at)
+    return warmup * train.gamma**decays
+
+
+def epoch_loader(
+    dataset: Dataset, config: RunConfig, process: Process, *, epoch: int, skip: int
+) -> DataLoader:
+    """The batches of ``epoch`` for this process, leaving out the first ``skip`` (done before a
+    resume).
+
+    The order is ``DistributedSampler``'s (a permutation from ``seed + epoch``, split by rank), so
+    it is the same whether or not the run was interrupted.
+    """
+    order = DistributedSampler(
+        dataset, num_replicas=process.world_size, rank=process.rank, seed=config.seed
+    )
+    order.set_epoch(epoch)
+    indices = list(order)[skip * config.data.batch_size :]
+    return DataLoader(
+        dataset,
+        batch_size=config.data.batch_size,
+        sampler=indices,
+        num_workers=config.data.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=process.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and TensorBoard scalars of the main process.
+
+    On resume, rows after the checkpoint's step are dropped (the killed run may have logged steps
+    that the resumed run takes again).
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow import, main process only
+
+        self.path = run_dir / METRICS_NAME
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=resume_step)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` (flat numbers, or dicts of numbers) to both."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, Mapping):
+                for sub, v in value.items():
+                    self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
+            elif key not in ("step", "epoch"):
+                self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+@dataclass
+class Session:
+    """Everything a training run holds while it runs.
+
+    Attributes:
+        config: the run configuration.
+        process: this process's rank, world size and device.
+        model: the detector, in DDP when distributed.
+        optimizer: SGD.
+        scheduler: warm-up and step decay, stepped every step.
+        scaler: the AMP gradient scaler (disabled without AMP).
+        generator: the samplers' generator.
+        counter: the picks seen by the loss since the last log row.
+        run_dir: the run directory.
+        log: the metrics log (main process only).
+        steps_per_epoch: steps per epoch in each process.
+        position: where the run stands.
+    """
+
+    config: RunConfig
+    process: Process
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    counter: PickCounter
+    run_dir: Path
+    log: MetricsLog | None
+    steps_per_epoch: int
+    position: Position = field(default_factory=Position)
+
+    @property
+    def amp(self) -> bool:
+        return self.scaler.is_enabled()
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at."""
+        total = self.config.train.epochs * self.steps_per_epoch
+        max_steps = self.config.train.max_steps
+        return total if max_steps is None else min(total, max_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: weights, optimiser, schedule, RNG states and position."""
+        state = {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": torch.get_rng_state(),
+            "position": asdict(self.position),
+            "config": config_to_dict(self.config),
+        }
+        if self.process.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.process.device)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a checkpoint written by ``state_dict``."""
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.process.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.process.device)
+        self.position = Position(**state["position"])
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint (main process; every process holds the same weights)."""
+        if self.process.is_main:
+            checkpoint.save_atomic(self.state_dict(), self.run_dir / checkpoint.CHECKPOINT_NAME)
+
+
+def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [
+        {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def train_one_epoch(session: Session, loader: DataLoader) -> None:
+    """Train on ``loader``'s batches from ``session.position`` to the end of the epoch (or the
+    run's last step), logging and checkpointing on the way.
+
+    Raises:
+        NonFiniteLossError: a loss became NaN or infinite; the optimiser step was not taken, and the
+            last checkpoint (from before) is kept.
+    """
+    config, process, pos = session.config, session.process, session.position
+    model, device = session.model, process.device
+    model.train()
+    window: dict[str, float] = {}
+    window_steps = 0
+    bar = tqdm(
+        total=session.steps_per_epoch,
+        initial=pos.epoch_step,
+        desc=f"epoch {pos.epoch + 1}/{config.train.epochs}",
+        disable=not (process.is_main and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+    for images, targets in loader:
+        if pos.step >= session.last_step:
+            break
+        images = [image.to(device, non_blocking=True) for image in images]
+        with torch.autocast(device.type, enabled=session.amp):
+            losses: dict[str, Tensor] = model(images, _to_device(targets, device))
+        loss = torch.stack(list(losses.values())).sum()
+        session.optimizer.zero_grad(set_to_none=True)
+        session.scaler.scale(loss).backward()
+        # One host synchronisation per step: the process-mean losses, for the check and the bar.
+        values = mean_over_processes(torch.stack([loss, *losses.values()]).detach().float())
+        total, *parts = values.tolist()
+        if not math.isfinite(total):
+            named = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, parts, strict=True))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {pos.step + 1} (epoch {pos.epoch + 1}): {named}. "
+                f"Stopped before the optimiser step; the last good checkpoint is in "
+                f"{session.run_dir} (lower train.lr or raise train.warmup_steps, then --resume)."
+            )
+        lr = session.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+        session.scheduler.step()
+        pos.step += 1
+        pos.epoch_step += 1
+        for key, value in zip(["loss", *losses, "lr"], [total, *parts, lr], strict=True):
+            window[key] = window.get(key, 0.0) + value
+        window_steps += 1
+        bar.update()
+        bar.set_postfix(loss=f"{total:.3f}")
+
+        if pos.step % config.train.log_every == 0 or pos.step == session.last_step:
+            picks = session.counter.take()
+            if session.log is not None:
+                row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1}
+                row |= {k: v / window_steps for k, v in window.items()}
+                if picks:
+                    row["picks"] = picks
+                session.log.write(row)
+            window, window_steps = {}, 0
+        every = config.train.checkpoint_every
+        if every and pos.step % every == 0:
+            session.save_checkpoint()
+    bar.close()
+
+
+def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float]:
+    """COCO AP on ``val`` in the main process (the others wait), logged.
+
+    The log row also gets ``roi_loss``, the OHEM paper's sampler-independent measure: the mean
+    loss over all RoIs of (the first ``ROI_LOSS_IMAGES`` images of) the training set, for
+    detectors with RoI heads. It stays out of the returned metrics, which are the AP table's.
+    """
+    metrics: dict[str, float] = {}
+    if session.process.is_main:
+        model, device = unwrap(session.model), session.process.device
+        metrics = evaluate(
+            model,
+            val,
+            device=device,
+            iou_types=("bbox", "segm") if has_masks(session.config) else ("bbox",),
+        )
+        if session.log is not None:
+            pos = session.position
+            row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1, "eval": metrics}
+            roi_loss = mean_loss_all_rois(
+                model, train_set, device=device, max_images=ROI_LOSS_IMAGES
+            )
+            if roi_loss is not None:
+                row["roi_loss"] = roi_loss
+            session.log.write(row)
+    barrier()
+    return metrics
+
+
+def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
+    """Train the detector of ``config`` in ``config.output_dir``; under ``torchrun``, with DDP.
+
+    Args:
+        config: the run configuration.
+        resume: continue from the run directory's checkpoint (start afresh if there is none).
+
+    Returns:
+        The trained detector, the final COCO metrics and the run directory.
+
+    Raises:
+        FileExistsError: the run directory holds a checkpoint and ``resume`` is False.
+        NonFiniteLossError: a loss became NaN or infinite.
+    """
+    run_dir = Path(config.output_dir)
+    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint: pass --resume to continue that run, or choose "
+            "another output_dir"
+        )
+    with process_group(config.device) as process:
+        start = time.monotonic()
+        train_set, val_set, categories = build_datasets(config)
+        if config.hard_negatives is not None:
+            if config.sampler.name is None:
+                raise ValueError("hard_negatives need a sampler: they join an R-CNN's RoIs")
+            train_set = with_hard_negatives(train_set, config.hard_negatives)
+        counter = PickCounter()
+        torch.manual_seed(config.seed)  # the same initial weights in every process
+        model = build_detector(config, len(categories), counter).to(process.device)
+        generator = torch.Generator(process.device).manual_seed(
+            rank_seed(config.seed, process.rank)
+        )
+        set_generator(model, generator)
+        torch.manual_seed(rank_seed(config.seed, process.rank))  # any other randomness, per rank
+        params = [p for p in model.parameters() if p.requires_grad]
+        train_cfg = config.train
+        optimizer = torch.optim.SGD(
+            params,
+            lr=train_cfg.lr,
+            momentum=train_cfg.momentum,
+            weight_decay=train_cfg.weight_decay,
+        )
+        batches = math.ceil(len(train_set) / process.world_size)
+        steps_per_epoch = math.ceil(batches / config.data.batch_size)
+        total_steps = train_cfg.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, config, total_steps)
+        )
+        amp = process.device.type == "cuda" if train_cfg.amp is None else train_cfg.amp
+        scaler = torch.amp.GradScaler(process.device.type, enabled=amp)
+        session = Session(
+            config=config,
+            process=process,
+            model=wrap(model, process),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            generator=generator,
+            counter=counter,
+            run_dir=run_dir,
+            log=None,
+            steps_per_epoch=steps_per_epoch,
+        )
+        resumed = resume and ckpt_path.exists()
+        if resumed:
+            # On the CPU: RNG states must stay there; weights and optimiser state are copied to
+            # the device by load_state_dict.
+            session.load_state_dict(checkpoint.load(ckpt_path))
+        if process.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / CONFIG_NAME)
+            session.log = MetricsLog(
+                run_dir, resume_step=session.position.step if resumed else None
+            )
+        try:
+            metrics = _train_epochs(session, train_set, val_set)
+        finally:
+            if session.log is not None:
+                session.log.close()
+        if process.is_main:
+            results = {
+                "metrics": metrics,
+                "steps": session.position.step,
+                "seconds": time.monotonic() - start,
+            }
+            (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+            plot_loss_curves(
+                {run_dir.name: loss_curve(read_metrics(run_dir / METRICS_NAME))},
+                run_dir / "plots" / "losses.png",
+            )
+        return TrainResult(model=model, metrics=metrics, run_dir=run_dir)
+
+
+def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
+    """The epoch loop of ``train``: train, checkpoint and evaluate until the last step."""
+    config, pos = session.config, session.position
+    eval_every = config.train.eval_every
+    while pos.step < session.last_step:
+        if pos.epoch_step >= session.steps_per_epoch:
+            pos.epoch, pos.epoch_step = pos.epoch + 1, 0
+        loader = epoch_loader(
+            train_set, config, session.process, epoch=pos.epoch, skip=pos.epoch_step
+        )
+        train_one_epoch(session, loader)
+        session.save_checkpoint()
+        if eval_every and pos.step < session.last_step and (pos.epoch + 1) % eval_every == 0:
+            _evaluate(session, val_set, train_set)
+    return _evaluate(session, val_set, train_set) if eval_every else {}
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
+    """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
+
+    Args:
+        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_NAME)
+    resolved = resolve_device(device)
+    _, val_set, categories = build_datasets(config)
+    model = build_detector(config, len(categories))
+    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
+    model.load_state_dict(state["model"])
+    iou_types = ("bbox", "segm") if has_masks(config) else ("bbox",)
+    metrics = evaluate(model.to(resolved), val_set, device=resolved, iou_types=iou_types)
+    (run_dir / "eval.json").write_text(
+        json.dumps({"step": state["position"]["step"], "metrics": metrics}, indent=2) + "\n"
+    )
+    return metrics

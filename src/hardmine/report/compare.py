@@ -1,0 +1,357 @@
+"""Comparing samplers and assigners: train each method over seeds, then report AP and losses.
+
+Each (method, seed) trains in a run directory of its own, ``OUT/<method>/seed<k>``. A run that
+finished (it has ``results.json``) is not trained again, a run that was interrupted is resumed,
+and a run that crashes is recorded (``error.txt``) and reported without stopping the others. The
+report, ``OUT/report.md``, gives AP / AP50 / AP75 per method as mean ± standard deviation over
+seeds and the difference to the method's baseline (random sampling; max-IoU for ATSS), paired by
+seed: two runs with the same seed share the initial weights and the data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hardmine.config import Method, RunConfig, load_config
+from hardmine.engine.distributed import resolve_device
+from hardmine.engine.train import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, train
+from hardmine.report.inspect import inspect_run
+from hardmine.report.plots import (
+    AP_KEYS,
+    loss_curve,
+    mean_curve,
+    plot_ap_bars,
+    plot_loss_curves,
+    read_metrics,
+)
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "report.md"
+ERROR_NAME = "error.txt"
+
+
+@dataclass
+class Outcome:
+    """One (method, seed) run of a comparison.
+
+    Attributes:
+        method: the method's name.
+        seed: the run's seed.
+        run_dir: its run directory.
+        metrics: final COCO metrics; empty if the run failed.
+        seconds: training time of the run (0 if unknown).
+        error: the failure's last line, or None.
+    """
+
+    method: str
+    seed: int
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def run_comparison(
+    base: RunConfig,
+    methods: Sequence[Method],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[Outcome]:
+    """Train every method with every seed, each in its own run directory under ``out_dir``.
+
+    Finished runs are read, not trained again; interrupted ones resume. A run whose directory
+    holds a different configuration, or that raises, is recorded as failed (with the traceback in
+    its ``error.txt``) and the comparison goes on.
+
+    Args:
+        base: the configuration every method starts from.
+        methods: the methods.
+        seeds: the seeds each method trains with.
+        out_dir: the comparison's folder.
+        overrides: dotted keys of the model / sampler / assigner sections for every method that
+            has that section (``Method.config``).
+    """
+    out_dir = Path(out_dir)
+    outcomes = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = out_dir / method.name / f"seed{seed}"
+            outcome = Outcome(method.name, seed, run_dir)
+            try:
+                config = method.config(base, seed=seed, output_dir=run_dir, overrides=overrides)
+                _check_same_run(config, run_dir)
+                if (run_dir / RESULTS_NAME).exists():
+                    log.info(
+                        "%s, seed %d: finished before, read from %s", method.name, seed, run_dir
+                    )
+                else:
+                    log.info("%s, seed %d: training in %s", method.name, seed, run_dir)
+                    (run_dir / ERROR_NAME).unlink(missing_ok=True)
+                    train(config, resume=True)
+                results = json.loads((run_dir / RESULTS_NAME).read_text())
+                outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
+                ap = 100 * outcome.metrics.get("AP", float("nan"))
+                log.info(
+                    "%s, seed %d: AP %.1f, %.1f min", method.name, seed, ap, outcome.seconds / 60
+                )
+            except Exception as error:  # one method's failure must not stop the others
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / ERROR_NAME).write_text(traceback.format_exc())
+                outcome.error = f"{type(error).__name__}: {error}".splitlines()[0]
+                log.warning("%s, seed %d: failed: %s", method.name, seed, outcome.error)
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _check_same_run(config: RunConfig, run_dir: Path) -> None:
+    saved = run_dir / CONFIG_NAME
+    if saved.exists() and load_config(saved) != config:
+        raise FileExistsError(
+            f"{run_dir} holds a run with another configuration; delete it or choose another "
+            "output folder"
+        )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One method's numbers over its seeds.
+
+    Attributes:
+        method: the method.
+        runs: finished runs.
+        failed: failed runs.
+        ap: metric -> (mean, std) over the finished runs (std 0 for one run).
+        delta: metric -> (mean, std) of the per-seed difference to the baseline; empty without a
+            baseline or common seeds.
+        picks: mean positives and negatives per image seen by the loss, over all logged steps.
+        minutes: mean training time per run.
+    """
+
+    method: Method
+    runs: int
+    failed: int
+    ap: dict[str, tuple[float, float]]
+    delta: dict[str, tuple[float, float]]
+    picks: tuple[float, float] | None
+    minutes: float
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Summary]:
+    """Per method: AP mean ± std over seeds, the paired difference to its baseline, the picks."""
+    by_method: dict[str, dict[int, Outcome]] = {}
+    for o in outcomes:
+        if o.error is None and set(AP_KEYS) <= o.metrics.keys():  # evaluated, finished runs
+            by_method.setdefault(o.method, {})[o.seed] = o
+    summaries = []
+    for method in methods:
+        done = by_method.get(method.name, {})
+        ap = {k: _mean_std([o.metrics[k] for o in done.values()]) for k in AP_KEYS} if done else {}
+        delta = {}
+        base = by_method.get(method.baseline or "", {})
+        common = sorted(set(done) & set(base))
+        if common:
+            delta = {
+                k: _mean_std([done[s].metrics[k] - base[s].metrics[k] for s in common])
+                for k in AP_KEYS
+            }
+        rows = [r for o in done.values() for r in read_metrics(o.run_dir / METRICS_NAME)]
+        picks = [r["picks"] for r in rows if "picks" in r]
+        failed = sum(o.method == method.name and o.error is not None for o in outcomes)
+        summaries.append(
+            Summary(
+                method=method,
+                runs=len(done),
+                failed=failed,
+                ap=ap,
+                delta=delta,
+                picks=(
+                    (
+                        statistics.fmean(p["positive"] for p in picks),
+                        statistics.fmean(p["negative"] for p in picks),
+                    )
+                    if picks
+                    else None
+                ),
+                minutes=statistics.fmean(o.seconds for o in done.values()) / 60 if done else 0.0,
+            )
+        )
+    return summaries
+
+
+def _pct(mean_std: tuple[float, float] | None, *, signed: bool = False, runs: int = 1) -> str:
+    """``(0.123, 0.004)`` -> ``12.3 ± 0.4`` (COCO AP in percent)."""
+    if mean_std is None or math.isnan(mean_std[0]):
+        return "—"
+    mean, std = (100 * v for v in mean_std)
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    return f"{text} ± {std:.1f}" if runs > 1 else text
+
+
+def format_table(summaries: Sequence[Summary]) -> str:
+    """The comparison as a Markdown table (AP in percent)."""
+    header = [
+        "method",
+        "detector",
+        "sampler",
+        "assigner",
+        *AP_KEYS,
+        *(f"Δ{k}" for k in AP_KEYS),
+        "vs",
+        "picks +/− per image",
+        "runs",
+        "min/run",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        m = s.method
+        paired = s.runs if s.delta else 1
+        cells = [
+            m.name,
+            m.model["name"],
+            m.sampler["name"] if m.sampler else "—",
+            m.assigner["name"] if m.assigner else "—",
+            *(_pct(s.ap.get(k), runs=s.runs) for k in AP_KEYS),
+            *(_pct(s.delta.get(k), signed=True, runs=paired) for k in AP_KEYS),
+            m.baseline or "—",
+            f"{s.picks[0]:.0f} / {s.picks[1]:.0f}" if s.picks else "—",
+            f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
+            f"{s.minutes:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    methods: Sequence[Method],
+    outcomes: Sequence[Outcome],
+    *,
+    description: str,
+) -> Path:
+    """Write ``report.md``, ``ap.png`` and ``losses.png`` in ``out_dir``.
+
+    Args:
+        out_dir: the comparison's folder.
+        methods: the methods, in table order.
+        outcomes: what ``run_comparison`` returned.
+        description: a paragraph on the setting (data, schedule, seeds) for the report's head.
+
+    Returns:
+        The report's path.
+    """
+    out_dir = Path(out_dir)
+    summaries = summarize(methods, outcomes)
+    plot_ap_bars({s.method.name: s.ap for s in summaries if s.ap}, out_dir / "ap.png")
+    curves = {
+        m.name: mean_curve(
+            [
+                loss_curve(read_metrics(o.run_dir / METRICS_NAME))
+                for o in outcomes
+                if o.method == m.name and o.error is None
+            ]
+        )
+        for m in methods
+    }
+    plot_loss_curves({k: v for k, v in curves.items() if v}, out_dir / "losses.png")
+    roi_curves = {
+        m.name: mean_curve(
+            [
+                loss_curve(read_metrics(o.run_dir / METRICS_NAME), "roi_loss")
+                for o in outcomes
+                if o.method == m.name and o.error is None
+            ]
+        )
+        for m in methods
+    }
+    roi_curves = {k: v for k, v in roi_curves.items() if v}
+    if roi_curves:
+        plot_loss_curves(roi_curves, out_dir / "roi_loss.png", ylabel="mean loss over all RoIs")
+    failures = [o for o in outcomes if o.error is not None]
+    lines = [
+        "# Sample selection: comparison",
+        "",
+        description,
+        "",
+        "COCO AP in percent, mean ± standard deviation over seeds; Δ is the difference to the "
+        "method named under *vs*, paired by seed (same initial weights and data order). "
+        "*picks* are the positive / negative candidates per image that the loss saw (for "
+        "RetinaNet, every anchor that is not ignored). Loss curves are comparable within a "
+        "detector only, and OHEM's loss is over its hardest picks, so higher by construction.",
+        "",
+        format_table(summaries),
+        "",
+        "![AP per method](ap.png)",
+        "",
+        "![training loss per method](losses.png)",
+        "",
+    ]
+    if roi_curves:
+        lines += [
+            "The OHEM paper's sampler-independent measure: the mean loss per RoI over *all* RoIs "
+            "of the training images (the RPN's training proposals and the ground truths), at "
+            "each evaluation, whichever RoIs the sampler picks.",
+            "",
+            "![mean loss over all RoIs](roi_loss.png)",
+            "",
+        ]
+    lines += _inspect_section(out_dir, methods, outcomes)
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [
+            f"- {o.method}, seed {o.seed}: {o.error} ({o.run_dir / ERROR_NAME})" for o in failures
+        ]
+        lines.append("")
+    path = out_dir / REPORT_NAME
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _inspect_section(
+    out_dir: Path, methods: Sequence[Method], outcomes: Sequence[Outcome]
+) -> list[str]:
+    """Draw what every sampler picks with the first finished R-CNN run's detector.
+
+    A failure here costs the report its pictures, not its table: it is logged and noted.
+    """
+    with_sampler = {m.name for m in methods if m.sampler is not None}
+    runs = [o for o in outcomes if o.method in with_sampler and o.error is None]
+    if not runs:
+        return []
+    run = min(runs, key=lambda o: o.seed)
+    folder = out_dir / "inspect"
+    try:
+        result = inspect_run(run.run_dir, folder, device=resolve_device("auto"))
+    except Exception as error:  # a picture must not sink the comparison
+        log.warning("inspect failed on %s: %s", run.run_dir, error)
+        return ["## What each sampler picks", "", f"(not drawn: {error})", ""]
+    sheet, hist = result.sheet.relative_to(out_dir), result.histogram_plot.relative_to(out_dir)
+    csv = result.histogram_csv.relative_to(out_dir)
+    return [
+        "## What each sampler picks",
+        "",
+        f"Every sampler on the same RoIs of a few training images, with the detector of "
+        f"*{run.method}* (seed {run.seed}): ground truths white, picked positives solid, picked "
+        "negatives dashed, coloured by IoU with the ground truth; line width is the loss weight.",
+        "",
+        f"![picks per sampler]({sheet})",
+        "",
+        "The picked negatives' IoU with the ground truth and with the positives (IoU(p,n)), over "
+        f"more training images ([counts as CSV]({csv})):",
+        "",
+        f"![IoU histograms]({hist})",
+        "",
+    ]

@@ -1,0 +1,142 @@
+"""Run configurations: YAML, dotted overrides, checking, round trips."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hardmine.config import (
+    DEFAULT_METHODS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    default_compare_base,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from hardmine.sample import SAMPLERS
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config()
+    assert config == RunConfig()
+    assert config.sampler.name == "random" and config.train.momentum == 0.9
+
+
+def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        {"sampler": {"name": "ohem", "num": 64}, "train": {"epochs": 2}, "seed": 3},
+    )
+    overrides = parse_overrides(["--sampler.num", "256", "--train.epochs=5", "--train.lr", "1e-3"])
+    config = load_config(path, overrides)
+    assert config.sampler.name == "ohem"
+    assert config.sampler.settings == {"num": 256}
+    assert config.train.epochs == 5 and config.train.lr == pytest.approx(1e-3)
+    assert config.seed == 3
+    assert config.data == RunConfig().data  # untouched sections keep their defaults
+
+
+def test_parse_overrides_reads_yaml_values() -> None:
+    parsed = parse_overrides(["--a.b", "3", "--c=null", "--d", "[0.5, 0.9]", "--e", "ohem"])
+    assert parsed == {"a.b": 3, "c": None, "d": [0.5, 0.9], "e": "ohem"}
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--train.epochs"])
+    with pytest.raises(ConfigError, match="expected an override"):
+        parse_overrides(["epochs", "3"])
+
+
+def test_component_given_as_a_bare_name(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"sampler": "iou_balanced"}), {"sampler.num_bins": 4})
+    assert config.sampler.name == "iou_balanced"
+    assert config.sampler.settings == {"num_bins": 4}
+
+
+def test_null_component() -> None:
+    config = load_config(None, {"sampler": None, "model.name": "retinanet_tiny"})
+    assert config.sampler.name is None and config.sampler.settings == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.epoch": 3}, r"unknown key 'train\.epoch'.*did you mean 'epochs'.*valid keys:.*lr"),
+        ({"trian.epochs": 3}, r"unknown key 'trian'.*did you mean 'train'"),
+        ({"sampler.nmu": 3}, r"unknown key 'sampler\.nmu'.*valid keys: num, pos_fraction"),
+        ({"sampler.name": "hardest"}, r"unknown sampler 'hardest'; valid names: .*ohem"),
+        ({"assigner.name": "atss", "assigner.pos_thr": 0.5}, r"valid keys: .*topk"),
+        ({"train.epochs": "three"}, r"train\.epochs: expected int, got 'three'"),
+        ({"train.lr": True}, r"train\.lr: expected float"),
+        ({"sampler.strategy": "sometimes", "sampler.name": "overlap"}, r"expected one of"),
+        ({"data.kind": "voc"}, r"data\.kind: expected 'scenes' or 'coco'"),
+        ({"sampler.needs_losses": True}, r"unknown key 'sampler\.needs_losses'"),
+    ],
+)
+def test_errors_name_the_key_and_the_valid_ones(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_model_settings_pass_through_to_the_builder() -> None:
+    """Detector builders forward ``**kwargs`` to torchvision, so any key is accepted here."""
+    config = load_config(None, {"model.min_size": 64, "model.box_detections_per_img": 10})
+    assert config.model.settings == {"min_size": 64, "box_detections_per_img": 10}
+
+
+def test_int_accepted_as_float_and_tuples_kept() -> None:
+    config = load_config(
+        None, {"train.lr": 1, "assigner.name": "max_iou", "assigner.neg_thr": [0, 0.4]}
+    )
+    assert isinstance(config.train.lr, float)
+    assert config.assigner.settings["neg_thr"] == (0.0, 0.4)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        {"sampler.name": "overlap", "sampler.epsilon": 1.5, "assigner.name": "max_iou",
+         "assigner.neg_thr": [0.0, 0.4], "train.decay_at": [0.5], "output_dir": "x"},
+    )  # fmt: skip
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path: Path) -> None:
+    config = load_config(path)
+    assert config.model.name is not None
+
+
+def test_compare_methods_resolve() -> None:
+    base = default_compare_base()
+    names = {m.name for m in DEFAULT_METHODS}
+    for method in DEFAULT_METHODS:
+        config = method.config(base, seed=1, output_dir=Path("out"))
+        assert config.seed == 1 and config.output_dir == "out"
+        assert config.model.name == method.model["name"]
+        assert method.baseline is None or method.baseline in names
+        if method.sampler is not None:
+            assert config.sampler.name in SAMPLERS
+        else:
+            assert config.sampler.name is None
+
+
+def test_compare_overrides_apply_where_the_method_has_the_section() -> None:
+    base = default_compare_base()
+    overrides = {"model.min_size": 64, "sampler.num": 32}
+    rcnn, retina = (m for m in DEFAULT_METHODS if m.name in ("ohem", "retinanet_atss"))
+    config = rcnn.config(base, seed=0, output_dir=Path("a"), overrides=overrides)
+    assert config.model.settings == {"min_size": 64} and config.sampler.settings == {"num": 32}
+    config = retina.config(base, seed=0, output_dir=Path("b"), overrides=overrides)
+    assert config.model.settings == {"min_size": 64} and config.sampler.name is None

@@ -1,0 +1,90 @@
+"""Comparison reports: statistics over seeds, paired differences, failures that do not spread."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hardmine.config import Method, default_compare_base, save_config
+from hardmine.report.compare import (
+    ERROR_NAME,
+    Outcome,
+    format_table,
+    run_comparison,
+    summarize,
+    write_report,
+)
+from hardmine.report.plots import read_metrics
+
+RCNN = {"name": "faster_rcnn_tiny"}
+METHODS = (
+    Method("random", RCNN, {"name": "random"}),
+    Method("ohem", RCNN, {"name": "ohem"}, baseline="random"),
+)
+
+
+def outcome(tmp_path: Path, method: str, seed: int, ap: float, **kwargs: object) -> Outcome:
+    run_dir = tmp_path / method / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": 1, "loss": 1.0 + seed, "picks": {"positive": 10.0, "negative": 100.0}}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}
+    return Outcome(method, seed, run_dir, metrics=metrics, seconds=60.0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_mean_std_and_paired_difference(tmp_path: Path) -> None:
+    outcomes = [
+        outcome(tmp_path, "random", 0, 0.10),
+        outcome(tmp_path, "random", 1, 0.20),
+        outcome(tmp_path, "ohem", 0, 0.13),
+        outcome(tmp_path, "ohem", 1, 0.21),
+    ]
+    random, ohem = summarize(METHODS, outcomes)
+    assert random.runs == 2 and random.failed == 0
+    assert random.ap["AP"] == pytest.approx((0.15, 0.0707107), rel=1e-5)
+    assert random.delta == {}  # a baseline
+    # Per seed +0.03 and +0.01: mean +0.02, std 0.01414.
+    assert ohem.delta["AP"] == pytest.approx((0.02, 0.0141421), rel=1e-5)
+    assert ohem.picks == (10.0, 100.0) and ohem.minutes == pytest.approx(1.0)
+    table = format_table([random, ohem])
+    assert "| random | faster_rcnn_tiny | random | — | 15.0 ± 7.1 |" in table
+    assert "| +2.0 ± 1.4 |" in table and "| random |" in table
+
+
+def test_failed_runs_are_counted_not_averaged(tmp_path: Path) -> None:
+    outcomes = [
+        outcome(tmp_path, "random", 0, 0.10),
+        outcome(tmp_path, "ohem", 0, 0.5, error="RuntimeError: boom"),
+    ]
+    path = write_report(tmp_path, METHODS, outcomes, description="A test.")
+    report = path.read_text()
+    assert "| ohem | faster_rcnn_tiny | ohem | — | — | — | — |" in report
+    assert "0 (1 failed)" in report
+    assert "ohem, seed 0: RuntimeError: boom" in report
+    assert (tmp_path / "ap.png").exists() and (tmp_path / "losses.png").exists()
+
+
+def test_a_crashing_method_does_not_stop_the_others(tmp_path: Path) -> None:
+    """The first method fails when it is configured, the other is read from its finished run."""
+    base = default_compare_base()
+    methods = (Method("broken", RCNN, {"name": "no_such_sampler"}), METHODS[0])
+    done = tmp_path / "random" / "seed0"
+    done.mkdir(parents=True)
+    results = {"metrics": {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}, "steps": 1, "seconds": 1.0}
+    (done / "results.json").write_text(json.dumps(results))
+    broken, finished = run_comparison(base, methods, [0], tmp_path)
+    assert broken.error is not None and "no_such_sampler" in broken.error
+    assert "ConfigError" in (tmp_path / "broken" / "seed0" / ERROR_NAME).read_text()
+    assert finished.error is None and finished.metrics["AP"] == 0.1
+
+
+def test_a_run_directory_of_another_configuration_is_not_reused(tmp_path: Path) -> None:
+    base = default_compare_base()
+    method = METHODS[0]
+    run_dir = tmp_path / "random" / "seed0"
+    run_dir.mkdir(parents=True)
+    other = method.config(base, seed=5, output_dir=run_dir)
+    save_config(other, run_dir / "config.yaml")
+    (result,) = run_comparison(base, [method], [0], tmp_path)
+    assert result.error is not None and "another configuration" in result.error
+    assert read_metrics(run_dir / "metrics.jsonl") == []  # nothing was trained

@@ -1,0 +1,105 @@
+"""The ``hardmine`` command: help for every subcommand, train / eval / compare on tiny settings."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hardmine.cli import PARSERS, build_parser, main
+from hardmine.config import load_config
+
+# Four 64-px scenes, two per step, one epoch: each run takes seconds.
+TINY = [
+    "--model.min_size", "64", "--model.max_size", "64",
+    "--data.num_train", "4", "--data.num_val", "2", "--data.image_size", "64",
+    "--data.batch_size", "2", "--train.epochs", "1", "--train.warmup_steps", "1",
+    "--train.log_every", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_entry_point_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hardmine.cli", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    for command in COMMANDS:
+        assert command in done.stdout
+
+
+COMMANDS = list(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help_explains_each_option(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    for action in subparser._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"
+        for option in action.option_strings:
+            assert option in text
+    if command in ("train", "compare"):
+        assert "--section.key VALUE" in text
+
+
+def test_every_parser_registers_a_command() -> None:
+    assert len(PARSERS) == len(COMMANDS)
+    assert {"train", "eval", "compare"} <= set(COMMANDS)
+
+
+def test_unknown_key_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--train.epoch", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "did you mean 'epochs'" in err
+
+
+def test_eval_takes_no_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--run", "x", "--train.epochs", "3"])
+    assert exit_.value.code == 2
+    assert "unrecognised arguments" in capsys.readouterr().err
+
+
+def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--sampler.num", "32", "--output_dir", str(run)]
+    assert main(argv) == 0
+    assert "AP" in capsys.readouterr().out
+    assert (run / "checkpoint.pt").exists() and (run / "results.json").exists()
+    assert main(argv) == 1  # the run exists: --resume or another output_dir
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # finished already: nothing more to train
+    assert main(["eval", "--run", str(run), "--device", "cpu"]) == 0
+    assert f"{run}: AP" in capsys.readouterr().out
+
+
+def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare"
+    argv = ["compare", "--methods", "random,ohem", "--seeds", "1", "--output", str(out), *TINY]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for text in (printed, report):
+        assert "| method |" in text
+        assert "| random | faster_rcnn_tiny | random |" in text
+        assert "| ohem | faster_rcnn_tiny | ohem |" in text
+    assert (out / "ap.png").exists() and (out / "losses.png").exists()
+    # The loss over all RoIs beside AP, and the pictures of every sampler's picks.
+    for name in ("roi_loss.png", "inspect/overview.png", "inspect/iou_histograms.png"):
+        assert (out / name).stat().st_size > 0, name
+        assert f"]({name})" in report
+    assert "](inspect/iou_histograms.csv)" in report
+    run = load_config(out / "ohem" / "seed0" / "config.yaml")  # the overrides reached the runs
+    assert run.model.settings["min_size"] == 64 and run.data.num_train == 4
+    checkpoint = out / "ohem" / "seed0" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    assert main(argv) == 0  # rerun: finished runs are read, not trained again
+    assert checkpoint.stat().st_mtime_ns == before
