@@ -4,7 +4,8 @@
 settings. Inference (``eval()``) is torchvision's own code path, untouched. Training replaces
 torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss``) with:
 
-1. append the ground-truth boxes to the proposals (as torchvision does);
+1. append the ground-truth boxes to the proposals (as torchvision does), then any offline-mined
+   hard negatives the targets carry (``"hard_negatives"``, see ``hardmine.mine``);
 2. assign them with a hardmine ``Assigner`` (max-IoU, torchvision's thresholds, by default);
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
    box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss;
@@ -23,6 +24,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.mine.sampler import append_hard_negatives
 from hardmine.models._losses import (
     fastrcnn_roi_losses,
     matched_boxes,
@@ -119,13 +121,18 @@ class SamplingRoIHeads(RoIHeads):
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
+        # Offline-mined hard negatives (``hardmine.mine``) join after the ground-truth copies.
+        proposals, mined = append_hard_negatives(proposals, targets)
         ignore = target_boxes(targets, "ignore_boxes", proposals[0])
         assignments = self.assigner(proposals, gt_boxes, gt_labels, ignore_boxes=ignore)
 
         losses = None
         if self.sampler.needs_losses:
             losses = self.roi_losses(features, proposals, image_shapes, gt_boxes, assignments)
-        selections = self.sampler(proposals, assignments, losses=losses, generator=self.generator)
+        extra = {} if mined is None else {"mined": mined}  # only MinedNegativeSampler takes it
+        selections = self.sampler(
+            proposals, assignments, losses=losses, generator=self.generator, **extra
+        )
 
         picks = [torch.where(s.mask)[0] for s in selections]
         rois = [p[i] for p, i in zip(proposals, picks, strict=True)]

@@ -1,0 +1,213 @@
+"""The hard-negatives file: the false positives mined from one run, per image, as JSON.
+
+::
+
+    {
+      "format": "hardmine-hard-negatives",
+      "version": 1,
+      "source": "runs/round0",                     # the run whose detector was mined
+      "settings": {"iou_thr": 0.5, "top_k": 10, "score_thr": null},
+      "images": [
+        {"image_id": 1, "boxes": [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]},
+        ...
+      ]
+    }
+
+One entry per image of the mined dataset, those without false positives included. Boxes are xyxy
+in the image's pixels; ``labels`` are the classes the detector gave them (for inspection; in
+training they are background). The file is written atomically and fully validated when read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT = "hardmine-hard-negatives"
+VERSION = 1
+
+
+class HardNegativesFormatError(ValueError):
+    """A hard-negatives file is unreadable or malformed; the message names the file and entry."""
+
+
+@dataclass(frozen=True)
+class MinedBoxes:
+    """One image's mined false positives, highest score first.
+
+    Attributes:
+        boxes: ``float32 [M, 4]`` xyxy pixels.
+        scores: ``float32 [M]``.
+        labels: ``int64 [M]`` the classes the detector predicted.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    @staticmethod
+    def empty() -> MinedBoxes:
+        return MinedBoxes(
+            boxes=torch.zeros(0, 4),
+            scores=torch.zeros(0),
+            labels=torch.zeros(0, dtype=torch.int64),
+        )
+
+
+@dataclass(frozen=True)
+class HardNegatives:
+    """The contents of a hard-negatives file.
+
+    Attributes:
+        images: mined boxes by image id (every mined image, possibly with none).
+        source: where they were mined from (a run directory).
+        settings: the mining settings (``iou_thr``, ``top_k``, ``score_thr``).
+    """
+
+    images: Mapping[int, MinedBoxes]
+    source: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def boxes_of(self, image_id: int) -> Tensor:
+        """``float32 [M, 4]``: the mined boxes of ``image_id``; none for an image not mined."""
+        mined = self.images.get(image_id)
+        return mined.boxes if mined is not None else torch.zeros(0, 4)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(m.boxes.shape[0] for m in self.images.values())
+
+
+def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path:
+    """Write ``hard_negatives`` as JSON, atomically (temporary file, then ``os.replace``).
+
+    Coordinates are rounded to 1/100 pixel and scores to 5 decimals, which keeps the file small
+    and changes no IoU that matters.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    entries = [
+        {
+            "image_id": image_id,
+            "boxes": [[round(v, 2) for v in box] for box in mined.boxes.tolist()],
+            "scores": [round(s, 5) for s in mined.scores.tolist()],
+            "labels": mined.labels.tolist(),
+        }
+        for image_id, mined in sorted(hard_negatives.images.items())
+    ]
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": hard_negatives.source,
+        "settings": dict(hard_negatives.settings),
+        "images": entries,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _parse_entry(entry: Any, where: str) -> tuple[int, MinedBoxes]:
+    if not isinstance(entry, Mapping):
+        raise HardNegativesFormatError(f"{where}: expected an object, got {entry!r}")
+    missing = [k for k in ("image_id", "boxes", "scores", "labels") if k not in entry]
+    if missing:
+        raise HardNegativesFormatError(f"{where}: missing {', '.join(missing)}")
+    image_id = entry["image_id"]
+    if not _is_int(image_id):
+        raise HardNegativesFormatError(f"{where}: image_id must be an integer, got {image_id!r}")
+    where = f"{where} (image_id {image_id})"
+    boxes, scores, labels = entry["boxes"], entry["scores"], entry["labels"]
+    for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels)):
+        if not isinstance(value, list):
+            raise HardNegativesFormatError(f"{where}: {name} must be a list")
+    if not len(boxes) == len(scores) == len(labels):
+        raise HardNegativesFormatError(
+            f"{where}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels; "
+            "expected as many of each"
+        )
+    for j, box in enumerate(boxes):
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
+            raise HardNegativesFormatError(
+                f"{where}: boxes[{j}] must be four finite numbers, got {box!r}"
+            )
+        if box[2] < box[0] or box[3] < box[1]:
+            raise HardNegativesFormatError(
+                f"{where}: boxes[{j}] = {box} is not xyxy (x2 < x1 or y2 < y1)"
+            )
+    if not all(map(_is_number, scores)):
+        raise HardNegativesFormatError(f"{where}: scores must be finite numbers")
+    if not all(map(_is_int, labels)):
+        raise HardNegativesFormatError(f"{where}: labels must be integers")
+    return image_id, MinedBoxes(
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        scores=torch.tensor(scores, dtype=torch.float32),
+        labels=torch.tensor(labels, dtype=torch.int64),
+    )
+
+
+def load_hard_negatives(path: str | Path) -> HardNegatives:
+    """Read and validate a file written by ``save_hard_negatives``.
+
+    Raises:
+        HardNegativesFormatError: the file is missing, not JSON, of another format or version,
+            or has a malformed entry (wrong keys, boxes that are not four finite numbers in xyxy
+            order, lengths that disagree, a duplicate image id); the message names the file and
+            the entry.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise HardNegativesFormatError(f"{path}: cannot read: {error.strerror}") from error
+    except json.JSONDecodeError as error:
+        raise HardNegativesFormatError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(document, Mapping) or document.get("format") != FORMAT:
+        raise HardNegativesFormatError(
+            f'{path}: not a hard-negatives file (expected "format": "{FORMAT}"; write one '
+            "with 'hardmine mine')"
+        )
+    if document.get("version") != VERSION:
+        raise HardNegativesFormatError(
+            f"{path}: version {document.get('version')!r}, this hardmine reads version {VERSION}"
+        )
+    entries = document.get("images")
+    if not isinstance(entries, list):
+        raise HardNegativesFormatError(f'{path}: "images" must be a list')
+    settings = document.get("settings", {})
+    if not isinstance(settings, Mapping):
+        raise HardNegativesFormatError(f'{path}: "settings" must be an object')
+    images: dict[int, MinedBoxes] = {}
+    for i, entry in enumerate(entries):
+        image_id, mined = _parse_entry(entry, f"{path}: images[{i}]")
+        if image_id in images:
+            raise HardNegativesFormatError(f"{path}: images[{i}]: duplicate image_id {image_id}")
+        images[image_id] = mined
+    return HardNegatives(images=images, source=str(document.get("source", "")), settings=settings)

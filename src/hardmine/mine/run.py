@@ -1,0 +1,355 @@
+"""Mining a trained run, and bootstrapping rounds: train -> mine -> train with the mined negatives.
+
+``bootstrap`` runs ``rounds`` trainings in ``OUTPUT/round<r>``. Round 0 trains as configured;
+every later round trains afresh, from the same seed, with the false positives that the previous
+round's detector made on the training images as extra background RoIs. Each round's hard
+negatives *replace* the previous ones rather than add to them: what the new detector no longer
+fires on is no longer hard (the cache shrinking of Felzenszwalb et al., PAMI 2010), and the file
+stays the size of one mining. Retraining from the same seed (initial weights, data order) rather
+than fine-tuning keeps the rounds comparable: they differ in the mined negatives, and in the
+sampler's random draws, which the mined boxes shift.
+
+Reruns skip finished rounds and resume interrupted ones, as ``hardmine compare`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hardmine.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+from hardmine.data import collate_fn
+from hardmine.engine import checkpoint
+from hardmine.engine.distributed import resolve_device
+from hardmine.engine.evaluate import coco_ap
+from hardmine.engine.train import (
+    CONFIG_NAME,
+    RESULTS_NAME,
+    build_datasets,
+    build_detector,
+    train,
+)
+from hardmine.mine.dataset import coco_gt_of
+from hardmine.mine.falsepos import ImageDetections, false_positives, fp_per_image_at_recall
+from hardmine.mine.file import HardNegatives, MinedBoxes, save_hard_negatives
+
+HARD_NEGATIVES_NAME = "hard_negatives.json"
+REPORT_NAME = "bootstrap.md"
+
+
+@torch.inference_mode()
+def detect(
+    model: nn.Module, dataset: Dataset, *, device: torch.device | str, batch_size: int = 4
+) -> list[ImageDetections]:
+    """Run a torchvision detector over ``dataset`` in eval mode; detections beside ground truth.
+
+    The model is put back in its previous mode afterwards.
+
+    Args:
+        model: a torchvision detector whose labels are the dataset's.
+        dataset: a dataset of the common interface (``hardmine.data``).
+        device: where the model runs.
+        batch_size: images per forward pass.
+
+    Returns:
+        One ``ImageDetections`` per image, on the CPU, in dataset order.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    out: list[ImageDetections] = []
+    try:
+        for images, targets in loader:
+            outputs = model([image.to(device) for image in images])
+            for output, target in zip(outputs, targets, strict=True):
+                out.append(
+                    ImageDetections(
+                        image_id=int(target["image_id"]),
+                        boxes=output["boxes"].float().cpu(),
+                        scores=output["scores"].float().cpu(),
+                        labels=output["labels"].cpu(),
+                        gt_boxes=target["boxes"],
+                        gt_labels=target["labels"],
+                        ignore_boxes=target.get("ignore_boxes", torch.zeros(0, 4)),
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return out
+
+
+def mine_detections(
+    detections: Sequence[ImageDetections],
+    *,
+    iou_thr: float = 0.5,
+    top_k: int | None = None,
+    score_thr: float | None = None,
+    source: str = "",
+) -> HardNegatives:
+    """The false positives among ``detections`` (see ``false_positives``), as a file's contents.
+
+    Every image gets an entry, those without false positives too.
+    """
+    kept = false_positives(detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr)
+    images = {
+        d.image_id: MinedBoxes(boxes=d.boxes[k], scores=d.scores[k], labels=d.labels[k])
+        for d, k in zip(detections, kept, strict=True)
+    }
+    settings = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}
+    return HardNegatives(images=images, source=source, settings=settings)
+
+
+def mine(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device | str,
+    iou_thr: float = 0.5,
+    top_k: int | None = None,
+    score_thr: float | None = None,
+    batch_size: int = 4,
+    source: str = "",
+) -> HardNegatives:
+    """Run ``model`` over ``dataset`` (its training set) and keep its false positives.
+
+    Args:
+        model: a trained torchvision detector.
+        dataset: the images to mine, with their ground truth.
+        device: where the model runs.
+        iou_thr: a detection overlapping any ground truth by this much is not mined.
+        top_k: at most this many per image, the highest-scoring.
+        score_thr: only those scoring at least this.
+        batch_size: images per forward pass.
+        source: recorded in the file (the run directory).
+    """
+    detections = detect(model, dataset, device=device, batch_size=batch_size)
+    return mine_detections(
+        detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr, source=source
+    )
+
+
+def load_run(
+    run_dir: str | Path,
+    *,
+    device: torch.device | str,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[RunConfig, nn.Module, Dataset, Dataset]:
+    """A finished (or checkpointed) run's configuration, detector and datasets.
+
+    Args:
+        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
+        device: where to put the detector.
+        overrides: dotted configuration overrides, e.g. other ``data.*`` to mine on.
+
+    Returns:
+        The configuration, the detector with the checkpoint's weights (in eval mode), the
+        training set and the validation set.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_NAME, overrides)
+    train_set, val_set, categories = build_datasets(config)
+    model = build_detector(config, len(categories))
+    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME, map_location=device)
+    model.load_state_dict(state["model"])
+    return config, model.to(device).eval(), train_set, val_set
+
+
+def mine_run(
+    run_dir: str | Path,
+    *,
+    output: str | Path | None = None,
+    device: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    iou_thr: float = 0.5,
+    top_k: int | None = None,
+    score_thr: float | None = None,
+    batch_size: int = 4,
+) -> tuple[Path, HardNegatives]:
+    """``hardmine mine``: mine a run's detector on its training set and write the file.
+
+    Args:
+        run_dir: the run directory.
+        output: the hard-negatives file; ``RUN_DIR/hard_negatives.json`` by default.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        overrides: dotted configuration overrides (other ``data.*`` to mine on).
+        iou_thr: a detection overlapping any ground truth by this much is not mined.
+        top_k: at most this many per image.
+        score_thr: only detections scoring at least this.
+        batch_size: images per forward pass.
+
+    Returns:
+        The file's path and its contents.
+    """
+    resolved = resolve_device(device)
+    _, model, train_set, _ = load_run(run_dir, device=resolved, overrides=overrides)
+    hard = mine(
+        model,
+        train_set,
+        device=resolved,
+        iou_thr=iou_thr,
+        top_k=top_k,
+        score_thr=score_thr,
+        batch_size=batch_size,
+        source=str(run_dir),
+    )
+    path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
+    return save_hard_negatives(hard, path), hard
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One bootstrapping round.
+
+    Attributes:
+        round: 0-based.
+        run_dir: its run directory.
+        trained_with: hard negatives in its training set (0 in round 0).
+        ap: COCO AP on the validation set.
+        ap50: AP at IoU 0.5.
+        fp_per_image: false positives per validation image at the fixed recall (``inf``: the
+            recall is never reached).
+        mined: hard negatives it yields for the next round (None after the last round).
+    """
+
+    round: int
+    run_dir: str
+    trained_with: int
+    ap: float
+    ap50: float
+    fp_per_image: float
+    mined: int | None
+
+
+def _coco_results(detections: Sequence[ImageDetections]) -> list[dict[str, Any]]:
+    results = []
+    for d in detections:
+        xywh = d.boxes.clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        for box, score, label in zip(
+            xywh.tolist(), d.scores.tolist(), d.labels.tolist(), strict=True
+        ):
+            results.append(
+                {"image_id": d.image_id, "category_id": label, "bbox": box, "score": score}
+            )
+    return results
+
+
+def bootstrap(
+    config: RunConfig,
+    *,
+    rounds: int,
+    output_dir: str | Path,
+    iou_thr: float = 0.5,
+    top_k: int | None = None,
+    score_thr: float | None = None,
+    share: float = 0.25,
+    recall: float = 0.5,
+) -> list[RoundResult]:
+    """Train, mine, train again, ``rounds`` trainings in all; writes ``OUTPUT/bootstrap.md``.
+
+    Args:
+        config: the base configuration; every round uses it with its own ``output_dir``
+            (``OUTPUT/round<r>``) and, after round 0, the previous round's hard negatives.
+        rounds: trainings, at least 1 (1 is the plain run, reported the same way).
+        output_dir: where the rounds and the report go.
+        iou_thr: mining: a detection overlapping a ground truth by this much is not mined.
+        top_k: mining: at most this many per image.
+        score_thr: mining: only detections scoring at least this.
+        share: fraction of the negative picks guaranteed to mined boxes.
+        recall: the recall at which false positives per image are reported.
+
+    Returns:
+        One ``RoundResult`` per round.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    output_dir = Path(output_dir)
+    device = resolve_device(config.device)
+    results: list[RoundResult] = []
+    previous: Path | None = None
+    trained_with = 0
+    for r in range(rounds):
+        run_dir = output_dir / f"round{r}"
+        overrides: dict[str, Any] = {"output_dir": str(run_dir)}
+        if previous is not None:
+            overrides |= {"hard_negatives": str(previous), "hard_negative_share": share}
+        round_config = config_from_dict(apply_overrides(config_to_dict(config), overrides))
+        if not (run_dir / RESULTS_NAME).exists():
+            train(round_config, resume=True)
+        _, model, train_set, val_set = load_run(run_dir, device=device)
+        val = detect(model, val_set, device=device, batch_size=config.data.batch_size)
+        coco_gt = coco_gt_of(val_set)
+        if coco_gt is None:
+            raise TypeError(f"{type(val_set).__name__} has no coco_gt to measure AP against")
+        ap = coco_ap(coco_gt, _coco_results(val), image_ids={d.image_id for d in val})
+        fp = fp_per_image_at_recall(val, recall=recall, iou_thr=0.5)
+        mined = None
+        if r + 1 < rounds:
+            hard = mine(
+                model,
+                train_set,
+                device=device,
+                iou_thr=iou_thr,
+                top_k=top_k,
+                score_thr=score_thr,
+                batch_size=config.data.batch_size,
+                source=str(run_dir),
+            )
+            previous = save_hard_negatives(hard, run_dir / HARD_NEGATIVES_NAME)
+            mined = hard.num_boxes
+        results.append(RoundResult(r, str(run_dir), trained_with, ap["AP"], ap["AP50"], fp, mined))
+        trained_with = mined or 0
+        write_report(output_dir, results, recall=recall)
+    return results
+
+
+def format_rounds(results: Sequence[RoundResult], *, recall: float) -> str:
+    """The rounds as a markdown table (AP in percent)."""
+    lines = [
+        f"| round | hard negatives trained with | AP | AP50 | FP / image @ recall {recall:g} "
+        "| mined for next round |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        fp = "not reached" if math.isinf(r.fp_per_image) else f"{r.fp_per_image:.2f}"
+        mined = "-" if r.mined is None else str(r.mined)
+        lines.append(
+            f"| {r.round} | {r.trained_with} | {100 * r.ap:.1f} | {100 * r.ap50:.1f} | {fp} "
+            f"| {mined} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(output_dir: Path, results: Sequence[RoundResult], *, recall: float) -> Path:
+    """``bootstrap.md`` (the table) and ``bootstrap.json`` (the numbers) in ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        asdict(r) | {"fp_per_image": None if math.isinf(r.fp_per_image) else r.fp_per_image}
+        for r in results
+    ]
+    (output_dir / "bootstrap.json").write_text(
+        json.dumps({"recall": recall, "rounds": rows}, indent=2) + "\n"
+    )
+    path = output_dir / REPORT_NAME
+    path.write_text(
+        "# Bootstrapping rounds\n\nEach round trains afresh; after round 0 with the false "
+        "positives of the previous round's detector on the training images as extra "
+        f"background RoIs. Validation AP; false positives per image at recall {recall:g}.\n\n"
+        + format_rounds(results, recall=recall)
+        + "\n"
+    )
+    return path

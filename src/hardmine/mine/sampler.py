@@ -1,0 +1,164 @@
+"""Mined hard negatives in training, with a guaranteed share of the negative picks.
+
+The RoI heads append each image's mined boxes after its proposals and ground-truth copies
+(``append_hard_negatives``) and tell the sampler which candidates they are through the ``mined``
+keyword, which only ``MinedNegativeSampler`` takes; every other sampler keeps the plain ``Sampler``
+interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hardmine.sample.quota import fill_shortfall, flatten
+from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection
+
+# The targets entry that carries an image's mined boxes, ``float [M, 4]`` xyxy pixels (see
+# ``hardmine.mine.dataset.HardNegativeDataset``).
+TARGET_KEY = "hard_negatives"
+
+
+def sample_with_mined(
+    base: Sampler,
+    boxes: Sequence[Tensor],
+    assignments: Sequence[Assignment],
+    mined: Sequence[Tensor],
+    *,
+    share: float = 0.25,
+    losses: Sequence[Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Selection]:
+    """Let ``base`` pick, then give ``share`` of its negative picks to mined boxes.
+
+    1. ``base`` picks from all candidates except the mined *negatives*, which it sees as ignored.
+       Mined boxes the assigner labels positive or ignored stay as it says (ground truths may
+       have changed since mining), so ``base`` treats them like any other candidate.
+    2. Its negative picks per image, ``Q``, are the negative quota: it is whatever the base
+       sampler's rule gives (random: ``num`` minus the positives, when there are enough
+       negatives; OHEM: the negatives among the ``num`` hardest).
+    3. ``m = min(floor(share * Q), mined negatives)`` of the base's negative picks are dropped,
+       uniformly, and ``m`` mined negatives are drawn uniformly in their place, weight 1.
+
+    So the counts of positives and negatives are the base sampler's, and ``m`` of the negatives
+    are mined. The uniform drop keeps the base's choice among the rest unbiased for the samplers
+    that draw; for OHEM it drops some hard examples rather than the least hard, which it cannot
+    tell from its ``Selection``. One draw for the batch, no loop over images.
+
+    Args:
+        base: the sampler for everything but the mined share.
+        boxes: ``float [N_i, 4]`` candidates per image.
+        assignments: one per image.
+        mined: ``bool [N_i]`` per image, true for the appended mined boxes.
+        share: fraction of the negative quota guaranteed to mined boxes, in ``[0, 1]``.
+        losses: per-candidate losses, passed to ``base``.
+        generator: makes the picks reproducible.
+
+    Returns:
+        One ``Selection`` per image.
+
+    Raises:
+        ValueError: ``share`` outside ``[0, 1]``, or ``mined`` sizes that disagree.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    flat = flatten(assignments)
+    is_mined = flat.cat(mined, "mined")
+    hidden = is_mined & (flat.label == NEGATIVE)  # [N]
+    visible = [
+        Assignment(
+            label=torch.where(h, IGNORE, a.label).to(torch.int8),
+            gt_index=a.gt_index,
+            max_iou=a.max_iou,
+            gt_class=a.gt_class,
+        )
+        for a, h in zip(assignments, hidden.split(flat.sizes), strict=True)
+    ]
+    selections = base(boxes, visible, losses=losses, generator=generator)
+    base_mask = torch.cat([s.mask for s in selections])
+    base_weight = torch.cat([s.weight for s in selections])
+    base_neg = base_mask & (flat.label == NEGATIVE) & ~hidden  # [N]
+    quota = flat.count(base_neg)  # [B]
+    num_mined = torch.minimum((quota * share).floor().long(), flat.count(hidden))  # [B]
+    nothing = torch.zeros_like(hidden)
+    drop = fill_shortfall(flat, nothing, base_neg, num_mined, generator=generator)
+    add = fill_shortfall(flat, nothing, hidden, num_mined, generator=generator)
+    mask = (base_mask & ~drop) | add
+    weight = torch.where(add, 1.0, torch.where(drop, 0.0, base_weight)).to(base_weight.dtype)
+    return flat.split(mask, weight)
+
+
+@dataclass(frozen=True)
+class MinedNegativeSampler:
+    """``sample_with_mined`` around any sampler, in the ``Sampler`` interface plus ``mined``.
+
+    Without ``mined`` (a batch from a dataset without hard negatives) it is ``base``.
+
+    Attributes:
+        base: picks everything but the mined share.
+        share: fraction of the negative quota guaranteed to mined boxes.
+    """
+
+    base: Sampler
+    share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+
+    @property
+    def needs_losses(self) -> bool:
+        return self.base.needs_losses
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        mined: Sequence[Tensor] | None = None,
+    ) -> list[Selection]:
+        if mined is None:
+            return self.base(boxes, assignments, losses=losses, generator=generator)
+        return sample_with_mined(
+            self.base,
+            boxes,
+            assignments,
+            mined,
+            share=self.share,
+            losses=losses,
+            generator=generator,
+        )
+
+
+def append_hard_negatives(
+    proposals: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """The RoI heads' hook: each image's mined boxes appended after its candidates.
+
+    The boxes come from ``targets[i]["hard_negatives"]``, in the pixels of the image the heads
+    see: the detector's transform resizes them with the image (``hardmine.models``
+    ``BoxKeysTransform``), as it does ``boxes``.
+
+    Args:
+        proposals: ``float [N_i, 4]`` per image (proposals and ground-truth copies).
+        targets: per image; ``"hard_negatives"``: ``float [M_i, 4]`` xyxy, or absent for none.
+
+    Returns:
+        The candidates ``[N_i + M_i, 4]`` and, per image, ``bool [N_i + M_i]`` true for the mined
+        ones; the proposals unchanged and ``None`` when no target carries hard negatives.
+    """
+    if not any(TARGET_KEY in t for t in targets):
+        return list(proposals), None
+    candidates, mined = [], []
+    for boxes, target in zip(proposals, targets, strict=True):
+        extra = target.get(TARGET_KEY, boxes.new_zeros(0, 4)).to(boxes.dtype)
+        candidates.append(torch.cat([boxes, extra]))
+        flags = torch.zeros(boxes.shape[0] + extra.shape[0], dtype=torch.bool, device=boxes.device)
+        flags[boxes.shape[0] :] = True
+        mined.append(flags)
+    return candidates, mined
