@@ -158,14 +158,7 @@ def compare_parser(subparsers: Subparsers) -> None:
         "--seeds", type=int, default=2, metavar="N", help="seeds 0..N-1 per method (default: 2)"
     )
     parser.add_argument("--epochs", type=int, metavar="E", help="epochs per run (train.epochs)")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        help="COCO data instead of the scenes: TRAIN_IMAGES TRAIN_ANN VAL_IMAGES VAL_ANN, or one "
-        "folder in the PennFudan layout (PNGImages/, annotations.json; last 50 images by name "
-        "are validation)",
-    )
+    _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
         "--output",
         default="runs/compare",
@@ -202,6 +195,17 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(format_table(summarize(methods, outcomes)))
     print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
+
+
+def _add_data_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--data``: a COCO dataset as four paths, or one folder in the PennFudan layout."""
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help=f"{what}: TRAIN_IMAGES TRAIN_ANN VAL_IMAGES VAL_ANN, or one folder in the PennFudan "
+        "layout (PNGImages/, annotations.json; the last 50 images by name are validation)",
+    )
 
 
 def _add_mining_options(parser: argparse.ArgumentParser) -> None:
@@ -245,13 +249,7 @@ def mine_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--run", required=True, metavar="DIR", help="the run directory (made by hardmine train)"
     )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        help="COCO data to mine instead of the run's: TRAIN_IMAGES TRAIN_ANN VAL_IMAGES VAL_ANN, "
-        "or one folder in the PennFudan layout; the training images are mined",
-    )
+    _add_data_option(parser, "COCO data to mine instead of the run's (its training images)")
     parser.add_argument(
         "--output", metavar="FILE", help="the file to write (default: DIR/hard_negatives.json)"
     )
@@ -299,13 +297,7 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
         "--rounds", type=int, default=2, metavar="R", help="trainings in all (default: 2)"
     )
     parser.add_argument("--epochs", type=int, metavar="E", help="epochs per round (train.epochs)")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        help="COCO data instead of the scenes: TRAIN_IMAGES TRAIN_ANN VAL_IMAGES VAL_ANN, or one "
-        "folder in the PennFudan layout",
-    )
+    _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
         "--output",
         default="runs/bootstrap",

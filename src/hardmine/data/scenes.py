@@ -286,6 +286,23 @@ def _coco_gt(scenes: list[Scene], categories: list[str]) -> dict:
     sorts objects by the size of their boxes, the thing a box detector is judged on.
     """
     images, annotations = [], []
+
+    def annotate(
+        image_id: int, box: list[float], label: int, crowd: bool, mask: np.ndarray
+    ) -> None:
+        x1, y1, x2, y2 = box
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": label,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": int(crowd),
+                "segmentation": _rle(mask),
+            }
+        )
+
     for index, scene in enumerate(scenes):
         image_id = index + 1
         h, w = scene.instance_map.shape
@@ -293,35 +310,13 @@ def _coco_gt(scenes: list[Scene], categories: list[str]) -> dict:
         for k, (box, label) in enumerate(
             zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True)
         ):
-            x1, y1, x2, y2 = box
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
-                    "segmentation": _rle(scene.instance_map == k + 1),
-                }
-            )
+            annotate(image_id, box, label, False, scene.instance_map == k + 1)
         for box, label in zip(
             scene.ignore_boxes.tolist(), scene.ignore_labels.tolist(), strict=True
         ):
-            x1, y1, x2, y2 = box
             region = np.zeros((h, w), dtype=bool)
-            region[int(y1) : int(y2), int(x1) : int(x2)] = True
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 1,
-                    "segmentation": _rle(region),
-                }
-            )
+            region[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = True
+            annotate(image_id, box, label, True, region)
     cats = [
         {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(categories)
     ]
