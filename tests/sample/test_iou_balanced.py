@@ -87,6 +87,17 @@ def test_floor_absorbs_the_balanced_shortfall():
     assert mask[100:].all() and int(mask.sum()) == 20
 
 
+def test_floor_fraction_without_floor_group_still_meets_the_quota():
+    # floor_thr < 0: no floor group, so the quota set aside for it comes from any negative.
+    ious = _negatives([200, 200, 200], EDGES)
+    gen = torch.Generator().manual_seed(0)
+    mask = sample_iou_balanced(
+        [_assignment([0] * 600, ious)], num=90, floor_fraction=0.5, generator=gen
+    )[0].mask
+    counts = _bin_counts(mask, torch.tensor(ious))
+    assert sum(counts) == 90 and min(counts) >= 15
+
+
 def test_instance_balanced_positives_share_per_ground_truth():
     # 3 ground truths with 100, 10 and 5 positives, 30 wanted: 10 each (5 for the last), then 5
     # more from what is left, which only the first has.

@@ -154,8 +154,12 @@ def sample_iou_balanced(
     quota = (num_balanced // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
     neg_mask = draw(flat, None, group, quota, max_quota=num // num_bins, generator=generator)
     neg_mask = fill(neg_mask, balanced, num_balanced)
-    neg_mask = fill(neg_mask, floor, num_neg)
-    neg_mask = fill(neg_mask, neg, num_neg)
+    # Without a floor group the balanced ones are all the negatives, so the floor's top-up is
+    # empty, and with no quota set aside for it neither is the last one: skip both passes.
+    if floor_thr >= 0:
+        neg_mask = fill(neg_mask, floor, num_neg)
+    if floor_thr >= 0 or floor_fraction > 0:
+        neg_mask = fill(neg_mask, neg, num_neg)
     return flat.split(pos_mask | neg_mask)
 
 
