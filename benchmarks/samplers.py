@@ -6,7 +6,8 @@ proposals (70% jittered around the ground truths, 30% anywhere); ATSS sees five 
 2 and 16 images beside:
 
 - torchvision: ``box_iou`` + ``Matcher`` + ``BalancedPositiveNegativeSampler`` (the detector's own
-  random sampling), for the max-IoU assigner and the random sampler;
+  random sampling), for the max-IoU assigner, the random sampler, and the two together (what a
+  detector runs each step);
 - loop: a plain per-image version of the same algorithm, written the way MMDetection writes it
   (one image at a time, a Python loop over IoU bins, ground truths or pyramid levels,
   ``randperm`` per group).
@@ -242,6 +243,18 @@ def contenders_for(b: Batch, device: torch.device) -> list[tuple[str, dict, str]
                 "torchvision BPNS": lambda: torchvision_sample(tv_labels),
             },
             "torchvision BPNS",
+        ),
+        (
+            "assign + random sample",
+            {
+                "ours": lambda: sample_random(
+                    assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels), generator=gen
+                ),
+                "torchvision Matcher+BPNS": lambda: torchvision_sample(
+                    torchvision_labels(b, torchvision_assign(b))
+                ),
+            },
+            "torchvision Matcher+BPNS",
         ),
         (
             "IoU-balanced sample",
