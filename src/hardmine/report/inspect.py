@@ -393,7 +393,10 @@ def inspect_parser(subparsers: Any) -> None:
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
     )
     parser.add_argument(
-        "--output", default="inspect", metavar="DIR", help="output folder (default: inspect)"
+        "--output",
+        default="runs/inspect",
+        metavar="DIR",
+        help="output folder (default: runs/inspect)",
     )
     parser.set_defaults(command=inspect_command, takes_overrides=False)
 
