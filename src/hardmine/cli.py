@@ -185,10 +185,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         overrides["train.epochs"] = args.epochs
     if args.data:
         overrides |= _data_overrides(args.data)
-    if args.config:
-        base = load_config(args.config, overrides)
-    else:
-        base = config_from_dict(apply_overrides(config_to_dict(default_compare_base()), overrides))
+    base = _base_config(args.config, overrides)
     seeds = list(range(args.seeds))
     outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method)
     report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
@@ -291,7 +288,10 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
         allow_abbrev=False,
     )
     parser.add_argument(
-        "--config", metavar="YAML", help="the run configuration of every round (default: defaults)"
+        "--config",
+        metavar="YAML",
+        help="the run configuration of every round (default: the default comparison's random "
+        "run: tiny Faster R-CNN, 128 RoIs per image, built-in scenes)",
     )
     parser.add_argument(
         "--rounds", type=int, default=2, metavar="R", help="trainings in all (default: 2)"
@@ -330,8 +330,10 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
         overrides["train.epochs"] = args.epochs
     if args.data:
         overrides |= _data_overrides(args.data)
+    if not args.config:  # every round is then the default comparison's random-sampling run
+        overrides = {"sampler": {"name": "random", "num": 128}} | overrides
     results = bootstrap(
-        load_config(args.config, overrides),
+        _base_config(args.config, overrides),
         rounds=args.rounds,
         output_dir=args.output,
         iou_thr=args.iou_thr,
@@ -342,6 +344,14 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
     )
     print(format_rounds(results, recall=args.recall))
     return 0
+
+
+def _base_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """``path``'s configuration, or the default comparison's base (built-in scenes, a short CPU
+    schedule), with ``overrides``."""
+    if path:
+        return load_config(path, overrides)
+    return config_from_dict(apply_overrides(config_to_dict(default_compare_base()), overrides))
 
 
 def _data_overrides(paths: Sequence[str]) -> dict[str, Any]:
