@@ -181,11 +181,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # The methods set the model, sampler and assigner: overrides of those go to every method.
     per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in REGISTRIES}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
-    if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-    if args.data:
-        overrides |= _data_overrides(args.data)
-    base = _base_config(args.config, overrides)
+    base = _base_config(args, overrides)
     seeds = list(range(args.seeds))
     outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method)
     report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
@@ -325,15 +321,10 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
 def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
-    overrides = dict(overrides)
-    if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-    if args.data:
-        overrides |= _data_overrides(args.data)
     if not args.config:  # every round is then the default comparison's random-sampling run
         overrides = {"sampler": {"name": "random", "num": 128}} | overrides
     results = bootstrap(
-        _base_config(args.config, overrides),
+        _base_config(args, overrides),
         rounds=args.rounds,
         output_dir=args.output,
         iou_thr=args.iou_thr,
@@ -346,11 +337,19 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
     return 0
 
 
-def _base_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """``path``'s configuration, or the default comparison's base (built-in scenes, a short CPU
-    schedule), with ``overrides``."""
-    if path:
-        return load_config(path, overrides)
+def _base_config(args: argparse.Namespace, overrides: dict[str, Any]) -> RunConfig:
+    """The configuration that ``--config``, ``--epochs``, ``--data`` and ``overrides`` describe.
+
+    Without ``--config`` it is the default comparison's base: built-in scenes, a short CPU
+    schedule.
+    """
+    overrides = dict(overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.data:
+        overrides |= _data_overrides(args.data)
+    if args.config:
+        return load_config(args.config, overrides)
     return config_from_dict(apply_overrides(config_to_dict(default_compare_base()), overrides))
 
 
