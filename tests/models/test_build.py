@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 from hardmine.assign.max_iou import MaxIoUAssigner
-from hardmine.models import DETECTORS, AssignedRetinaNet, SamplingRoIHeads, build
+from hardmine.models import (
+    DETECTORS,
+    AssignedFCOS,
+    AssignedRetinaNet,
+    SamplingRoIHeads,
+    build,
+)
 from hardmine.sample import OHEMSampler, RandomSampler
 
 FAMILIES = {
@@ -15,6 +21,8 @@ FAMILIES = {
     "mask_rcnn": MaskRCNN,
     "retinanet": RetinaNet,
     "atss": AssignedRetinaNet,
+    "fcos": FCOS,
+    "atss_fcos": AssignedFCOS,
 }
 
 

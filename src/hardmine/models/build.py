@@ -14,15 +14,18 @@ from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.detection import (
+    FCOS,
     FasterRCNN,
     MaskRCNN,
     RetinaNet,
     fasterrcnn_resnet50_fpn,
+    fcos_resnet50_fpn,
     maskrcnn_resnet50_fpn,
     retinanet_resnet50_fpn,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
@@ -30,6 +33,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
+from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
 from hardmine.models.roi_heads import with_sampler
 from hardmine.sample.random import RandomSampler
@@ -157,6 +161,31 @@ def atss_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> Assign
     return with_assigner(model, ATSSAssigner(topk=9))
 
 
+def fcos_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FCOS:
+    """FCOS on ``TinyBackbone``: a location per cell of P3-P5, anchors one stride wide (FCOS's)."""
+    _no_weights("fcos_tiny", weights)
+    settings = {
+        "min_size": 128,
+        "max_size": 256,
+        "anchor_generator": _square_anchors(_TINY_STRIDES, 1),
+        "head": FCOSHead(64, 1, num_classes),
+    }
+    return FCOS(TinyBackbone(), num_classes, **(settings | kwargs))
+
+
+def atss_fcos_tiny(
+    num_classes: int, *, weights: Any = None, anchor_scale: float = 4.0, **kwargs: Any
+) -> AssignedFCOS:
+    """``fcos_tiny`` trained with ATSS (top 9), the assigner's anchors ``anchor_scale`` strides.
+
+    Anchor scale 4 instead of the paper's 8, as ``atss_tiny``: the assigner then sees the same
+    anchors as ``atss_tiny``'s and picks the same positives.
+    """
+    _no_weights("atss_fcos_tiny", weights)
+    model = fcos_tiny(num_classes, **kwargs)
+    return with_assigner(model, ATSSAssigner(topk=9), anchor_scale=anchor_scale)
+
+
 def faster_rcnn_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FasterRCNN:
     """torchvision's ``fasterrcnn_resnet50_fpn``, without a pretrained backbone unless asked."""
     kwargs.setdefault("weights_backbone", None)
@@ -191,15 +220,41 @@ def atss_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> Ass
     return with_assigner(model, ATSSAssigner(topk=9))
 
 
+def fcos_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FCOS:
+    """torchvision's ``fcos_resnet50_fpn``, without a pretrained backbone unless asked."""
+    kwargs.setdefault("weights_backbone", None)
+    return fcos_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+
+
+def atss_fcos_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    anchor_scale: float = ATSS_ANCHOR_SCALE,
+    **kwargs: Any,
+) -> AssignedFCOS:
+    """FCOS + ATSS as in the ATSS paper: torchvision's FCOS R-50-FPN (P3-P7, group-norm head,
+    GIoU and centerness losses) with ATSS assignment, top 9 per level, on anchors of 8 strides.
+
+    The architecture is torchvision's FCOS, so its weights fit: ``weights`` fine-tunes from them.
+    """
+    model = fcos_r50_fpn(num_classes, weights=weights, **kwargs)
+    return with_assigner(model, ATSSAssigner(topk=9), anchor_scale=anchor_scale)
+
+
 DETECTORS: dict[str, Builder] = {
     "faster_rcnn_tiny": faster_rcnn_tiny,
     "mask_rcnn_tiny": mask_rcnn_tiny,
     "retinanet_tiny": retinanet_tiny,
     "atss_tiny": atss_tiny,
+    "fcos_tiny": fcos_tiny,
+    "atss_fcos_tiny": atss_fcos_tiny,
     "faster_rcnn_r50_fpn": faster_rcnn_r50_fpn,
     "mask_rcnn_r50_fpn": mask_rcnn_r50_fpn,
     "retinanet_r50_fpn": retinanet_r50_fpn,
     "atss_r50_fpn": atss_r50_fpn,
+    "fcos_r50_fpn": fcos_r50_fpn,
+    "atss_fcos_r50_fpn": atss_fcos_r50_fpn,
 }
 
 
@@ -219,17 +274,19 @@ def build(
         num_classes: including the background class for the R-CNNs (torchvision's convention).
         sampler: R-CNN only: the RoI sampler (``with_sampler``). Without it (and without
             ``assigner``) the model is torchvision's, with its own random sampler.
-        assigner: R-CNN: labels the proposals; RetinaNet / ATSS: labels the anchors
-            (``with_assigner``), replacing ATSS's default ``ATSSAssigner(topk=9)``.
-        weights: torchvision weights for the standard models; ``None`` (random init, nothing
-            downloaded) is the only value the tiny ones and ATSS accept.
+        assigner: R-CNN: labels the proposals; RetinaNet / FCOS / ATSS: labels the anchors
+            (``with_assigner``), replacing ATSS's default ``ATSSAssigner(topk=9)`` (FCOS + ATSS
+            keeps its ``anchor_scale``).
+        weights: torchvision weights for the standard models (``atss_fcos_r50_fpn`` too: it is
+            torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
+            tiny ones and ``atss_r50_fpn`` accept.
         **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
             ``box_batch_size_per_image``.
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
     model = DETECTORS[name](num_classes, weights=weights, **kwargs)
-    if isinstance(model, RetinaNet):
+    if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
         return model if assigner is None else with_assigner(model, assigner)

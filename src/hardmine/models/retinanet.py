@@ -1,14 +1,18 @@
-"""torchvision's RetinaNet trained with a hardmine assigner (ATSS: Zhang et al., CVPR 2020)."""
+"""torchvision's RetinaNet trained with a hardmine assigner (ATSS: Zhang et al., CVPR 2020), and
+``with_assigner``, which wraps a RetinaNet or an FCOS (``hardmine.models.fcos``)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import overload
 
 import torch
 from torch import Tensor
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 
 from hardmine.models._transform import target_boxes, with_box_keys
+from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.structures import Assigner, Assignment
 
 # torchvision's RetinaNet head marks ignored anchors with its matcher's codes.
@@ -90,22 +94,59 @@ def _torchvision_matches(assignment: Assignment) -> Tensor:
     return torch.where(assignment.positive, assignment.gt_index, codes)
 
 
-def with_assigner(model: RetinaNet, assigner: Assigner) -> AssignedRetinaNet:
-    """RetinaNet trained with ``assigner`` (e.g. ``ATSSAssigner(topk=9)``), same weights.
+@overload
+def with_assigner(
+    model: RetinaNet, assigner: Assigner, *, anchor_scale: float | None = None
+) -> AssignedRetinaNet: ...
 
-    The returned model shares every submodule with ``model`` (training one trains the other);
-    ``model`` itself is left as it was. ATSS's own setting is one square anchor per location
-    (``hardmine.models.build("atss_r50_fpn", ...)``); with RetinaNet's 9 anchors per location pass
-    ``ATSSAssigner(anchors_per_location=9)``.
+
+@overload
+def with_assigner(
+    model: FCOS, assigner: Assigner, *, anchor_scale: float | None = None
+) -> AssignedFCOS: ...
+
+
+def with_assigner(
+    model: RetinaNet | FCOS, assigner: Assigner, *, anchor_scale: float | None = None
+) -> AssignedRetinaNet | AssignedFCOS:
+    """RetinaNet or FCOS trained with ``assigner`` (e.g. ``ATSSAssigner(topk=9)``), same weights.
+
+    The returned model (``AssignedRetinaNet`` or ``AssignedFCOS``) shares every submodule with
+    ``model`` (training one trains the other); ``model`` itself is left as it was. ATSS's own
+    setting is one square anchor per location (``hardmine.models.build("atss_r50_fpn", ...)``);
+    with RetinaNet's 9 anchors per location pass ``ATSSAssigner(anchors_per_location=9)``.
+
+    Args:
+        model: a torchvision ``RetinaNet`` or ``FCOS`` (or one already wrapped).
+        assigner: labels the anchors.
+        anchor_scale: FCOS only: the assigner sees FCOS's ``1 x stride`` anchors scaled about
+            their centres by this factor (see ``AssignedFCOS``). ``None``: that of ``model`` if it
+            is an ``AssignedFCOS``, else the ATSS paper's 8.
 
     Raises:
+        TypeError: ``model`` is neither a RetinaNet nor an FCOS (Faster / Mask R-CNN take their
+            assigner through ``with_sampler(model, sampler, assigner=...)``).
         ValueError: when the assigner's ``anchors_per_location`` (if it has one) disagrees with the
-            model's anchor generator.
+            model's anchor generator, or ``anchor_scale`` is given for a RetinaNet.
     """
+    if not isinstance(model, RetinaNet | FCOS):
+        raise TypeError(
+            f"with_assigner takes a torchvision RetinaNet or FCOS, got {type(model).__name__}; "
+            "Faster / Mask R-CNN take an assigner through with_sampler(model, sampler, "
+            "assigner=...)"
+        )
     expected = model.anchor_generator.num_anchors_per_location()[0]
     per_location = getattr(assigner, "anchors_per_location", expected)
     if per_location != expected:
         raise ValueError(
             f"the assigner expects {per_location} anchors per location, the model has {expected}"
         )
+    if isinstance(model, FCOS):
+        if anchor_scale is None:
+            anchor_scale = (
+                model.anchor_scale if isinstance(model, AssignedFCOS) else ATSS_ANCHOR_SCALE
+            )
+        return AssignedFCOS(model, assigner=assigner, anchor_scale=anchor_scale)
+    if anchor_scale is not None:
+        raise ValueError("anchor_scale applies to FCOS only; RetinaNet's assigner sees its anchors")
     return AssignedRetinaNet(model, assigner=assigner)
