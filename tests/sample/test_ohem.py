@@ -7,6 +7,7 @@ import torch
 from torchvision.ops import nms
 
 from hardmine.sample import OHEMSampler, sample_ohem
+from hardmine.sample.ohem import nms_first
 from hardmine.structures import Assignment
 
 
@@ -91,3 +92,68 @@ def test_sampler_needs_losses_and_validates_them():
         sampler([BOXES], [a], losses=[LOSSES[:5]])
     with pytest.raises(ValueError, match="NaN"):
         sampler([BOXES], [a], losses=[torch.full((7,), float("nan"))])
+
+
+def _nms_reference(boxes, scores, segment, iou, k):
+    """Per segment: torchvision's greedy NMS over all candidates, its first ``k`` survivors."""
+    mask = torch.zeros(scores.shape[0], dtype=torch.bool)
+    for s in segment.unique().tolist():
+        if s < 0:
+            continue
+        members = torch.nonzero(segment == s).flatten()
+        mask[members[nms(boxes[members], scores[members], iou)[:k]]] = True
+    return mask
+
+
+def _random_boxes(n, gen, spread=100.0, size=20.0):
+    xy = torch.rand(n, 2, generator=gen) * spread - spread / 4
+    return torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=gen) * size], 1)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 1000])
+@pytest.mark.parametrize("spread", [30.0, 200.0])  # crowded (few survivors) and sparse
+def test_nms_first_equals_torchvision_nms(k, spread):
+    gen = torch.Generator().manual_seed(k + int(spread))
+    n = 600
+    boxes = _random_boxes(n, gen, spread)
+    scores = torch.rand(n, generator=gen)
+    segment = torch.randint(-1, 5, (n,), generator=gen)
+    expected = _nms_reference(boxes, scores, segment, 0.5, k)
+    assert torch.equal(nms_first(boxes, scores, segment, 5, 0.5, k), expected)
+    # Past the table budget it runs torchvision's batched_nms instead: the same picks.
+    assert torch.equal(nms_first(boxes, scores, segment, 5, 0.5, k, max_cells=100), expected)
+
+
+def test_nms_first_long_chain_and_growing_prefix():
+    # Boxes sliding by 1 px: each overlaps its neighbours by IoU > 0.7, so greedy NMS keeps every
+    # other box of a chain whose settling takes many rounds; duplicates of box 0 with higher
+    # scores than everything else fill the first prefix with candidates that all get suppressed.
+    x = torch.arange(60, dtype=torch.float32)
+    chain = torch.stack([x, torch.zeros(60), x + 10, torch.full((60,), 10.0)], 1)
+    dupes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(200, 1)
+    boxes = torch.cat([chain, dupes])
+    scores = torch.cat([1 - x / 100, torch.full((200,), 2.0)])
+    segment = torch.zeros(260, dtype=torch.int64)
+    expected = _nms_reference(boxes, scores, segment, 0.7, 10)
+    got = nms_first(boxes, scores, segment, 1, 0.7, 10)
+    assert torch.equal(got, expected) and int(got.sum()) == 10
+
+
+def test_nms_first_equal_scores_prefer_the_lower_index():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10], [0.0, 0, 10, 10], [50.0, 50, 60, 60]])
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0])
+    segment = torch.zeros(4, dtype=torch.int64)
+    assert _ids(nms_first(boxes, scores, segment, 1, 0.7, 10)) == [1, 3]
+    assert _ids(nms_first(boxes, scores, segment, 1, 0.7, 1)) == [1]
+
+
+def test_nms_first_nothing_to_do():
+    boxes, scores = torch.zeros(3, 4), torch.ones(3)
+    assert not nms_first(boxes, scores, torch.full((3,), -1), 2, 0.7, 5).any()
+    assert not nms_first(boxes, scores, torch.zeros(3, dtype=torch.int64), 1, 0.7, 0).any()
+    empty = nms_first(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 1, 0.7, 5
+    )
+    assert empty.shape == (0,)
+    # Zero-area boxes overlap nothing: all survive.
+    assert nms_first(boxes, scores, torch.zeros(3, dtype=torch.int64), 1, 0.7, 5).all()
