@@ -76,8 +76,14 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     models = {"torchvision": base}
     for name, cls in SAMPLERS.items():
         models[name] = with_sampler(base, cls(num=args.num)).train()
+    # OHEM with its read-only pass in bfloat16 (``score_dtype``): an opt-in, ranks nearly alike.
+    models["ohem@bf16"] = with_sampler(
+        base, SAMPLERS["ohem"](num=args.num), score_dtype=torch.bfloat16
+    ).train()
     # torchvision's default 512 RoIs per image: what OHEM at 128 replaces in practice.
     models["random@512"] = with_sampler(base, RandomSampler(num=512)).train()
+    if args.samplers:
+        models = {name: models[name] for name in ["random", *args.samplers] if name in models}
     return models
 
 
@@ -154,6 +160,12 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, default=2000, help="RPN proposals per image")
     parser.add_argument("--num", type=int, default=128, help="RoIs per image, every sampler")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        help="only these rows besides random (torchvision, iou_balanced, overlap, ohem, "
+        "ohem@bf16, random@512); default: all",
+    )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

@@ -17,7 +17,7 @@ from torchvision.ops import nms
 
 from hardmine.assign import MaxIoUAssigner
 from hardmine.boxes import box_iof
-from hardmine.models import SamplingRoIHeads, build, with_sampler
+from hardmine.models import SamplingRoIHeads, build, roi_heads, with_sampler
 from hardmine.models.roi_heads import run_read_only
 from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
 from hardmine.structures import Assignment, Sampler, Selection
@@ -350,3 +350,35 @@ def test_ignore_regions_reach_the_assigner_resized_with_the_image(batch):
     covered = box_iof(proposals[0], ignore[0]).amax(1) > 0.5
     assert covered.any()
     assert (assignments[0].label[covered & ~assignments[0].positive] == -1).all()
+
+
+def test_read_only_pass_in_slices_gives_the_same_losses(batch, monkeypatch):
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    losses = []
+    for slice_bytes in (roi_heads.READ_ONLY_SLICE_BYTES, 100 * 64 * 7 * 7 * 4):  # 100 RoIs
+        monkeypatch.setattr(roi_heads, "READ_ONLY_SLICE_BYTES", slice_bytes)
+        spy = Spy(OHEMSampler(num=16))
+        SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+        losses.append(torch.cat(spy.losses))
+    assert losses[0].numel() > 300  # several slices of 100
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_read_only_pass_in_bfloat16_ranks_nearly_alike(batch):
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    picks, losses = [], []
+    for dtype in (None, torch.bfloat16):
+        spy = Spy(OHEMSampler(num=64))
+        heads = SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=dtype).train()
+        heads(features, proposals, sizes, targets)
+        losses.append(torch.cat(spy.losses))
+        picks.append(torch.cat([s.mask for s in spy.selections]))
+    assert losses[1].dtype == torch.float32 and losses[1].grad_fn is None
+    assert not torch.equal(losses[1], losses[0])  # bfloat16 did run
+    torch.testing.assert_close(losses[1], losses[0], rtol=0.05, atol=0.02)
+    shared = int((picks[0] & picks[1]).sum()) / int(picks[0].sum())
+    assert shared >= 0.8, shared

@@ -15,6 +15,7 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -31,9 +32,13 @@ from hardmine.models._losses import (
     weighted_mask_loss,
     weighted_mean,
 )
+from hardmine.models._pool import pool_flat, pool_rois, to_rois
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.rpn import SamplingRPN
 from hardmine.structures import Assigner, Assignment, Sampler
+
+# The read-only pass pools and scores the RoIs in slices of about this many bytes of features.
+READ_ONLY_SLICE_BYTES = 16 * 2**20
 
 
 def run_read_only(module: nn.Module, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
@@ -63,6 +68,11 @@ class SamplingRoIHeads(RoIHeads):
         assigner: labels the proposals; default ``MaxIoUAssigner`` with ``heads``' thresholds
             (torchvision: positive IoU >= 0.5, negative < 0.5) and no low-quality matches.
         generator: passed to the sampler on every step.
+        score_dtype: the precision of the read-only pass's box head (``torch.bfloat16`` or
+            ``torch.float16``, by autocast); the losses themselves are computed in float32.
+            ``None`` (default): the model's own precision, under whatever autocast the caller
+            set (e.g. AMP on CUDA). The loss ranking is then nearly, not exactly, the float32
+            one; on a CPU with bfloat16 units the read-only box head is about 3x faster.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class SamplingRoIHeads(RoIHeads):
         sampler: Sampler,
         assigner: Assigner | None = None,
         generator: torch.Generator | None = None,
+        score_dtype: torch.dtype | None = None,
     ) -> None:
         if heads.has_keypoint():
             raise ValueError("SamplingRoIHeads does not support keypoint heads")
@@ -98,6 +109,7 @@ class SamplingRoIHeads(RoIHeads):
             pos_thr=matcher.high_threshold, neg_thr=matcher.low_threshold, low_quality=False
         )
         self.generator = generator
+        self.score_dtype = score_dtype
 
     def forward(
         self,
@@ -143,7 +155,7 @@ class SamplingRoIHeads(RoIHeads):
             [matched_boxes(r, g, a) for r, g, a in zip(rois, gt_boxes, picked, strict=True)], rois
         )
         class_logits, box_regression = self.box_predictor(
-            self.box_head(self.box_roi_pool(features, rois, image_shapes))
+            self.box_head(pool_rois(self.box_roi_pool, features, rois, image_shapes))
         )
         cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
         out = {
@@ -176,11 +188,39 @@ class SamplingRoIHeads(RoIHeads):
             ],
             proposals,
         )
-        x = run_read_only(self.box_head, self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = run_read_only(self.box_predictor, x)
+        rois = to_rois(proposals)
         labels = torch.cat([a.gt_class for a in assignments])
-        cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
-        return list((cls + box).split([p.shape[0] for p in proposals]))
+        targets_reg = torch.cat(targets_reg)
+        precision = contextlib.nullcontext()
+        if self.score_dtype is not None:
+            precision = torch.autocast(rois.device.type, dtype=self.score_dtype)
+        # In slices of READ_ONLY_SLICE_BYTES of pooled features: the pass over thousands of RoIs
+        # never holds all their features at once, and its buffers are reused rather than faulted
+        # in afresh (large fresh allocations are costly on a CPU).
+        rows = self._slice_rows(next(iter(features.values())), rois.shape[0])
+        out = []
+        for part in torch.arange(rois.shape[0], device=rois.device).split(rows):
+            pooled = pool_flat(self.box_roi_pool, features, rois[part], image_shapes)
+            with precision:
+                class_logits, box_regression = run_read_only(
+                    self.box_predictor, run_read_only(self.box_head, pooled)
+                )
+            cls, box = fastrcnn_roi_losses(
+                class_logits.to(pooled.dtype),
+                box_regression.to(pooled.dtype),
+                labels[part],
+                targets_reg[part],
+            )
+            out.append(cls + box)
+        return list(torch.cat(out).split([p.shape[0] for p in proposals]))
+
+    def _slice_rows(self, feature: Tensor, total: int) -> int:
+        """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
+        size = getattr(self.box_roi_pool, "output_size", None)
+        if size is None:  # not torchvision's pooler: one slice
+            return max(1, total)
+        h, w = (size, size) if isinstance(size, int) else size
+        return max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
 
     def mask_loss(
         self,
@@ -195,7 +235,7 @@ class SamplingRoIHeads(RoIHeads):
         positive = [a.positive for a in picked]
         pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
         mask_logits = self.mask_predictor(
-            self.mask_head(self.mask_roi_pool(features, pos_rois, image_shapes))
+            self.mask_head(pool_rois(self.mask_roi_pool, features, pos_rois, image_shapes))
         )
         return weighted_mask_loss(
             mask_logits,
@@ -224,6 +264,7 @@ def with_sampler(
     rpn_sampler: Sampler | None = None,
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
+    score_dtype: torch.dtype | None = None,
 ) -> GeneralizedRCNN:
     """Faster / Mask R-CNN whose RoI heads (and optionally RPN) train on a hardmine sampler's picks.
 
@@ -240,12 +281,17 @@ def with_sampler(
         rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
+        score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
     """
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
     wrapped.transform = with_box_keys(model.transform)
     wrapped.roi_heads = SamplingRoIHeads(
-        model.roi_heads, sampler=sampler, assigner=assigner, generator=generator
+        model.roi_heads,
+        sampler=sampler,
+        assigner=assigner,
+        generator=generator,
+        score_dtype=score_dtype,
     )
     if rpn_sampler is not None:
         wrapped.rpn = SamplingRPN(model.rpn, sampler=rpn_sampler, generator=generator)

@@ -1,0 +1,119 @@
+"""Multi-scale RoI-align spread over the CPU's threads, for the training passes of our RoI heads.
+
+torchvision's CPU ``roi_align`` kernel runs on one thread, whatever ``torch.get_num_threads()``
+says; OHEM's read-only pass pools every proposal (2000 RoIs per image) and that single thread was
+its largest cost on a CPU. ``pool_rois`` gives each thread a share of every level's RoIs. The
+values are torchvision's own: every RoI is pooled by the same ``roi_align`` call on the same
+feature map, only in another thread (tested bitwise). On CUDA, with one thread, or for a pooler
+that is not torchvision's ``MultiScaleRoIAlign``, it calls the pooler as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+# Below this many RoIs per thread, handing work to other threads costs more than it saves.
+_MIN_ROIS_PER_THREAD = 32
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _threads(width: int) -> ThreadPoolExecutor:
+    """One process-wide pool of ``width`` threads (replaced if the width changes)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor._max_workers != width:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(width, thread_name_prefix="hardmine-roi-align")
+        return _executor
+
+
+def to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes ``[N_i, 4]`` -> ``[sum N_i, 5]`` rows ``(image, x1, y1, x2, y2)``."""
+    return torch.cat(
+        [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
+    )
+
+
+def pool_rois(
+    pool: nn.Module,
+    features: dict[str, Tensor],
+    boxes: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+) -> Tensor:
+    """``pool(features, boxes, image_shapes)``, on every CPU thread when ``pool`` allows it.
+
+    Args:
+        pool: the heads' RoI pooler (``box_roi_pool`` or ``mask_roi_pool``).
+        features: feature maps by name, ``[B, C, H, W]`` each.
+        boxes: per image, ``[N_i, 4]`` xyxy in the transformed image's pixels.
+        image_shapes: per image, ``(H, W)`` after the transform.
+
+    Returns:
+        ``[sum N_i, C, h, w]``, the RoIs in ``boxes``' order, equal to ``pool``'s output.
+    """
+    if not _spreads(pool, features, sum(b.shape[0] for b in boxes)):
+        return pool(features, boxes, image_shapes)
+    return pool_flat(pool, features, to_rois(boxes), image_shapes)
+
+
+def pool_flat(
+    pool: nn.Module,
+    features: dict[str, Tensor],
+    rois: Tensor,
+    image_shapes: list[tuple[int, int]],
+) -> Tensor:
+    """``pool_rois`` of RoIs given as rows ``(image, x1, y1, x2, y2)``, ``rois: [R, 5]``."""
+    if not _spreads(pool, features, rois.shape[0]):
+        boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
+        order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order
+        out = pool(features, boxes, image_shapes)
+        return out.index_select(0, torch.argsort(order))
+    assert isinstance(pool, MultiScaleRoIAlign)  # _spreads checked it
+    if pool.scales is None or pool.map_levels is None:
+        empty = [rois.new_zeros((0, 4)) for _ in image_shapes]
+        pool(features, empty, image_shapes)  # torchvision sets scales and levels on first use
+    maps = [features[name] for name in pool.featmap_names]
+    total = rois.shape[0]
+    if len(maps) > 1:
+        levels = pool.map_levels([rois[:, 1:]])
+    else:
+        levels = rois.new_zeros(total, dtype=torch.int64)
+    width = torch.get_num_threads()
+    chunks = max(1, min(width, total // _MIN_ROIS_PER_THREAD))
+    grad = torch.is_grad_enabled()
+
+    def align(feature: Tensor, part: Tensor, scale: float) -> Tensor:
+        with torch.set_grad_enabled(grad):  # grad mode is per thread
+            return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
+
+    jobs: list[tuple[Tensor, Future[Tensor]]] = []
+    executor = _threads(width)
+    for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
+        index = torch.where(levels == level)[0]
+        # An empty level is pooled too, so that every level is in the graph, as with torchvision.
+        for part in index.tensor_split(chunks) if index.numel() else (index,):
+            if part.numel() or index.numel() == 0:
+                jobs.append((part, executor.submit(align, feature, rois[part], scale)))
+    # Every row is written below (each RoI is in one level's parts): no need to zero it first.
+    out = maps[0].new_empty((total, maps[0].shape[1], *pool.output_size))
+    for part, job in jobs:
+        out.index_copy_(0, part, job.result())  # in place, as torchvision's own pooler does
+    return out
+
+
+def _spreads(pool: nn.Module, features: dict[str, Tensor], total: int) -> bool:
+    """Whether ``pool_flat`` can share ``total`` RoIs between threads."""
+    return (
+        type(pool) is MultiScaleRoIAlign
+        and torch.get_num_threads() > 1
+        and total >= 2 * _MIN_ROIS_PER_THREAD
+        and next(iter(features.values())).device.type == "cpu"
+    )
