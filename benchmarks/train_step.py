@@ -7,8 +7,9 @@ image). ``torchvision`` is the unwrapped model with torchvision's own sampler at
 and ``random@512`` random sampling at torchvision's default 512 RoIs per image, for reference.
 No optimiser step is taken, so every sampler sees the same weights.
 
-Time: the samplers' steps are interleaved (one step of each, in turn, ``--steps`` times) so that
-drift in the machine's load hits all of them alike; the median is reported.
+Time: the samplers' steps are interleaved (one step of each, in a freshly shuffled order,
+``--steps`` times) so that drift in the machine's load, and whatever one step leaves behind for
+the next, hits all of them alike; the median is reported.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the steps (reset per sampler). On CPU no
 allocator statistic sees torch's tensors (``tracemalloc`` does not), so each sampler runs in its
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -102,8 +104,12 @@ def measure_time(args: argparse.Namespace) -> dict[str, float]:
     for model in models.values():  # warm-up
         step(model, batch)
     times: dict[str, list[float]] = {name: [] for name in models}
+    order = random.Random(0)
+    names = list(models)
     for _ in range(args.steps):
-        for name, model in models.items():
+        order.shuffle(names)
+        for name in names:
+            model = models[name]
             sync(args.device)
             start = time.perf_counter()
             step(model, batch)

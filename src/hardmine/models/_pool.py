@@ -69,8 +69,14 @@ def pool_flat(
     features: dict[str, Tensor],
     rois: Tensor,
     image_shapes: list[tuple[int, int]],
+    *,
+    buffer: Tensor | None = None,
 ) -> Tensor:
-    """``pool_rois`` of RoIs given as rows ``(image, x1, y1, x2, y2)``, ``rois: [R, 5]``."""
+    """``pool_rois`` of RoIs given as rows ``(image, x1, y1, x2, y2)``, ``rois: [R, 5]``.
+
+    ``buffer`` (outside autograd only): a tensor of at least ``R`` rows of the output's shape to
+    write into, so that a loop over slices of RoIs reuses one block of memory.
+    """
     if not _spreads(pool, features, rois.shape[0]):
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
         order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order
@@ -94,16 +100,26 @@ def pool_flat(
         with torch.set_grad_enabled(grad):  # grad mode is per thread
             return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
 
-    jobs: list[tuple[Tensor, Future[Tensor]]] = []
-    executor = _threads(width)
+    # Every job's inputs are cut before the first starts, so the main thread does not compete
+    # with the workers for the cores.
+    tasks = []
     for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
         index = torch.where(levels == level)[0]
         # An empty level is pooled too, so that every level is in the graph, as with torchvision.
         for part in index.tensor_split(chunks) if index.numel() else (index,):
             if part.numel() or index.numel() == 0:
-                jobs.append((part, executor.submit(align, feature, rois[part], scale)))
+                tasks.append((part, feature, rois[part], scale))
+    executor = _threads(width)
+    jobs: list[tuple[Tensor, Future[Tensor]]] = [
+        (part, executor.submit(align, feature, level_rois, scale))
+        for part, feature, level_rois, scale in tasks
+    ]
     # Every row is written below (each RoI is in one level's parts): no need to zero it first.
-    out = maps[0].new_empty((total, maps[0].shape[1], *pool.output_size))
+    shape = (total, maps[0].shape[1], *pool.output_size)
+    if buffer is not None and not grad and buffer.shape[1:] == shape[1:]:
+        out = buffer[:total]
+    else:
+        out = maps[0].new_empty(shape)
     for part, job in jobs:
         out.index_copy_(0, part, job.result())  # in place, as torchvision's own pooler does
     return out

@@ -198,9 +198,10 @@ class SamplingRoIHeads(RoIHeads):
         # never holds all their features at once, and its buffers are reused rather than faulted
         # in afresh (large fresh allocations are costly on a CPU).
         rows = self._slice_rows(next(iter(features.values())), rois.shape[0])
-        out = []
+        out, buffer = [], None
         for part in torch.arange(rois.shape[0], device=rois.device).split(rows):
-            pooled = pool_flat(self.box_roi_pool, features, rois[part], image_shapes)
+            pooled = pool_flat(self.box_roi_pool, features, rois[part], image_shapes, buffer=buffer)
+            buffer = pooled if buffer is None else buffer
             with precision:
                 class_logits, box_regression = run_read_only(
                     self.box_predictor, run_read_only(self.box_head, pooled)
