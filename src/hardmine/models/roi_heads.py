@@ -8,9 +8,13 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
    hard negatives the targets carry (``"hard_negatives"``, see ``hardmine.mine``);
 2. assign them with a hardmine ``Assigner`` (max-IoU, torchvision's thresholds, by default);
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
-   box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss;
+   box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss, in slices of
+   ``READ_ONLY_SLICE_BYTES`` of pooled features;
 4. the sampler picks; the training pass runs RoI-align and the box (and mask) head on the picks
    only, with the picks' weights in the losses (``hardmine.models._losses``).
+
+On a CPU, RoI-align runs on all of torch's threads in both passes (``hardmine.models._pool``);
+torchvision's kernel uses one.
 """
 
 from __future__ import annotations
