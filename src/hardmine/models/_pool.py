@@ -1,11 +1,16 @@
-"""Multi-scale RoI-align spread over the CPU's threads, for the training passes of our RoI heads.
+"""Multi-scale RoI-align spread over the CPU's threads, for OHEM's read-only pass.
 
 torchvision's CPU ``roi_align`` kernel runs on one thread, whatever ``torch.get_num_threads()``
 says; OHEM's read-only pass pools every proposal (2000 RoIs per image) and that single thread was
-its largest cost on a CPU. ``pool_rois`` gives each thread a share of every level's RoIs. The
+its largest cost on a CPU. ``pool_flat`` gives each thread a share of every level's RoIs. The
 values are torchvision's own: every RoI is pooled by the same ``roi_align`` call on the same
-feature map, only in another thread (tested bitwise). On CUDA, with one thread, or for a pooler
-that is not torchvision's ``MultiScaleRoIAlign``, it calls the pooler as it is.
+feature map, only in another thread (tested bitwise).
+
+It spreads only outside autograd. With gradients, each share's backward would allocate and
+accumulate a gradient of the whole feature map (82 MB per share at P2 of two 800 px images), in
+the one thread the autograd engine gives it: more than the threads save on the few hundred RoIs
+of a training pass. There, on CUDA, with one thread, or for a pooler that is not torchvision's
+``MultiScaleRoIAlign``, it calls the pooler as it is.
 """
 
 from __future__ import annotations
@@ -42,28 +47,6 @@ def to_rois(boxes: list[Tensor]) -> Tensor:
     )
 
 
-def pool_rois(
-    pool: nn.Module,
-    features: dict[str, Tensor],
-    boxes: list[Tensor],
-    image_shapes: list[tuple[int, int]],
-) -> Tensor:
-    """``pool(features, boxes, image_shapes)``, on every CPU thread when ``pool`` allows it.
-
-    Args:
-        pool: the heads' RoI pooler (``box_roi_pool`` or ``mask_roi_pool``).
-        features: feature maps by name, ``[B, C, H, W]`` each.
-        boxes: per image, ``[N_i, 4]`` xyxy in the transformed image's pixels.
-        image_shapes: per image, ``(H, W)`` after the transform.
-
-    Returns:
-        ``[sum N_i, C, h, w]``, the RoIs in ``boxes``' order, equal to ``pool``'s output.
-    """
-    if not _spreads(pool, features, sum(b.shape[0] for b in boxes)):
-        return pool(features, boxes, image_shapes)
-    return pool_flat(pool, features, to_rois(boxes), image_shapes)
-
-
 def pool_flat(
     pool: nn.Module,
     features: dict[str, Tensor],
@@ -72,10 +55,18 @@ def pool_flat(
     *,
     buffer: Tensor | None = None,
 ) -> Tensor:
-    """``pool_rois`` of RoIs given as rows ``(image, x1, y1, x2, y2)``, ``rois: [R, 5]``.
+    """``pool(features, boxes, image_shapes)`` of RoIs given as rows ``(image, x1, y1, x2, y2)``.
 
-    ``buffer`` (outside autograd only): a tensor of at least ``R`` rows of the output's shape to
-    write into, so that a loop over slices of RoIs reuses one block of memory.
+    Args:
+        pool: the heads' RoI pooler (``box_roi_pool``).
+        features: feature maps by name, ``[B, C, H, W]`` each.
+        rois: ``[R, 5]``, boxes xyxy in the transformed image's pixels, images in any order.
+        image_shapes: per image, ``(H, W)`` after the transform.
+        buffer: a tensor of at least ``R`` rows of the output's shape to write into, so that a
+            loop over slices of RoIs reuses one block of memory.
+
+    Returns:
+        ``[R, C, h, w]`` in ``rois``' order, equal to ``pool``'s output.
     """
     if not _spreads(pool, features, rois.shape[0]):
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
@@ -94,10 +85,9 @@ def pool_flat(
         levels = rois.new_zeros(total, dtype=torch.int64)
     width = torch.get_num_threads()
     chunks = max(1, min(width, total // _MIN_ROIS_PER_THREAD))
-    grad = torch.is_grad_enabled()
 
     def align(feature: Tensor, part: Tensor, scale: float) -> Tensor:
-        with torch.set_grad_enabled(grad):  # grad mode is per thread
+        with torch.no_grad():  # grad mode is per thread
             return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
 
     # Every job's inputs are cut before the first starts, so the main thread does not compete
@@ -105,9 +95,8 @@ def pool_flat(
     tasks = []
     for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
         index = torch.where(levels == level)[0]
-        # An empty level is pooled too, so that every level is in the graph, as with torchvision.
-        for part in index.tensor_split(chunks) if index.numel() else (index,):
-            if part.numel() or index.numel() == 0:
+        for part in index.tensor_split(chunks):
+            if part.numel():
                 tasks.append((part, feature, rois[part], scale))
     executor = _threads(width)
     jobs: list[tuple[Tensor, Future[Tensor]]] = [
@@ -116,12 +105,12 @@ def pool_flat(
     ]
     # Every row is written below (each RoI is in one level's parts): no need to zero it first.
     shape = (total, maps[0].shape[1], *pool.output_size)
-    if buffer is not None and not grad and buffer.shape[1:] == shape[1:]:
+    if buffer is not None and buffer.shape[1:] == shape[1:]:
         out = buffer[:total]
     else:
         out = maps[0].new_empty(shape)
     for part, job in jobs:
-        out.index_copy_(0, part, job.result())  # in place, as torchvision's own pooler does
+        out.index_copy_(0, part, job.result())
     return out
 
 
@@ -129,6 +118,7 @@ def _spreads(pool: nn.Module, features: dict[str, Tensor], total: int) -> bool:
     """Whether ``pool_flat`` can share ``total`` RoIs between threads."""
     return (
         type(pool) is MultiScaleRoIAlign
+        and not torch.is_grad_enabled()
         and torch.get_num_threads() > 1
         and total >= 2 * _MIN_ROIS_PER_THREAD
         and next(iter(features.values())).device.type == "cpu"

@@ -13,7 +13,7 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 4. the sampler picks; the training pass runs RoI-align and the box (and mask) head on the picks
    only, with the picks' weights in the losses (``hardmine.models._losses``).
 
-On a CPU, RoI-align runs on all of torch's threads in both passes (``hardmine.models._pool``);
+On a CPU, the read-only pass's RoI-align runs on all of torch's threads (``hardmine.models._pool``);
 torchvision's kernel uses one.
 """
 
@@ -36,7 +36,7 @@ from hardmine.models._losses import (
     weighted_mask_loss,
     weighted_mean,
 )
-from hardmine.models._pool import pool_flat, pool_rois, to_rois
+from hardmine.models._pool import pool_flat, to_rois
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.rpn import SamplingRPN
 from hardmine.structures import Assigner, Assignment, Sampler
@@ -159,7 +159,7 @@ class SamplingRoIHeads(RoIHeads):
             [matched_boxes(r, g, a) for r, g, a in zip(rois, gt_boxes, picked, strict=True)], rois
         )
         class_logits, box_regression = self.box_predictor(
-            self.box_head(pool_rois(self.box_roi_pool, features, rois, image_shapes))
+            self.box_head(self.box_roi_pool(features, rois, image_shapes))
         )
         cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
         out = {
@@ -240,7 +240,7 @@ class SamplingRoIHeads(RoIHeads):
         positive = [a.positive for a in picked]
         pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
         mask_logits = self.mask_predictor(
-            self.mask_head(pool_rois(self.mask_roi_pool, features, pos_rois, image_shapes))
+            self.mask_head(self.mask_roi_pool(features, pos_rois, image_shapes))
         )
         return weighted_mask_loss(
             mask_logits,
