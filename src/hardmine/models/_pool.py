@@ -24,6 +24,9 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 # Below this many RoIs per thread, handing work to other threads costs more than it saves.
 _MIN_ROIS_PER_THREAD = 32
+# Rows of the image per band of the raster order the RoIs are pooled in (measured: 16-128 pixels
+# all about halve the time of 4000 R-50-FPN RoIs; 64 a little the best).
+_BAND = 64
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -91,10 +94,13 @@ def pool_flat(
             return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
 
     # Every job's inputs are cut before the first starts, so the main thread does not compete
-    # with the workers for the cores.
+    # with the workers for the cores. Each job pools its RoIs in raster order (image, band of
+    # rows, x): RoIs near each other read the same cache lines of the feature map, which halves
+    # the kernel's time against the proposals' own (score) order.
+    order = _raster_order(rois)
     tasks = []
     for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
-        index = torch.where(levels == level)[0]
+        index = order[levels[order] == level]
         for part in index.tensor_split(chunks):
             if part.numel():
                 tasks.append((part, feature, rois[part], scale))
@@ -112,6 +118,14 @@ def pool_flat(
     for part, job in jobs:
         out.index_copy_(0, part, job.result())
     return out
+
+
+def _raster_order(rois: Tensor) -> Tensor:
+    """The RoIs by image, then band of ``_BAND`` pixel rows of their centres, then centre x."""
+    limit = 2**20 - 1  # pixels; the fields below are 20 bits each
+    cx = ((rois[:, 1] + rois[:, 3]) / 2).clamp(0, limit).long()
+    band = ((rois[:, 2] + rois[:, 4]) / (2 * _BAND)).clamp(0, limit).long()
+    return torch.argsort((rois[:, 0].long() << 40) | (band << 20) | cx)
 
 
 def _spreads(pool: nn.Module, features: dict[str, Tensor], total: int) -> bool:
