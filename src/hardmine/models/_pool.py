@@ -97,7 +97,7 @@ def pool_flat(
     # with the workers for the cores. Each job pools its RoIs in raster order (image, band of
     # rows, x): RoIs near each other read the same cache lines of the feature map, which halves
     # the kernel's time against the proposals' own (score) order.
-    order = _raster_order(rois)
+    order = raster_order(rois)
     tasks = []
     for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
         index = order[levels[order] == level]
@@ -120,8 +120,11 @@ def pool_flat(
     return out
 
 
-def _raster_order(rois: Tensor) -> Tensor:
-    """The RoIs by image, then band of ``_BAND`` pixel rows of their centres, then centre x."""
+def raster_order(rois: Tensor) -> Tensor:
+    """Indices that sort ``rois: [R, 5]`` by image, band of ``_BAND`` pixel rows, then x (centres).
+
+    RoIs near each other in this order read the same cache lines of a feature map.
+    """
     limit = 2**20 - 1  # pixels; the fields below are 20 bits each
     cx = ((rois[:, 1] + rois[:, 3]) / 2).clamp(0, limit).long()
     band = ((rois[:, 2] + rois[:, 4]) / (2 * _BAND)).clamp(0, limit).long()

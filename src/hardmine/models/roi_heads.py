@@ -36,7 +36,7 @@ from hardmine.models._losses import (
     weighted_mask_loss,
     weighted_mean,
 )
-from hardmine.models._pool import pool_flat, to_rois
+from hardmine.models._pool import pool_flat, raster_order, to_rois
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.rpn import SamplingRPN
 from hardmine.structures import Assigner, Assignment, Sampler
@@ -200,10 +200,12 @@ class SamplingRoIHeads(RoIHeads):
             precision = torch.autocast(rois.device.type, dtype=self.score_dtype)
         # In slices of READ_ONLY_SLICE_BYTES of pooled features: the pass over thousands of RoIs
         # never holds all their features at once, and its buffers are reused rather than faulted
-        # in afresh (large fresh allocations are costly on a CPU).
+        # in afresh (large fresh allocations are costly on a CPU). The slices follow the raster
+        # order, so that each pools RoIs near each other (cache locality; see ``_pool``).
         rows = self._slice_rows(next(iter(features.values())), rois.shape[0])
+        order = raster_order(rois)
         out, buffer = [], None
-        for part in torch.arange(rois.shape[0], device=rois.device).split(rows):
+        for part in order.split(rows):
             pooled = pool_flat(self.box_roi_pool, features, rois[part], image_shapes, buffer=buffer)
             buffer = pooled if buffer is None else buffer
             with precision:
@@ -217,7 +219,9 @@ class SamplingRoIHeads(RoIHeads):
                 targets_reg[part],
             )
             out.append(cls + box)
-        return list(torch.cat(out).split([p.shape[0] for p in proposals]))
+        in_order = torch.cat(out)
+        losses = torch.empty_like(in_order).index_copy_(0, order, in_order)
+        return list(losses.split([p.shape[0] for p in proposals]))
 
     def _slice_rows(self, feature: Tensor, total: int) -> int:
         """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
