@@ -34,7 +34,7 @@ from hardmine.structures import IGNORE, Assignment
 
 def rcnn_heads(model: nn.Module) -> SamplingRoIHeads | None:
     """``model``'s RoI heads as ``SamplingRoIHeads`` (torchvision's are wrapped, sharing their
-    modules and thresholds), or None for a detector without RoI heads (RetinaNet, ATSS)."""
+    modules and thresholds), or None for a detector without RoI heads (RetinaNet, FCOS, ATSS)."""
     heads = getattr(model, "roi_heads", None)
     if isinstance(heads, SamplingRoIHeads):
         return heads
