@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import (
     FCOS,
@@ -265,6 +266,7 @@ def build(
     sampler: Sampler | None = None,
     assigner: Assigner | None = None,
     weights: Any = None,
+    score_dtype: str | torch.dtype | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """The detector ``name`` from ``DETECTORS``, trained with ``sampler`` / ``assigner``.
@@ -280,21 +282,37 @@ def build(
         weights: torchvision weights for the standard models (``atss_fcos_r50_fpn`` too: it is
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
+        score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
+            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
         **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
             ``box_batch_size_per_image``.
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
+    dtype = _score_dtype(score_dtype)
     model = DETECTORS[name](num_classes, weights=weights, **kwargs)
     if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
+        if dtype is not None:
+            raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         return model if assigner is None else with_assigner(model, assigner)
-    if sampler is None and assigner is None:
+    if sampler is None and assigner is None and dtype is None:
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
         sampler = RandomSampler(
             num=fg_bg.batch_size_per_image, pos_fraction=fg_bg.positive_fraction
         )
-    return with_sampler(model, sampler, assigner=assigner)
+    return with_sampler(model, sampler, assigner=assigner, score_dtype=dtype)
+
+
+def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``score_dtype`` as a torch dtype: ``None``, a half-precision dtype, or its name."""
+    if value is None or isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        dtype = getattr(torch, str(value), None)
+    if value is not None and dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"score_dtype must be 'bfloat16' or 'float16' (or None), got {value!r}")
+    return dtype
