@@ -7,7 +7,6 @@ an anchor box or a point, separates RetinaNet from FCOS (Sec. 3), and trains bot
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 from torchvision.models.detection.fcos import FCOS
 
 from hardmine.boxes import box_centers
+from hardmine.models._dense import dense_forward
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.structures import IGNORE, Assigner, Assignment
 
@@ -109,16 +109,8 @@ class AssignedFCOS(FCOS):
         """
         if not self.training:
             return super().forward(images, targets)
-        if targets is None:
-            raise ValueError("targets should not be None in training mode")
-        image_list, targets = self.transform(images, targets)
-        features = self.backbone(image_list.tensors)
-        if isinstance(features, Tensor):
-            features = OrderedDict([("0", features)])
-        feature_list = list(features.values())
-        head_outputs = self.head(feature_list)
-        anchors = self.anchor_generator(image_list, feature_list)  # per image [N, 4]
-        num_per_level = [f.shape[-2] * f.shape[-1] for f in feature_list]  # one per location
+        # One anchor per location: the anchors per level are the locations.
+        targets, head_outputs, anchors, num_per_level = dense_forward(self, images, targets)
         gt_boxes = [t["boxes"] for t in targets]
         assignments = self.assigner(
             [scale_boxes(a, self.anchor_scale) for a in anchors],

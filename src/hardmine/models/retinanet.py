@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import overload
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 
+from hardmine.models._dense import dense_forward
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.structures import Assigner, Assignment
@@ -64,19 +64,9 @@ class AssignedRetinaNet(RetinaNet):
         """
         if not self.training:
             return super().forward(images, targets)
-        if targets is None:
-            raise ValueError("targets should not be None in training mode")
-        image_list, targets = self.transform(images, targets)
-        features = self.backbone(image_list.tensors)
-        if isinstance(features, Tensor):
-            features = OrderedDict([("0", features)])
-        feature_list = list(features.values())
-        head_outputs = self.head(feature_list)
-        anchors = self.anchor_generator(image_list, feature_list)
+        targets, head_outputs, anchors, locations = dense_forward(self, images, targets)
         per_location = self.anchor_generator.num_anchors_per_location()
-        num_per_level = [
-            f.shape[-2] * f.shape[-1] * a for f, a in zip(feature_list, per_location, strict=True)
-        ]
+        num_per_level = [n * a for n, a in zip(locations, per_location, strict=True)]
         assignments = self.assigner(
             anchors,
             [t["boxes"] for t in targets],
