@@ -111,7 +111,7 @@ def pool_flat(
     ]
     # Every row is written below (each RoI is in one level's parts): no need to zero it first.
     shape = (total, maps[0].shape[1], *pool.output_size)
-    if buffer is not None and buffer.shape[1:] == shape[1:]:
+    if buffer is not None and buffer.shape[0] >= total and buffer.shape[1:] == shape[1:]:
         out = buffer[:total]
     else:
         out = maps[0].new_empty(shape)
