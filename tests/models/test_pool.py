@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
+from hardmine.models import _pool
 from hardmine.models._pool import pool_flat, to_rois
 
 SIZES = [(256, 320), (256, 256)]
@@ -70,14 +71,22 @@ def test_with_gradients_it_is_the_pooler_itself(monkeypatch):
     assert calls == [1, 1]  # the first use sets the scales; then the threads pool
 
 
-def test_one_thread_calls_the_pooler_itself(monkeypatch):
+def test_one_thread_pools_in_the_calling_thread(monkeypatch):
     features, boxes = _inputs(2, 200)
+    with torch.no_grad():
+        expected = _pooler()(features, boxes, SIZES)
     calls = _count_pooler_calls(monkeypatch)
+
+    def no_threads(width):
+        raise AssertionError("the thread pool was used")
+
+    monkeypatch.setattr(_pool, "_threads", no_threads)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         with torch.no_grad():
-            pool_flat(_pooler(), features, to_rois(boxes), SIZES)
+            got = pool_flat(_pooler(), features, to_rois(boxes), SIZES)
     finally:
         torch.set_num_threads(before)
-    assert calls == [1]
+    assert calls == [1]  # only torchvision's setting up of the scales
+    assert torch.equal(got, expected)

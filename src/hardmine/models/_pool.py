@@ -9,14 +9,15 @@ feature map, only in another thread (tested bitwise).
 It spreads only outside autograd. With gradients, each share's backward would allocate and
 accumulate a gradient of the whole feature map (82 MB per share at P2 of two 800 px images), in
 the one thread the autograd engine gives it: more than the threads save on the few hundred RoIs
-of a training pass. There, on CUDA, with one thread, or for a pooler that is not torchvision's
-``MultiScaleRoIAlign``, it calls the pooler as it is.
+of a training pass. There, and for a pooler that is not torchvision's ``MultiScaleRoIAlign``, it
+calls the pooler as it is. On CUDA or with one thread it pools level by level in the calling
+thread, still in raster order.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +72,12 @@ def pool_flat(
     Returns:
         ``[R, C, h, w]`` in ``rois``' order, equal to ``pool``'s output.
     """
-    if not _spreads(pool, features, rois.shape[0]):
+    if type(pool) is not MultiScaleRoIAlign or torch.is_grad_enabled():
+        # Through the pooler's own interface (see the module docstring for autograd).
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
         order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order
         out = pool(features, boxes, image_shapes)
         return out.index_select(0, torch.argsort(order))
-    assert isinstance(pool, MultiScaleRoIAlign)  # _spreads checked it
     if pool.scales is None or pool.map_levels is None:
         empty = [rois.new_zeros((0, 4)) for _ in image_shapes]
         pool(features, empty, image_shapes)  # torchvision sets scales and levels on first use
@@ -87,7 +88,8 @@ def pool_flat(
     else:
         levels = rois.new_zeros(total, dtype=torch.int64)
     width = torch.get_num_threads()
-    chunks = max(1, min(width, total // _MIN_ROIS_PER_THREAD))
+    threaded = width > 1 and total >= 2 * _MIN_ROIS_PER_THREAD and maps[0].device.type == "cpu"
+    chunks = max(1, min(width, total // _MIN_ROIS_PER_THREAD)) if threaded else 1
 
     def align(feature: Tensor, part: Tensor, scale: float) -> Tensor:
         with torch.no_grad():  # grad mode is per thread
@@ -96,7 +98,8 @@ def pool_flat(
     # Every job's inputs are cut before the first starts, so the main thread does not compete
     # with the workers for the cores. Each job pools its RoIs in raster order (image, band of
     # rows, x): RoIs near each other read the same cache lines of the feature map, which halves
-    # the kernel's time against the proposals' own (score) order.
+    # the kernel's time against the proposals' own (score) order. No per-image split: one
+    # selection per level, as in torchvision's pooler (on CUDA, its only host syncs).
     order = raster_order(rois)
     tasks = []
     for level, (feature, scale) in enumerate(zip(maps, pool.scales, strict=True)):
@@ -104,19 +107,20 @@ def pool_flat(
         for part in index.tensor_split(chunks):
             if part.numel():
                 tasks.append((part, feature, rois[part], scale))
-    executor = _threads(width)
-    jobs: list[tuple[Tensor, Future[Tensor]]] = [
-        (part, executor.submit(align, feature, level_rois, scale))
-        for part, feature, level_rois, scale in tasks
-    ]
+    if threaded:
+        executor = _threads(width)
+        futures = [executor.submit(align, f, r, scale) for _, f, r, scale in tasks]
+        results = [future.result() for future in futures]
+    else:
+        results = [align(f, r, scale) for _, f, r, scale in tasks]
     # Every row is written below (each RoI is in one level's parts): no need to zero it first.
     shape = (total, maps[0].shape[1], *pool.output_size)
     if buffer is not None and buffer.shape[0] >= total and buffer.shape[1:] == shape[1:]:
         out = buffer[:total]
     else:
         out = maps[0].new_empty(shape)
-    for part, job in jobs:
-        out.index_copy_(0, part, job.result())
+    for (part, *_), result in zip(tasks, results, strict=True):
+        out.index_copy_(0, part, result)
     return out
 
 
@@ -129,14 +133,3 @@ def raster_order(rois: Tensor) -> Tensor:
     cx = ((rois[:, 1] + rois[:, 3]) / 2).clamp(0, limit).long()
     band = ((rois[:, 2] + rois[:, 4]) / (2 * _BAND)).clamp(0, limit).long()
     return torch.argsort((rois[:, 0].long() << 40) | (band << 20) | cx)
-
-
-def _spreads(pool: nn.Module, features: dict[str, Tensor], total: int) -> bool:
-    """Whether ``pool_flat`` can share ``total`` RoIs between threads."""
-    return (
-        type(pool) is MultiScaleRoIAlign
-        and not torch.is_grad_enabled()
-        and torch.get_num_threads() > 1
-        and total >= 2 * _MIN_ROIS_PER_THREAD
-        and next(iter(features.values())).device.type == "cpu"
-    )
