@@ -1,15 +1,22 @@
-"""Box geometry: IoU, IoF, centres and input validation.
+"""Box geometry: IoU, IoF, areas, centres, greedy NMS and input validation.
 
 Boxes are ``xyxy`` in absolute pixels, floating point (DESIGN.md). Quality matrices are ``[G, N]``:
-the first argument's boxes by the second's.
+the first argument's boxes by the second's. Half-precision boxes (``float16`` / ``bfloat16``, as
+autocast hands them over) are computed in ``float32``, as ``torchvision.ops.box_iou`` does: in
+``float16`` the area of a 400 px box overflows to ``inf`` and its IoU with itself is NaN.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
+
+from hardmine._segments import segment_rank
 
 _EPS = 1e-6
+# nms_first works on [S, M, M] tables; above this many cells it hands over to torchvision's NMS.
+NMS_TABLE_CELLS = 2**24
 
 
 def check_boxes(boxes: Tensor, name: str) -> None:
@@ -34,8 +41,24 @@ def check_finite(values: Tensor, name: str) -> None:
         raise ValueError(f"{name}: contains NaN or infinite values")
 
 
+def upcast(boxes: Tensor) -> Tensor:
+    """``boxes`` in ``float32`` when they are in a half-precision type, else unchanged.
+
+    Areas of boxes a few hundred pixels wide overflow ``float16`` (max 65504) and lose whole
+    pixels in ``bfloat16`` (8 bits of mantissa); geometry is computed in ``float32`` or the
+    input's higher precision (DESIGN.md, "Errors, faults and precision").
+    """
+    if boxes.is_floating_point() and torch.finfo(boxes.dtype).bits < 32:
+        return boxes.float()
+    return boxes
+
+
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of ``boxes: [..., N, 4]`` -> ``[..., N]``; inverted boxes count as zero area."""
+    """Area of ``boxes: [..., N, 4]`` -> ``[..., N]``; inverted boxes count as zero area.
+
+    ``float32`` for half-precision input (see ``upcast``).
+    """
+    boxes = upcast(boxes)
     wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
     return wh[..., 0] * wh[..., 1]
 
@@ -57,13 +80,26 @@ def _intersection(a: Tensor, b: Tensor) -> Tensor:
     return w.clamp_(min=0).mul_(h.clamp_(min=0))
 
 
+def _common_type(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both boxes in one floating type, at least ``float32``."""
+    dtype = torch.promote_types(upcast(a).dtype, upcast(b).dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over union of ``a: [..., G, 4]`` and ``b: [..., N, 4]`` -> ``[..., G, N]``.
 
     Leading dimensions (a batch of images) broadcast. Unlike ``torchvision.ops.box_iou`` this
     never divides by zero: two zero-area boxes have IoU 0, not NaN, so degenerate input (and
-    zero-area padding) cannot poison a ``max``.
+    zero-area padding) cannot poison a ``max``. Half-precision input is computed and returned in
+    ``float32``.
+
+    Example:
+        >>> a = torch.tensor([[100.0, 100.0, 500.0, 500.0]], dtype=torch.float16)
+        >>> box_iou(a, torch.cat([a, a + 200]))
+        tensor([[1.0000, 0.1429]])
     """
+    a, b = _common_type(a, b)
     inter = _intersection(a, b)
     union = box_area(a)[..., :, None] + box_area(b)[..., None, :]
     union -= inter
@@ -73,12 +109,129 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 def box_iof(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over the area of the *first* boxes: ``a: [..., G, 4]``, ``b: [..., N, 4]``.
 
-    Returns ``[..., G, N]``. Used for ignore regions: ``box_iof(candidates, ignore)[i, j]`` is the
-    fraction of candidate ``i`` covered by ignore box ``j``.
+    Returns ``[..., G, N]`` (``float32`` for half-precision input). Used for ignore regions:
+    ``box_iof(candidates, ignore)[i, j]`` is the fraction of candidate ``i`` covered by ignore
+    box ``j``.
     """
+    a, b = _common_type(a, b)
     return _intersection(a, b).div_(box_area(a)[..., :, None].clamp(min=_EPS))
 
 
 def box_centers(boxes: Tensor) -> Tensor:
-    """Centres of ``boxes: [..., N, 4]`` -> ``[..., N, 2]`` as ``(x, y)``."""
+    """Centres of ``boxes: [..., N, 4]`` -> ``[..., N, 2]`` as ``(x, y)`` (``float32`` for half)."""
+    boxes = upcast(boxes)
     return (boxes[..., :2] + boxes[..., 2:]) / 2
+
+
+def nms_first(
+    boxes: Tensor,
+    scores: Tensor,
+    segment: Tensor,
+    num_segments: int,
+    iou: float,
+    k: int,
+    *,
+    max_cells: int | None = None,
+) -> Tensor:
+    """The first ``k`` survivors of greedy NMS in every segment, all segments at once.
+
+    Greedy NMS visits the candidates by decreasing score (equal scores: lower index first) and
+    keeps each one that no kept candidate overlaps by IoU > ``iou``. Its first ``k`` survivors
+    depend only on the candidates up to the ``k``-th survivor, so this looks at a prefix of each
+    segment's order, ``M`` long, grown fourfold until it holds ``k`` survivors (or the segment).
+    In the prefix, from the pairwise IoUs ``[S, M, M]``, a candidate is settled as kept once every
+    earlier candidate overlapping it is settled as suppressed, and as suppressed once one of them
+    is kept. Each round settles at least the first unsettled candidate of every segment, so it
+    ends; the number of rounds is the longest chain of overlaps, usually a handful. Beyond
+    ``max_cells`` (default ``NMS_TABLE_CELLS``) table cells it runs torchvision's ``batched_nms``
+    instead, which visits every candidate (same result, up to ties in score).
+
+    Args:
+        boxes: ``float [N, 4]``.
+        scores: ``float [N]``, finite.
+        segment: ``int64 [N]`` in ``[0, S)``; negative for candidates that take no part.
+        num_segments: ``S``.
+        iou: the suppression threshold.
+        k: survivors wanted per segment.
+        max_cells: see above.
+
+    Returns:
+        ``bool [N]``: each segment's first ``min(k, survivors)`` survivors.
+    """
+    n = scores.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    usable = torch.nonzero(segment >= 0).flatten()
+    if usable.numel() == 0 or k <= 0:
+        return out
+    seg = segment[usable]
+    # By segment, then by score, descending, lower index first.
+    order, rank, counts = segment_rank(seg, num_segments, scores[usable])
+    sorted_seg = seg[order]
+    longest = int(counts.max())
+    length = min(longest, max(2 * k, 32))
+    while True:
+        if num_segments * length * length > (max_cells or NMS_TABLE_CELLS):
+            return _nms_torchvision(boxes, scores, segment, iou, k, usable, out)
+        kept, table = _nms_prefix(boxes[usable], order, sorted_seg, rank, num_segments, length, iou)
+        found = kept.sum(1)  # [S]
+        if length == longest or not bool(((found < k) & (counts > length)).any()):
+            break
+        length = min(longest, 4 * length)
+    first = kept & (kept.cumsum(1) <= k)
+    return out.index_fill_(0, usable[table[first]], True)
+
+
+def _nms_prefix(
+    boxes: Tensor,
+    order: Tensor,
+    sorted_seg: Tensor,
+    rank: Tensor,
+    num_segments: int,
+    length: int,
+    iou: float,
+) -> tuple[Tensor, Tensor]:
+    """Greedy NMS on the first ``length`` candidates of each segment (see ``nms_first``).
+
+    Returns:
+        ``(kept bool [S, M], table int64 [S, M])``: the survivors, and which candidate (an index
+        into ``boxes``) each cell holds; empty cells hold 0 and are never kept.
+    """
+    inside = rank < length
+    table = torch.full((num_segments, length), -1, dtype=torch.int64, device=boxes.device)
+    table[sorted_seg[inside], rank[inside]] = order[inside]
+    valid = table >= 0
+    table.clamp_(min=0)
+    cand = boxes[table]  # [S, M, 4]
+    earlier = torch.ones(length, length, dtype=torch.bool, device=boxes.device).tril_(-1)
+    # overlaps[s, i, j]: earlier candidate j would suppress i if kept.
+    overlaps = (box_iou(cand, cand) > iou) & earlier & valid[:, None, :]
+    kept = torch.zeros_like(valid)
+    settled = ~valid
+    while not bool(settled.all()):
+        suppressed = (overlaps & kept[:, None, :]).any(2)
+        open_blocker = (overlaps & ~settled[:, None, :]).any(2)
+        kept = valid & ~suppressed & ~open_blocker
+        settled = ~valid | kept | suppressed
+    return kept, table
+
+
+def _nms_torchvision(
+    boxes: Tensor,
+    scores: Tensor,
+    segment: Tensor,
+    iou: float,
+    k: int,
+    usable: Tensor,
+    out: Tensor,
+) -> Tensor:
+    """``nms_first`` by torchvision's ``batched_nms`` over all usable candidates."""
+    # Shift to non-negative coordinates: batched_nms separates classes by offsetting boxes by
+    # class * (max coordinate + 1), which lets classes overlap when boxes leave the image.
+    b = upcast(boxes[usable])
+    keep = usable[batched_nms(b - b.min(), upcast(scores[usable]), segment[usable], iou)]
+    # keep is by decreasing score; the first k of each segment.
+    seg = segment[keep]
+    num_segments = int(seg.max()) + 1 if seg.numel() else 0
+    order, sorted_rank, _ = segment_rank(seg, num_segments)
+    rank = torch.empty_like(order).index_copy_(0, order, sorted_rank)
+    return out.index_fill_(0, keep[rank < k], True)

@@ -1,4 +1,5 @@
-"""The ``hardmine`` command: ``train``, ``eval``, ``compare`` and ``inspect``.
+"""The ``hardmine`` command: ``train``, ``eval``, ``compare``, ``inspect``, ``mine`` and
+``bootstrap``.
 
 Each subcommand is a parser function (``<name>_parser``, listed in ``PARSERS``) that registers
 its options and sets two defaults: ``command``, the function to run (``(args, overrides) -> exit
@@ -10,28 +11,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from hardmine.config import (
-    DEFAULT_METHODS,
-    REGISTRIES,
+    COMPONENT_SECTIONS,
     ConfigError,
     RunConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    default_compare_base,
-    load_config,
     parse_overrides,
 )
-from hardmine.engine.train import NonFiniteLossError, evaluate_run, train
-from hardmine.mine.run import bootstrap, format_rounds, mine_run
-from hardmine.report.compare import format_table, run_comparison, summarize, write_report
-from hardmine.report.inspect import inspect_parser
+from hardmine.engine.build import RUN_REGISTRIES, load_run_config
+from hardmine.engine.distributed import resolve_device
+from hardmine.engine.evaluate import evaluate_run
+from hardmine.engine.rundir import load_run
+from hardmine.engine.train import NonFiniteLossError, train
+from hardmine.mine import bootstrap, format_rounds, mine_run
+from hardmine.models import build
+from hardmine.report.compare import (
+    DEFAULT_METHODS,
+    default_compare_base,
+    format_table,
+    run_comparison,
+    summarize,
+    write_report,
+)
+from hardmine.report.inspect import DEFAULT_MODEL, inspect_picks, load_data, samplers_for
+from hardmine.sample import SAMPLERS
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -89,7 +103,7 @@ def train_parser(subparsers: Subparsers) -> None:
 def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.hard_negatives is not None:
         overrides = overrides | {"hard_negatives": args.hard_negatives}
-    config = load_config(args.config, overrides)
+    config = load_run_config(args.config, overrides)
     try:
         result = train(config, resume=args.resume)
     except (NonFiniteLossError, FileExistsError) as error:
@@ -179,7 +193,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     # The methods set the model, sampler and assigner: overrides of those go to every method.
-    per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in REGISTRIES}
+    per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in COMPONENT_SECTIONS}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
     base = _base_config(args, overrides)
     seeds = list(range(args.seeds))
@@ -349,8 +363,11 @@ def _base_config(args: argparse.Namespace, overrides: dict[str, Any]) -> RunConf
     if args.data:
         overrides |= _data_overrides(args.data)
     if args.config:
-        return load_config(args.config, overrides)
-    return config_from_dict(apply_overrides(config_to_dict(default_compare_base()), overrides))
+        return load_run_config(args.config, overrides)
+    return config_from_dict(
+        apply_overrides(config_to_dict(default_compare_base()), overrides),
+        registries=RUN_REGISTRIES,
+    )
 
 
 def _data_overrides(paths: Sequence[str]) -> dict[str, Any]:
@@ -382,6 +399,119 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     if not metrics:
         return "finished (no evaluation)"
     return "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items())
+
+
+def inspect_parser(subparsers: Subparsers) -> None:
+    """``hardmine inspect``."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="draw what each sampler picks and histogram the IoU of its negatives",
+        description="Run every sampler on the same RoIs of a detector and write, to --output: "
+        "panels/ (one drawing per image and sampler: ground truths white, picked positives "
+        "solid, negatives dashed, coloured by IoU with the ground truth, line width by loss "
+        "weight), overview.png (all panels), and iou_histograms.png / .csv (the picked "
+        "negatives' IoU with the ground truth and with the positives, IoU(p,n)). Without --run "
+        "the detector is untrained and the proposals default to --proposals jitter, boxes "
+        "jittered around the ground truths as a trained RPN would give; with --run they default "
+        "to the run's RPN.",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="'scenes' or 'scenes:val' (built-in scenes), or a COCO JSON (images in --image-dir); "
+        "default: the run's training set with --run, else 'scenes'",
+    )
+    parser.add_argument("--image-dir", metavar="DIR", help="images of a COCO --data")
+    parser.add_argument("--run", metavar="DIR", help="a run directory: its trained detector")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"untrained detector without --run (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--proposals",
+        choices=["rpn", "jitter"],
+        help="RoIs from the detector's RPN (training setting) or jittered ground truths "
+        "(default: rpn with --run, jitter without)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=4, metavar="N", help="images drawn (default: 4)"
+    )
+    parser.add_argument(
+        "--hist-images",
+        type=int,
+        default=64,
+        metavar="M",
+        help="images in the histograms (default: 64)",
+    )
+    parser.add_argument(
+        "--samplers",
+        default=",".join(SAMPLERS),
+        metavar="A,B",
+        help=f"comma-separated samplers (default: {','.join(SAMPLERS)})",
+    )
+    parser.add_argument(
+        "--num",
+        type=int,
+        metavar="K",
+        help="picks per image for every sampler (default: the detector's RoI batch per image)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of proposals and picks")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
+    )
+    parser.add_argument(
+        "--output",
+        default="runs/inspect",
+        metavar="DIR",
+        help="output folder (default: runs/inspect)",
+    )
+    parser.set_defaults(command=inspect_command, takes_overrides=False)
+
+
+def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Run ``hardmine inspect`` (``overrides`` is empty: the command takes none)."""
+    device = resolve_device(args.device)
+    count = max(args.images, args.hist_images)
+    if args.run is not None:
+        run = load_run(args.run, device=device)
+        model, dataset = run.model, run.train_set
+        if args.data is not None:
+            dataset = load_data(args.data, num_images=count, image_dir=args.image_dir)
+    else:
+        dataset = load_data(args.data or "scenes", num_images=count, image_dir=args.image_dir)
+        torch.manual_seed(args.seed)
+        model = build(args.model, len(dataset.categories) + 1).to(device)
+    try:
+        samplers = samplers_for(model, args.samplers.split(","), num=args.num)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    source = args.proposals or ("rpn" if args.run is not None else "jitter")
+    result = inspect_picks(
+        model,
+        dataset,
+        samplers,
+        args.output,
+        proposals=source,
+        num_images=args.images,
+        hist_images=args.hist_images,
+        seed=args.seed,
+        device=device,
+    )
+    hist = result.histograms
+    print(f"{len(result.panels)} panels, {result.sheet}, {result.histogram_plot}")
+    for name in hist.names:
+        pn, gt = hist.share("iou_pn", name, 0.5), hist.share("iou_gt", name, 0.4, 0.5)
+        print(
+            f"{name:>14}: {hist.total(name):6d} negatives, IoU(p,n) >= 0.5: {_pct(pn)}, "
+            f"IoU with GT in [0.4, 0.5): {_pct(gt)}"
+        )
+    return 0
+
+
+def _pct(value: float) -> str:
+    return "  n/a" if math.isnan(value) else f"{100 * value:5.1f}%"
 
 
 # One entry per subcommand; a new subcommand is one parser function and its command function.

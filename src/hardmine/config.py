@@ -9,8 +9,13 @@ its class), the data, the training schedule, the seed, the device and the output
 
 Overrides address any key by its dotted path: ``--sampler.num 256 --train.epochs 3``. Values are
 read as YAML (``3`` is an int, ``null`` is None, ``[0.5, 0.8]`` a list). Names map to classes in
-one explicit dict per section (``REGISTRIES``: ``DETECTORS``, ``SAMPLERS``, ``ASSIGNERS``); an
-unknown name or key is an error that lists the valid ones.
+one explicit dict per section; an unknown name or key is an error that lists the valid ones.
+
+This module is the schema only. It knows the samplers' and assigners' registries (``SAMPLERS``,
+``ASSIGNERS``, from the core) and checks their settings against the classes' dataclass fields.
+The detectors live a layer up (``hardmine.models``), so the ``model`` section is checked against
+``DETECTORS`` where that registry is passed in (``registries=``): by
+``hardmine.engine.build.load_run_config``, which every command uses.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ from typing import Any
 
 import yaml
 
-from hardmine.assign.atss import ATSSAssigner
-from hardmine.assign.max_iou import MaxIoUAssigner
-from hardmine.models import DETECTORS
+from hardmine._atomic import write_atomic
+from hardmine.assign import ASSIGNERS
 from hardmine.sample import SAMPLERS
 
 
@@ -157,21 +161,18 @@ class RunConfig:
     hard_negative_share: float = 0.25
 
 
-ASSIGNERS: dict[str, Callable[..., Any]] = {"max_iou": MaxIoUAssigner, "atss": ATSSAssigner}
-# The sections whose values are ComponentConfigs, and where their names are looked up.
-REGISTRIES: dict[str, Mapping[str, Callable[..., Any]]] = {
-    "model": DETECTORS,
-    "sampler": SAMPLERS,
-    "assigner": ASSIGNERS,
-}
-
-
-# Arguments that the harness passes itself, not settings a configuration may give.
-_NOT_SETTINGS = frozenset({"self", "num_classes", "sampler", "assigner", "needs_losses"})
+Registries = Mapping[str, Mapping[str, Callable[..., Any]]]
+#: The component sections of a run configuration: each a name plus that class's settings.
+COMPONENT_SECTIONS = ("model", "sampler", "assigner")
+#: The registries this layer knows; a section without one (``model``) takes any name and settings.
+REGISTRIES: Registries = {"sampler": SAMPLERS, "assigner": ASSIGNERS}
 
 
 def settings_of(target: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
     """The keyword settings a class or builder accepts, with their type hints (Any if none).
+
+    A sampler's or assigner's settings are its dataclass fields (``needs_losses`` is a
+    ``ClassVar``, not a field); a detector builder's are its keyword-only parameters.
 
     Returns:
         The named settings, and whether any other keyword is accepted too (a builder with
@@ -184,11 +185,9 @@ def settings_of(target: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
         return {f.name: hints.get(f.name, Any) for f in fields if f.init}, False
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     params = inspect.signature(target).parameters.values()
-    named = {
-        p.name: hints.get(p.name, Any)
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    # Keyword-only parameters are the settings; positional ones (a builder's num_classes) are
+    # passed by the harness.
+    named = {p.name: hints.get(p.name, Any) for p in params if p.kind is p.KEYWORD_ONLY}
     return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
@@ -245,7 +244,7 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {name}, got {value!r}")
 
 
-def _component_from_dict(section: str, raw: Any) -> ComponentConfig:
+def _component_from_dict(section: str, raw: Any, registries: Registries) -> ComponentConfig:
     if raw is None:
         return ComponentConfig()
     if isinstance(raw, str):
@@ -258,22 +257,25 @@ def _component_from_dict(section: str, raw: Any) -> ComponentConfig:
         if settings:
             raise ConfigError(f"{section}: settings {sorted(settings)} given without a name")
         return ComponentConfig()
-    names = REGISTRIES[section]
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.name: expected a name, got {name!r}")
+    names = registries.get(section)
+    if names is None:  # a section this layer has no registry for: checked where it has one
+        return ComponentConfig(name=name, settings=settings)
     if name not in names:
         raise ConfigError(
             f"{section}.name: unknown {section} {name!r}; valid names: {', '.join(sorted(names))}"
         )
     valid, open_ended = settings_of(names[name])
-    valid = {k: v for k, v in valid.items() if k not in _NOT_SETTINGS}
     for key, value in settings.items():
         if key in valid:
             settings[key] = _check_value(value, valid[key], f"{section}.{key}")
-        elif not open_ended or key in _NOT_SETTINGS:
+        elif not open_ended:
             raise _unknown(key, list(valid), f"{section}.")
     return ComponentConfig(name=name, settings=settings)
 
 
-def _dataclass_from_dict(cls: type[Any], raw: Any, where: str) -> Any:
+def _dataclass_from_dict(cls: type[Any], raw: Any, where: str, registries: Registries) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
@@ -285,22 +287,27 @@ def _dataclass_from_dict(cls: type[Any], raw: Any, where: str) -> Any:
         if key not in names:
             raise _unknown(key, names, f"{where}." if where else "")
         path = f"{where}.{key}" if where else key
-        if key in REGISTRIES and cls is RunConfig:
-            values[key] = _component_from_dict(key, value)
+        if key in COMPONENT_SECTIONS and cls is RunConfig:
+            values[key] = _component_from_dict(key, value, registries)
         elif dataclasses.is_dataclass(hints[key]):
-            values[key] = _dataclass_from_dict(hints[key], value, path)
+            values[key] = _dataclass_from_dict(hints[key], value, path, registries)
         else:
             values[key] = _check_value(value, hints[key], path)
     return cls(**values)
 
 
-def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
+def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTRIES) -> RunConfig:
     """Build and check a ``RunConfig`` from nested plain data (as read from YAML).
+
+    Args:
+        raw: the nested data.
+        registries: the class registry of each component section; a section without one takes
+            any name and settings (see the module docstring).
 
     Raises:
         ConfigError: an unknown key, class name or a value of the wrong type.
     """
-    config = _dataclass_from_dict(RunConfig, raw, "")
+    config = _dataclass_from_dict(RunConfig, raw, "", registries)
     if config.data.kind not in ("scenes", "coco"):
         raise ConfigError(f"data.kind: expected 'scenes' or 'coco', got {config.data.kind!r}")
     return config
@@ -365,7 +372,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         node = out
         for part in parents:
             child = node.get(part)
-            if isinstance(child, str) and part in REGISTRIES:
+            if isinstance(child, str) and part in COMPONENT_SECTIONS:
                 child = {"name": child}
             node[part] = child if isinstance(child, dict) else {}
             node = node[part]
@@ -374,13 +381,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    registries: Registries = REGISTRIES,
 ) -> RunConfig:
     """Read a YAML configuration (or the defaults when ``path`` is None) and apply overrides.
 
     Args:
         path: a YAML file; keys it leaves out keep their defaults.
         overrides: dotted keys to values, e.g. from ``parse_overrides``.
+        registries: as ``config_from_dict``.
 
     Raises:
         ConfigError: an unknown key or name, or a value of the wrong type.
@@ -392,7 +403,8 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping at the top level")
     # On the defaults, so that an override such as model.min_size finds the default model name.
     return config_from_dict(
-        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {})
+        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {}),
+        registries=registries,
     )
 
 
@@ -408,92 +420,5 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write ``config`` as YAML that ``load_config`` reads back to an equal configuration."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-# --- comparisons: several methods trained from one base configuration -----------------------
-
-
-@dataclass(frozen=True)
-class Method:
-    """One detector / sampler / assigner combination of a comparison.
-
-    Attributes:
-        name: the label in the report and the run directory's name.
-        model: the ``model`` section (name and settings), replacing the base configuration's.
-        sampler: the ``sampler`` section; None for detectors without one (RetinaNet).
-        assigner: the ``assigner`` section; None for the detector's own.
-        baseline: the method this one is measured against; None for a baseline.
-    """
-
-    name: str
-    model: Mapping[str, Any]
-    sampler: Mapping[str, Any] | None = None
-    assigner: Mapping[str, Any] | None = None
-    baseline: str | None = None
-
-    def config(
-        self,
-        base: RunConfig,
-        *,
-        seed: int,
-        output_dir: Path,
-        overrides: Mapping[str, Any] | None = None,
-    ) -> RunConfig:
-        """``base`` with this method's sections, ``seed`` and ``output_dir``.
-
-        Args:
-            base: the configuration every method starts from.
-            seed: the run's seed.
-            output_dir: the run directory.
-            overrides: dotted keys in the component sections (``model.min_size``,
-                ``sampler.num``) set on top of the method's sections; those in a section the
-                method leaves empty (a sampler for RetinaNet) do not apply to it.
-        """
-        sections = {"model": self.model, "sampler": self.sampler, "assigner": self.assigner}
-        applicable = {
-            key: value
-            for key, value in (overrides or {}).items()
-            if sections.get(key.split(".")[0]) is not None
-        }
-        raw = apply_overrides(
-            config_to_dict(base), sections | {"seed": seed, "output_dir": str(output_dir)}
-        )
-        return config_from_dict(apply_overrides(raw, applicable))
-
-
-# The same RoI budget (128 per image, torchvision's tiny Faster R-CNN setting) for every sampler.
-_RCNN = {"name": "faster_rcnn_tiny"}
-# ATSS against max-IoU on the same detector (one square anchor per location), as in the ATSS
-# paper's comparison; max-IoU with RetinaNet's thresholds (positive >= 0.5, negative < 0.4).
-_ONE_ANCHOR = {"name": "atss_tiny"}
-DEFAULT_METHODS: tuple[Method, ...] = (
-    Method("random", _RCNN, {"name": "random", "num": 128}),
-    Method("ohem", _RCNN, {"name": "ohem", "num": 128}, baseline="random"),
-    Method("iou_balanced", _RCNN, {"name": "iou_balanced", "num": 128}, baseline="random"),
-    Method("overlap", _RCNN, {"name": "overlap", "num": 128}, baseline="random"),
-    Method(
-        "retinanet_max_iou",
-        _ONE_ANCHOR,
-        assigner={"name": "max_iou", "pos_thr": 0.5, "neg_thr": 0.4, "low_quality": True},
-    ),
-    Method(
-        "retinanet_atss",
-        _ONE_ANCHOR,
-        assigner={"name": "atss", "topk": 9},
-        baseline="retinanet_max_iou",
-    ),
-)
-
-
-def default_compare_base() -> RunConfig:
-    """The default comparison's base: the built-in scenes, 384 steps a run (about a minute for
-    the tiny Faster R-CNN on two CPU cores)."""
-    return config_from_dict(
-        {
-            "data": {"kind": "scenes", "num_train": 256, "num_val": 64, "batch_size": 4},
-            "train": {"epochs": 6, "lr": 0.02, "warmup_steps": 50, "log_every": 8, "eval_every": 3},
-            "device": "auto",
-        }
-    )
+    """Write ``config`` (atomically) as YAML that ``load_config`` reads back to an equal one."""
+    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -6,9 +6,10 @@ synchronisation. See DESIGN.md, "Conventions".
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -82,7 +83,10 @@ class Sampler(Protocol):
     """A sampler: per image, from the candidates and their assignment, a ``Selection``.
 
     ``needs_losses`` samplers (OHEM) also take per-candidate losses, computed by the model
-    integration in a read-only pass; they never receive a model.
+    integration in a read-only pass; they never receive a model. ``mined`` marks, per image, the
+    candidates that are offline-mined hard negatives (``hardmine.sample.MinedNegativeSampler``
+    guarantees them a share of the picks); samplers that have no use for the losses or the mined
+    flags accept and ignore them, so every sampler takes targets with hard negatives.
     """
 
     needs_losses: bool
@@ -93,6 +97,7 @@ class Sampler(Protocol):
         assignments: Sequence[Assignment],
         *,
         losses: Sequence[Tensor] | None = None,
+        mined: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]: ...
 
@@ -113,3 +118,13 @@ class Assigner(Protocol):
         ignore_boxes: Sequence[Tensor] | None = None,
         num_per_level: Sequence[int] | None = None,
     ) -> list[Assignment]: ...
+
+
+def settings(component: Any) -> dict[str, Any]:
+    """A sampler's or assigner's settings: its dataclass fields by name.
+
+    Every component in ``hardmine.sample`` and ``hardmine.assign`` is a frozen dataclass whose
+    fields are its keyword settings, stated once; ``__call__`` forwards them with this, and the run
+    configuration reads the same fields.
+    """
+    return {f.name: getattr(component, f.name) for f in dataclasses.fields(component)}

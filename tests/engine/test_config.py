@@ -6,16 +6,15 @@ import pytest
 import yaml
 
 from hardmine.config import (
-    DEFAULT_METHODS,
     ConfigError,
     RunConfig,
     config_from_dict,
     config_to_dict,
-    default_compare_base,
     load_config,
     parse_overrides,
     save_config,
 )
+from hardmine.report.compare import DEFAULT_METHODS, default_compare_base
 from hardmine.sample import SAMPLERS
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))

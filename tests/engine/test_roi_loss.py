@@ -9,14 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from hardmine.data import SceneDataset, collate_fn
-from hardmine.engine.roi_loss import (
-    mean_loss_all_rois,
-    rcnn_heads,
-    roi_batch,
-    roi_losses,
-    train_mode_proposals,
-)
+from hardmine.engine.roi_loss import mean_loss_all_rois
 from hardmine.models import build
+from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, train_mode_proposals
 from hardmine.sample import OHEMSampler
 from hardmine.structures import IGNORE
 

@@ -12,14 +12,10 @@ from hardmine.config import RunConfig, load_config
 from hardmine.data import SceneDataset, write_coco
 from hardmine.engine import checkpoint
 from hardmine.engine import train as train_module
-from hardmine.engine.train import (
-    NonFiniteLossError,
-    build_datasets,
-    evaluate_run,
-    lr_factor,
-    train,
-)
-from hardmine.report.plots import read_metrics
+from hardmine.engine.build import build_datasets
+from hardmine.engine.evaluate import evaluate_run
+from hardmine.engine.rundir import read_metrics
+from hardmine.engine.train import NonFiniteLossError, lr_factor, train
 
 # Four 64-px scenes, two per step: a run of a few steps takes seconds on a CPU.
 TINY: dict[str, Any] = {

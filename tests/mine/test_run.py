@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from hardmine.boxes import box_iou
-from hardmine.data import SceneDataset
-from hardmine.mine import (
+from hardmine.data import (
     HardNegativeDataset,
-    MinedNegativeSampler,
+    SceneDataset,
     load_hard_negatives,
     save_hard_negatives,
 )
-from hardmine.mine.run import detect, mine
+from hardmine.mine import detect, mine
 from hardmine.models import build
-from hardmine.sample import RandomSampler
+from hardmine.sample import MinedNegativeSampler, RandomSampler
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from torchvision.ops import nms
 
 from hardmine.assign import MaxIoUAssigner
 from hardmine.boxes import box_iof
-from hardmine.models import SamplingRoIHeads, build, roi_heads, with_sampler
-from hardmine.models.roi_heads import run_read_only
+from hardmine.models import SamplingRoIHeads, build, with_sampler
+from hardmine.models import read_only as roi_heads
+from hardmine.models.read_only import run_read_only
 from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
 from hardmine.structures import Assignment, Sampler, Selection
 

@@ -5,16 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from hardmine.config import Method, default_compare_base, save_config
+from hardmine.config import save_config
+from hardmine.engine.rundir import read_metrics
 from hardmine.report.compare import (
     ERROR_NAME,
+    Method,
     Outcome,
+    default_compare_base,
     format_table,
     run_comparison,
     summarize,
     write_report,
 )
-from hardmine.report.plots import read_metrics
 
 RCNN = {"name": "faster_rcnn_tiny"}
 METHODS = (

@@ -10,18 +10,14 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from hardmine.cli import inspect_command, inspect_parser
 from hardmine.config import RunConfig, save_config
 from hardmine.data import SceneDataset
 from hardmine.engine import checkpoint
-from hardmine.engine.train import CONFIG_NAME, PickCounter, build_datasets, build_detector
+from hardmine.engine.build import PickCounter, build_datasets, build_detector
+from hardmine.engine.rundir import CONFIG_NAME
 from hardmine.models import build
-from hardmine.report.inspect import (
-    inspect_command,
-    inspect_parser,
-    inspect_picks,
-    jitter_proposals,
-    samplers_for,
-)
+from hardmine.report.inspect import inspect_picks, jitter_proposals, samplers_for
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

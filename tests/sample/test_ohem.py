@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.ops import nms
 
+from hardmine.boxes import nms_first
 from hardmine.sample import OHEMSampler, sample_ohem
-from hardmine.sample.ohem import nms_first
 from hardmine.structures import Assignment
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
 from hardmine.boxes import box_centers, box_iou
-from hardmine.structures import IGNORE, POSITIVE, Assignment
+from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
@@ -79,19 +79,59 @@ def _center_inside(cx: Tensor, cy: Tensor, gt_boxes: Tensor, margin: float) -> T
     return nearest_side > margin
 
 
+@dataclass(frozen=True)
+class ATSSAssigner:
+    """``assign_atss`` as an ``Assigner``; its fields are the settings (see there).
+
+    Needs ``num_per_level``.
+    """
+
+    topk: int = 9
+    anchors_per_location: int = 1
+    scale_topk: bool = False
+    ignore_iof_thr: float = 0.5
+    center_margin: float = 0.01
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __call__(
+        self,
+        candidates: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        *,
+        ignore_boxes: Sequence[Tensor] | None = None,
+        num_per_level: Sequence[int] | None = None,
+    ) -> list[Assignment]:
+        """Assign a batch of anchors.
+
+        Raises:
+            ValueError: without ``num_per_level``.
+        """
+        if num_per_level is None:
+            raise ValueError("ATSSAssigner needs num_per_level, the anchors per pyramid level")
+        return assign_atss(
+            candidates,
+            gt_boxes,
+            gt_labels,
+            num_per_level=num_per_level,
+            ignore_boxes=ignore_boxes,
+            **settings(self),
+        )
+
+
 def assign_atss(
     anchors: Sequence[Tensor],
     gt_boxes: Sequence[Tensor],
     gt_labels: Sequence[Tensor],
     *,
     num_per_level: Sequence[int],
-    topk: int = 9,
-    anchors_per_location: int = 1,
-    scale_topk: bool = False,
+    topk: int = ATSSAssigner.topk,
+    anchors_per_location: int = ATSSAssigner.anchors_per_location,
+    scale_topk: bool = ATSSAssigner.scale_topk,
     ignore_boxes: Sequence[Tensor] | None = None,
-    ignore_iof_thr: float = 0.5,
-    center_margin: float = 0.01,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_iof_thr: float = ATSSAssigner.ignore_iof_thr,
+    center_margin: float = ATSSAssigner.center_margin,
+    chunk_size: int = ATSSAssigner.chunk_size,
 ) -> list[Assignment]:
     """Assign anchors by ATSS.
 
@@ -138,6 +178,19 @@ def assign_atss(
     Raises:
         ValueError: on non-finite boxes, anchor counts that differ from ``sum(num_per_level)`` or
             invalid settings.
+
+    Example:
+        Four 10-px anchors on one level; the three nearest the ground truth's centre are
+        candidates (IoUs 0.69, 0.09, 0.09), the threshold is their mean plus standard deviation
+        (0.29 + 0.35), and only the first anchor reaches it.
+
+        >>> anchors = [[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]]
+        >>> anchors = torch.tensor(anchors, dtype=torch.float32)
+        >>> gt = torch.tensor([[0.0, 0.0, 12.0, 12.0]])
+        >>> labels = [torch.tensor([1])]
+        >>> (a,) = assign_atss([anchors], [gt], labels, num_per_level=[4], topk=3)
+        >>> a.label.tolist()
+        [1, 0, 0, 0]
     """
     if topk < 1 or anchors_per_location < 1 or chunk_size < 1:
         raise ValueError(
@@ -239,45 +292,3 @@ def _assign_block(
     gt_index = torch.where(is_pos, pos_gt, best_gt)
     max_iou = torch.where(is_pos, pos_iou, best_iou)
     return batch.split(label, gt_index, max_iou)
-
-
-@dataclass(frozen=True)
-class ATSSAssigner:
-    """``assign_atss`` with its settings, in the ``Assigner`` interface; needs ``num_per_level``."""
-
-    topk: int = 9
-    anchors_per_location: int = 1
-    scale_topk: bool = False
-    ignore_iof_thr: float = 0.5
-    center_margin: float = 0.01
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-
-    def __call__(
-        self,
-        candidates: Sequence[Tensor],
-        gt_boxes: Sequence[Tensor],
-        gt_labels: Sequence[Tensor],
-        *,
-        ignore_boxes: Sequence[Tensor] | None = None,
-        num_per_level: Sequence[int] | None = None,
-    ) -> list[Assignment]:
-        """Assign a batch of anchors.
-
-        Raises:
-            ValueError: without ``num_per_level``.
-        """
-        if num_per_level is None:
-            raise ValueError("ATSSAssigner needs num_per_level, the anchors per pyramid level")
-        return assign_atss(
-            candidates,
-            gt_boxes,
-            gt_labels,
-            num_per_level=num_per_level,
-            topk=self.topk,
-            anchors_per_location=self.anchors_per_location,
-            scale_topk=self.scale_topk,
-            ignore_boxes=ignore_boxes,
-            ignore_iof_thr=self.ignore_iof_thr,
-            center_margin=self.center_margin,
-            chunk_size=self.chunk_size,
-        )

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
 from hardmine.boxes import box_iou
-from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment
+from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
 
 
 def _neg_range(neg_thr: float | tuple[float, float], pos_thr: float) -> tuple[float, float]:
@@ -28,17 +28,42 @@ def _neg_range(neg_thr: float | tuple[float, float], pos_thr: float) -> tuple[fl
     return lo, hi
 
 
+@dataclass(frozen=True)
+class MaxIoUAssigner:
+    """``assign_max_iou`` as an ``Assigner``; its fields are the settings (see there)."""
+
+    pos_thr: float = 0.5
+    neg_thr: float | tuple[float, float] = 0.5
+    low_quality: bool = False
+    ignore_iof_thr: float = 0.5
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __call__(
+        self,
+        candidates: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        *,
+        ignore_boxes: Sequence[Tensor] | None = None,
+        num_per_level: Sequence[int] | None = None,
+    ) -> list[Assignment]:
+        """Assign a batch; ``num_per_level`` is accepted for the interface and not used."""
+        return assign_max_iou(
+            candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes, **settings(self)
+        )
+
+
 def assign_max_iou(
     candidates: Sequence[Tensor],
     gt_boxes: Sequence[Tensor],
     gt_labels: Sequence[Tensor],
     *,
-    pos_thr: float = 0.5,
-    neg_thr: float | tuple[float, float] = 0.5,
-    low_quality: bool = False,
+    pos_thr: float = MaxIoUAssigner.pos_thr,
+    neg_thr: float | tuple[float, float] = MaxIoUAssigner.neg_thr,
+    low_quality: bool = MaxIoUAssigner.low_quality,
     ignore_boxes: Sequence[Tensor] | None = None,
-    ignore_iof_thr: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_iof_thr: float = MaxIoUAssigner.ignore_iof_thr,
+    chunk_size: int = MaxIoUAssigner.chunk_size,
 ) -> list[Assignment]:
     """Label each candidate by its best IoU with the image's ground truths.
 
@@ -83,6 +108,17 @@ def assign_max_iou(
 
     Raises:
         ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.
+
+    Example:
+        IoUs 1, 0 and 0.45 with the one ground truth: positive, negative, and ignored between
+        Fast R-CNN's thresholds (negatives in [0.1, 0.5) would take it; [0, 0.4) does not).
+
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 22]]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([3])], neg_thr=(0.0, 0.4))
+        >>> a.label.tolist(), a.gt_class.tolist(), [round(v, 2) for v in a.max_iou.tolist()]
+        ([1, 0, -1], [3, 0, 0], [1.0, 0.0, 0.45])
     """
     neg_lo, neg_hi = _neg_range(neg_thr, pos_thr)
     if chunk_size < 1:
@@ -130,36 +166,3 @@ def _assign_block(
     if batch.ignored is not None:
         label.masked_fill_(batch.ignored, IGNORE)
     return batch.split(label, best_gt, best_iou)
-
-
-@dataclass(frozen=True)
-class MaxIoUAssigner:
-    """``assign_max_iou`` with its settings, in the ``Assigner`` interface."""
-
-    pos_thr: float = 0.5
-    neg_thr: float | tuple[float, float] = 0.5
-    low_quality: bool = False
-    ignore_iof_thr: float = 0.5
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-
-    def __call__(
-        self,
-        candidates: Sequence[Tensor],
-        gt_boxes: Sequence[Tensor],
-        gt_labels: Sequence[Tensor],
-        *,
-        ignore_boxes: Sequence[Tensor] | None = None,
-        num_per_level: Sequence[int] | None = None,
-    ) -> list[Assignment]:
-        """Assign a batch; ``num_per_level`` is accepted for the interface and not used."""
-        return assign_max_iou(
-            candidates,
-            gt_boxes,
-            gt_labels,
-            pos_thr=self.pos_thr,
-            neg_thr=self.neg_thr,
-            low_quality=self.low_quality,
-            ignore_boxes=ignore_boxes,
-            ignore_iof_thr=self.ignore_iof_thr,
-            chunk_size=self.chunk_size,
-        )

@@ -8,7 +8,9 @@ A dataset is a ``torch.utils.data.Dataset`` of ``(image, target)``:
 - ``target["image_id"]``: ``int``, the image's id in ``coco_gt``;
 - ``target["ignore_boxes"]``: ``float32 [M, 4]`` regions (COCO ``iscrowd``) that count as neither
   positive nor negative, ``[0, 4]`` when there are none;
-- ``target["masks"]``: ``uint8 [K, H, W]``, only when the dataset was made ``with_masks``.
+- ``target["masks"]``: ``uint8 [K, H, W]``, only when the dataset was made ``with_masks``;
+- ``target["hard_negatives"]``: ``float32 [M, 4]`` offline-mined boxes, only in a
+  ``HardNegativeDataset``.
 
 and it has ``categories: list[str]`` (label ``i + 1`` is ``categories[i]``) and ``coco_gt``, a
 COCO instances dict whose ``category_id`` is the label, built once and used for AP.
@@ -19,8 +21,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hardmine.data.coco import CocoDataset, CocoFormatError, write_coco
-from hardmine.data.scenes import CLASS_NAMES, Scene, SceneDataset, make_scenes
+from hardmine.data.coco import (
+    CocoDataset,
+    CocoFormatError,
+    coco_gt_of,
+    pennfudan_split,
+    write_coco,
+)
+from hardmine.data.hard_negatives import (
+    HARD_NEGATIVES_KEY,
+    HardNegativeDataset,
+    HardNegatives,
+    HardNegativesFormatError,
+    MinedBoxes,
+    load_hard_negatives,
+    save_hard_negatives,
+    with_hard_negatives,
+)
+from hardmine.data.scenes import CLASS_NAMES, SPLIT_SEEDS, Scene, SceneDataset, make_scenes
 
 
 def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
@@ -34,11 +52,22 @@ def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
 
 __all__ = [
     "CLASS_NAMES",
+    "HARD_NEGATIVES_KEY",
+    "SPLIT_SEEDS",
     "CocoDataset",
     "CocoFormatError",
+    "HardNegativeDataset",
+    "HardNegatives",
+    "HardNegativesFormatError",
+    "MinedBoxes",
     "Scene",
     "SceneDataset",
+    "coco_gt_of",
     "collate_fn",
+    "load_hard_negatives",
     "make_scenes",
+    "pennfudan_split",
+    "save_hard_negatives",
+    "with_hard_negatives",
     "write_coco",
 ]

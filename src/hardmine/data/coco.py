@@ -32,7 +32,7 @@ import torch
 from faster_coco_eval.core import mask as mask_utils
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 
@@ -364,3 +364,35 @@ def write_coco(dataset: Dataset, out_dir: str | Path) -> Path:
     ann_file = out_dir / "annotations.json"
     ann_file.write_text(json.dumps({**coco_gt, "images": list(entries.values())}))
     return ann_file
+
+
+def coco_gt_of(dataset: Dataset) -> dict[str, Any] | None:
+    """The ``coco_gt`` of a dataset, looking through ``Subset`` wrappers; None without one."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "coco_gt", None)
+
+
+#: The shared PennFudan layout's validation images, as torchvision's detection tutorial splits it.
+PENNFUDAN_VAL_IMAGES = 50
+
+
+def pennfudan_split(root: str | Path, *, with_masks: bool) -> tuple[Dataset, Dataset, list[str]]:
+    """The PennFudan layout (``PNGImages/``, ``annotations.json``) split as torchvision's
+    detection tutorial does: images sorted by file name, the last 50 are validation.
+
+    Returns:
+        The training set, the validation set and the category names.
+
+    Raises:
+        CocoFormatError: the annotation file is missing or malformed.
+        ValueError: the folder holds no more than 50 images.
+    """
+    root = Path(root)
+    dataset = CocoDataset(root / "PNGImages", root / "annotations.json", with_masks=with_masks)
+    names = [image["file_name"] for image in dataset.coco_gt["images"]]  # in item order
+    order = sorted(range(len(names)), key=names.__getitem__)
+    cut = len(order) - PENNFUDAN_VAL_IMAGES
+    if cut <= 0:
+        raise ValueError(f"{root}: {len(order)} images, need more than {PENNFUDAN_VAL_IMAGES}")
+    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:]), dataset.categories

@@ -39,7 +39,9 @@ _CLASS_COLOURS = np.array(
 _OTHER_COLOURS = np.array(
     [[0.60, 0.20, 0.70], [0.95, 0.50, 0.10], [0.10, 0.75, 0.80]], dtype=np.float32
 )
-_SPLIT_SEEDS = {"train": (0, 256), "val": (1, 64)}
+#: The seed of each split: training and validation images never coincide.
+SPLIT_SEEDS = {"train": 0, "val": 1}
+_SPLIT_SIZES = {"train": 256, "val": 64}
 _P_LARGE = 0.25  # chance that an image has one large object
 _MIN_VISIBLE = 0.5  # below this fraction of its in-image area an object becomes an ignore region
 
@@ -383,16 +385,19 @@ class SceneDataset(Dataset[tuple[Tensor, dict[str, Tensor | int]]]):
 def make_scenes(
     split: Literal["train", "val"],
     *,
+    num_images: int | None = None,
     image_size: int = 128,
     num_classes: int = 3,
     with_masks: bool = False,
 ) -> SceneDataset:
-    """The default scene sets: ``"train"`` (256 images, seed 0) and ``"val"`` (64, seed 1).
+    """The scene set of a split: ``"train"`` (seed 0, 256 images by default) or ``"val"`` (seed 1,
+    64 images by default).
 
     Cached: the same arguments return the same dataset object.
 
     Args:
         split: which set.
+        num_images: how many images; the split's default size when None.
         image_size: side of the square images in pixels.
         num_classes: how many classes, 1 to 4.
         with_masks: include instance masks in targets.
@@ -400,12 +405,11 @@ def make_scenes(
     Returns:
         The ``SceneDataset``.
     """
-    if split not in _SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
-    seed, num_images = _SPLIT_SEEDS[split]
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     return SceneDataset(
-        num_images,
-        seed=seed,
+        _SPLIT_SIZES[split] if num_images is None else num_images,
+        seed=SPLIT_SEEDS[split],
         image_size=image_size,
         num_classes=num_classes,
         with_masks=with_masks,

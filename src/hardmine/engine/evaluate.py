@@ -1,13 +1,16 @@
 """COCO AP of a detector on a dataset, computed by ``faster-coco-eval`` (never by hand).
 
-``coco_ap`` is the pure part (ground-truth dict and detection list in, numbers out); ``evaluate``
-runs a torchvision detector over a dataset of the common interface (``hardmine.data``) and calls it.
+``coco_ap`` is the pure part (ground-truth dict and detection list in, numbers out); ``detect`` is
+the one eval-mode detection loop (evaluation and mining both run it); ``evaluate`` runs it over a
+dataset of the common interface (``hardmine.data``) and calls ``coco_ap``; ``evaluate_run`` does
+that for a run directory's checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -15,9 +18,13 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_utils
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from hardmine.data import collate_fn
+from hardmine.config import RunConfig
+from hardmine.data import coco_gt_of, collate_fn
+from hardmine.engine.build import has_masks
+from hardmine.engine.distributed import resolve_device
+from hardmine.engine.rundir import EVAL_NAME, load_run, write_json
 
 IouType = Literal["bbox", "segm"]
 # Our names for the first six of COCO's twelve summary numbers.
@@ -74,18 +81,18 @@ def coco_ap(
 
 def _coco_gt_of(dataset: Dataset) -> dict[str, Any]:
     """The ``coco_gt`` of a dataset, looking through ``Subset`` wrappers."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    coco_gt = getattr(dataset, "coco_gt", None)
+    coco_gt = coco_gt_of(dataset)
     if coco_gt is None:
         raise TypeError(f"{type(dataset).__name__} has no coco_gt; pass coco_gt= explicitly")
     return coco_gt
 
 
-def _to_results(output: dict[str, torch.Tensor], image_id: int, with_masks: bool) -> list[dict]:
+def to_coco_results(
+    output: dict[str, torch.Tensor], image_id: int, *, with_masks: bool = False
+) -> list[dict]:
     """One image's torchvision detections -> COCO result dicts (boxes xyxy -> xywh)."""
-    boxes = output["boxes"].detach().float().cpu()
-    boxes[:, 2:] -= boxes[:, :2]
+    xyxy = output["boxes"].detach().float().cpu()
+    boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)
     results = [
         {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
         for box, label, score in zip(
@@ -101,7 +108,45 @@ def _to_results(output: dict[str, torch.Tensor], image_id: int, with_masks: bool
     return results
 
 
-@torch.inference_mode()
+@torch.no_grad()
+def detect(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    *,
+    device: torch.device | str,
+    batch_size: int = 4,
+) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Run a torchvision detector in eval mode over a dataset: per image, target and detections.
+
+    The model is put in eval mode while the loop runs and back in its previous mode after (also
+    when the caller stops early).
+
+    Args:
+        model: a torchvision detector whose labels are the dataset's.
+        data: a dataset of the common interface, or a ``DataLoader`` over one that yields
+            ``(images, targets)`` lists (``hardmine.data.collate_fn``).
+        device: where the model runs.
+        batch_size: images per forward pass when ``data`` is a dataset.
+
+    Yields:
+        ``(target, output)`` per image in data order: the dataset's target, and the model's
+        detections (``boxes`` xyxy, ``labels``, ``scores``, for Mask R-CNN ``masks``) on the
+        device.
+    """
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, targets in loader:
+            outputs = model([image.to(device) for image in images])
+            yield from zip(targets, outputs, strict=True)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -130,29 +175,35 @@ def evaluate(
         ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` for boxes and the same prefixed
         ``mask_`` for masks, as ``coco_ap`` gives them.
     """
-    if isinstance(data, DataLoader):
-        loader = data
-    else:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     if coco_gt is None:
-        coco_gt = _coco_gt_of(loader.dataset)
+        coco_gt = _coco_gt_of(data.dataset if isinstance(data, DataLoader) else data)
     with_masks = "segm" in iou_types
-
-    was_training = model.training
-    model.eval()
     detections: list[dict[str, Any]] = []
     image_ids: set[int] = set()
-    try:
-        for images, targets in loader:
-            outputs = model([image.to(device) for image in images])
-            for output, target in zip(outputs, targets, strict=True):
-                image_id = int(target["image_id"])
-                image_ids.add(image_id)
-                detections.extend(_to_results(output, image_id, with_masks))
-    finally:
-        model.train(was_training)
-
+    for target, output in detect(model, data, device=device, batch_size=batch_size):
+        image_id = int(target["image_id"])
+        image_ids.add(image_id)
+        detections.extend(to_coco_results(output, image_id, with_masks=with_masks))
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
         metrics.update(coco_ap(coco_gt, detections, iou_type=iou_type, image_ids=image_ids))
+    return metrics
+
+
+def iou_types_of(config: RunConfig) -> tuple[IouType, ...]:
+    """What a run's AP is measured on: boxes, and masks for Mask R-CNN."""
+    return ("bbox", "segm") if has_masks(config) else ("bbox",)
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
+    """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
+
+    Args:
+        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+    resolved = resolve_device(device)
+    run = load_run(run_dir, device=resolved)
+    metrics = evaluate(run.model, run.val_set, device=resolved, iou_types=iou_types_of(run.config))
+    write_json(run.run_dir / EVAL_NAME, {"step": run.step, "metrics": metrics})
     return metrics

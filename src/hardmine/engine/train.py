@@ -1,15 +1,7 @@
-"""Training one detector with one sampler or assigner: ``train_one_epoch``, ``train``, and
-``evaluate_run``.
+"""The training loop: ``train_one_epoch`` and ``train`` (one detector, one sampler or assigner).
 
-A run directory holds::
-
-    config.yaml      the resolved configuration
-    metrics.jsonl    one row per logged step (losses, learning rate, picks per image) and per
-                     evaluation (COCO AP)
-    checkpoint.pt    the latest checkpoint (written atomically)
-    results.json     the final evaluation; its presence marks the run finished
-    plots/           losses.png
-    tensorboard/     the same scalars for TensorBoard
+What a run is made of comes from ``hardmine.engine.build``; what it writes, and where, from
+``hardmine.engine.rundir``.
 
 Reproducibility: the weights are initialised from ``seed``; the data order comes from
 ``DistributedSampler(seed=seed)`` and the epoch; each process's sampler generator (and global RNG)
@@ -19,7 +11,6 @@ resumed run takes exactly the steps the uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,36 +21,38 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from hardmine.config import REGISTRIES, RunConfig, config_to_dict, load_config, save_config
-from hardmine.data import CocoDataset, SceneDataset, collate_fn
+from hardmine.config import RunConfig, config_to_dict, save_config
+from hardmine.data import collate_fn
 from hardmine.engine import checkpoint
+from hardmine.engine.build import (
+    PickCounter,
+    build_datasets,
+    build_detector,
+    check_model,
+    training_set,
+)
 from hardmine.engine.distributed import (
     Process,
     barrier,
     mean_over_processes,
     process_group,
     rank_seed,
-    resolve_device,
     unwrap,
     wrap,
 )
-from hardmine.engine.evaluate import evaluate
+from hardmine.engine.evaluate import evaluate, iou_types_of
 from hardmine.engine.roi_loss import mean_loss_all_rois
-from hardmine.mine import MinedNegativeSampler, with_hard_negatives
-from hardmine.models import SamplingRoIHeads, SamplingRPN, build
-from hardmine.report.plots import loss_curve, plot_loss_curves, read_metrics
-from hardmine.structures import Assigner, Assignment, Sampler, Selection
+from hardmine.engine.rundir import (
+    CONFIG_NAME,
+    RESULTS_NAME,
+    MetricsLog,
+    plot_run,
+    write_json,
+)
 
-CONFIG_NAME = "config.yaml"
-METRICS_NAME = "metrics.jsonl"
-RESULTS_NAME = "results.json"
-# The generated scenes' seeds: train and validation images never coincide.
-SCENE_SEEDS = {"train": 0, "val": 1}
-# The shared PennFudan layout's split, as torchvision's detection tutorial makes it.
-PENNFUDAN_VAL_IMAGES = 50
 #: Training images over whose RoIs the mean loss is logged at each evaluation (a few seconds on a
 #: CPU for the tiny detectors).
 ROI_LOSS_IMAGES = 32
@@ -99,181 +92,6 @@ class Position:
     step: int = 0
 
 
-class PickCounter:
-    """Per-image positive and negative counts of what the loss sees, summed on the device.
-
-    Counting stays on the device (no host synchronisation per step); ``take`` reads and resets.
-    """
-
-    def __init__(self) -> None:
-        self._sum: Tensor | None = None  # [2]: positives, negatives
-        self._images = 0
-
-    def add(self, positive: Sequence[Tensor], negative: Sequence[Tensor]) -> None:
-        """Add one batch's ``bool [N_i]`` masks of positives and negatives seen by the loss."""
-        counts = torch.stack([torch.cat(positive).sum(), torch.cat(negative).sum()])
-        self._sum = counts if self._sum is None else self._sum + counts
-        self._images += len(positive)
-
-    def take(self) -> dict[str, float]:
-        """Mean positives and negatives per image since the last ``take`` (empty if none)."""
-        if self._sum is None:
-            return {}
-        pos, neg = (self._sum / self._images).tolist()
-        self._sum, self._images = None, 0
-        return {"positive": pos, "negative": neg}
-
-
-@dataclass(frozen=True)
-class CountingSampler:
-    """A sampler that also counts its picks: positive and negative candidates per image."""
-
-    sampler: Sampler
-    counter: PickCounter
-
-    @property
-    def needs_losses(self) -> bool:
-        return self.sampler.needs_losses
-
-    def __call__(
-        self,
-        boxes: Sequence[Tensor],
-        assignments: Sequence[Assignment],
-        *,
-        losses: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
-        mined: Sequence[Tensor] | None = None,
-    ) -> list[Selection]:
-        # ``mined`` reaches a MinedNegativeSampler only: other samplers do not take it.
-        extra = {} if mined is None else {"mined": mined}
-        selections = self.sampler(boxes, assignments, losses=losses, generator=generator, **extra)
-        self.counter.add(
-            [s.mask & a.positive for s, a in zip(selections, assignments, strict=True)],
-            [s.mask & a.negative for s, a in zip(selections, assignments, strict=True)],
-        )
-        return selections
-
-
-@dataclass(frozen=True)
-class CountingAssigner:
-    """An assigner that also counts its positives and negatives (for detectors without a sampler,
-    such as RetinaNet, whose loss sees every candidate that is not ignored)."""
-
-    assigner: Assigner
-    counter: PickCounter
-
-    def __call__(
-        self,
-        candidates: Sequence[Tensor],
-        gt_boxes: Sequence[Tensor],
-        gt_labels: Sequence[Tensor],
-        *,
-        ignore_boxes: Sequence[Tensor] | None = None,
-        num_per_level: Sequence[int] | None = None,
-    ) -> list[Assignment]:
-        assignments = self.assigner(
-            candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes, num_per_level=num_per_level
-        )
-        self.counter.add([a.positive for a in assignments], [a.negative for a in assignments])
-        return assignments
-
-
-def has_masks(config: RunConfig) -> bool:
-    """Whether the detector predicts masks (Mask R-CNN): its data loads masks, its AP has both."""
-    return config.model.name is not None and config.model.name.startswith("mask_rcnn")
-
-
-def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
-    """The training set, the validation set and the category names that ``config.data`` gives.
-
-    Masks are loaded for Mask R-CNN models only.
-    """
-    data = config.data
-    with_masks = has_masks(config)
-    if data.kind == "scenes":
-        train_set, val_set = (
-            SceneDataset(
-                num,
-                seed=SCENE_SEEDS[split],
-                image_size=data.image_size,
-                num_classes=data.num_classes,
-                with_masks=with_masks,
-            )
-            for split, num in (("train", data.num_train), ("val", data.num_val))
-        )
-        return train_set, val_set, train_set.categories
-    if data.root is not None:
-        return pennfudan_split(Path(data.root), with_masks=with_masks)
-    paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
-    if any(p is None for p in paths):
-        raise ValueError(
-            "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
-            "data.val_images and data.val_ann"
-        )
-    train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
-    val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
-    if val_set.categories != train_set.categories:
-        raise ValueError(
-            f"{data.train_ann} and {data.val_ann} have different categories: "
-            f"{train_set.categories} and {val_set.categories}"
-        )
-    return train_set, val_set, train_set.categories
-
-
-def pennfudan_split(root: Path, *, with_masks: bool) -> tuple[Dataset, Dataset, list[str]]:
-    """The shared PennFudan layout (``PNGImages/``, ``annotations.json``) split as torchvision's
-    detection tutorial does: images sorted by file name, the last 50 are validation."""
-    dataset = CocoDataset(root / "PNGImages", root / "annotations.json", with_masks=with_masks)
-    names = [image["file_name"] for image in dataset.coco_gt["images"]]  # in item order
-    order = sorted(range(len(names)), key=names.__getitem__)
-    cut = len(order) - PENNFUDAN_VAL_IMAGES
-    if cut <= 0:
-        raise ValueError(f"{root}: {len(order)} images, need more than {PENNFUDAN_VAL_IMAGES}")
-    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:]), dataset.categories
-
-
-def build_detector(
-    config: RunConfig, num_classes: int, counter: PickCounter | None = None
-) -> nn.Module:
-    """The detector of ``config`` with its sampler and assigner.
-
-    With ``config.hard_negatives``, the sampler guarantees the mined boxes their share of the
-    negative picks (``MinedNegativeSampler``).
-
-    Args:
-        config: the run configuration.
-        num_classes: object classes, without the background.
-        counter: receives the picks in training (the sampler's, or without one the assigner's).
-    """
-    sampler: Sampler | None = None
-    assigner: Assigner | None = None
-    if config.sampler.name is not None:
-        sampler = REGISTRIES["sampler"][config.sampler.name](**config.sampler.settings)
-        if config.hard_negatives is not None:
-            sampler = MinedNegativeSampler(sampler, share=config.hard_negative_share)
-        if counter is not None:
-            sampler = CountingSampler(sampler, counter)
-    if config.assigner.name is not None:
-        assigner = REGISTRIES["assigner"][config.assigner.name](**config.assigner.settings)
-        if counter is not None and sampler is None:
-            assigner = CountingAssigner(assigner, counter)
-    return build(
-        config.model.name,
-        num_classes + 1,  # torchvision's class 0 is the background
-        sampler=sampler,
-        assigner=assigner,
-        **config.model.settings,
-    )
-
-
-def set_generator(model: nn.Module, generator: torch.Generator) -> None:
-    """Give the sampling modules of ``model`` the run's generator (the others draw from torch's
-    global RNG, which ``train`` seeds per process)."""
-    for module in model.modules():
-        if isinstance(module, SamplingRoIHeads | SamplingRPN):
-            module.generator = generator
-
-
 def lr_factor(step: int, config: RunConfig, total_steps: int) -> float:
     """The learning rate at ``step`` as a fraction of ``train.lr``: linear warm-up, step decay."""
     train = config.train
@@ -307,39 +125,6 @@ def epoch_loader(
         pin_memory=process.device.type == "cuda",
         persistent_workers=False,
     )
-
-
-class MetricsLog:
-    """``metrics.jsonl`` and TensorBoard scalars of the main process.
-
-    On resume, rows after the checkpoint's step are dropped (the killed run may have logged steps
-    that the resumed run takes again).
-    """
-
-    def __init__(self, run_dir: Path, *, resume_step: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # slow import, main process only
-
-        self.path = run_dir / METRICS_NAME
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=resume_step)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        """Append ``row`` (flat numbers, or dicts of numbers) to both."""
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, Mapping):
-                for sub, v in value.items():
-                    self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
-            elif key not in ("step", "epoch"):
-                self.tensorboard.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        self.tensorboard.close()
 
 
 @dataclass
@@ -506,7 +291,7 @@ def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, f
             model,
             val,
             device=device,
-            iou_types=("bbox", "segm") if has_masks(session.config) else ("bbox",),
+            iou_types=iou_types_of(session.config),
         )
         if session.log is not None:
             pos = session.position
@@ -542,20 +327,18 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
             f"{run_dir} already holds a checkpoint: pass --resume to continue that run, or choose "
             "another output_dir"
         )
+    check_model(config)
     with process_group(config.device) as process:
         start = time.monotonic()
         train_set, val_set, categories = build_datasets(config)
-        if config.hard_negatives is not None:
-            if config.sampler.name is None:
-                raise ValueError("hard_negatives need a sampler: they join an R-CNN's RoIs")
-            train_set = with_hard_negatives(train_set, config.hard_negatives)
+        train_set = training_set(config, train_set)
         counter = PickCounter()
-        torch.manual_seed(config.seed)  # the same initial weights in every process
-        model = build_detector(config, len(categories), counter).to(process.device)
         generator = torch.Generator(process.device).manual_seed(
             rank_seed(config.seed, process.rank)
         )
-        set_generator(model, generator)
+        torch.manual_seed(config.seed)  # the same initial weights in every process
+        model = build_detector(config, len(categories), counter, generator=generator)
+        model = model.to(process.device)
         torch.manual_seed(rank_seed(config.seed, process.rank))  # any other randomness, per rank
         params = [p for p in model.parameters() if p.requires_grad]
         train_cfg = config.train
@@ -608,11 +391,8 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
                 "steps": session.position.step,
                 "seconds": time.monotonic() - start,
             }
-            (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-            plot_loss_curves(
-                {run_dir.name: loss_curve(read_metrics(run_dir / METRICS_NAME))},
-                run_dir / "plots" / "losses.png",
-            )
+            write_json(run_dir / RESULTS_NAME, results)
+            plot_run(run_dir)
         return TrainResult(model=model, metrics=metrics, run_dir=run_dir)
 
 
@@ -631,25 +411,3 @@ def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dic
         if eval_every and pos.step < session.last_step and (pos.epoch + 1) % eval_every == 0:
             _evaluate(session, val_set, train_set)
     return _evaluate(session, val_set, train_set) if eval_every else {}
-
-
-def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
-    """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
-
-    Args:
-        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    """
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_NAME)
-    resolved = resolve_device(device)
-    _, val_set, categories = build_datasets(config)
-    model = build_detector(config, len(categories))
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
-    model.load_state_dict(state["model"])
-    iou_types = ("bbox", "segm") if has_masks(config) else ("bbox",)
-    metrics = evaluate(model.to(resolved), val_set, device=resolved, iou_types=iou_types)
-    (run_dir / "eval.json").write_text(
-        json.dumps({"step": state["position"]["step"], "metrics": metrics}, indent=2) + "\n"
-    )
-    return metrics

@@ -14,7 +14,6 @@ Reruns skip finished rounds and resume interrupted ones, as ``hardmine compare``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -23,41 +22,29 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from hardmine.config import (
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-)
-from hardmine.data import collate_fn
-from hardmine.engine import checkpoint
+from hardmine._atomic import write_atomic
+from hardmine.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
+from hardmine.data import HardNegatives, MinedBoxes, coco_gt_of, save_hard_negatives
+from hardmine.engine.build import RUN_REGISTRIES
 from hardmine.engine.distributed import resolve_device
-from hardmine.engine.evaluate import coco_ap
-from hardmine.engine.train import (
-    CONFIG_NAME,
-    RESULTS_NAME,
-    build_datasets,
-    build_detector,
-    train,
-)
-from hardmine.mine.dataset import coco_gt_of
+from hardmine.engine.evaluate import coco_ap, to_coco_results
+from hardmine.engine.evaluate import detect as detect_outputs
+from hardmine.engine.rundir import RESULTS_NAME, load_run, write_json
+from hardmine.engine.train import train
 from hardmine.mine.falsepos import ImageDetections, false_positives, fp_per_image_at_recall
-from hardmine.mine.file import HardNegatives, MinedBoxes, save_hard_negatives
 
 HARD_NEGATIVES_NAME = "hard_negatives.json"
 REPORT_NAME = "bootstrap.md"
 
 
-@torch.inference_mode()
 def detect(
     model: nn.Module, dataset: Dataset, *, device: torch.device | str, batch_size: int = 4
 ) -> list[ImageDetections]:
     """Run a torchvision detector over ``dataset`` in eval mode; detections beside ground truth.
 
-    The model is put back in its previous mode afterwards.
+    The model is put back in its previous mode afterwards (``hardmine.engine.evaluate.detect``).
 
     Args:
         model: a torchvision detector whose labels are the dataset's.
@@ -68,28 +55,18 @@ def detect(
     Returns:
         One ``ImageDetections`` per image, on the CPU, in dataset order.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    was_training = model.training
-    model.eval()
-    out: list[ImageDetections] = []
-    try:
-        for images, targets in loader:
-            outputs = model([image.to(device) for image in images])
-            for output, target in zip(outputs, targets, strict=True):
-                out.append(
-                    ImageDetections(
-                        image_id=int(target["image_id"]),
-                        boxes=output["boxes"].float().cpu(),
-                        scores=output["scores"].float().cpu(),
-                        labels=output["labels"].cpu(),
-                        gt_boxes=target["boxes"],
-                        gt_labels=target["labels"],
-                        ignore_boxes=target.get("ignore_boxes", torch.zeros(0, 4)),
-                    )
-                )
-    finally:
-        model.train(was_training)
-    return out
+    return [
+        ImageDetections(
+            image_id=int(target["image_id"]),
+            boxes=output["boxes"].float().cpu(),
+            scores=output["scores"].float().cpu(),
+            labels=output["labels"].cpu(),
+            gt_boxes=target["boxes"],
+            gt_labels=target["labels"],
+            ignore_boxes=target.get("ignore_boxes", torch.zeros(0, 4)),
+        )
+        for target, output in detect_outputs(model, dataset, device=device, batch_size=batch_size)
+    ]
 
 
 def mine_detections(
@@ -142,32 +119,6 @@ def mine(
     )
 
 
-def load_run(
-    run_dir: str | Path,
-    *,
-    device: torch.device | str,
-    overrides: Mapping[str, Any] | None = None,
-) -> tuple[RunConfig, nn.Module, Dataset, Dataset]:
-    """A finished (or checkpointed) run's configuration, detector and datasets.
-
-    Args:
-        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
-        device: where to put the detector.
-        overrides: dotted configuration overrides, e.g. other ``data.*`` to mine on.
-
-    Returns:
-        The configuration, the detector with the checkpoint's weights (in eval mode), the
-        training set and the validation set.
-    """
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_NAME, overrides)
-    train_set, val_set, categories = build_datasets(config)
-    model = build_detector(config, len(categories))
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME, map_location=device)
-    model.load_state_dict(state["model"])
-    return config, model.to(device).eval(), train_set, val_set
-
-
 def mine_run(
     run_dir: str | Path,
     *,
@@ -195,10 +146,10 @@ def mine_run(
         The file's path and its contents.
     """
     resolved = resolve_device(device)
-    _, model, train_set, _ = load_run(run_dir, device=resolved, overrides=overrides)
+    run = load_run(run_dir, device=resolved, overrides=overrides)
     hard = mine(
-        model,
-        train_set,
+        run.model,
+        run.train_set,
         device=resolved,
         iou_thr=iou_thr,
         top_k=top_k,
@@ -232,20 +183,6 @@ class RoundResult:
     ap50: float
     fp_per_image: float
     mined: int | None
-
-
-def _coco_results(detections: Sequence[ImageDetections]) -> list[dict[str, Any]]:
-    results = []
-    for d in detections:
-        xywh = d.boxes.clone()
-        xywh[:, 2:] -= xywh[:, :2]
-        for box, score, label in zip(
-            xywh.tolist(), d.scores.tolist(), d.labels.tolist(), strict=True
-        ):
-            results.append(
-                {"image_id": d.image_id, "category_id": label, "bbox": box, "score": score}
-            )
-    return results
 
 
 def bootstrap(
@@ -287,15 +224,25 @@ def bootstrap(
         overrides: dict[str, Any] = {"output_dir": str(run_dir)}
         if previous is not None:
             overrides |= {"hard_negatives": str(previous), "hard_negative_share": share}
-        round_config = config_from_dict(apply_overrides(config_to_dict(config), overrides))
+        round_config = config_from_dict(
+            apply_overrides(config_to_dict(config), overrides), registries=RUN_REGISTRIES
+        )
         if not (run_dir / RESULTS_NAME).exists():
             train(round_config, resume=True)
-        _, model, train_set, val_set = load_run(run_dir, device=device)
+        run = load_run(run_dir, device=device)
+        model, train_set, val_set = run.model, run.train_set, run.val_set
         val = detect(model, val_set, device=device, batch_size=config.data.batch_size)
         coco_gt = coco_gt_of(val_set)
         if coco_gt is None:
             raise TypeError(f"{type(val_set).__name__} has no coco_gt to measure AP against")
-        ap = coco_ap(coco_gt, _coco_results(val), image_ids={d.image_id for d in val})
+        coco_results = [
+            r
+            for d in val
+            for r in to_coco_results(
+                {"boxes": d.boxes, "labels": d.labels, "scores": d.scores}, d.image_id
+            )
+        ]
+        ap = coco_ap(coco_gt, coco_results, image_ids={d.image_id for d in val})
         fp = fp_per_image_at_recall(val, recall=recall, iou_thr=0.5)
         mined = None
         if r + 1 < rounds:
@@ -341,15 +288,12 @@ def write_report(output_dir: Path, results: Sequence[RoundResult], *, recall: fl
         asdict(r) | {"fp_per_image": None if math.isinf(r.fp_per_image) else r.fp_per_image}
         for r in results
     ]
-    (output_dir / "bootstrap.json").write_text(
-        json.dumps({"recall": recall, "rounds": rows}, indent=2) + "\n"
-    )
-    path = output_dir / REPORT_NAME
-    path.write_text(
+    write_json(output_dir / "bootstrap.json", {"recall": recall, "rounds": rows})
+    return write_atomic(
+        output_dir / REPORT_NAME,
         "# Bootstrapping rounds\n\nEach round trains afresh; after round 0 with the false "
         "positives of the previous round's detector on the training images as extra "
         f"background RoIs. Validation AP; false positives per image at recall {recall:g}.\n\n"
         + format_rounds(results, recall=recall)
-        + "\n"
+        + "\n",
     )
-    return path

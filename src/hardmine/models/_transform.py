@@ -1,13 +1,19 @@
-"""torchvision's detection transform, taught to resize hardmine's extra box targets too."""
+"""torchvision's detection transform, taught to resize hardmine's extra box targets too, and the
+extra boxes' way into the models: ignore regions and offline-mined hard negatives."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import torch
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY
+
 #: Target entries holding ``[M, 4]`` boxes in image pixels besides ``boxes``: ignore regions
 #: (crowd annotations) and offline-mined hard negatives.
-EXTRA_BOX_KEYS = ("ignore_boxes", "hard_negatives")
+EXTRA_BOX_KEYS = ("ignore_boxes", HARD_NEGATIVES_KEY)
 
 
 class BoxKeysTransform(GeneralizedRCNNTransform):
@@ -47,3 +53,32 @@ def with_box_keys(transform: GeneralizedRCNNTransform) -> BoxKeysTransform:
 def target_boxes(targets: list[dict[str, Tensor]], key: str, like: Tensor) -> list[Tensor]:
     """``targets[i][key]`` per image, ``[0, 4]`` where an image has none: ``float [M_i, 4]``."""
     return [t.get(key, like.new_zeros(0, 4)).to(like.dtype) for t in targets]
+
+
+def append_hard_negatives(
+    proposals: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Each image's offline-mined boxes appended after its RoI candidates.
+
+    The boxes come from ``targets[i][HARD_NEGATIVES_KEY]``, in the pixels of the image the heads
+    see (``BoxKeysTransform`` resizes them with the image, as it does ``boxes``).
+
+    Args:
+        proposals: ``float [N_i, 4]`` per image (proposals and ground-truth copies).
+        targets: per image; ``HARD_NEGATIVES_KEY``: ``float [M_i, 4]`` xyxy, or absent for none.
+
+    Returns:
+        The candidates ``[N_i + M_i, 4]`` and, per image, ``bool [N_i + M_i]`` true for the mined
+        ones (the ``Sampler`` protocol's ``mined``); the proposals unchanged and ``None`` when no
+        target carries hard negatives.
+    """
+    if not any(HARD_NEGATIVES_KEY in t for t in targets):
+        return list(proposals), None
+    candidates, mined = [], []
+    for boxes, target in zip(proposals, targets, strict=True):
+        extra = target.get(HARD_NEGATIVES_KEY, boxes.new_zeros(0, 4)).to(boxes.dtype)
+        candidates.append(torch.cat([boxes, extra]))
+        flags = torch.zeros(boxes.shape[0] + extra.shape[0], dtype=torch.bool, device=boxes.device)
+        flags[boxes.shape[0] :] = True
+        mined.append(flags)
+    return candidates, mined

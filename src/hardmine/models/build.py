@@ -265,6 +265,7 @@ def build(
     *,
     sampler: Sampler | None = None,
     assigner: Assigner | None = None,
+    generator: torch.Generator | None = None,
     weights: Any = None,
     score_dtype: str | torch.dtype | None = None,
     **kwargs: Any,
@@ -279,6 +280,8 @@ def build(
         assigner: R-CNN: labels the proposals; RetinaNet / FCOS / ATSS: labels the anchors
             (``with_assigner``), replacing ATSS's default ``ATSSAssigner(topk=9)`` (FCOS + ATSS
             keeps its ``anchor_scale``).
+        generator: R-CNN: the samplers' generator (``with_sampler``), which makes their picks
+            reproducible; torch's global RNG when None. The dense detectors sample nothing.
         weights: torchvision weights for the standard models (``atss_fcos_r50_fpn`` too: it is
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
@@ -297,14 +300,14 @@ def build(
         if dtype is not None:
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         return model if assigner is None else with_assigner(model, assigner)
-    if sampler is None and assigner is None and dtype is None:
+    if sampler is None and assigner is None and dtype is None and generator is None:
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
         sampler = RandomSampler(
             num=fg_bg.batch_size_per_image, pos_fraction=fg_bg.positive_fraction
         )
-    return with_sampler(model, sampler, assigner=assigner, score_dtype=dtype)
+    return with_sampler(model, sampler, assigner=assigner, generator=generator, score_dtype=dtype)
 
 
 def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:

@@ -8,53 +8,32 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
    hard negatives the targets carry (``"hard_negatives"``, see ``hardmine.mine``);
 2. assign them with a hardmine ``Assigner`` (max-IoU, torchvision's thresholds, by default);
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
-   box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss, in slices of
-   ``READ_ONLY_SLICE_BYTES`` of pooled features;
+   box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss
+   (``hardmine.models.read_only.score_rois``);
 4. the sampler picks; the training pass runs RoI-align and the box (and mask) head on the picks
    only, with the picks' weights in the losses (``hardmine.models._losses``).
 
-On a CPU, the read-only pass's RoI-align runs on all of torch's threads (``hardmine.models._pool``);
-torchvision's kernel uses one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from hardmine.assign.max_iou import MaxIoUAssigner
-from hardmine.mine.sampler import append_hard_negatives
 from hardmine.models._losses import (
     fastrcnn_roi_losses,
     matched_boxes,
     weighted_mask_loss,
     weighted_mean,
 )
-from hardmine.models._pool import pool_flat, raster_order, to_rois
-from hardmine.models._transform import target_boxes, with_box_keys
+from hardmine.models._transform import append_hard_negatives, target_boxes, with_box_keys
+from hardmine.models.read_only import heads_assigner, score_rois
 from hardmine.models.rpn import SamplingRPN
 from hardmine.structures import Assigner, Assignment, Sampler
-
-# The read-only pass pools and scores the RoIs in slices of about this many bytes of features.
-READ_ONLY_SLICE_BYTES = 16 * 2**20
-
-
-def run_read_only(module: nn.Module, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
-    """Call ``module`` without changing it: buffers (BatchNorm statistics) are updated on copies.
-
-    The read-only pass must not count as a training step for normalisation layers, or OHEM's extra
-    pass over thousands of RoIs would skew the running statistics. Call under ``torch.no_grad()``.
-    """
-    buffers = {name: buf.clone() for name, buf in module.named_buffers()}
-    if not buffers:
-        return module(*args)
-    return functional_call(module, buffers, args, strict=False)
 
 
 class SamplingRoIHeads(RoIHeads):
@@ -109,9 +88,7 @@ class SamplingRoIHeads(RoIHeads):
         )
         self.box_coder = heads.box_coder
         self.sampler = sampler
-        self.assigner = assigner or MaxIoUAssigner(
-            pos_thr=matcher.high_threshold, neg_thr=matcher.low_threshold, low_quality=False
-        )
+        self.assigner = assigner or heads_assigner(heads)
         self.generator = generator
         self.score_dtype = score_dtype
 
@@ -145,7 +122,9 @@ class SamplingRoIHeads(RoIHeads):
         losses = None
         if self.sampler.needs_losses:
             losses = self.roi_losses(features, proposals, image_shapes, gt_boxes, assignments)
-        extra = {} if mined is None else {"mined": mined}  # only MinedNegativeSampler takes it
+        # Passed only when there are mined boxes, so a sampler written to the protocol before it
+        # carried ``mined`` still works on data without them.
+        extra = {} if mined is None else {"mined": mined}
         selections = self.sampler(
             proposals, assignments, losses=losses, generator=self.generator, **extra
         )
@@ -170,7 +149,6 @@ class SamplingRoIHeads(RoIHeads):
             out["loss_mask"] = self.mask_loss(features, rois, image_shapes, targets, picked, weight)
         return [], out
 
-    @torch.no_grad()
     def roi_losses(
         self,
         features: dict[str, Tensor],
@@ -179,57 +157,20 @@ class SamplingRoIHeads(RoIHeads):
         gt_boxes: list[Tensor],
         assignments: list[Assignment],
     ) -> list[Tensor]:
-        """OHEM's read-only pass: every RoI's loss, without gradient and without side effects.
+        """OHEM's read-only pass over these heads: ``score_rois`` in ``score_dtype``.
 
         Returns:
-            Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss,
-            the two terms of ``fastrcnn_loss`` before reduction (Shrivastava et al., Sec. 4.1).
+            Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss.
         """
-        targets_reg = self.box_coder.encode(
-            [
-                matched_boxes(p, g, a)
-                for p, g, a in zip(proposals, gt_boxes, assignments, strict=True)
-            ],
+        return score_rois(
+            self,
+            features,
             proposals,
+            image_shapes,
+            gt_boxes,
+            assignments,
+            score_dtype=self.score_dtype,
         )
-        rois = to_rois(proposals)
-        labels = torch.cat([a.gt_class for a in assignments])
-        targets_reg = torch.cat(targets_reg)
-        precision = contextlib.nullcontext()
-        if self.score_dtype is not None:
-            precision = torch.autocast(rois.device.type, dtype=self.score_dtype)
-        # In slices of READ_ONLY_SLICE_BYTES of pooled features: the pass over thousands of RoIs
-        # never holds all their features at once, and its buffers are reused rather than faulted
-        # in afresh (large fresh allocations are costly on a CPU). The slices follow the raster
-        # order, so that each pools RoIs near each other (cache locality; see ``_pool``).
-        rows = self._slice_rows(next(iter(features.values())), rois.shape[0])
-        order = raster_order(rois)
-        out, buffer = [], None
-        for part in order.split(rows):
-            pooled = pool_flat(self.box_roi_pool, features, rois[part], image_shapes, buffer=buffer)
-            buffer = pooled if buffer is None else buffer
-            with precision:
-                class_logits, box_regression = run_read_only(
-                    self.box_predictor, run_read_only(self.box_head, pooled)
-                )
-            cls, box = fastrcnn_roi_losses(
-                class_logits.to(pooled.dtype),
-                box_regression.to(pooled.dtype),
-                labels[part],
-                targets_reg[part],
-            )
-            out.append(cls + box)
-        in_order = torch.cat(out)
-        losses = torch.empty_like(in_order).index_copy_(0, order, in_order)
-        return list(losses.split([p.shape[0] for p in proposals]))
-
-    def _slice_rows(self, feature: Tensor, total: int) -> int:
-        """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
-        size = getattr(self.box_roi_pool, "output_size", None)
-        if size is None:  # not torchvision's pooler: one slice
-            return max(1, total)
-        h, w = (size, size) if isinstance(size, int) else size
-        return max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
 
     def mask_loss(
         self,

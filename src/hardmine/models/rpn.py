@@ -13,6 +13,44 @@ from hardmine.models._transform import target_boxes
 from hardmine.structures import Assigner, Sampler
 
 
+def propose(
+    rpn: RegionProposalNetwork,
+    images: ImageList,
+    features: dict[str, Tensor],
+    *,
+    training: bool | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+    """The RPN's head, anchors and proposals, as torchvision's ``forward`` computes them.
+
+    Args:
+        rpn: the RPN.
+        images: the transformed batch.
+        features: the backbone's feature maps by name.
+        training: which of the RPN's top-n settings to filter the proposals with (torchvision
+            keeps more in training, e.g. 2000 against 1000); the module's own mode when None.
+
+    Returns:
+        ``(proposals, objectness, deltas, anchors)``: per image the proposals ``[P_i, 4]``
+        (detached: Faster R-CNN does not backpropagate through them, nor does torchvision);
+        the objectness logits ``[B * A, 1]`` and box deltas ``[B * A, 4]`` of every anchor;
+        per image the anchors ``[A, 4]``.
+    """
+    feature_list = list(features.values())
+    objectness, deltas = rpn.head(feature_list)
+    anchors = rpn.anchor_generator(images, feature_list)
+    num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [B*A, 1], [B*A, 4]
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    # filter_proposals reads the top-n setting from the module's mode only.
+    was_training = rpn.training
+    rpn.training = was_training if training is None else training
+    try:
+        boxes, _ = rpn.filter_proposals(proposals, objectness, images.image_sizes, num_per_level)
+    finally:
+        rpn.training = was_training
+    return boxes, objectness, deltas, anchors
+
+
 class SamplingRPN(RegionProposalNetwork):
     """torchvision ``RegionProposalNetwork`` whose training anchors come from a hardmine sampler.
 
@@ -74,14 +112,7 @@ class SamplingRPN(RegionProposalNetwork):
             return super().forward(images, features, targets)
         if targets is None:
             raise ValueError("targets should not be None in training mode")
-        feature_list = list(features.values())
-        objectness, deltas = self.head(feature_list)
-        anchors = self.anchor_generator(images, feature_list)
-        num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [B*A, 1], [B*A, 4]
-        # Faster R-CNN does not backpropagate through the proposals (torchvision detaches too).
-        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_per_level)
+        boxes, objectness, deltas, anchors = propose(self, images, features)
 
         gt_boxes = [t["boxes"].to(anchors[0].dtype) for t in targets]
         ignore = target_boxes(targets, "ignore_boxes", anchors[0])

@@ -20,22 +20,110 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hardmine.config import Method, RunConfig, load_config
+from hardmine._atomic import write_atomic
+from hardmine.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
+from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
-from hardmine.engine.train import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, train
-from hardmine.report.inspect import inspect_run
-from hardmine.report.plots import (
-    AP_KEYS,
+from hardmine.engine.rundir import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
     loss_curve,
-    mean_curve,
-    plot_ap_bars,
     plot_loss_curves,
     read_metrics,
 )
+from hardmine.engine.train import train
+from hardmine.report.inspect import inspect_run
+from hardmine.report.plots import AP_KEYS, mean_curve, plot_ap_bars
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "report.md"
 ERROR_NAME = "error.txt"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One detector / sampler / assigner combination of a comparison.
+
+    Attributes:
+        name: the label in the report and the run directory's name.
+        model: the ``model`` section (name and settings), replacing the base configuration's.
+        sampler: the ``sampler`` section; None for detectors without one (RetinaNet).
+        assigner: the ``assigner`` section; None for the detector's own.
+        baseline: the method this one is measured against; None for a baseline.
+    """
+
+    name: str
+    model: Mapping[str, Any]
+    sampler: Mapping[str, Any] | None = None
+    assigner: Mapping[str, Any] | None = None
+    baseline: str | None = None
+
+    def config(
+        self,
+        base: RunConfig,
+        *,
+        seed: int,
+        output_dir: Path,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> RunConfig:
+        """``base`` with this method's sections, ``seed`` and ``output_dir``.
+
+        Args:
+            base: the configuration every method starts from.
+            seed: the run's seed.
+            output_dir: the run directory.
+            overrides: dotted keys in the component sections (``model.min_size``,
+                ``sampler.num``) set on top of the method's sections; those in a section the
+                method leaves empty (a sampler for RetinaNet) do not apply to it.
+        """
+        sections = {"model": self.model, "sampler": self.sampler, "assigner": self.assigner}
+        applicable = {
+            key: value
+            for key, value in (overrides or {}).items()
+            if sections.get(key.split(".")[0]) is not None
+        }
+        raw = apply_overrides(
+            config_to_dict(base), sections | {"seed": seed, "output_dir": str(output_dir)}
+        )
+        return config_from_dict(apply_overrides(raw, applicable), registries=RUN_REGISTRIES)
+
+
+# The same RoI budget (128 per image, torchvision's tiny Faster R-CNN setting) for every sampler.
+_RCNN = {"name": "faster_rcnn_tiny"}
+# ATSS against max-IoU on the same detector (one square anchor per location), as in the ATSS
+# paper's comparison; max-IoU with RetinaNet's thresholds (positive >= 0.5, negative < 0.4).
+_ONE_ANCHOR = {"name": "atss_tiny"}
+DEFAULT_METHODS: tuple[Method, ...] = (
+    Method("random", _RCNN, {"name": "random", "num": 128}),
+    Method("ohem", _RCNN, {"name": "ohem", "num": 128}, baseline="random"),
+    Method("iou_balanced", _RCNN, {"name": "iou_balanced", "num": 128}, baseline="random"),
+    Method("overlap", _RCNN, {"name": "overlap", "num": 128}, baseline="random"),
+    Method(
+        "retinanet_max_iou",
+        _ONE_ANCHOR,
+        assigner={"name": "max_iou", "pos_thr": 0.5, "neg_thr": 0.4, "low_quality": True},
+    ),
+    Method(
+        "retinanet_atss",
+        _ONE_ANCHOR,
+        assigner={"name": "atss", "topk": 9},
+        baseline="retinanet_max_iou",
+    ),
+)
+
+
+def default_compare_base() -> RunConfig:
+    """The default comparison's base: the built-in scenes, 384 steps a run (about a minute for
+    the tiny Faster R-CNN on two CPU cores)."""
+    return config_from_dict(
+        {
+            "data": {"kind": "scenes", "num_train": 256, "num_val": 64, "batch_size": 4},
+            "train": {"epochs": 6, "lr": 0.02, "warmup_steps": 50, "log_every": 8, "eval_every": 3},
+            "device": "auto",
+        },
+        registries=RUN_REGISTRIES,
+    )
 
 
 @dataclass
@@ -106,7 +194,7 @@ def run_comparison(
                 )
             except Exception as error:  # one method's failure must not stop the others
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / ERROR_NAME).write_text(traceback.format_exc())
+                write_atomic(run_dir / ERROR_NAME, traceback.format_exc())
                 outcome.error = f"{type(error).__name__}: {error}".splitlines()[0]
                 log.warning("%s, seed %d: failed: %s", method.name, seed, outcome.error)
             outcomes.append(outcome)
@@ -115,7 +203,7 @@ def run_comparison(
 
 def _check_same_run(config: RunConfig, run_dir: Path) -> None:
     saved = run_dir / CONFIG_NAME
-    if saved.exists() and load_config(saved) != config:
+    if saved.exists() and load_run_config(saved) != config:
         raise FileExistsError(
             f"{run_dir} holds a run with another configuration; delete it or choose another "
             "output folder"
@@ -315,9 +403,7 @@ def write_report(
             f"- {o.method}, seed {o.seed}: {o.error} ({o.run_dir / ERROR_NAME})" for o in failures
         ]
         lines.append("")
-    path = out_dir / REPORT_NAME
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out_dir / REPORT_NAME, "\n".join(lines))
 
 
 def _inspect_section(

@@ -1,7 +1,7 @@
 """``hardmine inspect``: see what each sampler picks on the same RoIs.
 
 For a batch of images the detector gives the RoIs as its RoI heads see them in training
-(``hardmine.engine.roi_loss.roi_batch``: the RPN's training proposals plus the ground truths,
+(``hardmine.models.read_only.roi_batch``: the RPN's training proposals plus the ground truths,
 max-IoU assignment with the heads' thresholds, torchvision's 0.5 / 0.5), every RoI's loss from the
 read-only OHEM pass, and then every sampler picks from the same RoIs with the same seed. Written to
 the output folder:
@@ -18,31 +18,19 @@ come from the (untrained) detector.
 
 from __future__ import annotations
 
-import argparse
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
-from hardmine.config import ConfigError, load_config
-from hardmine.data import CocoDataset, SceneDataset
-from hardmine.engine import checkpoint
-from hardmine.engine.distributed import resolve_device
-from hardmine.engine.roi_loss import rcnn_heads, roi_batch, roi_losses
-from hardmine.engine.train import (
-    CONFIG_NAME,
-    SCENE_SEEDS,
-    PickCounter,
-    build_datasets,
-    build_detector,
-)
-from hardmine.models import build
+from hardmine.data import CocoDataset, make_scenes
+from hardmine.engine.rundir import load_run
+from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
 from hardmine.report.draw import Panel, overview_sheet, write_panel
 from hardmine.report.picks import (
     Histograms,
@@ -275,17 +263,6 @@ def _cpu(assignment: Assignment) -> Assignment:
     )
 
 
-def load_run(run_dir: str | Path, *, device: torch.device) -> tuple[nn.Module, Dataset]:
-    """A run's detector with its latest checkpoint's weights, and the run's training set."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_NAME)
-    train_set, _, categories = build_datasets(config)
-    model = build_detector(config, len(categories), PickCounter())
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME, map_location=device)
-    model.load_state_dict(state["model"])
-    return model.to(device), train_set
-
-
 def inspect_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -307,11 +284,11 @@ def inspect_run(
         device: where to run the detector.
     """
     device = torch.device(device)
-    model, train_set = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
     return inspect_picks(
-        model,
-        train_set,
-        samplers_for(model, samplers),
+        run.model,
+        run.train_set,
+        samplers_for(run.model, samplers),
         out_dir,
         proposals=proposals,
         num_images=num_images,
@@ -326,119 +303,6 @@ def load_data(spec: str, *, num_images: int, image_dir: str | None = None) -> Da
     (the harness's seeds, 128 px, 3 classes); otherwise the path of a COCO JSON whose images lie
     in ``image_dir`` (default: the JSON's folder)."""
     if spec in ("scenes", "scenes:train", "scenes:val"):
-        split = "val" if spec.endswith(":val") else "train"
-        return SceneDataset(num_images, seed=SCENE_SEEDS[split])
+        return make_scenes("val" if spec.endswith(":val") else "train", num_images=num_images)
     path = Path(spec)
     return CocoDataset(image_dir if image_dir is not None else path.parent, path)
-
-
-def inspect_parser(subparsers: Any) -> None:
-    """``hardmine inspect``."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="draw what each sampler picks and histogram the IoU of its negatives",
-        description="Run every sampler on the same RoIs of a detector and write, to --output: "
-        "panels/ (one drawing per image and sampler: ground truths white, picked positives "
-        "solid, negatives dashed, coloured by IoU with the ground truth, line width by loss "
-        "weight), overview.png (all panels), and iou_histograms.png / .csv (the picked "
-        "negatives' IoU with the ground truth and with the positives, IoU(p,n)). Without --run "
-        "the detector is untrained and the proposals default to --proposals jitter, boxes "
-        "jittered around the ground truths as a trained RPN would give; with --run they default "
-        "to the run's RPN.",
-        allow_abbrev=False,
-    )
-    parser.add_argument(
-        "--data",
-        metavar="SPEC",
-        help="'scenes' or 'scenes:val' (built-in scenes), or a COCO JSON (images in --image-dir); "
-        "default: the run's training set with --run, else 'scenes'",
-    )
-    parser.add_argument("--image-dir", metavar="DIR", help="images of a COCO --data")
-    parser.add_argument("--run", metavar="DIR", help="a run directory: its trained detector")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"untrained detector without --run (default: {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--proposals",
-        choices=["rpn", "jitter"],
-        help="RoIs from the detector's RPN (training setting) or jittered ground truths "
-        "(default: rpn with --run, jitter without)",
-    )
-    parser.add_argument(
-        "--images", type=int, default=4, metavar="N", help="images drawn (default: 4)"
-    )
-    parser.add_argument(
-        "--hist-images",
-        type=int,
-        default=64,
-        metavar="M",
-        help="images in the histograms (default: 64)",
-    )
-    parser.add_argument(
-        "--samplers",
-        default=",".join(SAMPLERS),
-        metavar="A,B",
-        help=f"comma-separated samplers (default: {','.join(SAMPLERS)})",
-    )
-    parser.add_argument(
-        "--num",
-        type=int,
-        metavar="K",
-        help="picks per image for every sampler (default: the detector's RoI batch per image)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of proposals and picks")
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
-    )
-    parser.add_argument(
-        "--output",
-        default="runs/inspect",
-        metavar="DIR",
-        help="output folder (default: runs/inspect)",
-    )
-    parser.set_defaults(command=inspect_command, takes_overrides=False)
-
-
-def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Run ``hardmine inspect`` (``overrides`` is empty: the command takes none)."""
-    device = resolve_device(args.device)
-    count = max(args.images, args.hist_images)
-    if args.run is not None:
-        model, dataset = load_run(args.run, device=device)
-        if args.data is not None:
-            dataset = load_data(args.data, num_images=count, image_dir=args.image_dir)
-    else:
-        dataset = load_data(args.data or "scenes", num_images=count, image_dir=args.image_dir)
-        torch.manual_seed(args.seed)
-        model = build(args.model, len(dataset.categories) + 1).to(device)
-    try:
-        samplers = samplers_for(model, args.samplers.split(","), num=args.num)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    source = args.proposals or ("rpn" if args.run is not None else "jitter")
-    result = inspect_picks(
-        model,
-        dataset,
-        samplers,
-        args.output,
-        proposals=source,
-        num_images=args.images,
-        hist_images=args.hist_images,
-        seed=args.seed,
-        device=device,
-    )
-    hist = result.histograms
-    print(f"{len(result.panels)} panels, {result.sheet}, {result.histogram_plot}")
-    for name in hist.names:
-        pn, gt = hist.share("iou_pn", name, 0.5), hist.share("iou_gt", name, 0.4, 0.5)
-        print(
-            f"{name:>14}: {hist.total(name):6d} negatives, IoU(p,n) >= 0.5: {_pct(pn)}, "
-            f"IoU with GT in [0.4, 0.5): {_pct(gt)}"
-        )
-    return 0
-
-
-def _pct(value: float) -> str:
-    return "  n/a" if math.isnan(value) else f"{100 * value:5.1f}%"

@@ -1,7 +1,9 @@
 """Samplers: which candidates the loss sees, and with what weight.
 
 Each is a function ``sample_x`` plus a frozen ``XSampler`` dataclass in the ``Sampler`` interface,
-all built on the one kernel in ``quota``. ``SAMPLERS`` maps config names to the classes.
+all built on the one kernel in ``quota``. ``SAMPLERS`` maps configuration names to the classes.
+``MinedNegativeSampler`` wraps any of them to give offline-mined hard negatives a share of the
+picks.
 """
 
 from hardmine.sample.iou_balanced import (
@@ -9,6 +11,7 @@ from hardmine.sample.iou_balanced import (
     sample_instance_balanced,
     sample_iou_balanced,
 )
+from hardmine.sample.mined import MinedNegativeSampler, sample_with_mined
 from hardmine.sample.ohem import OHEMSampler, sample_ohem
 from hardmine.sample.overlap import OverlapSampler, overlap_with_positives, sample_overlap
 from hardmine.sample.random import RandomSampler, sample_random
@@ -23,6 +26,7 @@ SAMPLERS: dict[str, type] = {
 __all__ = [
     "SAMPLERS",
     "IoUBalancedSampler",
+    "MinedNegativeSampler",
     "OHEMSampler",
     "OverlapSampler",
     "RandomSampler",
@@ -32,4 +36,5 @@ __all__ = [
     "sample_ohem",
     "sample_overlap",
     "sample_random",
+    "sample_with_mined",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,7 +21,32 @@ from hardmine.sample.quota import (
     segment_by_key,
     take_top_in_segments,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+
+
+@dataclass(frozen=True)
+class IoUBalancedSampler:
+    """``sample_iou_balanced`` as a ``Sampler``; its fields are the settings (see there)."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    num_bins: int = 3
+    neg_thr: float = 0.5
+    floor_thr: float = -1.0
+    floor_fraction: float = 0.0
+    instance_balanced: bool = True
+    needs_losses: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        mined: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]:
+        return sample_iou_balanced(assignments, **settings(self), generator=generator)
 
 
 def sample_instance_balanced(
@@ -48,6 +74,21 @@ def sample_instance_balanced(
 
     Returns:
         ``bool [N]``.
+
+    Example:
+        Ground truth 0 has three positives, ground truth 1 one; two picks: one each, so the lone
+        positive of ground truth 1 is always picked.
+
+        >>> from hardmine import assign_max_iou
+        >>> from hardmine.sample.quota import flatten
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+        >>> boxes = [[0, 0, 10, 10], [0, 0, 10, 11], [0, 0, 11, 10], [50, 50, 60, 60]]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1, 2])])
+        >>> flat = flatten([a])
+        >>> mask = sample_instance_balanced(flat, flat.label == 1, torch.tensor([2]))
+        >>> int(mask[:3].sum()), bool(mask[3])
+        (1, True)
     """
     n = eligible.numel()
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
@@ -68,13 +109,13 @@ def sample_instance_balanced(
 def sample_iou_balanced(
     assignments: Sequence[Assignment],
     *,
-    num: int = 512,
-    pos_fraction: float = 0.25,
-    num_bins: int = 3,
-    neg_thr: float = 0.5,
-    floor_thr: float = -1.0,
-    floor_fraction: float = 0.0,
-    instance_balanced: bool = True,
+    num: int = IoUBalancedSampler.num,
+    pos_fraction: float = IoUBalancedSampler.pos_fraction,
+    num_bins: int = IoUBalancedSampler.num_bins,
+    neg_thr: float = IoUBalancedSampler.neg_thr,
+    floor_thr: float = IoUBalancedSampler.floor_thr,
+    floor_fraction: float = IoUBalancedSampler.floor_fraction,
+    instance_balanced: bool = IoUBalancedSampler.instance_balanced,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
     """Libra R-CNN sampling: negatives balanced over IoU bins, positives over ground truths.
@@ -117,6 +158,20 @@ def sample_iou_balanced(
 
     Raises:
         ValueError: on non-finite ``max_iou`` or inconsistent settings.
+
+    Example:
+        A positive and four negatives at IoU 0, 0, 0.25 and 0.4 with the ground truth: three
+        negative picks, one from each of the bins [0, 1/6), [1/6, 1/3), [1/3, 1/2).
+
+        >>> from hardmine import assign_max_iou
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]
+        >>> boxes += [[0, 0, 10, 40], [0, 0, 10, 25]]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1])])
+        >>> mask = sample_iou_balanced([a], num=4, pos_fraction=0.25)[0].mask
+        >>> mask[[0, 3, 4]].tolist(), int(mask[1:3].sum())
+        ([True, True, True], 1)
     """
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
@@ -161,37 +216,3 @@ def sample_iou_balanced(
     if floor_thr >= 0 or floor_fraction > 0:
         neg_mask = fill(neg_mask, neg, num_neg)
     return flat.split(pos_mask | neg_mask)
-
-
-@dataclass(frozen=True)
-class IoUBalancedSampler:
-    """``sample_iou_balanced`` with its settings, in the ``Sampler`` interface."""
-
-    num: int = 512
-    pos_fraction: float = 0.25
-    num_bins: int = 3
-    neg_thr: float = 0.5
-    floor_thr: float = -1.0
-    floor_fraction: float = 0.0
-    instance_balanced: bool = True
-    needs_losses: bool = False
-
-    def __call__(
-        self,
-        boxes: Sequence[Tensor],
-        assignments: Sequence[Assignment],
-        *,
-        losses: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[Selection]:
-        return sample_iou_balanced(
-            assignments,
-            num=self.num,
-            pos_fraction=self.pos_fraction,
-            num_bins=self.num_bins,
-            neg_thr=self.neg_thr,
-            floor_thr=self.floor_thr,
-            floor_fraction=self.floor_fraction,
-            instance_balanced=self.instance_balanced,
-            generator=generator,
-        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -24,9 +24,35 @@ from hardmine.sample.quota import (
     segment_by_key,
     take_top_in_segments,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
 Strategy = Literal["uniform", "hard", "soft", "linear"]
+
+
+@dataclass(frozen=True)
+class OverlapSampler:
+    """``sample_overlap`` as a ``Sampler``; its fields are the settings (see there)."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    strategy: Strategy = "soft"
+    pos_strategy: Strategy = "uniform"
+    num_bins: int = 2
+    hard_thr: float = 0.5
+    upper: float = 0.7
+    epsilon: float = 2.0
+    needs_losses: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        mined: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]:
+        return sample_overlap(boxes, assignments, **settings(self), generator=generator)
 
 
 def overlap_with_positives(
@@ -136,14 +162,14 @@ def sample_overlap(
     boxes: Sequence[Tensor],
     assignments: Sequence[Assignment],
     *,
-    num: int = 512,
-    pos_fraction: float = 0.25,
-    strategy: Strategy = "soft",
-    pos_strategy: Strategy = "uniform",
-    num_bins: int = 2,
-    hard_thr: float = 0.5,
-    upper: float = 0.7,
-    epsilon: float = 2.0,
+    num: int = OverlapSampler.num,
+    pos_fraction: float = OverlapSampler.pos_fraction,
+    strategy: Strategy = OverlapSampler.strategy,
+    pos_strategy: Strategy = OverlapSampler.pos_strategy,
+    num_bins: int = OverlapSampler.num_bins,
+    hard_thr: float = OverlapSampler.hard_thr,
+    upper: float = OverlapSampler.upper,
+    epsilon: float = OverlapSampler.epsilon,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
     """The Overlap Sampler (Chen et al., WACV 2020): sample by IoU among the candidates.
@@ -198,6 +224,21 @@ def sample_overlap(
 
     Raises:
         ValueError: on non-finite boxes or ``max_iou``, mismatched sizes, or bad settings.
+
+    Example:
+        A positive, a negative overlapping it by IoU 0.4 and three far ones; two negative picks,
+        one per soft bin ([0, 0.35) and [0.35, 0.7)), so the overlapping one is always picked; the
+        ground truth's best positive weighs ε = 2.
+
+        >>> from hardmine import assign_max_iou
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> boxes = [[0, 0, 10, 10], [0, 0, 10, 25], [20, 20, 30, 30]]
+        >>> boxes += [[40, 40, 50, 50], [60, 0, 70, 9]]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1])])
+        >>> (s,) = sample_overlap([boxes], [a], num=3, pos_fraction=1 / 3)
+        >>> s.mask[:2].tolist(), int(s.mask[2:].sum()), s.weight[:2].tolist()
+        ([True, True], 1, [2.0, 1.0])
     """
     for name, value in (("strategy", strategy), ("pos_strategy", pos_strategy)):
         if value not in get_args(Strategy):
@@ -232,40 +273,3 @@ def sample_overlap(
         best = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
         weight = torch.where(best, epsilon, weight)
     return flat.split(mask, weight)
-
-
-@dataclass(frozen=True)
-class OverlapSampler:
-    """``sample_overlap`` with its settings, in the ``Sampler`` interface."""
-
-    num: int = 512
-    pos_fraction: float = 0.25
-    strategy: Strategy = "soft"
-    pos_strategy: Strategy = "uniform"
-    num_bins: int = 2
-    hard_thr: float = 0.5
-    upper: float = 0.7
-    epsilon: float = 2.0
-    needs_losses: bool = False
-
-    def __call__(
-        self,
-        boxes: Sequence[Tensor],
-        assignments: Sequence[Assignment],
-        *,
-        losses: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[Selection]:
-        return sample_overlap(
-            boxes,
-            assignments,
-            num=self.num,
-            pos_fraction=self.pos_fraction,
-            strategy=self.strategy,
-            pos_strategy=self.pos_strategy,
-            num_bins=self.num_bins,
-            hard_thr=self.hard_thr,
-            upper=self.upper,
-            epsilon=self.epsilon,
-            generator=generator,
-        )

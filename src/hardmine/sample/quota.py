@@ -18,18 +18,103 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hardmine._segments import count_per_segment, segment_rank
 from hardmine.structures import Assignment, Selection
 
 
-def count_per_segment(mask: Tensor, segment: Tensor, num_segments: int) -> Tensor:
-    """How many ``mask`` entries fall in each segment: ``mask: bool [N]`` -> ``int64 [S]``.
+@dataclass(frozen=True)
+class FlatBatch:
+    """The assignments of a batch concatenated, with each candidate's image index.
 
-    ``scatter_add`` into a fixed size instead of ``bincount``, whose output size would need a sync.
+    Attributes:
+        label, gt_index, max_iou, gt_class: the ``Assignment`` fields, concatenated, ``[N]``.
+        image: ``int64 [N]``: which image each candidate belongs to.
+        position: ``int64 [N]``: each candidate's index within its image.
+        starts: ``int64 [B]``: where each image's candidates begin.
+        sizes: candidates per image (host ints: known from the shapes, no sync).
     """
-    counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=mask.device)
-    seg = torch.where(mask & (segment >= 0), segment, num_segments)
-    counts.scatter_add_(0, seg, torch.ones_like(seg))
-    return counts[:num_segments]
+
+    label: Tensor
+    gt_index: Tensor
+    max_iou: Tensor
+    gt_class: Tensor
+    image: Tensor
+    position: Tensor
+    starts: Tensor
+    sizes: list[int]
+
+    @property
+    def max_size(self) -> int:
+        """Candidates in the largest image."""
+        return max(self.sizes)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.label.device
+
+    def segment(self, group: Tensor, num_groups: int) -> Tensor:
+        """``image * num_groups + group`` where ``group >= 0``, else -1: ``int64 [N]``."""
+        return torch.where(group >= 0, self.image * num_groups + group, -1)
+
+    def count(self, mask: Tensor) -> Tensor:
+        """``mask`` entries per image: ``int64 [B]``."""
+        return count_per_segment(mask, self.image, self.num_images)
+
+    def per_image(self, values: Tensor) -> Tensor:
+        """Broadcast a per-image ``[B]`` tensor to the candidates: ``[N]``."""
+        return values[self.image]
+
+    def cat(self, values: Sequence[Tensor], name: str) -> Tensor:
+        """Concatenate per-image ``values`` (boxes ``[N_i, 4]``, losses ``[N_i]``) in batch order.
+
+        Raises:
+            ValueError: if the number of images or any image's ``N_i`` disagrees with the batch.
+        """
+        if len(values) != self.num_images:
+            raise ValueError(f"{name}: got {len(values)} images, expected {self.num_images}")
+        for i, (v, n) in enumerate(zip(values, self.sizes, strict=True)):
+            if v.shape[0] != n:
+                raise ValueError(f"{name}[{i}]: got {v.shape[0]} rows, expected {n} candidates")
+        return torch.cat(list(values))
+
+    def split(self, mask: Tensor, weight: Tensor | None = None) -> list[Selection]:
+        """Cut flat ``mask`` / ``weight`` back into one ``Selection`` per image."""
+        if weight is None:
+            weight = mask.to(self.max_iou.dtype)
+        return [
+            Selection(mask=m, weight=w)
+            for m, w in zip(mask.split(self.sizes), weight.split(self.sizes), strict=True)
+        ]
+
+
+def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
+    """Concatenate per-image assignments into a ``FlatBatch``."""
+    if len(assignments) == 0:
+        raise ValueError("expected at least one image's assignment, got an empty batch")
+    sizes = [a.num_candidates for a in assignments]
+    device = assignments[0].label.device
+    total = sum(sizes)
+    counts = torch.tensor(sizes, device=device)
+    starts = counts.cumsum(0) - counts  # [B]
+    # output_size spares CUDA the sync that sizing the result from a device tensor would need.
+    image = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), counts, output_size=total
+    )
+    start_of = torch.repeat_interleave(starts, counts, output_size=total)
+    return FlatBatch(
+        label=torch.cat([a.label for a in assignments]),
+        gt_index=torch.cat([a.gt_index for a in assignments]),
+        max_iou=torch.cat([a.max_iou for a in assignments]),
+        gt_class=torch.cat([a.gt_class for a in assignments]),
+        image=image,
+        position=torch.arange(total, device=device) - start_of,
+        starts=starts,
+        sizes=sizes,
+    )
 
 
 _NEVER = torch.iinfo(torch.int64).min
@@ -196,113 +281,13 @@ def _take_top_sorted(keys: Tensor, seg: Tensor, quota: Tensor, num_segments: int
     n = keys.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=keys.device)
-    # Sort by key (descending), then stably by segment: keys stay descending within each segment.
-    order = torch.argsort(keys, descending=True, stable=True)
-    order = order[torch.argsort(seg[order], stable=True)]
+    # seg may hold the overflow segment num_segments, whose quota is 0.
+    order, rank, _ = segment_rank(seg, num_segments + 1, keys)
     sorted_seg = seg[order]
-    counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=keys.device)
-    counts.scatter_add_(0, seg, torch.ones_like(seg))
-    starts = torch.cumsum(counts, 0) - counts  # [S + 1]
-    rank = torch.arange(n, device=keys.device) - starts[sorted_seg]
     quota_ext = torch.cat([quota.to(torch.int64), quota.new_zeros(1, dtype=torch.int64)])
     mask = torch.zeros(n, dtype=torch.bool, device=keys.device)
     mask[order] = rank < quota_ext[sorted_seg]
     return mask
-
-
-@dataclass(frozen=True)
-class FlatBatch:
-    """The assignments of a batch concatenated, with each candidate's image index.
-
-    Attributes:
-        label, gt_index, max_iou, gt_class: the ``Assignment`` fields, concatenated, ``[N]``.
-        image: ``int64 [N]``: which image each candidate belongs to.
-        position: ``int64 [N]``: each candidate's index within its image.
-        starts: ``int64 [B]``: where each image's candidates begin.
-        sizes: candidates per image (host ints: known from the shapes, no sync).
-    """
-
-    label: Tensor
-    gt_index: Tensor
-    max_iou: Tensor
-    gt_class: Tensor
-    image: Tensor
-    position: Tensor
-    starts: Tensor
-    sizes: list[int]
-
-    @property
-    def max_size(self) -> int:
-        """Candidates in the largest image."""
-        return max(self.sizes)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.label.device
-
-    def segment(self, group: Tensor, num_groups: int) -> Tensor:
-        """``image * num_groups + group`` where ``group >= 0``, else -1: ``int64 [N]``."""
-        return torch.where(group >= 0, self.image * num_groups + group, -1)
-
-    def count(self, mask: Tensor) -> Tensor:
-        """``mask`` entries per image: ``int64 [B]``."""
-        return count_per_segment(mask, self.image, self.num_images)
-
-    def per_image(self, values: Tensor) -> Tensor:
-        """Broadcast a per-image ``[B]`` tensor to the candidates: ``[N]``."""
-        return values[self.image]
-
-    def cat(self, values: Sequence[Tensor], name: str) -> Tensor:
-        """Concatenate per-image ``values`` (boxes ``[N_i, 4]``, losses ``[N_i]``) in batch order.
-
-        Raises:
-            ValueError: if the number of images or any image's ``N_i`` disagrees with the batch.
-        """
-        if len(values) != self.num_images:
-            raise ValueError(f"{name}: got {len(values)} images, expected {self.num_images}")
-        for i, (v, n) in enumerate(zip(values, self.sizes, strict=True)):
-            if v.shape[0] != n:
-                raise ValueError(f"{name}[{i}]: got {v.shape[0]} rows, expected {n} candidates")
-        return torch.cat(list(values))
-
-    def split(self, mask: Tensor, weight: Tensor | None = None) -> list[Selection]:
-        """Cut flat ``mask`` / ``weight`` back into one ``Selection`` per image."""
-        if weight is None:
-            weight = mask.to(self.max_iou.dtype)
-        return [
-            Selection(mask=m, weight=w)
-            for m, w in zip(mask.split(self.sizes), weight.split(self.sizes), strict=True)
-        ]
-
-
-def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
-    """Concatenate per-image assignments into a ``FlatBatch``."""
-    if len(assignments) == 0:
-        raise ValueError("expected at least one image's assignment, got an empty batch")
-    sizes = [a.num_candidates for a in assignments]
-    device = assignments[0].label.device
-    total = sum(sizes)
-    counts = torch.tensor(sizes, device=device)
-    starts = counts.cumsum(0) - counts  # [B]
-    # output_size spares CUDA the sync that sizing the result from a device tensor would need.
-    image = torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), counts, output_size=total
-    )
-    start_of = torch.repeat_interleave(starts, counts, output_size=total)
-    return FlatBatch(
-        label=torch.cat([a.label for a in assignments]),
-        gt_index=torch.cat([a.gt_index for a in assignments]),
-        max_iou=torch.cat([a.max_iou for a in assignments]),
-        gt_class=torch.cat([a.gt_class for a in assignments]),
-        image=image,
-        position=torch.arange(total, device=device) - start_of,
-        starts=starts,
-        sizes=sizes,
-    )
 
 
 def segment_by_key(image: Tensor, key: Tensor, mask: Tensor) -> Tensor:

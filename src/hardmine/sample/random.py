@@ -4,19 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from hardmine.sample.quota import draw, flatten
-from hardmine.structures import Assignment, Selection
+from hardmine.structures import Assignment, Selection, settings
+
+
+@dataclass(frozen=True)
+class RandomSampler:
+    """``sample_random`` as a ``Sampler``; its fields are the settings (see there)."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    needs_losses: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        mined: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]:
+        return sample_random(assignments, **settings(self), generator=generator)
 
 
 def sample_random(
     assignments: Sequence[Assignment],
     *,
-    num: int = 512,
-    pos_fraction: float = 0.25,
+    num: int = RandomSampler.num,
+    pos_fraction: float = RandomSampler.pos_fraction,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
     """Draw ``num`` candidates per image uniformly, ``pos_fraction`` of them positive.
@@ -33,6 +54,20 @@ def sample_random(
 
     Returns:
         One ``Selection`` per image, weight 1 on the picks.
+
+    Example:
+        One positive, two negatives and an ignored candidate; four picks, a quarter positive:
+        the positive, both negatives (they pad the positives' shortfall), never the ignored one.
+
+        >>> from hardmine import assign_max_iou
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 40], [0, 0, 10, 22]]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1])], neg_thr=(0.0, 0.4))
+        >>> a.label.tolist()
+        [1, 0, 0, -1]
+        >>> sample_random([a], num=4, pos_fraction=0.25)[0].mask.tolist()
+        [True, True, True, False]
     """
     flat = flatten(assignments)
     pos, neg = flat.label == 1, flat.label == 0
@@ -42,24 +77,3 @@ def sample_random(
     quota = torch.stack([num_pos, num_neg], dim=1)  # [B, 2]
     mask = draw(flat, None, group, quota, max_quota=num, generator=generator)
     return flat.split(mask)
-
-
-@dataclass(frozen=True)
-class RandomSampler:
-    """``sample_random`` with its settings, in the ``Sampler`` interface."""
-
-    num: int = 512
-    pos_fraction: float = 0.25
-    needs_losses: bool = False
-
-    def __call__(
-        self,
-        boxes: Sequence[Tensor],
-        assignments: Sequence[Assignment],
-        *,
-        losses: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[Selection]:
-        return sample_random(
-            assignments, num=self.num, pos_fraction=self.pos_fraction, generator=generator
-        )

@@ -16,14 +16,15 @@
 One entry per image of the mined dataset, those without false positives included. Boxes are xyxy
 in the image's pixels; ``labels`` are the classes the detector gave them (for inspection; in
 training they are background). The file is written atomically and fully validated when read.
+
+``HardNegativeDataset`` puts each image's mined boxes into its target under ``HARD_NEGATIVES_KEY``;
+the R-CNN models of ``hardmine.models`` append them to the RoI candidates as background.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
+
+from hardmine._atomic import write_atomic
+from hardmine.data.coco import coco_gt_of
 
 FORMAT = "hardmine-hard-negatives"
 VERSION = 1
+#: The target entry that carries an image's mined boxes, ``float32 [M, 4]`` xyxy pixels.
+HARD_NEGATIVES_KEY = "hard_negatives"
 
 
 class HardNegativesFormatError(ValueError):
@@ -88,7 +95,7 @@ class HardNegatives:
 
 
 def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path:
-    """Write ``hard_negatives`` as JSON, atomically (temporary file, then ``os.replace``).
+    """Write ``hard_negatives`` as JSON, atomically (``write_atomic``).
 
     Coordinates are rounded to 1/100 pixel and scores to 5 decimals, which keeps the file small
     and changes no IoU that matters.
@@ -96,7 +103,6 @@ def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path
     Returns:
         ``path``.
     """
-    path = Path(path)
     entries = [
         {
             "image_id": image_id,
@@ -113,17 +119,7 @@ def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path
         "settings": dict(hard_negatives.settings),
         "images": entries,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(document) + "\n")
 
 
 def _is_int(value: object) -> bool:
@@ -211,3 +207,52 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
             raise HardNegativesFormatError(f"{path}: images[{i}]: duplicate image_id {image_id}")
         images[image_id] = mined
     return HardNegatives(images=images, source=str(document.get("source", "")), settings=settings)
+
+
+class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
+    """``dataset`` with each target's mined boxes under ``HARD_NEGATIVES_KEY``.
+
+    ``target["hard_negatives"]`` is ``float32 [M, 4]`` xyxy in the image's pixels, ``[0, 4]`` for
+    an image without any. The R-CNN models of ``hardmine.models`` resize it with the image and
+    append the boxes to the RoI candidates (``hardmine.models``).
+
+    Args:
+        dataset: a dataset of the common interface (``hardmine.data``).
+        hard_negatives: the mined boxes, by image id.
+
+    Raises:
+        ValueError: the file names image ids that ``dataset``'s ``coco_gt`` does not have (it
+            was mined on another dataset).
+    """
+
+    def __init__(self, dataset: Dataset, hard_negatives: HardNegatives) -> None:
+        coco_gt = coco_gt_of(dataset)
+        if coco_gt is not None:
+            unknown = sorted(set(hard_negatives.images) - {im["id"] for im in coco_gt["images"]})
+            if unknown:
+                raise ValueError(
+                    f"hard negatives mined from {hard_negatives.source or 'an unnamed source'} "
+                    f"name {len(unknown)} image ids this dataset lacks (first: {unknown[:5]}); "
+                    "were they mined on another dataset?"
+                )
+        self.dataset = dataset
+        self.hard_negatives = hard_negatives
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image, target = self.dataset[index]
+        target = dict(target)  # the wrapped dataset's dict stays as it was
+        target[HARD_NEGATIVES_KEY] = self.hard_negatives.boxes_of(int(target["image_id"]))
+        return image, target
+
+
+def with_hard_negatives(dataset: Dataset, path: str | Path | None) -> Dataset:
+    """``dataset`` with the hard negatives of the file at ``path``; ``dataset`` itself for None.
+
+    Raises:
+        HardNegativesFormatError: the file is unreadable or malformed.
+        ValueError: it was mined on another dataset.
+    """
+    return dataset if path is None else HardNegativeDataset(dataset, load_hard_negatives(path))

@@ -1,14 +1,14 @@
 """Mined hard negatives in training, with a guaranteed share of the negative picks.
 
-The RoI heads append each image's mined boxes after its proposals and ground-truth copies
-(``append_hard_negatives``) and tell the sampler which candidates they are through the ``mined``
-keyword, which only ``MinedNegativeSampler`` takes; every other sampler keeps the plain ``Sampler``
-interface.
+The RoI heads append each image's offline-mined boxes after its proposals and ground-truth copies
+(``hardmine.models``) and tell the sampler which candidates they are through the ``Sampler``
+protocol's ``mined`` flags. Every sampler accepts them; ``MinedNegativeSampler`` wraps any sampler
+to guarantee the mined boxes a share of the negative picks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +16,6 @@ from torch import Tensor
 
 from hardmine.sample.quota import fill_shortfall, flatten
 from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection
-
-# The targets entry that carries an image's mined boxes, ``float [M, 4]`` xyxy pixels (see
-# ``hardmine.mine.dataset.HardNegativeDataset``).
-TARGET_KEY = "hard_negatives"
 
 
 def sample_with_mined(
@@ -62,6 +58,20 @@ def sample_with_mined(
 
     Raises:
         ValueError: ``share`` outside ``[0, 1]``, or ``mined`` sizes that disagree.
+
+    Example:
+        A positive, three negatives and two mined boxes; random sampling picks the positive and
+        three negatives, and half the negative quota (one pick) goes to a mined box.
+
+        >>> from hardmine import RandomSampler, assign_max_iou
+        >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> boxes = [[0, 0, 10, 10]] + [[20 * k, 20, 20 * k + 10, 30] for k in range(5)]
+        >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1])])
+        >>> mined = torch.tensor([False, False, False, False, True, True])
+        >>> (s,) = sample_with_mined(RandomSampler(num=4), [boxes], [a], [mined], share=0.5)
+        >>> int(s.mask.sum()), bool(s.mask[0]), int(s.mask[4:].sum())
+        (4, True, 1)
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
@@ -93,7 +103,7 @@ def sample_with_mined(
 
 @dataclass(frozen=True)
 class MinedNegativeSampler:
-    """``sample_with_mined`` around any sampler, in the ``Sampler`` interface plus ``mined``.
+    """``sample_with_mined`` around any sampler, as a ``Sampler``.
 
     Without ``mined`` (a batch from a dataset without hard negatives) it is ``base``.
 
@@ -119,8 +129,8 @@ class MinedNegativeSampler:
         assignments: Sequence[Assignment],
         *,
         losses: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
         mined: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> list[Selection]:
         if mined is None:
             return self.base(boxes, assignments, losses=losses, generator=generator)
@@ -133,32 +143,3 @@ class MinedNegativeSampler:
             losses=losses,
             generator=generator,
         )
-
-
-def append_hard_negatives(
-    proposals: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]
-) -> tuple[list[Tensor], list[Tensor] | None]:
-    """The RoI heads' hook: each image's mined boxes appended after its candidates.
-
-    The boxes come from ``targets[i]["hard_negatives"]``, in the pixels of the image the heads
-    see: the detector's transform resizes them with the image (``hardmine.models``
-    ``BoxKeysTransform``), as it does ``boxes``.
-
-    Args:
-        proposals: ``float [N_i, 4]`` per image (proposals and ground-truth copies).
-        targets: per image; ``"hard_negatives"``: ``float [M_i, 4]`` xyxy, or absent for none.
-
-    Returns:
-        The candidates ``[N_i + M_i, 4]`` and, per image, ``bool [N_i + M_i]`` true for the mined
-        ones; the proposals unchanged and ``None`` when no target carries hard negatives.
-    """
-    if not any(TARGET_KEY in t for t in targets):
-        return list(proposals), None
-    candidates, mined = [], []
-    for boxes, target in zip(proposals, targets, strict=True):
-        extra = target.get(TARGET_KEY, boxes.new_zeros(0, 4)).to(boxes.dtype)
-        candidates.append(torch.cat([boxes, extra]))
-        flags = torch.zeros(boxes.shape[0] + extra.shape[0], dtype=torch.bool, device=boxes.device)
-        flags[boxes.shape[0] :] = True
-        mined.append(flags)
-    return candidates, mined

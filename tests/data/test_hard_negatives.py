@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hardmine.mine import (
+from hardmine.data import (
     HardNegatives,
     HardNegativesFormatError,
     MinedBoxes,

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardmine.data import SceneDataset
-from hardmine.mine import (
-    HardNegativeDataset,
-    HardNegatives,
-    MinedBoxes,
-    MinedNegativeSampler,
-    append_hard_negatives,
-)
-from hardmine.sample import SAMPLERS, RandomSampler
+from hardmine.data import HardNegativeDataset, HardNegatives, MinedBoxes, SceneDataset
+from hardmine.models._transform import append_hard_negatives
+from hardmine.sample import SAMPLERS, MinedNegativeSampler, RandomSampler
 from hardmine.structures import Assignment, Sampler
 
 NUM = 64

@@ -1,0 +1,238 @@
+"""A run configuration made real: its datasets, sampler, assigner, generator and detector.
+
+``load_run_config`` reads a configuration with every registry, the detectors' included, so that a
+wrong model name or setting is refused before any work; ``build_datasets`` and ``build_detector``
+turn a ``RunConfig`` into the objects a run trains and evaluates. ``PickCounter`` with
+``CountingSampler`` / ``CountingAssigner`` count what the loss sees, for the metrics log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
+from hardmine.data import CocoDataset, make_scenes, pennfudan_split, with_hard_negatives
+from hardmine.models import DETECTORS, build
+from hardmine.sample import MinedNegativeSampler
+from hardmine.structures import Assigner, Assignment, Sampler, Selection
+
+#: Every component section's registry: the core's and the detectors.
+RUN_REGISTRIES: Registries = {**REGISTRIES, "model": DETECTORS}
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """``hardmine.config.load_config`` with the detectors' registry too (``RUN_REGISTRIES``).
+
+    Raises:
+        ConfigError: an unknown key or name (the model's included), or a wrong value.
+    """
+    return load_config(path, overrides, registries=RUN_REGISTRIES)
+
+
+def check_model(config: RunConfig) -> None:
+    """Raise ``ConfigError`` unless ``config.model`` names a detector of ``DETECTORS``."""
+    name = config.model.name
+    if name not in DETECTORS:
+        raise ConfigError(
+            f"model.name: unknown model {name!r}; valid names: {', '.join(sorted(DETECTORS))}"
+        )
+
+
+class PickCounter:
+    """Per-image positive and negative counts of what the loss sees, summed on the device.
+
+    Counting stays on the device (no host synchronisation per step); ``take`` reads and resets.
+    """
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None  # [2]: positives, negatives
+        self._images = 0
+
+    def add(self, positive: Sequence[Tensor], negative: Sequence[Tensor]) -> None:
+        """Add one batch's ``bool [N_i]`` masks of positives and negatives seen by the loss."""
+        counts = torch.stack([torch.cat(positive).sum(), torch.cat(negative).sum()])
+        self._sum = counts if self._sum is None else self._sum + counts
+        self._images += len(positive)
+
+    def take(self) -> dict[str, float]:
+        """Mean positives and negatives per image since the last ``take`` (empty if none)."""
+        if self._sum is None:
+            return {}
+        pos, neg = (self._sum / self._images).tolist()
+        self._sum, self._images = None, 0
+        return {"positive": pos, "negative": neg}
+
+
+@dataclass(frozen=True)
+class CountingSampler:
+    """A sampler that also counts its picks: positive and negative candidates per image."""
+
+    sampler: Sampler
+    counter: PickCounter
+
+    @property
+    def needs_losses(self) -> bool:
+        return self.sampler.needs_losses
+
+    def __call__(
+        self,
+        boxes: Sequence[Tensor],
+        assignments: Sequence[Assignment],
+        *,
+        losses: Sequence[Tensor] | None = None,
+        mined: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Selection]:
+        selections = self.sampler(
+            boxes, assignments, losses=losses, mined=mined, generator=generator
+        )
+        self.counter.add(
+            [s.mask & a.positive for s, a in zip(selections, assignments, strict=True)],
+            [s.mask & a.negative for s, a in zip(selections, assignments, strict=True)],
+        )
+        return selections
+
+
+@dataclass(frozen=True)
+class CountingAssigner:
+    """An assigner that also counts its positives and negatives (for detectors without a sampler,
+    such as RetinaNet, whose loss sees every candidate that is not ignored)."""
+
+    assigner: Assigner
+    counter: PickCounter
+
+    def __call__(
+        self,
+        candidates: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        *,
+        ignore_boxes: Sequence[Tensor] | None = None,
+        num_per_level: Sequence[int] | None = None,
+    ) -> list[Assignment]:
+        assignments = self.assigner(
+            candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes, num_per_level=num_per_level
+        )
+        self.counter.add([a.positive for a in assignments], [a.negative for a in assignments])
+        return assignments
+
+
+def has_masks(config: RunConfig) -> bool:
+    """Whether the detector predicts masks (Mask R-CNN): its data loads masks, its AP has both."""
+    return config.model.name is not None and config.model.name.startswith("mask_rcnn")
+
+
+def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """The training set, the validation set and the category names that ``config.data`` gives.
+
+    Masks are loaded for Mask R-CNN models only. The training set is the plain one, without the
+    hard negatives of ``config.hard_negatives`` (``training_set`` adds them).
+    """
+    data = config.data
+    with_masks = has_masks(config)
+    if data.kind == "scenes":
+        train_set, val_set = (
+            make_scenes(
+                split,
+                num_images=num,
+                image_size=data.image_size,
+                num_classes=data.num_classes,
+                with_masks=with_masks,
+            )
+            for split, num in (("train", data.num_train), ("val", data.num_val))
+        )
+        categories = train_set.categories
+    elif data.root is not None:
+        train_set, val_set, categories = pennfudan_split(data.root, with_masks=with_masks)
+    else:
+        paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
+        if any(p is None for p in paths):
+            raise ValueError(
+                "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
+                "data.val_images and data.val_ann"
+            )
+        train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
+        val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
+        if val_set.categories != train_set.categories:
+            raise ValueError(
+                f"{data.train_ann} and {data.val_ann} have different categories: "
+                f"{train_set.categories} and {val_set.categories}"
+            )
+        categories = train_set.categories
+    return train_set, val_set, categories
+
+
+def training_set(config: RunConfig, train_set: Dataset) -> Dataset:
+    """``train_set`` with the hard negatives of ``config.hard_negatives``, if any.
+
+    Raises:
+        ValueError: hard negatives without a sampler, or mined on another dataset.
+        HardNegativesFormatError: the file is unreadable or malformed.
+    """
+    if config.hard_negatives is None:
+        return train_set
+    if config.sampler.name is None:
+        raise ValueError("hard_negatives need a sampler: they join an R-CNN's RoIs")
+    return with_hard_negatives(train_set, config.hard_negatives)
+
+
+def build_sampler(config: RunConfig) -> Sampler | None:
+    """The sampler of ``config``, around it the mined-negative share with ``hard_negatives``."""
+    if config.sampler.name is None:
+        return None
+    sampler = REGISTRIES["sampler"][config.sampler.name](**config.sampler.settings)
+    if config.hard_negatives is not None:
+        sampler = MinedNegativeSampler(sampler, share=config.hard_negative_share)
+    return sampler
+
+
+def build_assigner(config: RunConfig) -> Assigner | None:
+    """The assigner of ``config``; None leaves the detector its own."""
+    if config.assigner.name is None:
+        return None
+    return REGISTRIES["assigner"][config.assigner.name](**config.assigner.settings)
+
+
+def build_detector(
+    config: RunConfig,
+    num_classes: int,
+    counter: PickCounter | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """The detector of ``config`` with its sampler, assigner and generator.
+
+    Args:
+        config: the run configuration.
+        num_classes: object classes, without the background.
+        counter: receives the picks in training (the sampler's, or without one the assigner's).
+        generator: the samplers' generator; torch's global RNG when None.
+
+    Raises:
+        ConfigError: the model is not in ``DETECTORS``.
+    """
+    check_model(config)
+    sampler = build_sampler(config)
+    assigner = build_assigner(config)
+    if counter is not None:
+        if sampler is not None:
+            sampler = CountingSampler(sampler, counter)
+        elif assigner is not None:
+            assigner = CountingAssigner(assigner, counter)
+    return build(
+        config.model.name,
+        num_classes + 1,  # torchvision's class 0 is the background
+        sampler=sampler,
+        assigner=assigner,
+        generator=generator,
+        **config.model.settings,
+    )

@@ -1,0 +1,187 @@
+"""The run directory: its file names, the metrics log, its plot and ``load_run``.
+
+A run directory holds::
+
+    config.yaml      the resolved configuration
+    metrics.jsonl    one row per logged step (losses, learning rate, picks per image) and per
+                     evaluation (COCO AP)
+    checkpoint.pt    the latest checkpoint
+    results.json     the final evaluation; its presence marks the run finished
+    eval.json        the latest ``hardmine eval`` of the checkpoint
+    plots/           losses.png
+    tensorboard/     the same scalars for TensorBoard
+
+Every file but the append-only metrics log is written atomically (``write_atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import Dataset
+
+from hardmine._atomic import write_atomic
+from hardmine.config import RunConfig
+from hardmine.engine import checkpoint
+from hardmine.engine.build import build_datasets, build_detector, load_run_config
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+EVAL_NAME = "eval.json"
+LOSS_PLOT = Path("plots") / "losses.png"
+
+
+def write_json(path: str | Path, document: Any) -> Path:
+    """``document`` as indented JSON, written atomically."""
+    return write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (empty if the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve(rows: Sequence[Mapping[str, Any]], key: str = "loss") -> dict[int, float]:
+    """Step -> ``key`` of the training rows of a metrics log."""
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and TensorBoard scalars of the main process.
+
+    On resume, rows after the checkpoint's step are dropped (the killed run may have logged steps
+    that the resumed run takes again).
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow import, main process only
+
+        self.path = run_dir / METRICS_NAME
+        if resume_step is None:
+            write_atomic(self.path, "")
+        elif self.path.exists():
+            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=resume_step)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` (flat numbers, or dicts of numbers) to both."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, Mapping):
+                for sub, v in value.items():
+                    self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
+            elif key not in ("step", "epoch"):
+                self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write a matplotlib figure atomically, in the format of ``path``'s suffix."""
+    path = Path(path)
+    return write_atomic(path, lambda f: fig.savefig(f, format=path.suffix[1:], dpi=dpi))
+
+
+def plot_loss_curves(
+    curves: Mapping[str, Mapping[int, float]],
+    path: str | Path,
+    *,
+    ylabel: str = "training loss",
+) -> Path:
+    """One line per label: a loss against step (points marked: evaluations may be few).
+
+    Args:
+        curves: label -> (step -> loss).
+        path: the PNG to write (its folder is created).
+        ylabel: what the loss is.
+    """
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        steps = sorted(curve)
+        marker = "o" if len(steps) < 20 else None
+        ax.plot(steps, [curve[s] for s in steps], label=label, marker=marker)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """``plots/losses.png`` of a run: its training loss against step."""
+    run_dir = Path(run_dir)
+    curve = loss_curve(read_metrics(run_dir / METRICS_NAME))
+    return plot_loss_curves({run_dir.name: curve}, run_dir / LOSS_PLOT)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run directory read back: its configuration, detector and datasets.
+
+    Attributes:
+        run_dir: the run directory.
+        config: its configuration (with any overrides applied).
+        model: the detector with the checkpoint's weights, on the device, in eval mode.
+        train_set: the training set (without hard negatives).
+        val_set: the validation set.
+        categories: the category names (label ``i + 1`` is ``categories[i]``).
+        step: the steps the checkpoint had taken.
+    """
+
+    run_dir: Path
+    config: RunConfig
+    model: nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    categories: list[str]
+    step: int
+
+
+def load_run(
+    run_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedRun:
+    """A finished (or checkpointed) run's configuration, detector and datasets.
+
+    The one way every command (``eval``, ``mine``, ``bootstrap``, ``inspect``, ``compare``) reads
+    a run back.
+
+    Args:
+        run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
+        device: where to put the detector.
+        overrides: dotted configuration overrides, e.g. other ``data.*`` to mine on.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir / CONFIG_NAME, overrides)
+    train_set, val_set, categories = build_datasets(config)
+    model = build_detector(config, len(categories))
+    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME, map_location=device)
+    model.load_state_dict(state["model"])
+    return LoadedRun(
+        run_dir=run_dir,
+        config=config,
+        model=model.to(device).eval(),
+        train_set=train_set,
+        val_set=val_set,
+        categories=categories,
+        step=int(state.get("position", {}).get("step", 0)),
+    )

@@ -1,0 +1,286 @@
+"""The read-only pass: every RoI's loss, with no gradient and no side effects.
+
+OHEM (Shrivastava et al., CVPR 2016, Sec. 4.1) scores every RoI with a read-only copy of the RoI
+network and trains on the highest-loss ones; the OHEM paper's sampler-independent measure (Sec.
+5.5, Fig. 3) is the mean of the same losses over all RoIs; ``hardmine inspect`` draws what every
+sampler picks from the same RoIs. All three use these free functions of torchvision's modules,
+on plain ``RoIHeads`` and on ``SamplingRoIHeads`` alike:
+
+- ``score_rois``: the losses of given RoIs, from the heads' box pooler, box head and predictor;
+- ``roi_batch`` / ``roi_losses``: a whole detector run up to its RoI heads' assignment, read-only,
+  and the losses of every RoI it gives.
+
+On a CPU the pooling runs on all of torch's threads, in raster order (``hardmine.models._pool``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import resize_boxes
+
+from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.models._losses import fastrcnn_roi_losses, matched_boxes
+from hardmine.models._pool import pool_flat, raster_order, to_rois
+from hardmine.models.rpn import propose
+from hardmine.structures import Assigner, Assignment
+
+#: The read-only pass pools and scores the RoIs in slices of about this many bytes of features.
+READ_ONLY_SLICE_BYTES = 16 * 2**20
+
+
+def run_read_only(module: nn.Module, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Call ``module`` without changing it: buffers (BatchNorm statistics) are updated on copies.
+
+    The read-only pass must not count as a training step for normalisation layers, or OHEM's extra
+    pass over thousands of RoIs would skew the running statistics. Call under ``torch.no_grad()``.
+    """
+    buffers = {name: buf.clone() for name, buf in module.named_buffers()}
+    if not buffers:
+        return module(*args)
+    return functional_call(module, buffers, args, strict=False)
+
+
+def heads_assigner(heads: RoIHeads) -> Assigner:
+    """The assigner ``heads`` train with: a ``SamplingRoIHeads``' own, else max-IoU with the
+    heads' matcher thresholds (torchvision: positive IoU >= 0.5, negative < 0.5) and no
+    low-quality matches, which is torchvision's rule."""
+    assigner = getattr(heads, "assigner", None)
+    if assigner is not None:
+        return assigner
+    matcher = heads.proposal_matcher
+    return MaxIoUAssigner(
+        pos_thr=matcher.high_threshold, neg_thr=matcher.low_threshold, low_quality=False
+    )
+
+
+@torch.no_grad()
+def score_rois(
+    heads: RoIHeads,
+    features: dict[str, Tensor],
+    proposals: Sequence[Tensor],
+    image_shapes: Sequence[tuple[int, int]],
+    gt_boxes: Sequence[Tensor],
+    assignments: Sequence[Assignment],
+    *,
+    score_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Every RoI's loss under ``heads``' box branch, without gradient and without side effects.
+
+    The RoIs are pooled and scored in slices of ``READ_ONLY_SLICE_BYTES`` of pooled features: the
+    pass over thousands of RoIs never holds all their features at once, and its buffer is reused
+    rather than faulted in afresh (large fresh allocations are costly on a CPU). The slices follow
+    the raster order of the RoIs, so that each pools RoIs near each other (cache locality; see
+    ``_pool``); the losses come back in the proposals' order.
+
+    Args:
+        heads: torchvision's ``RoIHeads`` (or ``SamplingRoIHeads``).
+        features: feature maps by name, ``[B, C, H_l, W_l]`` each.
+        proposals: per image, ``[N_i, 4]`` in the transformed image's pixels.
+        image_shapes: per image, ``(H, W)`` after the transform.
+        gt_boxes: per image, ``[G_i, 4]``.
+        assignments: per image, the proposals' assignment.
+        score_dtype: run the box head under autocast in this type (``torch.bfloat16`` or
+            ``torch.float16``); the losses are still computed in the pooled features' type.
+
+    Returns:
+        Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss, the
+        two terms of ``fastrcnn_loss`` before reduction (Shrivastava et al., Sec. 4.1).
+    """
+    targets_reg = heads.box_coder.encode(
+        [matched_boxes(p, g, a) for p, g, a in zip(proposals, gt_boxes, assignments, strict=True)],
+        list(proposals),
+    )
+    rois = to_rois(list(proposals))
+    labels = torch.cat([a.gt_class for a in assignments])
+    targets_reg = torch.cat(targets_reg)
+    precision = contextlib.nullcontext()
+    if score_dtype is not None:
+        precision = torch.autocast(rois.device.type, dtype=score_dtype)
+    rows = _slice_rows(heads.box_roi_pool, next(iter(features.values())), rois.shape[0])
+    order = raster_order(rois)
+    out, buffer = [], None
+    for part in order.split(rows):
+        pooled = pool_flat(
+            heads.box_roi_pool, features, rois[part], list(image_shapes), buffer=buffer
+        )
+        buffer = pooled if buffer is None else buffer
+        with precision:
+            class_logits, box_regression = run_read_only(
+                heads.box_predictor, run_read_only(heads.box_head, pooled)
+            )
+        cls, box = fastrcnn_roi_losses(
+            class_logits.to(pooled.dtype),
+            box_regression.to(pooled.dtype),
+            labels[part],
+            targets_reg[part],
+        )
+        out.append(cls + box)
+    in_order = torch.cat(out)
+    losses = torch.empty_like(in_order).index_copy_(0, order, in_order)
+    return list(losses.split([p.shape[0] for p in proposals]))
+
+
+def _slice_rows(pool: nn.Module, feature: Tensor, total: int) -> int:
+    """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
+    size = getattr(pool, "output_size", None)
+    if size is None:  # not torchvision's pooler: one slice
+        return max(1, total)
+    h, w = (size, size) if isinstance(size, int) else size
+    return max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
+
+
+def rcnn_heads(model: nn.Module) -> RoIHeads | None:
+    """``model``'s RoI heads, or None for a detector without them (RetinaNet, FCOS, ATSS)."""
+    heads = getattr(model, "roi_heads", None)
+    return heads if isinstance(heads, RoIHeads) else None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode, its previous mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def train_mode_proposals(
+    rpn: RegionProposalNetwork, images: ImageList, features: dict[str, Tensor]
+) -> list[Tensor]:
+    """The RPN's proposals with its *training* top-n settings (``propose``), without its losses.
+
+    torchvision's RPN keeps more proposals in training (e.g. 2000 after NMS) than at test time
+    (1000), and the samplers choose from the training ones.
+
+    Returns:
+        Per image, ``[P_i, 4]`` in the transformed images' pixels.
+    """
+    return propose(rpn, images, features, training=True)[0]
+
+
+@dataclass(frozen=True)
+class RoIBatch:
+    """A batch's RoIs as the RoI heads see them in training, in the transformed images' pixels.
+
+    Attributes:
+        features: the backbone's feature maps, ``[B, C, H_l, W_l]`` each.
+        image_sizes: per image, ``(H, W)`` after the detector's transform.
+        original_sizes: per image, ``(H, W)`` as given.
+        proposals: per image, ``[N_i, 4]``: the proposals with the ground truths appended.
+        gt_boxes: per image, ``[G_i, 4]``.
+        gt_labels: per image, ``int64 [G_i]``.
+        assignments: per image, the RoI heads' assignment of ``proposals``.
+    """
+
+    features: dict[str, Tensor]
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    proposals: list[Tensor]
+    gt_boxes: list[Tensor]
+    gt_labels: list[Tensor]
+    assignments: list[Assignment]
+
+    def to_original(self, boxes: Sequence[Tensor]) -> list[Tensor]:
+        """Per-image boxes in the transformed pixels -> the original images' pixels."""
+        return [
+            resize_boxes(b, new, old)
+            for b, new, old in zip(boxes, self.image_sizes, self.original_sizes, strict=True)
+        ]
+
+
+def _heads_of(model: nn.Module) -> RoIHeads:
+    heads = rcnn_heads(model)
+    if heads is None:
+        raise ValueError(f"{type(model).__name__} has no RoI heads (Faster / Mask R-CNN needed)")
+    return heads
+
+
+@torch.no_grad()
+def roi_batch(
+    model: nn.Module,
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Any]],
+    *,
+    proposals: Sequence[Tensor] | None = None,
+    assigner: Assigner | None = None,
+) -> RoIBatch:
+    """Run a Faster / Mask R-CNN up to its RoI heads' assignment, read-only, in eval mode.
+
+    Args:
+        model: a torchvision ``FasterRCNN`` or ``MaskRCNN`` (with or without sampling heads).
+        images: per image, ``float [3, H, W]``.
+        targets: per image, ``boxes [G, 4]`` and ``labels int64 [G]`` in the image's pixels.
+        proposals: per image, ``[P_i, 4]`` in the image's pixels to use instead of the RPN's
+            training proposals.
+        assigner: labels the RoIs; the heads' own (``heads_assigner``) when None.
+
+    Raises:
+        ValueError: ``model`` has no RoI heads.
+    """
+    heads = _heads_of(model)
+    original_sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+    # Boxes and labels only: the transform would otherwise resize masks nobody reads here.
+    plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    with eval_mode(model):
+        image_list, resized = model.transform(list(images), plain)
+        features = model.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        if proposals is None:
+            boxes = train_mode_proposals(model.rpn, image_list, features)
+        else:
+            boxes = [
+                resize_boxes(p.to(image_list.tensors), old, new)
+                for p, old, new in zip(
+                    proposals, original_sizes, image_list.image_sizes, strict=True
+                )
+            ]
+    gt_boxes = [t["boxes"].to(boxes[0].dtype) for t in resized]
+    gt_labels = [t["labels"] for t in resized]
+    boxes = heads.add_gt_proposals(boxes, gt_boxes)
+    assigner = assigner or heads_assigner(heads)
+    return RoIBatch(
+        features=features,
+        image_sizes=list(image_list.image_sizes),
+        original_sizes=original_sizes,
+        proposals=boxes,
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        assignments=assigner(boxes, gt_boxes, gt_labels),
+    )
+
+
+def roi_losses(model: nn.Module, batch: RoIBatch) -> list[Tensor]:
+    """Every RoI's loss (classification log loss + foreground smooth-L1), read-only (``score_rois``
+    with the heads' own ``score_dtype``, if any).
+
+    Returns:
+        Per image, ``float [N_i]`` for ``batch.proposals``.
+
+    Raises:
+        ValueError: ``model`` has no RoI heads.
+    """
+    heads = _heads_of(model)
+    with eval_mode(model):
+        return score_rois(
+            heads,
+            batch.features,
+            batch.proposals,
+            batch.image_sizes,
+            batch.gt_boxes,
+            batch.assignments,
+            score_dtype=getattr(heads, "score_dtype", None),
+        )
