@@ -172,12 +172,12 @@ def settings_of(target: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
     """The keyword settings a class or builder accepts, with their type hints (Any if none).
 
     A sampler's or assigner's settings are its dataclass fields (``needs_losses`` is a
-    ``ClassVar``, not a field); a detector builder's are its keyword-only parameters.
+    ``ClassVar``, not a field); a detector builder's are the keyword-only parameters of its
+    signature, which lists those it forwards to torchvision too (``hardmine.models.build``).
 
     Returns:
-        The named settings, and whether any other keyword is accepted too (a builder with
-        ``**kwargs``, as the detectors forward them to torchvision's constructors, which check
-        them when the model is built).
+        The named settings, and whether any other keyword is accepted too (a callable with
+        ``**kwargs`` in its signature, whose keys are then checked where they are used).
     """
     if dataclasses.is_dataclass(target):
         hints = typing.get_type_hints(target)
@@ -240,8 +240,21 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         return value
     elif not isinstance(hint, type):
         return value  # a hint this checker does not model (a Protocol, a callable): trust it
-    name = getattr(hint, "__name__", None) or str(hint)
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as a user reads it: ``int | list[int] | None``, ``'bfloat16' | None``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def _component_from_dict(section: str, raw: Any, registries: Registries) -> ComponentConfig:

@@ -20,11 +20,16 @@ from torch.utils.data import Dataset
 from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
 from hardmine.data import CocoDataset, make_scenes, pennfudan_split, with_hard_negatives
 from hardmine.models import DETECTORS, build
+from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
 
-#: Every component section's registry: the core's and the detectors.
-RUN_REGISTRIES: Registries = {**REGISTRIES, "model": DETECTORS}
+#: Every component section's registry: the core's and the detectors' (each name's settings are
+#: its builder's and ``build``'s own, ``score_dtype``: ``run_settings``).
+RUN_REGISTRIES: Registries = {
+    **REGISTRIES,
+    "model": {name: run_settings(name) for name in DETECTORS},
+}
 
 
 def load_run_config(
