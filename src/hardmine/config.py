@@ -28,7 +28,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -76,6 +76,14 @@ class DataConfig:
         num_classes: object classes in the generated scenes.
         batch_size: images per step in each process.
         num_workers: data loading processes per training process.
+        on_bad_box: for ``"coco"``: a box with no area or reaching more than ``box_tolerance``
+            pixels outside its image is an error (``"error"``), or is dropped with a warning
+            that counts them (``"skip"``).
+        box_tolerance: for ``"coco"``: how far, in pixels, a box may reach outside its image and
+            still be clipped to it rather than be a bad box.
+        check_images: for ``"coco"``: decode every image file in full before training starts
+            (in threads; unchanged files are remembered under ``~/.cache/hardmine``), so that a
+            truncated or undecodable file is named at once; False finds it when it is read.
     """
 
     kind: str = "scenes"
@@ -90,6 +98,9 @@ class DataConfig:
     num_classes: int = 3
     batch_size: int = 4
     num_workers: int = 0
+    on_bad_box: Literal["error", "skip"] = "error"
+    box_tolerance: float = 1.0
+    check_images: bool = True
 
 
 @dataclass
@@ -323,6 +334,11 @@ def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTR
     config = _dataclass_from_dict(RunConfig, raw, "", registries)
     if config.data.kind not in ("scenes", "coco"):
         raise ConfigError(f"data.kind: expected 'scenes' or 'coco', got {config.data.kind!r}")
+    if not 0 <= config.data.box_tolerance < float("inf"):
+        raise ConfigError(
+            f"data.box_tolerance: expected a finite number of pixels >= 0, got "
+            f"{config.data.box_tolerance!r}"
+        )
     return config
 
 

@@ -372,7 +372,8 @@ class CocoDataset(Dataset[tuple[Tensor, dict[str, Tensor | int]]]):
             problem = f"box {bbox} has zero area once clipped to the {width}x{height} image"
         if self._on_bad_box == "error":
             raise self._error(
-                f"{problem} in {img['file_name']} (on_bad_box='skip' drops such boxes)",
+                f"{problem} in {img['file_name']}; on_bad_box='skip' "
+                "(--data.on_bad_box skip) drops such boxes",
                 ann_id=ann_id,
             )
         self._skipped.append(ann_id)
