@@ -123,13 +123,19 @@ def _composite(im: Image.Image) -> Tensor:
     return rgba[:3] * alpha + (1 - alpha) * background
 
 
-def _to_tensor(im: Image.Image, path: Path, file_format: str | None) -> Tensor:
+def _rule(im: Image.Image, path: Path, file_format: str | None) -> str:
+    """Which of the module docstring's rules decodes ``im``: ``"gray16"``, ``"float"``,
+    ``"alpha"`` or ``"rgb"``.
+
+    Raises:
+        ImageFileError: the image cannot be converted faithfully.
+    """
     mode = im.mode
     if mode in _GRAY16 or (mode == "I" and file_format == "PNG"):
         # PNG's greyscale is at most 16 bits: Pillow reads it as I;16, or as I in older versions.
-        return _gray(np.asarray(im).astype(np.float32) / 65535)
+        return "gray16"
     if mode == "F":
-        values = np.asarray(im, dtype=np.float32)
+        values = np.asarray(im)
         if values.size and not (
             np.isfinite(values).all() and 0 <= values.min() <= values.max() <= 1
         ):
@@ -137,17 +143,28 @@ def _to_tensor(im: Image.Image, path: Path, file_format: str | None) -> Tensor:
                 f"{path}: 32-bit float pixels outside [0, 1] (from {values.min()} to "
                 f"{values.max()}); scale them to [0, 1] or save as 8- or 16-bit"
             )
-        return _gray(values)
+        return "float"
     if mode in _ALPHA or (mode in _EIGHT_BIT and im.has_transparency_data):
-        return _composite(im)
+        return "alpha"
     if mode in _EIGHT_BIT:
-        return pil_to_tensor(im if mode == "RGB" else im.convert("RGB")).float().div_(255)
+        return "rgb"
     if mode == "I":
         raise ImageFileError(
             f"{path}: 32-bit integer pixels (PIL mode 'I') have no stated range; save the image "
             "as 8-bit RGB or 16-bit greyscale PNG"
         )
     raise ImageFileError(f"{path}: PIL mode {mode!r} is not supported; save the image as 8-bit RGB")
+
+
+def _to_tensor(im: Image.Image, path: Path, file_format: str | None) -> Tensor:
+    rule = _rule(im, path, file_format)
+    if rule == "gray16":
+        return _gray(np.asarray(im).astype(np.float32) / 65535)
+    if rule == "float":
+        return _gray(np.asarray(im))
+    if rule == "alpha":
+        return _composite(im)
+    return pil_to_tensor(im if im.mode == "RGB" else im.convert("RGB")).float().div_(255)
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -223,11 +240,15 @@ class CheckedFile:
 
 
 def _check(path: Path, kind: Kind) -> CheckedFile:
+    """Decode ``path`` fully and apply ``read_image``'s (or ``read_mask``'s) rules, without
+    making the float tensor (on a busy CPU that costs more than the decoding)."""
     if kind == "mask":
         mask = read_mask(path)
         return CheckedFile(mask.shape[1], mask.shape[0], tuple(int(v) for v in np.unique(mask)))
-    image = read_image(path)
-    return CheckedFile(image.shape[2], image.shape[1])
+    im, file_format = _open(path)
+    with im:
+        _rule(im, path, file_format)
+        return CheckedFile(im.width, im.height)
 
 
 _VERSION = 1  # of the decoding rules: a cache written under other rules is ignored
