@@ -8,7 +8,7 @@ import torch
 from faster_coco_eval.core import mask as mask_utils
 from PIL import Image
 
-from hardmine.data import CocoDataset, CocoFormatError, SceneDataset, write_coco
+from hardmine.data import CocoDataset, CocoFormatError, SceneDataset, pennfudan_split, write_coco
 from hardmine.engine.evaluate import coco_ap
 
 
@@ -301,3 +301,17 @@ def test_mask_files_give_coco_gt_rles_for_mask_ap(tmp_path, tiny) -> None:
 def test_box_tolerance_must_be_a_distance(tmp_path, tiny) -> None:
     with pytest.raises(ValueError, match=r"box_tolerance must be a finite number >= 0, got -1"):
         CocoDataset(tmp_path / "img", _write(tmp_path, tiny), box_tolerance=-1)
+
+
+def test_missing_annotation_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(CocoFormatError, match=r"gone\.json: annotation file not found$"):
+        CocoDataset(tmp_path, tmp_path / "gone.json")
+    with pytest.raises(CocoFormatError, match=r"nowhere/annotations\.json: annotation file not"):
+        pennfudan_split(tmp_path / "nowhere", with_masks=False)
+
+
+def test_a_pennfudan_folder_of_too_few_images(tmp_path: Path, tiny: dict[str, Any]) -> None:
+    (tmp_path / "img").rename(tmp_path / "PNGImages")
+    (tmp_path / "annotations.json").write_text(json.dumps(tiny))
+    with pytest.raises(CocoFormatError, match=r"annotations\.json: 2 images, the PennFudan split"):
+        pennfudan_split(tmp_path, with_masks=False)
