@@ -29,20 +29,20 @@ def require_component(value: Any, argument: str) -> None:
             the ``Sampler`` / ``Assigner`` interface.
     """
     interface, example, registry = _KINDS[argument]
-    what = interface.__name__.lower()
+    what = "an assigner" if interface is Assigner else "a sampler"
     if isinstance(value, str):
         raise TypeError(
-            f"{argument} must be a {what} object such as {example}, got the name {value!r}; "
+            f"{argument} must be {what} object such as {example}, got the name {value!r}; "
             f"to choose one by name: {registry}[{value!r}]()"
         )
     if isinstance(value, type):
         raise TypeError(
-            f"{argument} must be a {what} object, got the class {value.__name__}; "
+            f"{argument} must be {what} object, got the class {value.__name__}; "
             f"pass an instance: {value.__name__}()"
         )
     if not isinstance(value, interface):
         raise TypeError(
-            f"{argument} must be a {what} object such as {example} (hardmine.structures."
+            f"{argument} must be {what} object such as {example} (hardmine.structures."
             f"{interface.__name__}), got {type(value).__name__}"
         )
 
