@@ -395,10 +395,11 @@ def _describe(config: RunConfig, seeds: Sequence[int]) -> str:
     )
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
+def _format_metrics(metrics: dict[str, float | None]) -> str:
+    """``AP 41.2  AP50 60.3 ... APl n/a``: COCO AP in percent, n/a where nothing was measurable."""
     if not metrics:
         return "finished (no evaluation)"
-    return "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items())
+    return "  ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
 
 
 def inspect_parser(subparsers: Subparsers) -> None:

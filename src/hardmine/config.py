@@ -28,7 +28,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -76,6 +76,14 @@ class DataConfig:
         num_classes: object classes in the generated scenes.
         batch_size: images per step in each process.
         num_workers: data loading processes per training process.
+        on_bad_box: for ``"coco"``: a box with no area or reaching more than ``box_tolerance``
+            pixels outside its image is an error (``"error"``), or is dropped with a warning
+            that counts them (``"skip"``).
+        box_tolerance: for ``"coco"``: how far, in pixels, a box may reach outside its image and
+            still be clipped to it rather than be a bad box.
+        check_images: for ``"coco"``: decode every image file in full before training starts
+            (in threads; unchanged files are remembered under ``~/.cache/hardmine``), so that a
+            truncated or undecodable file is named at once; False finds it when it is read.
     """
 
     kind: str = "scenes"
@@ -90,6 +98,9 @@ class DataConfig:
     num_classes: int = 3
     batch_size: int = 4
     num_workers: int = 0
+    on_bad_box: Literal["error", "skip"] = "error"
+    box_tolerance: float = 1.0
+    check_images: bool = True
 
 
 @dataclass
@@ -172,12 +183,12 @@ def settings_of(target: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
     """The keyword settings a class or builder accepts, with their type hints (Any if none).
 
     A sampler's or assigner's settings are its dataclass fields (``needs_losses`` is a
-    ``ClassVar``, not a field); a detector builder's are its keyword-only parameters.
+    ``ClassVar``, not a field); a detector builder's are the keyword-only parameters of its
+    signature, which lists those it forwards to torchvision too (``hardmine.models.build``).
 
     Returns:
-        The named settings, and whether any other keyword is accepted too (a builder with
-        ``**kwargs``, as the detectors forward them to torchvision's constructors, which check
-        them when the model is built).
+        The named settings, and whether any other keyword is accepted too (a callable with
+        ``**kwargs`` in its signature, whose keys are then checked where they are used).
     """
     if dataclasses.is_dataclass(target):
         hints = typing.get_type_hints(target)
@@ -240,8 +251,21 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         return value
     elif not isinstance(hint, type):
         return value  # a hint this checker does not model (a Protocol, a callable): trust it
-    name = getattr(hint, "__name__", None) or str(hint)
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as a user reads it: ``int | list[int] | None``, ``'bfloat16' | None``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def _component_from_dict(section: str, raw: Any, registries: Registries) -> ComponentConfig:
@@ -310,6 +334,11 @@ def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTR
     config = _dataclass_from_dict(RunConfig, raw, "", registries)
     if config.data.kind not in ("scenes", "coco"):
         raise ConfigError(f"data.kind: expected 'scenes' or 'coco', got {config.data.kind!r}")
+    if not 0 <= config.data.box_tolerance < float("inf"):
+        raise ConfigError(
+            f"data.box_tolerance: expected a finite number of pixels >= 0, got "
+            f"{config.data.box_tolerance!r}"
+        )
     return config
 
 

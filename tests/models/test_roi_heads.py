@@ -383,3 +383,72 @@ def test_read_only_pass_in_bfloat16_ranks_nearly_alike(batch):
     torch.testing.assert_close(losses[1], losses[0], rtol=0.05, atol=0.02)
     shared = int((picks[0] & picks[1]).sum()) / int(picks[0].sum())
     assert shared >= 0.8, shared
+
+
+def test_keypoint_rcnn_reproduces_torchvision(keypoint_rcnn, keypoint_batch):
+    """Fed torchvision's own picks, Keypoint R-CNN's losses (the keypoint loss too) are its own."""
+    torch.manual_seed(0)
+    model = keypoint_rcnn(3)
+    wrapped = with_sampler(model, TorchvisionSampler(128, 0.25))
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*keypoint_batch)
+    torch.manual_seed(1)
+    actual = wrapped(*keypoint_batch)
+    assert "loss_keypoint" in expected and set(actual) == set(expected)
+    assert expected["loss_keypoint"].item() > 0
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
+
+
+def test_keypoint_loss_is_weighted_per_picked_positive(keypoint_rcnn, keypoint_batch):
+    """sum(weight of the RoI * loss of each counted keypoint) / counted keypoints."""
+    torch.manual_seed(0)
+    model = keypoint_rcnn(3)
+    features, proposals, sizes, targets = head_inputs(model, *keypoint_batch)
+    spy = Spy(EveryThirdSampler())
+    _, losses = SamplingRoIHeads(model.roi_heads, sampler=spy).train()(
+        features, proposals, sizes, targets
+    )
+    rois, labels, matched, _ = torchvision_targets(model, proposals, targets)
+    picks = [
+        torch.where(s.mask & (lb > 0))[0] for s, lb in zip(spy.selections, labels, strict=True)
+    ]
+    pos_rois = [r[i] for r, i in zip(rois, picks, strict=True)]
+    weight = torch.cat([s.weight[i] for s, i in zip(spy.selections, picks, strict=True)])
+    assert len(set(weight.tolist())) > 1
+    heads = model.roi_heads
+    logits = heads.keypoint_predictor(
+        heads.keypoint_head(heads.keypoint_roi_pool(features, pos_rois, sizes))
+    )  # [P, K, S, S]
+    total, counted = torch.zeros(()), 0
+    for n, (image, index) in enumerate((image, int(i)) for image, p in enumerate(picks) for i in p):
+        roi = rois[image][index]
+        for k, (x, y, v) in enumerate(targets[image]["keypoints"][matched[image][index]].tolist()):
+            side = logits.shape[-1]
+            cx = side - 1 if x == roi[2] else math.floor((x - roi[0]) * side / (roi[2] - roi[0]))
+            cy = side - 1 if y == roi[3] else math.floor((y - roi[1]) * side / (roi[3] - roi[1]))
+            if v > 0 and 0 <= cx < side and 0 <= cy < side:
+                ce = F.cross_entropy(logits[n, k].reshape(1, -1), torch.tensor([cy * side + cx]))
+                total, counted = total + weight[n] * ce, counted + 1
+    assert counted > 0
+    torch.testing.assert_close(losses["loss_keypoint"], total / counted)
+
+
+def test_with_sampler_says_what_to_pass(batch):
+    model = build("faster_rcnn_tiny", 3)
+    with pytest.raises(TypeError, match=r"got RetinaNet, .*with_assigner\(model, ATSSAssigner"):
+        with_sampler(build("retinanet_tiny", 3), OHEMSampler())
+    with pytest.raises(
+        TypeError, match=r"sampler must be .* got the name 'ohem'.*SAMPLERS\['ohem'\]"
+    ):
+        with_sampler(model, "ohem")
+    with pytest.raises(TypeError, match=r"got the class OHEMSampler; pass an instance"):
+        with_sampler(model, OHEMSampler)
+    with pytest.raises(TypeError, match=r"rpn_sampler must be"):
+        with_sampler(model, OHEMSampler(), rpn_sampler="random")
+    with pytest.raises(TypeError, match=r"assigner must be .* got the name 'max_iou'"):
+        with_sampler(model, OHEMSampler(), assigner="max_iou")
+    with pytest.raises(TypeError, match=r"Keypoint R-CNN .*, got Linear"):
+        with_sampler(nn.Linear(2, 2), OHEMSampler())

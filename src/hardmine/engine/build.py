@@ -18,13 +18,24 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
-from hardmine.data import CocoDataset, make_scenes, pennfudan_split, with_hard_negatives
+from hardmine.data import (
+    CocoDataset,
+    CocoFormatError,
+    make_scenes,
+    pennfudan_split,
+    with_hard_negatives,
+)
 from hardmine.models import DETECTORS, build
+from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
 
-#: Every component section's registry: the core's and the detectors.
-RUN_REGISTRIES: Registries = {**REGISTRIES, "model": DETECTORS}
+#: Every component section's registry: the core's and the detectors' (each name's settings are
+#: its builder's and ``build``'s own, ``score_dtype``: ``run_settings``).
+RUN_REGISTRIES: Registries = {
+    **REGISTRIES,
+    "model": {name: run_settings(name) for name in DETECTORS},
+}
 
 
 def load_run_config(
@@ -136,6 +147,11 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
 
     Masks are loaded for Mask R-CNN models only. The training set is the plain one, without the
     hard negatives of ``config.hard_negatives`` (``training_set`` adds them).
+
+    Raises:
+        ConfigError: ``data.kind`` ``"coco"`` without its files.
+        CocoFormatError: an annotation file, or a file it names, is missing or unusable (named
+            with the image or annotation id), or the two sets' categories differ.
     """
     data = config.data
     with_masks = has_masks(config)
@@ -152,23 +168,40 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
         )
         categories = train_set.categories
     elif data.root is not None:
-        train_set, val_set, categories = pennfudan_split(data.root, with_masks=with_masks)
+        train_set, val_set, categories = pennfudan_split(
+            data.root, with_masks=with_masks, **_coco_options(config)
+        )
     else:
         paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
         if any(p is None for p in paths):
-            raise ValueError(
+            raise ConfigError(
                 "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
                 "data.val_images and data.val_ann"
             )
-        train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
-        val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
+        train_set, val_set = (
+            CocoDataset(images, ann, with_masks=with_masks, **_coco_options(config))
+            for images, ann in (
+                (data.train_images, data.train_ann),
+                (data.val_images, data.val_ann),
+            )
+        )
         if val_set.categories != train_set.categories:
-            raise ValueError(
+            raise CocoFormatError(
                 f"{data.train_ann} and {data.val_ann} have different categories: "
                 f"{train_set.categories} and {val_set.categories}"
             )
         categories = train_set.categories
     return train_set, val_set, categories
+
+
+def _coco_options(config: RunConfig) -> dict[str, Any]:
+    """``CocoDataset``'s settings in ``config.data``."""
+    data = config.data
+    return {
+        "on_bad_box": data.on_bad_box,
+        "box_tolerance": data.box_tolerance,
+        "check_images": data.check_images,
+    }
 
 
 def training_set(config: RunConfig, train_set: Dataset) -> Dataset:

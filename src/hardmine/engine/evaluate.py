@@ -49,7 +49,7 @@ def coco_ap(
     *,
     iou_type: IouType = "bbox",
     image_ids: Collection[int] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """COCO average precision of ``detections`` against ``coco_gt``.
 
     Args:
@@ -64,7 +64,8 @@ def coco_ap(
     Returns:
         ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (small < 32², medium,
         large > 96² px of ``area``), prefixed ``mask_`` for ``segm``. No detections give 0; a
-        number with no ground truth to measure (no large objects, say) is -1, as in COCO.
+        number with no ground truth to measure (no large objects, say), which COCO writes as -1,
+        is None (``null`` in JSON, ``n/a`` where printed).
     """
     if iou_type not in _PREFIX:
         raise ValueError(f"iou_type must be one of {sorted(_PREFIX)}, got {iou_type!r}")
@@ -76,7 +77,11 @@ def coco_ap(
         evaluator.params.imgIds = sorted(image_ids)
     evaluator.run()
     stats = evaluator.stats_as_dict
-    return {_PREFIX[iou_type] + name: stats[key] for name, key in _STATS.items()}
+    # COCO's -1 means "nothing to measure"; as a number it would average into tables as -100%.
+    return {
+        _PREFIX[iou_type] + name: None if stats[key] < 0 else float(stats[key])
+        for name, key in _STATS.items()
+    }
 
 
 def _coco_gt_of(dataset: Dataset) -> dict[str, Any]:
@@ -155,7 +160,7 @@ def evaluate(
     iou_types: Sequence[IouType] = ("bbox",),
     batch_size: int = 4,
     coco_gt: dict[str, Any] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Run a torchvision detector over a dataset and return its COCO AP.
 
     The model is put in eval mode for the run and back in its previous mode after. Only images
@@ -184,7 +189,7 @@ def evaluate(
         image_id = int(target["image_id"])
         image_ids.add(image_id)
         detections.extend(to_coco_results(output, image_id, with_masks=with_masks))
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     for iou_type in iou_types:
         metrics.update(coco_ap(coco_gt, detections, iou_type=iou_type, image_ids=image_ids))
     return metrics
@@ -195,7 +200,7 @@ def iou_types_of(config: RunConfig) -> tuple[IouType, ...]:
     return ("bbox", "segm") if has_masks(config) else ("bbox",)
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
+def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float | None]:
     """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
 
     Args:

@@ -82,7 +82,8 @@ class MetricsLog:
         for key, value in row.items():
             if isinstance(value, Mapping):
                 for sub, v in value.items():
-                    self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
+                    if v is not None:  # an AP with nothing to measure
+                        self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
             elif key not in ("step", "epoch"):
                 self.tensorboard.add_scalar(key, value, row["step"])
 

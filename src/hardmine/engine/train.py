@@ -69,7 +69,7 @@ class TrainResult:
     """
 
     model: nn.Module
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     run_dir: Path
 
 
@@ -277,14 +277,14 @@ def train_one_epoch(session: Session, loader: DataLoader) -> None:
     bar.close()
 
 
-def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float]:
+def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float | None]:
     """COCO AP on ``val`` in the main process (the others wait), logged.
 
     The log row also gets ``roi_loss``, the OHEM paper's sampler-independent measure: the mean
     loss over all RoIs of (the first ``ROI_LOSS_IMAGES`` images of) the training set, for
     detectors with RoI heads. It stays out of the returned metrics, which are the AP table's.
     """
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     if session.process.is_main:
         model, device = unwrap(session.model), session.process.device
         metrics = evaluate(
@@ -396,7 +396,9 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
         return TrainResult(model=model, metrics=metrics, run_dir=run_dir)
 
 
-def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
+def _train_epochs(
+    session: Session, train_set: Dataset, val_set: Dataset
+) -> dict[str, float | None]:
     """The epoch loop of ``train``: train, checkpoint and evaluate until the last step."""
     config, pos = session.config, session.position
     eval_every = config.train.eval_every

@@ -169,8 +169,8 @@ class RoundResult:
         round: 0-based.
         run_dir: its run directory.
         trained_with: hard negatives in its training set (0 in round 0).
-        ap: COCO AP on the validation set.
-        ap50: AP at IoU 0.5.
+        ap: COCO AP on the validation set (None: no ground truth to measure it on).
+        ap50: AP at IoU 0.5 (likewise).
         fp_per_image: false positives per validation image at the fixed recall (``inf``: the
             recall is never reached).
         mined: hard negatives it yields for the next round (None after the last round).
@@ -179,8 +179,8 @@ class RoundResult:
     round: int
     run_dir: str
     trained_with: int
-    ap: float
-    ap50: float
+    ap: float | None
+    ap50: float | None
     fp_per_image: float
     mined: int | None
 
@@ -275,10 +275,13 @@ def format_rounds(results: Sequence[RoundResult], *, recall: float) -> str:
         fp = "not reached" if math.isinf(r.fp_per_image) else f"{r.fp_per_image:.2f}"
         mined = "-" if r.mined is None else str(r.mined)
         lines.append(
-            f"| {r.round} | {r.trained_with} | {100 * r.ap:.1f} | {100 * r.ap50:.1f} | {fp} "
-            f"| {mined} |"
+            f"| {r.round} | {r.trained_with} | {_pct(r.ap)} | {_pct(r.ap50)} | {fp} | {mined} |"
         )
     return "\n".join(lines)
+
+
+def _pct(ap: float | None) -> str:
+    return "n/a" if ap is None else f"{100 * ap:.1f}"
 
 
 def write_report(output_dir: Path, results: Sequence[RoundResult], *, recall: float) -> Path:

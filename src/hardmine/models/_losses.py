@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.models.detection.roi_heads import keypoints_to_heatmap, project_masks_on_boxes
 
 from hardmine.structures import Assignment
 
@@ -128,3 +128,43 @@ def weighted_mask_loss(
     logits = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]  # [P, M, M]
     per_roi = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
     return weighted_mean(per_roi, weight, labels.numel())
+
+
+def weighted_keypoint_loss(
+    keypoint_logits: Tensor,
+    proposals: list[Tensor],
+    gt_keypoints: list[Tensor],
+    gt_index: list[Tensor],
+    weight: Tensor,
+) -> Tensor:
+    """torchvision's ``keypointrcnn_loss`` with a weight per positive RoI.
+
+    Each visible keypoint that falls inside its RoI is a softmax log loss over the ``S x S``
+    heatmap cells; the result is ``sum(weight of its RoI * loss) / number of such keypoints``,
+    torchvision's mean when the weights are 1.
+
+    Args:
+        keypoint_logits: ``[P, K, S, S]`` for the ``P`` positive RoIs of the batch.
+        proposals: per image, the positive RoIs ``[P_i, 4]``.
+        gt_keypoints: per image, ``[G_i, K, 3]`` (x, y, visibility).
+        gt_index: per image, ``int64 [P_i]``, the matched ground truth.
+        weight: ``float [P]``.
+
+    Returns:
+        A scalar; ``0 * keypoint_logits.sum()`` (still in the graph) when no keypoint counts.
+    """
+    num_rois, num_keypoints, height, width = keypoint_logits.shape
+    if height != width:
+        raise ValueError(f"keypoint heatmaps must be square, got {height}x{width}")
+    targets, valid = [], []
+    for boxes, keypoints, index in zip(proposals, gt_keypoints, gt_index, strict=True):
+        heatmap, visible = keypoints_to_heatmap(keypoints[index], boxes, height)  # [P_i, K] each
+        targets.append(heatmap.reshape(-1))
+        valid.append(visible.reshape(-1) > 0)
+    counted = torch.where(torch.cat(valid))[0] if valid else torch.zeros(0, dtype=torch.int64)
+    if counted.numel() == 0:
+        return keypoint_logits.sum() * 0
+    logits = keypoint_logits.reshape(num_rois * num_keypoints, height * width)
+    per_keypoint = F.cross_entropy(logits[counted], torch.cat(targets)[counted], reduction="none")
+    per_keypoint_weight = weight.repeat_interleave(num_keypoints)[counted]
+    return weighted_mean(per_keypoint, per_keypoint_weight, counted.numel())

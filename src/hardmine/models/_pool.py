@@ -81,7 +81,10 @@ def pool_flat(
     if pool.scales is None or pool.map_levels is None:
         empty = [rois.new_zeros((0, 4)) for _ in image_shapes]
         pool(features, empty, image_shapes)  # torchvision sets scales and levels on first use
-    maps = [features[name] for name in pool.featmap_names]
+    # The maps the pooler uses: those of its names that ``features`` has, in ``features``' order,
+    # as torchvision's ``_filter_input`` takes them (MobileNetV3's FPN gives "0", "1", "pool"
+    # to a pooler of "0" to "3").
+    maps = [f for name, f in features.items() if name in pool.featmap_names]
     total = rois.shape[0]
     if len(maps) > 1:
         levels = pool.map_levels([rois[:, 1:]])

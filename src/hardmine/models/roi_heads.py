@@ -10,8 +10,9 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
    box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss
    (``hardmine.models.read_only.score_rois``);
-4. the sampler picks; the training pass runs RoI-align and the box (and mask) head on the picks
-   only, with the picks' weights in the losses (``hardmine.models._losses``).
+4. the sampler picks; the training pass runs RoI-align and the box head on the picks only, and
+   the mask or keypoint head on the picked positives, with the picks' weights in the losses
+   (``hardmine.models._losses``).
 
 """
 
@@ -24,9 +25,11 @@ from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from hardmine.models._checks import require_component, require_rcnn
 from hardmine.models._losses import (
     fastrcnn_roi_losses,
     matched_boxes,
+    weighted_keypoint_loss,
     weighted_mask_loss,
     weighted_mean,
 )
@@ -42,7 +45,8 @@ class SamplingRoIHeads(RoIHeads):
     Overrides ``forward`` in training mode only (eval mode calls ``RoIHeads.forward``). Of the
     parent, it uses ``add_gt_proposals``, ``check_targets``, ``box_coder`` and the box / mask
     modules; its ``proposal_matcher`` and ``fg_bg_sampler`` are replaced by ``assigner`` and
-    ``sampler``. Keypoint heads are not supported.
+    ``sampler``. Mask and keypoint heads (Mask / Keypoint R-CNN) train on the picked positives,
+    as torchvision's do on its sampled positives, each RoI's loss weighted by its pick's weight.
 
     Args:
         heads: the torchvision heads whose modules and settings to share (not copied).
@@ -67,8 +71,6 @@ class SamplingRoIHeads(RoIHeads):
         generator: torch.Generator | None = None,
         score_dtype: torch.dtype | None = None,
     ) -> None:
-        if heads.has_keypoint():
-            raise ValueError("SamplingRoIHeads does not support keypoint heads")
         matcher, fg_bg = heads.proposal_matcher, heads.fg_bg_sampler
         super().__init__(
             heads.box_roi_pool,
@@ -85,6 +87,9 @@ class SamplingRoIHeads(RoIHeads):
             mask_roi_pool=heads.mask_roi_pool,
             mask_head=heads.mask_head,
             mask_predictor=heads.mask_predictor,
+            keypoint_roi_pool=heads.keypoint_roi_pool,
+            keypoint_head=heads.keypoint_head,
+            keypoint_predictor=heads.keypoint_predictor,
         )
         self.box_coder = heads.box_coder
         self.sampler = sampler
@@ -105,7 +110,8 @@ class SamplingRoIHeads(RoIHeads):
             features: feature maps by name, ``[B, C, H, W]`` each.
             proposals: per image, ``[N_i, 4]``.
             image_shapes: per image, ``(H, W)`` after the transform.
-            targets: per image, ``boxes [G_i, 4]``, ``labels int64 [G_i]`` (and ``masks``).
+            targets: per image, ``boxes [G_i, 4]``, ``labels int64 [G_i]`` (and ``masks`` or
+                ``keypoints [G_i, K, 3]``).
         """
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
@@ -147,6 +153,10 @@ class SamplingRoIHeads(RoIHeads):
         }
         if self.has_mask():
             out["loss_mask"] = self.mask_loss(features, rois, image_shapes, targets, picked, weight)
+        if self.has_keypoint():
+            out["loss_keypoint"] = self.keypoint_loss(
+                features, rois, image_shapes, targets, picked, weight
+            )
         return [], out
 
     def roi_losses(
@@ -196,6 +206,29 @@ class SamplingRoIHeads(RoIHeads):
             weight[torch.cat(positive)],
         )
 
+    def keypoint_loss(
+        self,
+        features: dict[str, Tensor],
+        rois: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        picked: list[Assignment],
+        weight: Tensor,
+    ) -> Tensor:
+        """Weighted keypoint loss of the picked positives (``weight: [R]`` over all picks)."""
+        positive = [a.positive for a in picked]
+        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
+        keypoint_logits = self.keypoint_predictor(
+            self.keypoint_head(self.keypoint_roi_pool(features, pos_rois, image_shapes))
+        )
+        return weighted_keypoint_loss(
+            keypoint_logits,
+            pos_rois,
+            [t["keypoints"] for t in targets],
+            [a.gt_index[p] for a, p in zip(picked, positive, strict=True)],
+            weight[torch.cat(positive)],
+        )
+
 
 def _index(assignment: Assignment, index: Tensor) -> Assignment:
     """The assignment of the candidates at ``index: int64 [R]``."""
@@ -216,7 +249,7 @@ def with_sampler(
     generator: torch.Generator | None = None,
     score_dtype: torch.dtype | None = None,
 ) -> GeneralizedRCNN:
-    """Faster / Mask R-CNN whose RoI heads (and optionally RPN) train on a hardmine sampler's picks.
+    """Faster / Mask / Keypoint R-CNN whose RoI heads (and optionally RPN) train on sampler picks.
 
     The returned model is a shallow copy of ``model``: same class, every submodule and weight shared
     (training one trains the other), with ``roi_heads`` replaced by ``SamplingRoIHeads`` and, when
@@ -226,13 +259,25 @@ def with_sampler(
     the two can be compared; inference is identical.
 
     Args:
-        model: a torchvision ``FasterRCNN`` or ``MaskRCNN``.
+        model: a torchvision ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN`` (any
+            ``GeneralizedRCNN`` with torchvision ``RoIHeads``).
         sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=128)``.
         rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
         score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
+
+    Raises:
+        TypeError: ``model`` is not an R-CNN (RetinaNet and FCOS take an assigner through
+            ``with_assigner``), or a sampler / assigner is not an instance of one (a name such
+            as ``"ohem"``, or a class).
     """
+    require_rcnn(model)
+    require_component(sampler, "sampler")
+    if rpn_sampler is not None:
+        require_component(rpn_sampler, "rpn_sampler")
+    if assigner is not None:
+        require_component(assigner, "assigner")
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
     wrapped.transform = with_box_keys(model.transform)

@@ -142,7 +142,7 @@ class Outcome:
     method: str
     seed: int
     run_dir: Path
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
 
@@ -188,9 +188,13 @@ def run_comparison(
                     train(config, resume=True)
                 results = json.loads((run_dir / RESULTS_NAME).read_text())
                 outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
-                ap = 100 * outcome.metrics.get("AP", float("nan"))
+                ap = outcome.metrics.get("AP")
                 log.info(
-                    "%s, seed %d: AP %.1f, %.1f min", method.name, seed, ap, outcome.seconds / 60
+                    "%s, seed %d: AP %s, %.1f min",
+                    method.name,
+                    seed,
+                    "n/a" if ap is None else f"{100 * ap:.1f}",
+                    outcome.seconds / 60,
                 )
             except Exception as error:  # one method's failure must not stop the others
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +238,16 @@ class Summary:
     minutes: float
 
 
+def _measured(values: dict[str, list[float | None]]) -> dict[str, tuple[float, float]]:
+    """Mean and std of each key's measured values; keys with none are left out."""
+    out = {}
+    for key, vs in values.items():
+        measured = [v for v in vs if v is not None]
+        if measured:
+            out[key] = _mean_std(measured)
+    return out
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -247,15 +261,20 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
     summaries = []
     for method in methods:
         done = by_method.get(method.name, {})
-        ap = {k: _mean_std([o.metrics[k] for o in done.values()]) for k in AP_KEYS} if done else {}
-        delta = {}
+        # An AP with nothing to measure (None) is left out: of the mean, or of the table.
+        ap = _measured({k: [o.metrics[k] for o in done.values()] for k in AP_KEYS})
         base = by_method.get(method.baseline or "", {})
         common = sorted(set(done) & set(base))
-        if common:
-            delta = {
-                k: _mean_std([done[s].metrics[k] - base[s].metrics[k] for s in common])
+        delta = _measured(
+            {
+                k: [
+                    done[s].metrics[k] - base[s].metrics[k]
+                    for s in common
+                    if done[s].metrics[k] is not None and base[s].metrics[k] is not None
+                ]
                 for k in AP_KEYS
             }
+        )
         rows = [r for o in done.values() for r in read_metrics(o.run_dir / METRICS_NAME)]
         picks = [r["picks"] for r in rows if "picks" in r]
         failed = sum(o.method == method.name and o.error is not None for o in outcomes)
