@@ -104,7 +104,7 @@ def assign_max_iou(
 
     Returns:
         One ``Assignment`` per image (DESIGN.md conventions); ``max_iou`` has the candidates'
-        dtype.
+        dtype, ``float32`` for half-precision candidates.
 
     Raises:
         ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.

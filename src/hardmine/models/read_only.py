@@ -30,6 +30,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 
 from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.boxes import upcast
 from hardmine.models._losses import fastrcnn_roi_losses, matched_boxes
 from hardmine.models._pool import pool_flat, raster_order, to_rois
 from hardmine.models.rpn import propose
@@ -248,6 +249,7 @@ def roi_batch(
                     proposals, original_sizes, image_list.image_sizes, strict=True
                 )
             ]
+    boxes = [upcast(b) for b in boxes]  # geometry in float32 (DESIGN.md), as in training
     gt_boxes = [t["boxes"].to(boxes[0].dtype) for t in resized]
     gt_labels = [t["labels"] for t in resized]
     boxes = heads.add_gt_proposals(boxes, gt_boxes)

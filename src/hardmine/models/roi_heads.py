@@ -24,6 +24,7 @@ from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from hardmine.boxes import upcast
 from hardmine.models._losses import (
     fastrcnn_roi_losses,
     matched_boxes,
@@ -111,6 +112,10 @@ class SamplingRoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         self.check_targets(targets)
         assert targets is not None  # check_targets raised otherwise
+        # Under autocast the RPN decodes its proposals in float16; the assignment, the
+        # samplers' geometry and the regression targets are computed in float32 (DESIGN.md,
+        # "Errors, faults and precision"), and the ground truths are never rounded to half.
+        proposals = [upcast(p) for p in proposals]
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hardmine.boxes import check_finite
+from hardmine.boxes import check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
     count_per_segment,
@@ -194,7 +194,7 @@ def sample_iou_balanced(
     else:
         pos_mask = fill(nothing, pos, num_pos)
 
-    iou = flat.max_iou
+    iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     if floor_thr > 0:
         floor = neg & (iou < floor_thr)
     elif floor_thr == 0:

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from hardmine.boxes import box_iou, check_boxes, check_finite
+from hardmine.boxes import box_iou, check_boxes, check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
     draw,
@@ -83,6 +83,7 @@ def overlap_with_positives(
         of 1 included; 0 in an image without positives), and ``iou_pe: float [N]``: for
         positives, max IoU with any *other* candidate of the image, 0 elsewhere.
     """
+    boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n, b = boxes.shape[0], flat.num_images
     pos_count = flat.count(positive)  # [B]
     # The one host read: P_max sizes the padded positives. It follows input validation, which
