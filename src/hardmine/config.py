@@ -120,6 +120,9 @@ class TrainConfig:
         log_every: steps between rows of ``metrics.jsonl``.
         eval_every: epochs between COCO evaluations, and one at the end; 0: never.
         checkpoint_every: steps between checkpoints; 0: at the end of each epoch only.
+        roi_loss_images: at each evaluation, the mean loss over all RoIs of this many training
+            images (the first ones) is logged, the OHEM paper's sampler-independent measure
+            (``hardmine.engine.roi_loss``); 0: not measured.
     """
 
     epochs: int = 12
@@ -135,6 +138,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1
     checkpoint_every: int = 0
+    roi_loss_images: int = 32
 
 
 @dataclass

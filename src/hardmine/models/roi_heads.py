@@ -26,6 +26,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from hardmine.boxes import upcast
 from hardmine.models._losses import (
+    TORCHVISION_BOX_BETA,
     fastrcnn_roi_losses,
     matched_boxes,
     weighted_mask_loss,
@@ -57,6 +58,11 @@ class SamplingRoIHeads(RoIHeads):
             ``None`` (default): the model's own precision, under whatever autocast the caller
             set (e.g. AMP on CUDA). The loss ranking is then nearly, not exactly, the float32
             one; on a CPU with bfloat16 units the read-only box head is about 3x faster.
+        box_loss_beta: the smooth-L1 beta of the box loss, in training and in the read-only
+            pass alike: OHEM ranks by the loss the network trains with (the read-only network is
+            a copy of the trained one, Shrivastava et al., Sec. 4.2). Default: torchvision's
+            1/9 (Detectron's), the detector's own loss; 1 is Fast R-CNN's (Girshick, ICCV 2015,
+            Eq. 3), the loss of the OHEM paper's detector.
     """
 
     def __init__(
@@ -67,9 +73,12 @@ class SamplingRoIHeads(RoIHeads):
         assigner: Assigner | None = None,
         generator: torch.Generator | None = None,
         score_dtype: torch.dtype | None = None,
+        box_loss_beta: float = TORCHVISION_BOX_BETA,
     ) -> None:
         if heads.has_keypoint():
             raise ValueError("SamplingRoIHeads does not support keypoint heads")
+        if not box_loss_beta > 0:
+            raise ValueError(f"box_loss_beta must be > 0, got {box_loss_beta}")
         matcher, fg_bg = heads.proposal_matcher, heads.fg_bg_sampler
         super().__init__(
             heads.box_roi_pool,
@@ -92,6 +101,7 @@ class SamplingRoIHeads(RoIHeads):
         self.assigner = assigner or heads_assigner(heads)
         self.generator = generator
         self.score_dtype = score_dtype
+        self.box_loss_beta = box_loss_beta
 
     def forward(
         self,
@@ -145,7 +155,9 @@ class SamplingRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(
             self.box_head(self.box_roi_pool(features, rois, image_shapes))
         )
-        cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
+        cls, box = fastrcnn_roi_losses(
+            class_logits, box_regression, labels, torch.cat(targets_reg), beta=self.box_loss_beta
+        )
         out = {
             "loss_classifier": weighted_mean(cls, weight, labels.numel()),
             "loss_box_reg": weighted_mean(box, weight, labels.numel()),
@@ -175,6 +187,7 @@ class SamplingRoIHeads(RoIHeads):
             gt_boxes,
             assignments,
             score_dtype=self.score_dtype,
+            box_loss_beta=self.box_loss_beta,
         )
 
     def mask_loss(
@@ -220,6 +233,7 @@ def with_sampler(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     score_dtype: torch.dtype | None = None,
+    box_loss_beta: float = TORCHVISION_BOX_BETA,
 ) -> GeneralizedRCNN:
     """Faster / Mask R-CNN whose RoI heads (and optionally RPN) train on a hardmine sampler's picks.
 
@@ -232,11 +246,13 @@ def with_sampler(
 
     Args:
         model: a torchvision ``FasterRCNN`` or ``MaskRCNN``.
-        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=128)``.
+        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=64)``.
         rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
         score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
+        box_loss_beta: the box loss's smooth-L1 beta, trained and ranked by (see
+            ``SamplingRoIHeads``).
     """
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
@@ -247,6 +263,7 @@ def with_sampler(
         assigner=assigner,
         generator=generator,
         score_dtype=score_dtype,
+        box_loss_beta=box_loss_beta,
     )
     if rpn_sampler is not None:
         wrapped.rpn = SamplingRPN(model.rpn, sampler=rpn_sampler, generator=generator)
