@@ -102,8 +102,11 @@ class DataConfig:
 class TrainConfig:
     """The optimisation schedule: SGD with linear warm-up and step decay.
 
-    Defaults are the detection standard (Detectron's 1x: momentum 0.9, weight decay 1e-4,
-    decay by 10 at 8/12 and 11/12 of the schedule).
+    Defaults are MMDetection's 1x schedule: 12 epochs, momentum 0.9, weight decay 1e-4, lr 0.02
+    for 16 images per step, decay by 10 after epochs 8 and 11 (``decay_at`` 8/12 and 11/12).
+    Detectron's 1x, which maskrcnn-benchmark and the Overlap Sampler paper use (Sec. 4.1: "2e-2
+    in the first 60k iterations, then decay it by 10 and 10^2 for training another 20k and 10k
+    iterations"), decays at 60k and 80k of 90k steps: ``decay_at: [0.666667, 0.888889]``.
 
     Attributes:
         epochs: passes over the training set.
@@ -113,7 +116,8 @@ class TrainConfig:
         warmup_steps: steps of linear warm-up from ``warmup_factor * lr`` to ``lr``.
         warmup_factor: the learning rate at step 0 as a fraction of ``lr``.
         decay_at: fractions of the schedule's steps at which the learning rate is multiplied by
-            ``gamma``; fractions so that the schedule scales with ``epochs``.
+            ``gamma``; fractions so that the schedule scales with ``epochs`` (MMDetection's 1x:
+            8/12 and 11/12; Detectron's 1x: 2/3 and 8/9).
         gamma: the decay factor.
         amp: mixed precision (float16 autocast with gradient scaling); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).

@@ -189,6 +189,19 @@ def test_learning_rate_schedule() -> None:
     assert factors == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_default_schedule_is_mmdetections_1x() -> None:
+    """12 epochs, decay by 10 after epochs 8 and 11 (MMDetection's 1x; Detectron's 1x decays at
+    60k and 80k of 90k steps, which its decay_at gives)."""
+    config = load_config(None, {"train.warmup_steps": 0})
+    assert config.train.epochs == 12
+    steps = 1200  # 100 per epoch
+    factors = [lr_factor(s, config, steps) for s in (0, 799, 800, 1099, 1100, 1199)]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    detectron = load_config(None, {"train.warmup_steps": 0, "train.decay_at": [0.666667, 0.888889]})
+    factors = [lr_factor(s, detectron, 90_000) for s in (59_999, 60_000, 79_999, 80_000)]
+    assert factors == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
 def test_pennfudan_layout_split(tmp_path: Path) -> None:
     """A folder with PNGImages/ and annotations.json: the last 50 images by file name validate."""
     write_coco(SceneDataset(53, seed=0, image_size=32), tmp_path)

@@ -94,7 +94,8 @@ def lr_factor(step: int, config: RunConfig, total_steps: int) -> float:
     warmup = 1.0
     if step < train.warmup_steps:
         warmup = train.warmup_factor + (1 - train.warmup_factor) * step / train.warmup_steps
-    decays = sum(step >= int(fraction * total_steps) for fraction in train.decay_at)
+    # The nearest step: 8/12 of 1200 steps is 799.99... in floating point, and epoch 8 ends at 800.
+    decays = sum(step >= round(fraction * total_steps) for fraction in train.decay_at)
     return warmup * train.gamma**decays
 
 
