@@ -36,6 +36,9 @@ class IoUBalancedSampler:
     instance_balanced: bool = True
     needs_losses: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        check_iou_balanced_settings(**settings(self))
+
     def __call__(
         self,
         boxes: Sequence[Tensor],
@@ -118,6 +121,31 @@ def sample_instance_balanced(
     return (segment >= 0) & (rank < flat.per_image(target))
 
 
+def check_iou_balanced_settings(
+    *,
+    num: int,
+    pos_fraction: float,
+    num_bins: int,
+    neg_thr: float,
+    floor_thr: float,
+    floor_fraction: float,
+    instance_balanced: bool,
+) -> None:
+    """Raise ``ValueError`` naming the first setting of ``sample_iou_balanced`` out of its range."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if not 0.0 < neg_thr <= 1.0:
+        raise ValueError(f"neg_thr must be in (0, 1], got {neg_thr}")
+    if not floor_thr < neg_thr:
+        raise ValueError(f"floor_thr ({floor_thr}) must be below neg_thr ({neg_thr})")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
+
+
 def sample_iou_balanced(
     assignments: Sequence[Assignment],
     *,
@@ -185,12 +213,15 @@ def sample_iou_balanced(
         >>> mask[[0, 3, 4]].tolist(), int(mask[1:3].sum())
         ([True, True, True], 1)
     """
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    if not 0.0 <= floor_fraction <= 1.0:
-        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
-    if floor_thr >= neg_thr:
-        raise ValueError(f"floor_thr ({floor_thr}) must be below neg_thr ({neg_thr})")
+    check_iou_balanced_settings(
+        num=num,
+        pos_fraction=pos_fraction,
+        num_bins=num_bins,
+        neg_thr=neg_thr,
+        floor_thr=floor_thr,
+        floor_fraction=floor_fraction,
+        instance_balanced=instance_balanced,
+    )
     flat = flatten(assignments)
     check_finite(flat.max_iou, "max_iou")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
