@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardmine.assign import MaxIoUAssigner, assign_atss, assign_max_iou
+from hardmine.assign import ATSSAssigner, MaxIoUAssigner, assign_atss, assign_max_iou
 from hardmine.boxes import box_iou, nms_first
 from hardmine.data import SceneDataset, collate_fn
 from hardmine.mine.falsepos import ImageDetections, false_positives, fp_per_image_at_recall
@@ -103,6 +103,40 @@ def _anchors(dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
         centres = torch.stack([xs, ys], -1).reshape(-1, 2).float() + stride / 2
         levels.append(torch.cat([centres - 4 * stride, centres + 4 * stride], 1))
     return torch.cat(levels).to(dtype), [lv.shape[0] for lv in levels]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_atss_assigner_with_float32_ground_truths(dtype: torch.dtype) -> None:
+    """RetinaNet / FCOS under autocast: anchors in half, ground truths float32 (not rounded)."""
+    anchors, per_level = _anchors(dtype)
+    gts = [g + 0.3 for g in _scenes(torch.float32, seed=1)[3]]
+    labels = [torch.arange(1, g.shape[0] + 1) for g in gts]
+    ref = assign_atss([anchors.float()] * 3, gts, labels, num_per_level=per_level)
+    got = assign_atss([anchors] * 3, gts, labels, num_per_level=per_level)
+    for a, b in zip(ref, got, strict=True):
+        _same_assignment(a, b)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_atss_detector_under_autocast(dtype: torch.dtype) -> None:
+    """atss_tiny trains under autocast, its assigner given half anchors and float32 boxes, and
+    assigns them as float32 would."""
+    scenes = SceneDataset(2, seed=0, image_size=64)
+    images, targets = collate_fn([scenes[i] for i in range(2)])
+    assigner = _RecordingAssigner(ATSSAssigner())
+    torch.manual_seed(0)
+    model = build("atss_tiny", 4, assigner=assigner).train()
+    with torch.autocast("cpu", dtype=dtype):
+        losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    anchors, gts, labels, ignore, per_level = assigner.calls[0]
+    assert anchors[0].dtype == dtype and gts[0].dtype == torch.float32
+    ref = assign_atss(
+        [a.float() for a in anchors], gts, labels, num_per_level=per_level, ignore_boxes=ignore
+    )
+    got = assign_atss(anchors, gts, labels, num_per_level=per_level, ignore_boxes=ignore)
+    for a, b in zip(ref, got, strict=True):
+        _same_assignment(a, b)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -226,8 +260,14 @@ class _RecordingAssigner:
         self.base, self.calls = base, []
 
     def __call__(self, candidates, gt_boxes, gt_labels, *, ignore_boxes=None, num_per_level=None):
-        self.calls.append((candidates, gt_boxes, gt_labels, ignore_boxes))
-        return self.base(candidates, gt_boxes, gt_labels, ignore_boxes=ignore_boxes)
+        self.calls.append((candidates, gt_boxes, gt_labels, ignore_boxes, num_per_level))
+        return self.base(
+            candidates,
+            gt_boxes,
+            gt_labels,
+            ignore_boxes=ignore_boxes,
+            num_per_level=num_per_level,
+        )
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -246,7 +286,7 @@ def test_rcnn_under_autocast_computes_its_geometry_in_float32(dtype: torch.dtype
         losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
     (boxes, assignments, roi_losses), (anchors, _, _) = heads.calls[0], rpn.calls[0]
-    _, gts, _, ignore = assigner.calls[0]
+    _, gts, _, ignore, _ = assigner.calls[0]
     assert all(b.dtype == torch.float32 for b in [*boxes, *anchors, *gts, *ignore])
     assert all(x.dtype == torch.float32 for x in roi_losses)
     for g, t in zip(gts, targets, strict=True):  # resized from 64 to 128 px, exactly

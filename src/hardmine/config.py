@@ -104,9 +104,9 @@ class TrainConfig:
 
     Defaults are MMDetection's 1x schedule: 12 epochs, momentum 0.9, weight decay 1e-4, lr 0.02
     for 16 images per step, decay by 10 after epochs 8 and 11 (``decay_at`` 8/12 and 11/12).
-    Detectron's 1x, which maskrcnn-benchmark and the Overlap Sampler paper use (Sec. 4.1: "2e-2
-    in the first 60k iterations, then decay it by 10 and 10^2 for training another 20k and 10k
-    iterations"), decays at 60k and 80k of 90k steps: ``decay_at: [0.666667, 0.888889]``.
+    Detectron's 1x, which maskrcnn-benchmark and the Overlap Sampler paper use (Sec. 4.1: 60k
+    iterations at 0.02, then 20k at a tenth of it and 10k at a hundredth, "which is called '1x'
+    training schedule"), decays at 60k and 80k of 90k steps: ``decay_at: [0.666667, 0.888889]``.
 
     Attributes:
         epochs: passes over the training set.
