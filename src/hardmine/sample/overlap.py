@@ -416,11 +416,14 @@ def sample_overlap(
     if strategy == "uniform" and pos_strategy == "uniform":
         iou_pn = iou_pe = torch.zeros_like(upcast(flat.max_iou))
     else:
+        # IoU(p,e) only matters where an image has more positives than its quota ("it is common
+        # to sample all positives"); overlap_with_positives synchronises with the host anyway.
+        over_quota = bool((flat.count(pos) > int(num * pos_fraction)).any())
         iou_pn, iou_pe = overlap_with_positives(
             flat_boxes,
             flat,
             pos,
-            with_pe=pos_strategy != "uniform",
+            with_pe=pos_strategy != "uniform" and over_quota,
             examples=None if gt_copies_in_pe else ~gt_copy,
         )
     pick = partial(
