@@ -130,3 +130,15 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     before = checkpoint.stat().st_mtime_ns
     assert main(argv) == 0  # rerun: finished runs are read, not trained again
     assert checkpoint.stat().st_mtime_ns == before
+
+
+def test_another_sampler_on_the_command_line_says_what_it_dropped(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's ``--sampler.name ohem`` on the random-sampling config: the config's num and
+    pos_fraction are dropped, and a line says so (here before an unrelated typo stops the run)."""
+    config = Path(__file__).parents[1] / "configs" / "scenes_faster_rcnn.yaml"
+    with caplog.at_level("WARNING", logger="hardmine"), pytest.raises(SystemExit):
+        main(["train", "--config", str(config), "--sampler.name", "ohem", "--train.epoch", "1"])
+    assert "dropped sampler.num=128, sampler.pos_fraction=0.25" in caplog.text
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err
