@@ -1,6 +1,7 @@
 """Seconds per training step and peak memory of every sampler, as ratios to random sampling.
 
-The comparison is at equal RoIs per image (``--num``, default 128: the OHEM paper's B per image):
+The comparison is at equal RoIs per image (``--num``, default 128: the OHEM paper's B = 128 RoIs
+per batch, all from one image with N = 1, Table 1 row 11; its default N = 2 takes 64 per image):
 every sampler's training pass then costs the same, and what is measured is each sampler's own
 overhead, for OHEM the read-only pass of the box head over all proposals (``--proposals`` per
 image). ``torchvision`` is the unwrapped model with torchvision's own sampler at the same ``num``,

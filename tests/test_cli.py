@@ -1,5 +1,6 @@
 """The ``hardmine`` command: help for every subcommand, train / eval / compare on tiny settings."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from hardmine.cli import PARSERS, build_parser, main
 from hardmine.config import load_config
+from hardmine.engine.rundir import load_run
 
 # Four 64-px scenes, two per step, one epoch: each run takes seconds.
 TINY = [
@@ -79,6 +81,31 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*argv, "--resume"]) == 0  # finished already: nothing more to train
     assert main(["eval", "--run", str(run), "--device", "cpu"]) == 0
     assert f"{run}: AP" in capsys.readouterr().out
+    # Inference overrides without retraining (the Overlap paper's Table 2(c) sweep of θ).
+    argv = ["eval", "--run", str(run), "--device", "cpu", "--model.box_nms_thresh", "0.3"]
+    assert main(argv) == 0
+    result = json.loads((run / "eval_model.box_nms_thresh=0.3.json").read_text())
+    assert result["overrides"] == {"model.box_nms_thresh": 0.3} and "AP" in result["metrics"]
+    assert "overrides" not in json.loads((run / "eval.json").read_text())
+    assert load_run(run, overrides={"model.box_nms_thresh": 0.3}).model.roi_heads.nms_thresh == 0.3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--run", "x", "--model.name", "fcos_tiny"], "--model.name"),
+        (["eval", "--run", "x", "--sampler.num", "3"], "inference overrides only"),
+        (["compare", "--methods", "overlap:stratgy=hard"], "unknown setting 'stratgy'"),
+        (["compare", "--methods", "overlap:epsilon=0"], "epsilon must be > 0"),
+        (["compare", "--methods", "random,nope"], "unknown method 'nope'"),
+    ],
+)
+def test_user_errors_are_one_line_and_status_2(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hardmine.cli", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,3 +130,15 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     before = checkpoint.stat().st_mtime_ns
     assert main(argv) == 0  # rerun: finished runs are read, not trained again
     assert checkpoint.stat().st_mtime_ns == before
+
+
+def test_another_sampler_on_the_command_line_says_what_it_dropped(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's ``--sampler.name ohem`` on the random-sampling config: the config's num and
+    pos_fraction are dropped, and a line says so (here before an unrelated typo stops the run)."""
+    config = Path(__file__).parents[1] / "configs" / "scenes_faster_rcnn.yaml"
+    with caplog.at_level("WARNING", logger="hardmine"), pytest.raises(SystemExit):
+        main(["train", "--config", str(config), "--sampler.name", "ohem", "--train.epoch", "1"])
+    assert "dropped sampler.num=128, sampler.pos_fraction=0.25" in caplog.text
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err

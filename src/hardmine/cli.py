@@ -45,6 +45,7 @@ from hardmine.report.compare import (
     write_report,
 )
 from hardmine.report.inspect import DEFAULT_MODEL, inspect_picks, load_data, samplers_for
+from hardmine.report.methods import PRESETS, check_method, describe, parse_methods
 from hardmine.sample import SAMPLERS
 
 Subparsers = Any  # argparse's private _SubParsersAction
@@ -119,8 +120,16 @@ def eval_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="COCO AP of a run's checkpoint",
-        description="Evaluate a run's latest checkpoint on the validation set of its "
-        "configuration (COCO AP by faster-coco-eval); writes eval.json in the run directory.",
+        description=_wrap(
+            "Evaluate a run's latest checkpoint on the validation set of its configuration "
+            "(COCO AP by faster-coco-eval); writes eval.json in the run directory."
+        ),
+        epilog="inference overrides:\n"
+        "  Inference settings of the model (model.* other than model.name) and the data\n"
+        "  (data.*) can follow as --section.key VALUE, without retraining; the result goes to\n"
+        "  eval_<key>=<value>.json beside eval.json. The Overlap Sampler paper's Table 2(c):\n"
+        "    hardmine eval --run DIR --model.box_nms_thresh 0.55\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -129,17 +138,19 @@ def eval_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
     )
-    parser.set_defaults(command=eval_command, takes_overrides=False)
+    parser.set_defaults(command=eval_command, takes_overrides=True)
 
 
 def eval_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    print(f"{args.run}: " + _format_metrics(evaluate_run(args.run, device=args.device)))
+    metrics = evaluate_run(args.run, device=args.device, overrides=overrides)
+    print(f"{args.run}: " + _format_metrics(metrics))
     return 0
 
 
 def compare_parser(subparsers: Subparsers) -> None:
     """``hardmine compare``."""
     names = ", ".join(m.name for m in DEFAULT_METHODS)
+    presets = "\n".join(f"    {line}" for line in describe(PRESETS))
     parser = subparsers.add_parser(
         "compare",
         help="train one detector with several samplers (and seeds) and write a report",
@@ -153,7 +164,16 @@ def compare_parser(subparsers: Subparsers) -> None:
         ),
         epilog=_OVERRIDES_HELP
         + "  In compare they apply to every run; those of model, sampler and assigner to the\n"
-        "  methods that have that section (--sampler.num 256 leaves RetinaNet alone).\n",
+        "  methods that have that section (--sampler.num 256 leaves RetinaNet alone).\n"
+        "\nmethods:\n"
+        "  --methods takes names and variants NAME:KEY=VALUE[:KEY=VALUE...]: a bare KEY is a\n"
+        "  setting of the method's sampler (or assigner), a dotted one any key of the run\n"
+        "  (model.box_nms_thresh, train.lr). Each variant is its own row, named as written,\n"
+        "  paired by seed with its method's baseline. For example:\n"
+        "    --methods random,overlap,overlap:strategy=hard,overlap:pos_strategy=soft:epsilon=2\n"
+        f"  The default methods: {names}.\n"
+        "  The papers' presets (README, 'The papers' ablations'):\n"
+        f"{presets}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -166,7 +186,8 @@ def compare_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--methods",
         metavar="A,B",
-        help=f"comma-separated subset of the methods (default: all of {names})",
+        help="comma-separated methods: names, presets and variants NAME:KEY=VALUE (see below; "
+        f"default: {names})",
     )
     parser.add_argument(
         "--seeds", type=int, default=2, metavar="N", help="seeds 0..N-1 per method (default: 2)"
@@ -183,19 +204,15 @@ def compare_parser(subparsers: Subparsers) -> None:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    by_name = {m.name: m for m in DEFAULT_METHODS}
-    methods = list(DEFAULT_METHODS)
-    if args.methods:
-        unknown = [n for n in args.methods.split(",") if n not in by_name]
-        if unknown:
-            raise ConfigError(f"unknown methods {unknown}; valid: {', '.join(by_name)}")
-        methods = [by_name[n] for n in args.methods.split(",")]
+    methods = parse_methods(args.methods)
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     # The methods set the model, sampler and assigner: overrides of those go to every method.
     per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in COMPONENT_SECTIONS}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
     base = _base_config(args, overrides)
+    for method in methods:  # a bad variant is a user error before any training, not a failed run
+        check_method(method, base, overrides=per_method)
     seeds = list(range(args.seeds))
     outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method)
     report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))

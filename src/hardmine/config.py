@@ -10,6 +10,9 @@ its class), the data, the training schedule, the seed, the device and the output
 Overrides address any key by its dotted path: ``--sampler.num 256 --train.epochs 3``. Values are
 read as YAML (``3`` is an int, ``null`` is None, ``[0.5, 0.8]`` a list). Names map to classes in
 one explicit dict per section; an unknown name or key is an error that lists the valid ones.
+Giving a component another class (``--sampler.name ohem``) starts that section afresh from the new
+class's defaults, keeping only the settings given in the same overrides; the settings it drops
+are logged and reported (``apply_overrides``).
 
 This module is the schema only. It knows the samplers' and assigners' registries (``SAMPLERS``,
 ``ASSIGNERS``, from the core) and checks their settings against the classes' dataclass fields.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +39,8 @@ import yaml
 from hardmine._atomic import write_atomic
 from hardmine.assign import ASSIGNERS
 from hardmine.sample import SAMPLERS
+
+log = logging.getLogger("hardmine")
 
 
 class ConfigError(ValueError):
@@ -107,8 +113,11 @@ class DataConfig:
 class TrainConfig:
     """The optimisation schedule: SGD with linear warm-up and step decay.
 
-    Defaults are the detection standard (Detectron's 1x: momentum 0.9, weight decay 1e-4,
-    decay by 10 at 8/12 and 11/12 of the schedule).
+    Defaults are MMDetection's 1x schedule: 12 epochs, momentum 0.9, weight decay 1e-4, lr 0.02
+    for 16 images per step, decay by 10 after epochs 8 and 11 (``decay_at`` 8/12 and 11/12).
+    Detectron's 1x, which maskrcnn-benchmark and the Overlap Sampler paper use (Sec. 4.1: 60k
+    iterations at 0.02, then 20k at a tenth of it and 10k at a hundredth, "which is called '1x'
+    training schedule"), decays at 60k and 80k of 90k steps: ``decay_at: [0.666667, 0.888889]``.
 
     Attributes:
         epochs: passes over the training set.
@@ -118,13 +127,17 @@ class TrainConfig:
         warmup_steps: steps of linear warm-up from ``warmup_factor * lr`` to ``lr``.
         warmup_factor: the learning rate at step 0 as a fraction of ``lr``.
         decay_at: fractions of the schedule's steps at which the learning rate is multiplied by
-            ``gamma``; fractions so that the schedule scales with ``epochs``.
+            ``gamma``; fractions so that the schedule scales with ``epochs`` (MMDetection's 1x:
+            8/12 and 11/12; Detectron's 1x: 2/3 and 8/9).
         gamma: the decay factor.
         amp: mixed precision (float16 autocast with gradient scaling); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).
         log_every: steps between rows of ``metrics.jsonl``.
         eval_every: epochs between COCO evaluations, and one at the end; 0: never.
         checkpoint_every: steps between checkpoints; 0: at the end of each epoch only.
+        roi_loss_images: at each evaluation, the mean loss over all RoIs of this many training
+            images (the first ones) is logged, the OHEM paper's sampler-independent measure
+            (``hardmine.engine.roi_loss``); 0: not measured.
     """
 
     epochs: int = 12
@@ -140,6 +153,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1
     checkpoint_every: int = 0
+    roi_loss_images: int = 32
 
 
 @dataclass
@@ -389,14 +403,50 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def apply_overrides(
+    raw: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    *,
+    dropped: list[str] | None = None,
+) -> dict[str, Any]:
     """A copy of nested ``raw`` with each dotted key of ``overrides`` set.
 
     Component sections given as a bare name (``sampler: ohem``) are expanded first, so that
-    ``sampler.num`` can sit beside the name.
+    ``sampler.num`` can sit beside the name. Whole sections are set before the keys inside them,
+    whatever the order of ``overrides``.
+
+    Giving a component section another class, by ``section.name`` or by a bare name for the whole
+    section (``--sampler ohem``), starts that section afresh: the new class's defaults, plus only
+    the settings ``overrides`` give it. A setting of the old class means nothing to the new one,
+    or something else (``pos_fraction: 0.25`` of a random sampler would make OHEM keep an fg:bg
+    ratio the OHEM paper removes; ATSS's ``topk`` is no max-IoU setting at all). The settings
+    dropped that way are logged as a warning on the ``hardmine`` logger and, when ``dropped`` is
+    given, appended to it as ``"section.key=value"``. Setting the name a section already has
+    changes nothing; a whole section given as a mapping replaces the old one, as any value does.
+
+    Args:
+        raw: nested plain data (as read from YAML).
+        overrides: dotted keys to values.
+        dropped: receives the dropped settings.
     """
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(raw)))  # a deep copy of plain data
-    for dotted, value in overrides.items():
+    for section, name in _renamed_sections(out, overrides).items():
+        old = out.get(section)
+        lost = [f"{section}.{k}={v!r}" for k, v in old.items() if k != "name"]
+        if lost:
+            log.warning(
+                "%s: %s replaces %s and starts from its defaults; dropped %s (give them again "
+                "to keep them)",
+                section,
+                name,
+                old.get("name"),
+                ", ".join(lost),
+            )
+            if dropped is not None:
+                dropped.extend(lost)
+        out[section] = {"name": name}
+    # Whole sections first (fewer dots), so that their keys land inside them.
+    for dotted, value in sorted(overrides.items(), key=lambda item: item[0].count(".")):
         *parents, leaf = dotted.split(".")
         node = out
         for part in parents:
@@ -409,18 +459,40 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return out
 
 
+def _renamed_sections(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The component sections of ``raw`` holding settings whose class ``overrides`` change, with
+    the new name."""
+    out = {}
+    for section in COMPONENT_SECTIONS:
+        if f"{section}.name" in overrides:
+            name = overrides[f"{section}.name"]
+        elif section in overrides and (
+            overrides[section] is None or isinstance(overrides[section], str)
+        ):
+            name = overrides[section]
+        else:
+            continue
+        old = raw.get(section)
+        if isinstance(old, Mapping) and old.get("name") != name:
+            out[section] = name
+    return out
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     registries: Registries = REGISTRIES,
+    dropped: list[str] | None = None,
 ) -> RunConfig:
     """Read a YAML configuration (or the defaults when ``path`` is None) and apply overrides.
 
     Args:
         path: a YAML file; keys it leaves out keep their defaults.
-        overrides: dotted keys to values, e.g. from ``parse_overrides``.
+        overrides: dotted keys to values, e.g. from ``parse_overrides``. Another class for a
+            component starts its section afresh (``apply_overrides``).
         registries: as ``config_from_dict``.
+        dropped: receives the settings that a change of class dropped (see ``apply_overrides``).
 
     Raises:
         ConfigError: an unknown key or name, or a value of the wrong type.
@@ -432,20 +504,30 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping at the top level")
     # On the defaults, so that an override such as model.min_size finds the default model name.
     return config_from_dict(
-        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {}),
+        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {}, dropped=dropped),
         registries=registries,
     )
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, mappings merged key by key."""
+    """``base`` with ``update`` laid over it, mappings merged key by key; a component section of
+    another class replaces the base's (its settings belong to the base's class)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        named = not isinstance(value, Mapping) or "name" in value
+        if key in COMPONENT_SECTIONS and named and _name_of(value) != _name_of(old):
+            out[key] = value
+        elif isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = _merge(old, value)
         else:
             out[key] = value
     return out
+
+
+def _name_of(section: Any) -> Any:
+    """The class name a component section (a name, a mapping or None) gives."""
+    return section.get("name") if isinstance(section, Mapping) else section
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -139,3 +139,81 @@ def test_compare_overrides_apply_where_the_method_has_the_section() -> None:
     assert config.model.settings == {"min_size": 64} and config.sampler.settings == {"num": 32}
     config = retina.config(base, seed=0, output_dir=Path("b"), overrides=overrides)
     assert config.model.settings == {"min_size": 64} and config.sampler.name is None
+
+
+SCENES = Path(__file__).parents[2] / "configs" / "scenes_faster_rcnn.yaml"
+ATSS = Path(__file__).parents[2] / "configs" / "scenes_atss.yaml"
+
+
+def test_another_class_starts_its_section_afresh(caplog: pytest.LogCaptureFixture) -> None:
+    """The README's ``--sampler.name ohem`` on a random-sampling config runs the paper's OHEM: the
+    config's ``pos_fraction: 0.25`` (an fg:bg ratio OHEM removes) and ``num`` are dropped, and
+    said so."""
+    dropped: list[str] = []
+    with caplog.at_level("WARNING", logger="hardmine"):
+        config = load_config(SCENES, {"sampler.name": "ohem"}, dropped=dropped)
+    assert config.sampler.name == "ohem" and config.sampler.settings == {}
+    assert dropped == ["sampler.num=128", "sampler.pos_fraction=0.25"]
+    assert "sampler.pos_fraction=0.25" in caplog.text and "ohem replaces random" in caplog.text
+
+
+def test_settings_given_with_the_new_name_are_kept_in_any_order() -> None:
+    for overrides in (
+        {"sampler.name": "ohem", "sampler.num": 64},
+        {"sampler.num": 64, "sampler.name": "ohem"},
+        {"sampler.num": 64, "sampler": "ohem"},  # the whole section by name, then its key
+    ):
+        config = load_config(SCENES, overrides)
+        assert config.sampler.name == "ohem" and config.sampler.settings == {"num": 64}
+
+
+def test_the_atss_configs_max_iou_override_works() -> None:
+    """configs/scenes_atss.yaml's own comment: ATSS's topk no longer reaches max-IoU."""
+    dropped: list[str] = []
+    overrides = parse_overrides(
+        [
+            "--assigner.name",
+            "max_iou",
+            "--assigner.pos_thr",
+            "0.5",
+            "--assigner.neg_thr",
+            "0.4",
+            "--assigner.low_quality",
+            "true",
+        ]
+    )
+    config = load_config(ATSS, overrides, dropped=dropped)
+    assert config.assigner.name == "max_iou"
+    assert config.assigner.settings == {"pos_thr": 0.5, "neg_thr": 0.4, "low_quality": True}
+    assert dropped == ["assigner.topk=9"]
+
+
+def test_the_same_name_or_no_settings_drop_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    dropped: list[str] = []
+    with caplog.at_level("WARNING", logger="hardmine"):
+        same = load_config(SCENES, {"sampler.name": "random"}, dropped=dropped)
+        # The defaults' random sampler has no settings: nothing to drop, nothing said.
+        load_config(None, {"sampler.name": "overlap"}, dropped=dropped)
+    assert same.sampler.settings == {"num": 128, "pos_fraction": 0.25}
+    assert dropped == [] and caplog.text == ""
+
+
+def test_a_file_naming_another_class_does_not_inherit_default_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, {"sampler": {"num": 64}})  # no name: the default class's settings
+    assert load_config(path).sampler == load_config(None, {"sampler.num": 64}).sampler
+    assert load_config(path).sampler.name == "random"
+
+
+def test_null_name_drops_the_settings() -> None:
+    config = load_config(ATSS, {"assigner.name": None})
+    assert config.assigner.name is None and config.assigner.settings == {}
+
+
+def test_another_model_drops_the_models_settings() -> None:
+    path = Path(__file__).parents[2] / "configs" / "scenes_atss_fcos.yaml"
+    dropped: list[str] = []
+    config = load_config(path, {"model.name": "fcos_tiny", "assigner": None}, dropped=dropped)
+    assert config.model.settings == {} and dropped == [
+        "model.anchor_scale=4.0",
+        "assigner.topk=9",
+    ]

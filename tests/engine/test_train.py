@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from hardmine.config import RunConfig, load_config
 from hardmine.data import SceneDataset, write_coco
@@ -14,6 +15,7 @@ from hardmine.engine import checkpoint
 from hardmine.engine import train as train_module
 from hardmine.engine.build import build_datasets
 from hardmine.engine.evaluate import evaluate_run
+from hardmine.engine.roi_loss import mean_loss_all_rois
 from hardmine.engine.rundir import read_metrics
 from hardmine.engine.train import NonFiniteLossError, lr_factor, train
 
@@ -84,6 +86,25 @@ def test_run_directory(tmp_path: Path) -> None:
 
     assert evaluate_run(run, device="cpu") == pytest.approx(result.metrics)
     assert (run / "eval.json").exists()
+    # The loss over all RoIs of train.roi_loss_images training images, beside each evaluation.
+    (row,) = [r for r in rows if "eval" in r]
+    assert row["roi_loss"] == pytest.approx(
+        mean_loss_all_rois(result.model, build_datasets(tiny(tmp_path))[0], device="cpu"),
+        rel=1e-5,
+    )
+
+
+def test_roi_loss_images_sets_how_many_images_the_roi_loss_reads(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "one", train__eval_every=1, train__roi_loss_images=1)
+    result = train(config)
+    (row,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval" in r]
+    first = Subset(build_datasets(config)[0], [0])
+    assert row["roi_loss"] == pytest.approx(
+        mean_loss_all_rois(result.model, first, device="cpu"), rel=1e-5
+    )
+    result = train(tiny(tmp_path, "none", train__eval_every=1, train__roi_loss_images=0))
+    (row,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval" in r]
+    assert "roi_loss" not in row
 
 
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path) -> None:
@@ -166,6 +187,19 @@ def test_learning_rate_schedule() -> None:
     )  # fmt: skip
     factors = [lr_factor(step, config, 100) for step in (0, 5, 10, 49, 50, 74, 75, 99)]
     assert factors == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_default_schedule_is_mmdetections_1x() -> None:
+    """12 epochs, decay by 10 after epochs 8 and 11 (MMDetection's 1x; Detectron's 1x decays at
+    60k and 80k of 90k steps, which its decay_at gives)."""
+    config = load_config(None, {"train.warmup_steps": 0})
+    assert config.train.epochs == 12
+    steps = 1200  # 100 per epoch
+    factors = [lr_factor(s, config, steps) for s in (0, 799, 800, 1099, 1100, 1199)]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    detectron = load_config(None, {"train.warmup_steps": 0, "train.decay_at": [0.666667, 0.888889]})
+    factors = [lr_factor(s, detectron, 90_000) for s in (59_999, 60_000, 79_999, 80_000)]
+    assert factors == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
 def test_pennfudan_layout_split(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def torchvision_targets(model, proposals, targets):
     return rois, labels, matched, heads.box_coder.encode(boxes, rois)
 
 
-def plain_roi_losses(model, features, rois, sizes, labels, reg_targets) -> Tensor:
+def plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=1 / 9) -> Tensor:
     """Every RoI's CE + foreground smooth-L1, the plain way (with autograd, no batching tricks)."""
     heads = model.roi_heads
     logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
@@ -106,7 +106,7 @@ def plain_roi_losses(model, features, rois, sizes, labels, reg_targets) -> Tenso
     loss = F.cross_entropy(logits, labels, reduction="none")
     fg = torch.where(labels > 0)[0]
     deltas = deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
-    box = F.smooth_l1_loss(deltas, reg_targets[fg], beta=1 / 9, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, reg_targets[fg], beta=beta, reduction="none").sum(1)
     return loss.index_add(0, fg, box)
 
 
@@ -199,6 +199,29 @@ def test_ohem_picks_equal_brute_force(batch):
         expected[nms(r, loss, 0.7)[:num]] = True
         assert torch.equal(selection.mask, expected)
         assert int(selection.mask.sum()) == min(num, len(nms(r, loss, 0.7)))
+
+
+@pytest.mark.parametrize("beta", [1 / 9, 1.0])
+def test_ohem_ranks_by_the_loss_it_trains_with(beta, batch):
+    """The read-only pass's loss is the training loss, smooth-L1 beta included: torchvision's 1/9
+    by default, Fast R-CNN's 1 (the OHEM paper's detector) by ``box_loss_beta``."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    spy = Spy(OHEMSampler(num=32))
+    heads = SamplingRoIHeads(model.roi_heads, sampler=spy, box_loss_beta=beta).train()
+    _, out = heads(features, proposals, sizes, targets)
+    rois, labels, _, reg_targets = torchvision_targets(model, proposals, targets)
+    with torch.no_grad():
+        plain = plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=beta)
+        other = plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=1.5 - beta)
+    torch.testing.assert_close(torch.cat(spy.losses), plain)
+    assert not torch.allclose(plain, other)  # the beta matters for foreground RoIs
+    # The training pass's losses on the picks, the same beta: their mean is the total.
+    picked = torch.cat([s.mask for s in spy.selections])
+    total = out["loss_classifier"] + out["loss_box_reg"]
+    torch.testing.assert_close(total, plain[picked].mean(), rtol=1e-4, atol=1e-6)
+    assert build("faster_rcnn_tiny", 3, box_loss_beta=beta).roi_heads.box_loss_beta == beta
 
 
 def test_read_only_pass_holds_no_graph(batch):

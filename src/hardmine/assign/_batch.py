@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.boxes import box_iof, check_boxes
+from hardmine.boxes import box_iof, check_boxes, upcast
 from hardmine.structures import POSITIVE, Assignment
 
 #: Ground truths per chunk of the ``[B, G, N]`` matrices. With 100k candidates a chunk's IoU
@@ -28,8 +28,9 @@ class Batch:
     """A batch of images' candidates and ground truths, zero-padded to common sizes.
 
     Attributes:
-        candidates: ``float [B, N, 4]``, ``N`` the largest candidate count.
-        gt_boxes: ``[B, G, 4]`` in the candidates' dtype, ``G`` the largest ground-truth count
+        candidates: ``float [B, N, 4]``, ``N`` the largest candidate count, in the candidates'
+            dtype or ``float32`` for half-precision ones (see ``prepare_batch``).
+        gt_boxes: ``[B, G, 4]`` in the same dtype, ``G`` the largest ground-truth count
             (at least 1, so that images without ground truth need no special path). Padding is
             zero-area at the origin: its IoU with every candidate is 0, so it never beats a real
             ground truth (they come first, and ties go to the first).
@@ -146,6 +147,9 @@ def prepare_batch(
         ignore_iof_thr: a candidate is ignored where the fraction of it covered by an ignore box
             exceeds this.
 
+    Returns:
+        The padded batch, its boxes in the candidates' dtype, at least ``float32``.
+
     Raises:
         ValueError: on mismatched lengths or shapes, non-finite boxes, non-integer labels or a
             threshold outside ``[0, 1]``.
@@ -170,7 +174,10 @@ def prepare_batch(
                 f"gt_labels[{i}]: {labels.shape[0]} labels for {boxes.shape[0]} gt_boxes"
             )
 
-    like = candidates[0]
+    # Padded in float32 (or the input's higher precision): under autocast the anchors come in
+    # float16 while the ground truths stay float32, and one shared half type would round the
+    # ground truths (to 1 px above 1024 px in float16) and change every IoU with them.
+    like = upcast(candidates[0][:0])
     num_candidates = [c.shape[0] for c in candidates]
     num_gt = [g.shape[0] for g in gt_boxes]
     cand = _pad(candidates, max(num_candidates), like)  # [B, N, 4]

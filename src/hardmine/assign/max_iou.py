@@ -19,12 +19,31 @@ from hardmine.boxes import box_iou
 from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
 
 
-def _neg_range(neg_thr: float | tuple[float, float], pos_thr: float) -> tuple[float, float]:
+def check_max_iou_settings(
+    *,
+    pos_thr: float,
+    neg_thr: float | tuple[float, float],
+    low_quality: bool,
+    ignore_iof_thr: float,
+    chunk_size: int,
+) -> tuple[float, float]:
+    """Raise ``ValueError`` naming the first setting of ``assign_max_iou`` out of its range.
+
+    Returns:
+        The negative range ``(neg_lo, neg_hi)``.
+    """
+    if not 0.0 <= pos_thr <= 1.0:
+        raise ValueError(f"pos_thr must be in [0, 1], got {pos_thr}")
     lo, hi = (0.0, neg_thr) if isinstance(neg_thr, (int, float)) else neg_thr
     if not 0.0 <= lo <= hi <= pos_thr:
         raise ValueError(
-            f"need 0 <= neg_lo <= neg_hi <= pos_thr, got neg_thr={neg_thr}, pos_thr={pos_thr}"
+            f"neg_thr: need 0 <= neg_lo <= neg_hi <= pos_thr, got neg_thr={neg_thr}, "
+            f"pos_thr={pos_thr}"
         )
+    if not 0.0 <= ignore_iof_thr <= 1.0:
+        raise ValueError(f"ignore_iof_thr must be in [0, 1], got {ignore_iof_thr}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return lo, hi
 
 
@@ -37,6 +56,9 @@ class MaxIoUAssigner:
     low_quality: bool = False
     ignore_iof_thr: float = 0.5
     chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        check_max_iou_settings(**settings(self))
 
     def __call__(
         self,
@@ -104,7 +126,7 @@ def assign_max_iou(
 
     Returns:
         One ``Assignment`` per image (DESIGN.md conventions); ``max_iou`` has the candidates'
-        dtype.
+        dtype, ``float32`` for half-precision candidates.
 
     Raises:
         ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.
@@ -120,9 +142,13 @@ def assign_max_iou(
         >>> a.label.tolist(), a.gt_class.tolist(), [round(v, 2) for v in a.max_iou.tolist()]
         ([1, 0, -1], [3, 0, 0], [1.0, 0.0, 0.45])
     """
-    neg_lo, neg_hi = _neg_range(neg_thr, pos_thr)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    neg_lo, neg_hi = check_max_iou_settings(
+        pos_thr=pos_thr,
+        neg_thr=neg_thr,
+        low_quality=low_quality,
+        ignore_iof_thr=ignore_iof_thr,
+        chunk_size=chunk_size,
+    )
     if len(candidates) == 0:
         return []
     batch = prepare_batch(candidates, gt_boxes, gt_labels, ignore_boxes, ignore_iof_thr)

@@ -39,14 +39,20 @@ RUN_REGISTRIES: Registries = {
 
 
 def load_run_config(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    dropped: list[str] | None = None,
 ) -> RunConfig:
     """``hardmine.config.load_config`` with the detectors' registry too (``RUN_REGISTRIES``).
+
+    ``dropped`` receives the settings an override of a component's class dropped (the section
+    starts afresh from the new class's defaults; ``hardmine.config.apply_overrides``).
 
     Raises:
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
-    return load_config(path, overrides, registries=RUN_REGISTRIES)
+    return load_config(path, overrides, registries=RUN_REGISTRIES, dropped=dropped)
 
 
 def check_model(config: RunConfig) -> None:

@@ -9,7 +9,7 @@ that for a run directory's checkpoint.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from faster_coco_eval.core import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hardmine.config import RunConfig
+from hardmine.config import ConfigError, RunConfig
 from hardmine.data import coco_gt_of, collate_fn
 from hardmine.engine.build import has_masks
 from hardmine.engine.distributed import resolve_device
@@ -200,15 +200,64 @@ def iou_types_of(config: RunConfig) -> tuple[IouType, ...]:
     return ("bbox", "segm") if has_masks(config) else ("bbox",)
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float | None]:
-    """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
+#: The sections ``evaluate_run`` takes overrides of: what inference and its data read.
+EVAL_SECTIONS = ("model", "data")
+
+
+def check_eval_overrides(overrides: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` for an override that evaluation does not read, or that would change
+    the trained detector (``model.name``): it takes ``model.*`` inference settings (e.g.
+    ``model.box_nms_thresh``) and ``data.*``."""
+    for key in overrides:
+        section = key.split(".")[0]
+        if section not in EVAL_SECTIONS or key in ("model", "model.name", "data"):
+            raise ConfigError(
+                f"unrecognised arguments: --{key} (eval takes inference overrides only: "
+                "model.* other than model.name, e.g. --model.box_nms_thresh 0.55, and data.*)"
+            )
+
+
+def eval_file_name(overrides: Mapping[str, Any] | None = None) -> str:
+    """``eval.json``, or for an evaluation with overrides a name that spells them:
+    ``eval_model.box_nms_thresh=0.55.json``, so that a sweep keeps every result."""
+    if not overrides:
+        return EVAL_NAME
+    spelled = "_".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    safe = "".join(c if c.isalnum() or c in "._=-" else "-" for c in spelled)
+    return f"eval_{safe}.json"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    device: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, float | None]:
+    """COCO AP of a run's latest checkpoint on its validation set, also written to a JSON file.
+
+    Inference settings can differ from the training run's without retraining: the Overlap
+    Sampler paper's Table 2(c) sweeps the inference NMS threshold θ of one trained detector
+    (``overrides={"model.box_nms_thresh": 0.55}``).
 
     Args:
         run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        overrides: dotted ``model.*`` (not ``model.name``) and ``data.*`` keys.
+
+    Returns:
+        The metrics, also written to ``run_dir / eval_file_name(overrides)`` with the step and
+        the overrides.
+
+    Raises:
+        ConfigError: an override of another section, or an invalid one.
     """
+    overrides = dict(overrides or {})
+    check_eval_overrides(overrides)
     resolved = resolve_device(device)
-    run = load_run(run_dir, device=resolved)
+    run = load_run(run_dir, device=resolved, overrides=overrides)
     metrics = evaluate(run.model, run.val_set, device=resolved, iou_types=iou_types_of(run.config))
-    write_json(run.run_dir / EVAL_NAME, {"step": run.step, "metrics": metrics})
+    document = {"step": run.step, "metrics": metrics}
+    if overrides:
+        document["overrides"] = overrides
+    write_json(run.run_dir / eval_file_name(overrides), document)
     return metrics

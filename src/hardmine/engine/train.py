@@ -53,10 +53,6 @@ from hardmine.engine.rundir import (
     write_json,
 )
 
-#: Training images over whose RoIs the mean loss is logged at each evaluation (a few seconds on a
-#: CPU for the tiny detectors).
-ROI_LOSS_IMAGES = 32
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -98,7 +94,8 @@ def lr_factor(step: int, config: RunConfig, total_steps: int) -> float:
     warmup = 1.0
     if step < train.warmup_steps:
         warmup = train.warmup_factor + (1 - train.warmup_factor) * step / train.warmup_steps
-    decays = sum(step >= int(fraction * total_steps) for fraction in train.decay_at)
+    # The nearest step: 8/12 of 1200 steps is 799.99... in floating point, and epoch 8 ends at 800.
+    decays = sum(step >= round(fraction * total_steps) for fraction in train.decay_at)
     return warmup * train.gamma**decays
 
 
@@ -281,7 +278,7 @@ def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, f
     """COCO AP on ``val`` in the main process (the others wait), logged.
 
     The log row also gets ``roi_loss``, the OHEM paper's sampler-independent measure: the mean
-    loss over all RoIs of (the first ``ROI_LOSS_IMAGES`` images of) the training set, for
+    loss over all RoIs of the first ``train.roi_loss_images`` images of the training set, for
     detectors with RoI heads. It stays out of the returned metrics, which are the AP table's.
     """
     metrics: dict[str, float | None] = {}
@@ -296,9 +293,10 @@ def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, f
         if session.log is not None:
             pos = session.position
             row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1, "eval": metrics}
-            roi_loss = mean_loss_all_rois(
-                model, train_set, device=device, max_images=ROI_LOSS_IMAGES
-            )
+            images = session.config.train.roi_loss_images
+            roi_loss = None
+            if images > 0:
+                roi_loss = mean_loss_all_rois(model, train_set, device=device, max_images=images)
             if roi_loss is not None:
                 row["roi_loss"] = roi_loss
             session.log.write(row)

@@ -17,8 +17,11 @@ from torchvision.models.detection.roi_heads import keypoints_to_heatmap, project
 
 from hardmine.structures import Assignment
 
-# torchvision's Faster R-CNN uses smooth-L1 with beta 1/9 in both the RPN and the RoI heads.
-_SMOOTH_L1_BETA = 1 / 9
+# torchvision's Faster R-CNN uses smooth-L1 with beta 1/9 in both the RPN and the RoI heads
+# (Detectron's value); Fast R-CNN's smooth-L1 (Girshick, ICCV 2015, Eq. 3), the loss of the OHEM
+# paper's detector, has beta 1.
+TORCHVISION_BOX_BETA = 1 / 9
+FAST_RCNN_BOX_BETA = 1.0
 
 
 def matched_boxes(candidates: Tensor, gt_boxes: Tensor, assignment: Assignment) -> Tensor:
@@ -41,7 +44,12 @@ def matched_boxes(candidates: Tensor, gt_boxes: Tensor, assignment: Assignment) 
 
 
 def fastrcnn_roi_losses(
-    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+    class_logits: Tensor,
+    box_regression: Tensor,
+    labels: Tensor,
+    regression_targets: Tensor,
+    *,
+    beta: float = TORCHVISION_BOX_BETA,
 ) -> tuple[Tensor, Tensor]:
     """Fast R-CNN losses of every RoI, unreduced: the terms of torchvision's ``fastrcnn_loss``.
 
@@ -50,10 +58,11 @@ def fastrcnn_roi_losses(
         box_regression: ``[R, K * 4]``, class-specific deltas.
         labels: ``int64 [R]``, 0 for background.
         regression_targets: ``[R, 4]``, meaningful where ``labels > 0``.
+        beta: the smooth-L1's beta (torchvision: 1/9; Fast R-CNN: 1).
 
     Returns:
-        ``(classification [R], box [R])``: softmax log loss, and smooth-L1 (beta 1/9) summed over
-        the four deltas of the labelled class, 0 for background RoIs.
+        ``(classification [R], box [R])``: softmax log loss, and smooth-L1 summed over the four
+        deltas of the labelled class, 0 for background RoIs.
     """
     num_rois = class_logits.shape[0]
     cls = F.cross_entropy(class_logits, labels, reduction="none")
@@ -61,7 +70,7 @@ def fastrcnn_roi_losses(
     deltas = deltas[torch.arange(num_rois, device=labels.device), labels]  # [R, 4]
     foreground = labels > 0
     targets = torch.where(foreground[:, None], regression_targets, deltas.detach())
-    box = F.smooth_l1_loss(deltas, targets, beta=_SMOOTH_L1_BETA, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="none").sum(1)
     return cls, torch.where(foreground, box, 0.0)
 
 
@@ -83,7 +92,7 @@ def rpn_anchor_losses(
     obj = F.binary_cross_entropy_with_logits(objectness, labels, reduction="none")
     foreground = labels > 0
     targets = torch.where(foreground[:, None], regression_targets, deltas.detach())
-    box = F.smooth_l1_loss(deltas, targets, beta=_SMOOTH_L1_BETA, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, targets, beta=TORCHVISION_BOX_BETA, reduction="none").sum(1)
     return obj, torch.where(foreground, box, 0.0)
 
 

@@ -96,7 +96,15 @@ def pool_flat(
 
     def align(feature: Tensor, part: Tensor, scale: float) -> Tensor:
         with torch.no_grad():  # grad mode is per thread
-            return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
+            if feature.dtype == part.dtype:
+                return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
+            # Half-precision features (autocast) with float32 RoIs: what torchvision's autocast
+            # rule for roi_align does, pooling in float32 and returning the features' type.
+            # Autocast is per thread, so the workers would not apply it themselves.
+            out = roi_align(
+                feature.float(), part.float(), pool.output_size, scale, pool.sampling_ratio
+            )
+            return out.to(feature.dtype)
 
     # Every job's inputs are cut before the first starts, so the main thread does not compete
     # with the workers for the cores. Each job pools its RoIs in raster order (image, band of

@@ -40,6 +40,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
+from hardmine.models._losses import TORCHVISION_BOX_BETA
 from hardmine.models._settings import check_settings, forwards_to
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
@@ -326,6 +327,7 @@ def build(
     generator: torch.Generator | None = None,
     weights: Any = None,
     score_dtype: str | torch.dtype | None = None,
+    box_loss_beta: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """The detector ``name`` from ``DETECTORS``, trained with ``sampler`` / ``assigner``.
@@ -345,6 +347,9 @@ def build(
             tiny ones and ``atss_r50_fpn`` accept.
         score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
             pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
+        box_loss_beta: R-CNN: the smooth-L1 beta of the RoI heads' box loss, in training and in
+            OHEM's ranking alike (``SamplingRoIHeads``); None: torchvision's 1/9. ``1.0`` is Fast
+            R-CNN's, the loss of the OHEM paper's detector.
         **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
             ``box_batch_size_per_image``; ``inspect.signature(DETECTORS[name])`` lists them.
 
@@ -362,15 +367,25 @@ def build(
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
         if dtype is not None:
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
+        if box_loss_beta is not None:
+            raise ValueError(f"{name} has no RoI heads; box_loss_beta is for R-CNN")
         return model if assigner is None else with_assigner(model, assigner)
-    if sampler is None and assigner is None and dtype is None and generator is None:
+    wrap = (sampler, assigner, dtype, generator, box_loss_beta)
+    if all(x is None for x in wrap):
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
         sampler = RandomSampler(
             num=fg_bg.batch_size_per_image, pos_fraction=fg_bg.positive_fraction
         )
-    return with_sampler(model, sampler, assigner=assigner, generator=generator, score_dtype=dtype)
+    return with_sampler(
+        model,
+        sampler,
+        assigner=assigner,
+        generator=generator,
+        score_dtype=dtype,
+        box_loss_beta=TORCHVISION_BOX_BETA if box_loss_beta is None else box_loss_beta,
+    )
 
 
 def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -385,7 +400,10 @@ def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 
 #: ``build``'s own settings that a run configuration may give beside the builder's.
-BUILD_SETTINGS: dict[str, Any] = {"score_dtype": Literal["bfloat16", "float16"] | None}
+BUILD_SETTINGS: dict[str, Any] = {
+    "score_dtype": Literal["bfloat16", "float16"] | None,
+    "box_loss_beta": float | None,
+}
 
 
 def run_settings(name: str) -> Callable[..., nn.Module]:

@@ -1,10 +1,10 @@
 """The read-only pass: every RoI's loss, with no gradient and no side effects.
 
-OHEM (Shrivastava et al., CVPR 2016, Sec. 4.1) scores every RoI with a read-only copy of the RoI
-network and trains on the highest-loss ones; the OHEM paper's sampler-independent measure (Sec.
-5.5, Fig. 3) is the mean of the same losses over all RoIs; ``hardmine inspect`` draws what every
-sampler picks from the same RoIs. All three use these free functions of torchvision's modules,
-on plain ``RoIHeads`` and on ``SamplingRoIHeads`` alike:
+OHEM (Shrivastava et al., CVPR 2016) scores every RoI with a read-only copy of the RoI network
+(Sec. 4.2) and trains on the highest-loss ones (Sec. 4.1); the OHEM paper's sampler-independent
+measure (Sec. 5.5, Fig. 3) is the mean of the same losses over all RoIs; ``hardmine inspect``
+draws what every sampler picks from the same RoIs. All three use these free functions of
+torchvision's modules, on plain ``RoIHeads`` and on ``SamplingRoIHeads`` alike:
 
 - ``score_rois``: the losses of given RoIs, from the heads' box pooler, box head and predictor;
 - ``roi_batch`` / ``roi_losses``: a whole detector run up to its RoI heads' assignment, read-only,
@@ -30,7 +30,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 
 from hardmine.assign.max_iou import MaxIoUAssigner
-from hardmine.models._losses import fastrcnn_roi_losses, matched_boxes
+from hardmine.boxes import upcast
+from hardmine.models._losses import TORCHVISION_BOX_BETA, fastrcnn_roi_losses, matched_boxes
 from hardmine.models._pool import pool_flat, raster_order, to_rois
 from hardmine.models.rpn import propose
 from hardmine.structures import Assigner, Assignment
@@ -74,8 +75,14 @@ def score_rois(
     assignments: Sequence[Assignment],
     *,
     score_dtype: torch.dtype | None = None,
+    box_loss_beta: float = TORCHVISION_BOX_BETA,
 ) -> list[Tensor]:
     """Every RoI's loss under ``heads``' box branch, without gradient and without side effects.
+
+    The loss is the one the heads train with ("The loss represents how well the current network
+    performs on each RoI", Sec. 4.1, computed by a read-only copy of the trained RoI network,
+    Sec. 4.2): Fast R-CNN's classification log loss plus smooth-L1 box loss, with the heads'
+    ``box_loss_beta`` (see ``SamplingRoIHeads``).
 
     The RoIs are pooled and scored in slices of ``READ_ONLY_SLICE_BYTES`` of pooled features: the
     pass over thousands of RoIs never holds all their features at once, and its buffer is reused
@@ -92,10 +99,11 @@ def score_rois(
         assignments: per image, the proposals' assignment.
         score_dtype: run the box head under autocast in this type (``torch.bfloat16`` or
             ``torch.float16``); the losses are still computed in the pooled features' type.
+        box_loss_beta: the smooth-L1's beta (torchvision: 1/9; Fast R-CNN: 1).
 
     Returns:
         Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss, the
-        two terms of ``fastrcnn_loss`` before reduction (Shrivastava et al., Sec. 4.1).
+        two terms of ``fastrcnn_loss`` before reduction.
     """
     targets_reg = heads.box_coder.encode(
         [matched_boxes(p, g, a) for p, g, a in zip(proposals, gt_boxes, assignments, strict=True)],
@@ -124,6 +132,7 @@ def score_rois(
             box_regression.to(pooled.dtype),
             labels[part],
             targets_reg[part],
+            beta=box_loss_beta,
         )
         out.append(cls + box)
     in_order = torch.cat(out)
@@ -248,6 +257,7 @@ def roi_batch(
                     proposals, original_sizes, image_list.image_sizes, strict=True
                 )
             ]
+    boxes = [upcast(b) for b in boxes]  # geometry in float32 (DESIGN.md), as in training
     gt_boxes = [t["boxes"].to(boxes[0].dtype) for t in resized]
     gt_labels = [t["labels"] for t in resized]
     boxes = heads.add_gt_proposals(boxes, gt_boxes)
@@ -265,7 +275,7 @@ def roi_batch(
 
 def roi_losses(model: nn.Module, batch: RoIBatch) -> list[Tensor]:
     """Every RoI's loss (classification log loss + foreground smooth-L1), read-only (``score_rois``
-    with the heads' own ``score_dtype``, if any).
+    with the heads' own ``score_dtype`` and ``box_loss_beta``, if any).
 
     Returns:
         Per image, ``float [N_i]`` for ``batch.proposals``.
@@ -283,4 +293,5 @@ def roi_losses(model: nn.Module, batch: RoIBatch) -> list[Tensor]:
             batch.gt_boxes,
             batch.assignments,
             score_dtype=getattr(heads, "score_dtype", None),
+            box_loss_beta=getattr(heads, "box_loss_beta", TORCHVISION_BOX_BETA),
         )

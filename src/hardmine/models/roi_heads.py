@@ -25,8 +25,10 @@ from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from hardmine.boxes import upcast
 from hardmine.models._checks import require_component, require_rcnn
 from hardmine.models._losses import (
+    TORCHVISION_BOX_BETA,
     fastrcnn_roi_losses,
     matched_boxes,
     weighted_keypoint_loss,
@@ -60,6 +62,11 @@ class SamplingRoIHeads(RoIHeads):
             ``None`` (default): the model's own precision, under whatever autocast the caller
             set (e.g. AMP on CUDA). The loss ranking is then nearly, not exactly, the float32
             one; on a CPU with bfloat16 units the read-only box head is about 3x faster.
+        box_loss_beta: the smooth-L1 beta of the box loss, in training and in the read-only
+            pass alike: OHEM ranks by the loss the network trains with (the read-only network is
+            a copy of the trained one, Shrivastava et al., Sec. 4.2). Default: torchvision's
+            1/9 (Detectron's), the detector's own loss; 1 is Fast R-CNN's (Girshick, ICCV 2015,
+            Eq. 3), the loss of the OHEM paper's detector.
     """
 
     def __init__(
@@ -70,7 +77,10 @@ class SamplingRoIHeads(RoIHeads):
         assigner: Assigner | None = None,
         generator: torch.Generator | None = None,
         score_dtype: torch.dtype | None = None,
+        box_loss_beta: float = TORCHVISION_BOX_BETA,
     ) -> None:
+        if not box_loss_beta > 0:
+            raise ValueError(f"box_loss_beta must be > 0, got {box_loss_beta}")
         matcher, fg_bg = heads.proposal_matcher, heads.fg_bg_sampler
         super().__init__(
             heads.box_roi_pool,
@@ -96,6 +106,7 @@ class SamplingRoIHeads(RoIHeads):
         self.assigner = assigner or heads_assigner(heads)
         self.generator = generator
         self.score_dtype = score_dtype
+        self.box_loss_beta = box_loss_beta
 
     def forward(
         self,
@@ -117,6 +128,10 @@ class SamplingRoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         self.check_targets(targets)
         assert targets is not None  # check_targets raised otherwise
+        # Under autocast the RPN decodes its proposals in float16; the assignment, the
+        # samplers' geometry and the regression targets are computed in float32 (DESIGN.md,
+        # "Errors, faults and precision"), and the ground truths are never rounded to half.
+        proposals = [upcast(p) for p in proposals]
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
@@ -146,7 +161,9 @@ class SamplingRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(
             self.box_head(self.box_roi_pool(features, rois, image_shapes))
         )
-        cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
+        cls, box = fastrcnn_roi_losses(
+            class_logits, box_regression, labels, torch.cat(targets_reg), beta=self.box_loss_beta
+        )
         out = {
             "loss_classifier": weighted_mean(cls, weight, labels.numel()),
             "loss_box_reg": weighted_mean(box, weight, labels.numel()),
@@ -180,6 +197,7 @@ class SamplingRoIHeads(RoIHeads):
             gt_boxes,
             assignments,
             score_dtype=self.score_dtype,
+            box_loss_beta=self.box_loss_beta,
         )
 
     def mask_loss(
@@ -248,6 +266,7 @@ def with_sampler(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     score_dtype: torch.dtype | None = None,
+    box_loss_beta: float = TORCHVISION_BOX_BETA,
 ) -> GeneralizedRCNN:
     """Faster / Mask / Keypoint R-CNN whose RoI heads (and optionally RPN) train on sampler picks.
 
@@ -261,11 +280,13 @@ def with_sampler(
     Args:
         model: a torchvision ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN`` (any
             ``GeneralizedRCNN`` with torchvision ``RoIHeads``).
-        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=128)``.
+        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=64)``.
         rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
         score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
+        box_loss_beta: the box loss's smooth-L1 beta, trained and ranked by (see
+            ``SamplingRoIHeads``).
 
     Raises:
         TypeError: ``model`` is not an R-CNN (RetinaNet and FCOS take an assigner through
@@ -287,6 +308,7 @@ def with_sampler(
         assigner=assigner,
         generator=generator,
         score_dtype=score_dtype,
+        box_loss_beta=box_loss_beta,
     )
     if rpn_sampler is not None:
         wrapped.rpn = SamplingRPN(model.rpn, sampler=rpn_sampler, generator=generator)

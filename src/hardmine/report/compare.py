@@ -51,6 +51,9 @@ class Method:
         sampler: the ``sampler`` section; None for detectors without one (RetinaNet).
         assigner: the ``assigner`` section; None for the detector's own.
         baseline: the method this one is measured against; None for a baseline.
+        overrides: dotted keys set last, over the sections and the comparison's own overrides:
+            a variant's settings (``sampler.strategy``, ``model.box_nms_thresh``, ``train.lr``;
+            ``hardmine.report.methods.parse_method``).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Method:
     sampler: Mapping[str, Any] | None = None
     assigner: Mapping[str, Any] | None = None
     baseline: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def config(
         self,
@@ -75,7 +79,8 @@ class Method:
             output_dir: the run directory.
             overrides: dotted keys in the component sections (``model.min_size``,
                 ``sampler.num``) set on top of the method's sections; those in a section the
-                method leaves empty (a sampler for RetinaNet) do not apply to it.
+                method leaves empty (a sampler for RetinaNet) do not apply to it. The method's
+                own ``overrides`` come after them.
         """
         sections = {"model": self.model, "sampler": self.sampler, "assigner": self.assigner}
         applicable = {
@@ -86,7 +91,8 @@ class Method:
         raw = apply_overrides(
             config_to_dict(base), sections | {"seed": seed, "output_dir": str(output_dir)}
         )
-        return config_from_dict(apply_overrides(raw, applicable), registries=RUN_REGISTRIES)
+        raw = apply_overrides(apply_overrides(raw, applicable), self.overrides)
+        return config_from_dict(raw, registries=RUN_REGISTRIES)
 
 
 # The same RoI budget (128 per image, torchvision's tiny Faster R-CNN setting) for every sampler.
