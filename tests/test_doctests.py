@@ -15,6 +15,7 @@ MODULES = [
     "hardmine.sample.mined",
     "hardmine.sample.ohem",
     "hardmine.sample.overlap",
+    "hardmine.sample.pisa",
     "hardmine.sample.random",
 ]
 

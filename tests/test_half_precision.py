@@ -25,7 +25,7 @@ from hardmine.sample import (
     OverlapSampler,
     RandomSampler,
 )
-from hardmine.structures import Assignment
+from hardmine.structures import Assignment, RoIScores
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -181,8 +181,19 @@ def test_samplers_pick_as_in_float32(dtype: torch.dtype, sampler) -> None:
     extra = {"mined": mined} if isinstance(sampler, MinedNegativeSampler) else {}
 
     def picks(boxes, assigned, loss):
+        scores = {}
+        if getattr(sampler, "needs_scores", False):  # PISA: scores and boxes in the same type
+            scores["scores"] = [
+                RoIScores(x, x, x, torch.ones(x.shape[0], dtype=torch.int64), b)
+                for x, b in zip(loss, boxes, strict=True)
+            ]
         out = sampler(
-            boxes, assigned, losses=loss, generator=torch.Generator().manual_seed(3), **extra
+            boxes,
+            assigned,
+            losses=loss,
+            generator=torch.Generator().manual_seed(3),
+            **extra,
+            **scores,
         )
         return torch.cat([s.mask for s in out]), torch.cat([s.weight for s in out])
 

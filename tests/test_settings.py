@@ -35,6 +35,18 @@ BAD = {
         ("floor_fraction", 1.5),
     ],
     "overlap": [("num_bins", 0), ("upper", 1.5), ("epsilon", -1.0), ("bins", "mid")],
+    "pisa": [
+        ("num", 0),
+        ("pos_fraction", 1.5),
+        ("isr_n_k", -1.0),
+        ("isr_n_bias", 1.5),
+        ("score_thr", 1.0),
+        ("iou_thr", -0.1),
+        ("isr_p_k", float("nan")),
+        ("isr_p_bias", -0.1),
+        ("carl_k", -2.0),
+        ("carl_bias", 2.0),
+    ],
     "max_iou": [
         ("pos_thr", 1.5),
         ("neg_thr", 0.7),

@@ -205,6 +205,27 @@ def _nms_prefix(
     earlier = torch.ones(length, length, dtype=torch.bool, device=boxes.device).tril_(-1)
     # overlaps[s, i, j]: earlier candidate j would suppress i if kept.
     overlaps = (box_iou(cand, cand) > iou) & earlier & valid[:, None, :]
+    return greedy_survivors(overlaps, valid), table
+
+
+def greedy_survivors(overlaps: Tensor, valid: Tensor) -> Tensor:
+    """Greedy NMS's survivors in tables of candidates sorted by score, all tables at once.
+
+    A candidate survives when no earlier survivor suppresses it. Rather than visit the
+    candidates one by one, each round settles every candidate whose earlier suppressors are all
+    settled: kept when none of them was kept, suppressed as soon as one was. The first unsettled
+    candidate of every table is settled in each round, so it ends; the number of rounds is the
+    longest chain of overlaps, usually a handful.
+
+    Args:
+        overlaps: ``bool [S, M, M]``: ``overlaps[s, i, j]`` when candidate ``j`` comes before
+            ``i`` in table ``s`` and would suppress it if kept (``j < i`` only).
+        valid: ``bool [S, M]``: the cells that hold a candidate.
+
+    Returns:
+        ``bool [S, M]``: the survivors.
+    """
+    overlaps = overlaps & valid[:, None, :]
     kept = torch.zeros_like(valid)
     settled = ~valid
     while not bool(settled.all()):
@@ -212,7 +233,7 @@ def _nms_prefix(
         open_blocker = (overlaps & ~settled[:, None, :]).any(2)
         kept = valid & ~suppressed & ~open_blocker
         settled = ~valid | kept | suppressed
-    return kept, table
+    return kept
 
 
 def _nms_torchvision(

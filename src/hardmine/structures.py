@@ -78,6 +78,36 @@ class Selection:
         return int(self.mask.sum())
 
 
+@dataclass(frozen=True)
+class RoIScores:
+    """What the read-only pass predicts for each of an image's ``N`` candidates.
+
+    Given to samplers with ``needs_scores`` (PISA's ISR-N ranks negatives by their scores and the
+    boxes the detector predicts from them); computed by the model integration
+    (``hardmine.models.read_only.predict_rois``) without gradient.
+
+    Attributes:
+        loss: ``float [N]``: classification log loss plus the foreground box loss, what a
+            ``needs_losses`` sampler receives as ``losses``.
+        cls_loss: ``float [N]``: the classification log loss alone, against the assigned class
+            (background for negatives).
+        score: ``float [N]``: the largest foreground softmax probability.
+        label: ``int64 [N]``: its class (1-based; 0 is the background and never the argmax).
+        box: ``float [N, 4]``: the box predicted for that class, its deltas decoded from the
+            candidate (not clipped to the image).
+    """
+
+    loss: Tensor
+    cls_loss: Tensor
+    score: Tensor
+    label: Tensor
+    box: Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return self.loss.shape[0]
+
+
 @runtime_checkable
 class Sampler(Protocol):
     """A sampler: per image, from the candidates and their assignment, a ``Selection``.
@@ -87,6 +117,15 @@ class Sampler(Protocol):
     candidates that are offline-mined hard negatives (``hardmine.sample.MinedNegativeSampler``
     guarantees them a share of the picks); samplers that have no use for the losses or the mined
     flags accept and ignore them, so every sampler takes targets with hard negatives.
+
+    Two optional attributes, read with ``getattr`` so that a sampler without them still fits:
+
+    - ``needs_scores: bool``: the sampler also takes ``scores=``, one ``RoIScores`` per image from
+      the read-only pass (PISA's ISR-N). It is passed only to samplers that set it.
+    - ``pisa_loss``: a ``hardmine.sample.PISALoss`` (or None): loss terms the RoI heads apply in
+      the training pass, after the picks (PISA's ISR-P and CARL).
+
+    A sampler that wraps another forwards both (``MinedNegativeSampler`` does).
     """
 
     needs_losses: bool

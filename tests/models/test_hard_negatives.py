@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hardmine.models import build
 from hardmine.sample import SAMPLERS, MinedNegativeSampler
-from hardmine.structures import Assignment, Sampler, Selection
+from hardmine.structures import Assignment, RoIScores, Sampler, Selection
 
 MINED = torch.tensor([[100.0, 5.0, 140.0, 25.0], [0.0, 90.0, 30.0, 125.0]])
 
@@ -33,6 +33,10 @@ class Recorder:
     def needs_losses(self) -> bool:
         return self.sampler.needs_losses
 
+    @property
+    def needs_scores(self) -> bool:
+        return getattr(self.sampler, "needs_scores", False)
+
     def __call__(
         self,
         boxes: list[Tensor],
@@ -41,9 +45,12 @@ class Recorder:
         losses: list[Tensor] | None = None,
         mined: list[Tensor] | None = None,
         generator: torch.Generator | None = None,
+        **scores: list[RoIScores],
     ) -> list[Selection]:
         self.mined.append(mined)
-        return self.sampler(boxes, assignments, losses=losses, mined=mined, generator=generator)
+        return self.sampler(
+            boxes, assignments, losses=losses, mined=mined, generator=generator, **scores
+        )
 
 
 def _samplers() -> list[tuple[str, Sampler]]:

@@ -19,7 +19,7 @@ from hardmine.report.picks import (
     write_histograms_csv,
 )
 from hardmine.sample import SAMPLERS
-from hardmine.structures import Sampler
+from hardmine.structures import RoIScores, Sampler
 
 NUM = 16
 
@@ -43,14 +43,27 @@ def _batch(seed: int = 0):
     return boxes, assignments, losses
 
 
+def _scores(boxes, losses) -> list[RoIScores]:
+    """A read-only pass's outputs for PISA (``needs_scores``): the losses as scores."""
+    return [
+        RoIScores(x, x, x, torch.ones(len(x), dtype=torch.int64), b)
+        for x, b in zip(losses, boxes, strict=True)
+    ]
+
+
 def test_collect_picks_order_independent_and_generator_untouched() -> None:
     boxes, assignments, losses = _batch()
     g = torch.Generator().manual_seed(3)
     state = g.get_state()
-    picks = collect_picks(boxes, assignments, _samplers(), losses=losses, generator=g)
+    scores = _scores(boxes, losses)
+    picks = collect_picks(
+        boxes, assignments, _samplers(), losses=losses, scores=scores, generator=g
+    )
     assert torch.equal(g.get_state(), state)
     reversed_samplers = dict(reversed(list(_samplers().items())))
-    again = collect_picks(boxes, assignments, reversed_samplers, losses=losses, generator=g)
+    again = collect_picks(
+        boxes, assignments, reversed_samplers, losses=losses, scores=scores, generator=g
+    )
     assert set(picks) == set(SAMPLERS)
     for name, selections in picks.items():
         assert len(selections) == len(boxes)
@@ -62,12 +75,19 @@ def test_collect_picks_needs_losses_for_ohem() -> None:
     boxes, assignments, _ = _batch()
     with pytest.raises(ValueError, match="ohem"):
         collect_picks(boxes, assignments, {"ohem": SAMPLERS["ohem"](num=NUM)})
+    with pytest.raises(ValueError, match="pisa"):
+        collect_picks(boxes, assignments, {"pisa": SAMPLERS["pisa"](num=NUM)})
 
 
 def test_histogram_counts_equal_picked_negatives() -> None:
     boxes, assignments, losses = _batch()
     picks = collect_picks(
-        boxes, assignments, _samplers(), losses=losses, generator=torch.Generator().manual_seed(0)
+        boxes,
+        assignments,
+        _samplers(),
+        losses=losses,
+        scores=_scores(boxes, losses),
+        generator=torch.Generator().manual_seed(0),
     )
     hist = iou_histograms(boxes, assignments, picks, num_bins=5)
     assert hist.edges.tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -101,7 +121,9 @@ def test_overlap_with_positives_exact() -> None:
 
 def test_csv_and_plot_written(tmp_path: Path) -> None:
     boxes, assignments, losses = _batch()
-    picks = collect_picks(boxes, assignments, _samplers(), losses=losses)
+    picks = collect_picks(
+        boxes, assignments, _samplers(), losses=losses, scores=_scores(boxes, losses)
+    )
     hist = iou_histograms(boxes, assignments, picks)
     path = write_histograms_csv(hist, tmp_path / "h.csv")
     with path.open() as f:

@@ -8,7 +8,7 @@ import torch
 from hardmine.data import HardNegativeDataset, HardNegatives, MinedBoxes, SceneDataset
 from hardmine.models._transform import append_hard_negatives
 from hardmine.sample import SAMPLERS, MinedNegativeSampler, RandomSampler
-from hardmine.structures import Assignment, Sampler
+from hardmine.structures import Assignment, RoIScores, Sampler
 
 NUM = 64
 
@@ -46,6 +46,17 @@ def _batch(seed=0):
     return boxes, assignments, mined, losses
 
 
+def _scores(boxes, seed=0) -> list[RoIScores]:
+    """A read-only pass's outputs, for PISA (``needs_scores``): scores in [0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in boxes:
+        loss = torch.rand(b.shape[0], generator=gen) + 0.1
+        score = torch.rand(b.shape[0], generator=gen) * 0.1
+        out.append(RoIScores(loss, loss, score, torch.ones_like(loss).long(), b))
+    return out
+
+
 def _base(name: str) -> Sampler:
     return SAMPLERS[name](num=NUM) if name == "ohem" else SAMPLERS[name](num=NUM, pos_fraction=0.25)
 
@@ -80,8 +91,11 @@ def test_invariants_around_every_sampler(name, share):
     sampler = MinedNegativeSampler(_base(name), share=share)
     assert isinstance(sampler, Sampler)
     assert sampler.needs_losses == (name == "ohem")
+    assert sampler.needs_scores == (name == "pisa")
+    assert (sampler.pisa_loss is not None) == (name == "pisa")
     gen = torch.Generator().manual_seed(3)
-    selections = sampler(boxes, assignments, losses=losses, mined=mined, generator=gen)
+    extra = {"scores": _scores(boxes)} if sampler.needs_scores else {}
+    selections = sampler(boxes, assignments, losses=losses, mined=mined, generator=gen, **extra)
     for s, a, m in zip(selections, assignments, mined, strict=True):
         assert not (s.mask & (a.label == -1)).any()  # ignore never picked, mined or not
         assert int(s.mask.sum()) <= NUM

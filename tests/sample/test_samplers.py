@@ -7,7 +7,7 @@ import torch
 
 from hardmine.boxes import box_iou
 from hardmine.sample import SAMPLERS
-from hardmine.structures import Assignment, Sampler
+from hardmine.structures import Assignment, RoIScores, Sampler
 
 NUM, POS_FRACTION = 64, 0.25
 
@@ -16,6 +16,28 @@ def _make(name: str) -> Sampler:
     if name == "ohem":
         return SAMPLERS[name](num=NUM)
     return SAMPLERS[name](num=NUM, pos_fraction=POS_FRACTION)
+
+
+def _extra(sampler: Sampler, boxes: list[torch.Tensor], seed: int = 0) -> dict:
+    """``scores=`` for samplers with ``needs_scores`` (PISA): what a read-only pass would give,
+    with foreground scores in [0, 0.07), so that some negatives fall below PISA's 0.05."""
+    if not getattr(sampler, "needs_scores", False):
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for b in boxes:
+        n = b.shape[0]
+        loss = torch.rand(n, generator=gen) + 0.1
+        scores.append(
+            RoIScores(
+                loss=loss,
+                cls_loss=loss,
+                score=torch.rand(n, generator=gen) * 0.07,
+                label=torch.ones(n, dtype=torch.int64),
+                box=b + torch.rand(n, 4, generator=gen) * 4,
+            )
+        )
+    return {"scores": scores}
 
 
 def _assign(boxes: torch.Tensor, gts: torch.Tensor) -> Assignment:
@@ -59,7 +81,8 @@ def test_invariants(name):
     assert isinstance(sampler, Sampler)
     boxes, assignments, losses = _batch()
     gen = torch.Generator().manual_seed(0)
-    selections = sampler(boxes, assignments, losses=losses, generator=gen)
+    extra = _extra(sampler, boxes)
+    selections = sampler(boxes, assignments, losses=losses, generator=gen, **extra)
     assert len(selections) == len(assignments)
     for sel, a in zip(selections, assignments, strict=True):
         n = a.num_candidates
@@ -79,11 +102,12 @@ def test_invariants(name):
 def test_same_seed_same_picks_and_seeds_differ(name):
     sampler = _make(name)
     boxes, assignments, losses = _batch()
+    extra = _extra(sampler, boxes)
 
     def picks(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         return torch.cat(
-            [s.mask for s in sampler(boxes, assignments, losses=losses, generator=gen)]
+            [s.mask for s in sampler(boxes, assignments, losses=losses, generator=gen, **extra)]
         )
 
     assert torch.equal(picks(1), picks(1))
@@ -96,6 +120,7 @@ READS = {
     "ohem": ("boxes", "losses"),
     "iou_balanced": ("max_iou",),
     "overlap": ("boxes", "max_iou"),
+    "pisa": ("scores",),
 }
 
 
@@ -104,7 +129,13 @@ READS = {
 )
 def test_non_finite_input_raises(name, field):
     boxes, assignments, losses = _batch()
-    if field == "boxes":
+    extra = _extra(_make(name), boxes)
+    if field == "scores":
+        first = extra["scores"][0]
+        score = first.score.clone()
+        score[3] = float("nan")
+        extra["scores"][0] = RoIScores(first.loss, first.cls_loss, score, first.label, first.box)
+    elif field == "boxes":
         boxes[0] = boxes[0].clone()
         boxes[0][3, 1] = float("inf")
     elif field == "losses":
@@ -116,16 +147,18 @@ def test_non_finite_input_raises(name, field):
         max_iou[3] = float("nan")
         assignments[0] = Assignment(a.label, a.gt_index, max_iou, a.gt_class)
     with pytest.raises(ValueError, match=field):
-        _make(name)(boxes, assignments, losses=losses)
+        _make(name)(boxes, assignments, losses=losses, **extra)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_a_batch_of_empty_images(name):
     gen = torch.Generator().manual_seed(0)
-    sels = _make(name)(
+    sampler = _make(name)
+    sels = sampler(
         [torch.zeros(0, 4)] * 2,
         [Assignment.empty(0)] * 2,
         losses=[torch.zeros(0)] * 2,
         generator=gen,
+        **_extra(sampler, [torch.zeros(0, 4)] * 2),
     )
     assert [s.mask.shape for s in sels] == [(0,), (0,)]

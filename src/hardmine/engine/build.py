@@ -28,7 +28,7 @@ from hardmine.data import (
 from hardmine.models import DETECTORS, build
 from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
-from hardmine.structures import Assigner, Assignment, Sampler, Selection
+from hardmine.structures import Assigner, Assignment, RoIScores, Sampler, Selection
 
 #: Every component section's registry: the core's and the detectors' (each name's settings are
 #: its builder's and ``build``'s own, ``score_dtype``: ``run_settings``).
@@ -100,6 +100,14 @@ class CountingSampler:
     def needs_losses(self) -> bool:
         return self.sampler.needs_losses
 
+    @property
+    def needs_scores(self) -> bool:
+        return getattr(self.sampler, "needs_scores", False)
+
+    @property
+    def pisa_loss(self) -> Any:
+        return getattr(self.sampler, "pisa_loss", None)
+
     def __call__(
         self,
         boxes: Sequence[Tensor],
@@ -107,10 +115,12 @@ class CountingSampler:
         *,
         losses: Sequence[Tensor] | None = None,
         mined: Sequence[Tensor] | None = None,
+        scores: Sequence[RoIScores] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        extra = {} if scores is None else {"scores": scores}
         selections = self.sampler(
-            boxes, assignments, losses=losses, mined=mined, generator=generator
+            boxes, assignments, losses=losses, mined=mined, generator=generator, **extra
         )
         self.counter.add(
             [s.mask & a.positive for s, a in zip(selections, assignments, strict=True)],

@@ -7,6 +7,7 @@ draws what every sampler picks from the same RoIs. All three use these free func
 torchvision's modules, on plain ``RoIHeads`` and on ``SamplingRoIHeads`` alike:
 
 - ``score_rois``: the losses of given RoIs, from the heads' box pooler, box head and predictor;
+  ``predict_rois``: the same with their scores and predicted boxes (PISA's ISR-N ranks by them);
 - ``roi_batch`` / ``roi_losses``: a whole detector run up to its RoI heads' assignment, read-only,
   and the losses of every RoI it gives.
 
@@ -34,7 +35,7 @@ from hardmine.boxes import upcast
 from hardmine.models._losses import TORCHVISION_BOX_BETA, fastrcnn_roi_losses, matched_boxes
 from hardmine.models._pool import pool_flat, raster_order, to_rois
 from hardmine.models.rpn import propose
-from hardmine.structures import Assigner, Assignment
+from hardmine.structures import Assigner, Assignment, RoIScores
 
 #: The read-only pass pools and scores the RoIs in slices of about this many bytes of features.
 READ_ONLY_SLICE_BYTES = 16 * 2**20
@@ -82,13 +83,53 @@ def score_rois(
     The loss is the one the heads train with ("The loss represents how well the current network
     performs on each RoI", Sec. 4.1, computed by a read-only copy of the trained RoI network,
     Sec. 4.2): Fast R-CNN's classification log loss plus smooth-L1 box loss, with the heads'
-    ``box_loss_beta`` (see ``SamplingRoIHeads``).
+    ``box_loss_beta`` (see ``SamplingRoIHeads``). ``predict_rois`` gives it with the rest of what
+    the pass predicts; see there for the arguments.
+
+    Returns:
+        Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss, the
+        two terms of ``fastrcnn_loss`` before reduction.
+    """
+    return [
+        p.loss
+        for p in _read_only_pass(
+            heads,
+            features,
+            proposals,
+            image_shapes,
+            gt_boxes,
+            assignments,
+            score_dtype=score_dtype,
+            box_loss_beta=box_loss_beta,
+            predictions=False,
+        )
+    ]
+
+
+@torch.no_grad()
+def predict_rois(
+    heads: RoIHeads,
+    features: dict[str, Tensor],
+    proposals: Sequence[Tensor],
+    image_shapes: Sequence[tuple[int, int]],
+    gt_boxes: Sequence[Tensor],
+    assignments: Sequence[Assignment],
+    *,
+    score_dtype: torch.dtype | None = None,
+    box_loss_beta: float = TORCHVISION_BOX_BETA,
+) -> list[RoIScores]:
+    """Every RoI's loss, scores and predicted box under ``heads``' box branch, read-only.
+
+    What samplers with ``needs_scores`` receive (PISA's ISR-N): beside the loss of ``score_rois``,
+    the classification loss alone, the largest foreground softmax probability, its class, and the
+    box predicted for that class (its deltas decoded from the RoI by the heads' box coder, not
+    clipped: as MMDetection's ``ScoreHLRSampler`` decodes them).
 
     The RoIs are pooled and scored in slices of ``READ_ONLY_SLICE_BYTES`` of pooled features: the
     pass over thousands of RoIs never holds all their features at once, and its buffer is reused
     rather than faulted in afresh (large fresh allocations are costly on a CPU). The slices follow
     the raster order of the RoIs, so that each pools RoIs near each other (cache locality; see
-    ``_pool``); the losses come back in the proposals' order.
+    ``_pool``); the results come back in the proposals' order.
 
     Args:
         heads: torchvision's ``RoIHeads`` (or ``SamplingRoIHeads``).
@@ -98,13 +139,39 @@ def score_rois(
         gt_boxes: per image, ``[G_i, 4]``.
         assignments: per image, the proposals' assignment.
         score_dtype: run the box head under autocast in this type (``torch.bfloat16`` or
-            ``torch.float16``); the losses are still computed in the pooled features' type.
+            ``torch.float16``); the losses and probabilities are still computed in the pooled
+            features' type.
         box_loss_beta: the smooth-L1's beta (torchvision: 1/9; Fast R-CNN: 1).
 
     Returns:
-        Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss, the
-        two terms of ``fastrcnn_loss`` before reduction.
+        Per image, one ``RoIScores`` for its ``N_i`` proposals.
     """
+    return _read_only_pass(
+        heads,
+        features,
+        proposals,
+        image_shapes,
+        gt_boxes,
+        assignments,
+        score_dtype=score_dtype,
+        box_loss_beta=box_loss_beta,
+        predictions=True,
+    )
+
+
+def _read_only_pass(
+    heads: RoIHeads,
+    features: dict[str, Tensor],
+    proposals: Sequence[Tensor],
+    image_shapes: Sequence[tuple[int, int]],
+    gt_boxes: Sequence[Tensor],
+    assignments: Sequence[Assignment],
+    *,
+    score_dtype: torch.dtype | None,
+    box_loss_beta: float,
+    predictions: bool,
+) -> list[RoIScores]:
+    """``predict_rois``; with ``predictions=False`` only ``loss`` is filled (the others empty)."""
     targets_reg = heads.box_coder.encode(
         [matched_boxes(p, g, a) for p, g, a in zip(proposals, gt_boxes, assignments, strict=True)],
         list(proposals),
@@ -117,7 +184,8 @@ def score_rois(
         precision = torch.autocast(rois.device.type, dtype=score_dtype)
     rows = _slice_rows(heads.box_roi_pool, next(iter(features.values())), rois.shape[0])
     order = raster_order(rois)
-    out, buffer = [], None
+    fields: dict[str, list[Tensor]] = {k: [] for k in ("loss", "cls_loss", "score", "label", "box")}
+    buffer = None
     for part in order.split(rows):
         pooled = pool_flat(
             heads.box_roi_pool, features, rois[part], list(image_shapes), buffer=buffer
@@ -127,17 +195,32 @@ def score_rois(
             class_logits, box_regression = run_read_only(
                 heads.box_predictor, run_read_only(heads.box_head, pooled)
             )
+        class_logits = class_logits.to(pooled.dtype)
+        box_regression = box_regression.to(pooled.dtype)
         cls, box = fastrcnn_roi_losses(
-            class_logits.to(pooled.dtype),
-            box_regression.to(pooled.dtype),
-            labels[part],
-            targets_reg[part],
-            beta=box_loss_beta,
+            class_logits, box_regression, labels[part], targets_reg[part], beta=box_loss_beta
         )
-        out.append(cls + box)
-    in_order = torch.cat(out)
-    losses = torch.empty_like(in_order).index_copy_(0, order, in_order)
-    return list(losses.split([p.shape[0] for p in proposals]))
+        fields["loss"].append(cls + box)
+        if predictions:
+            score, label = class_logits.softmax(-1)[:, 1:].max(-1)
+            label = label + 1  # class 0 is the background
+            deltas = box_regression.reshape(part.numel(), -1, 4)
+            deltas = deltas[torch.arange(part.numel(), device=deltas.device), label]
+            fields["cls_loss"].append(cls)
+            fields["score"].append(score)
+            fields["label"].append(label)
+            fields["box"].append(heads.box_coder.decode_single(deltas, rois[part, 1:]))
+    sizes = [p.shape[0] for p in proposals]
+    per_field: dict[str, list[Tensor]] = {}
+    for name, parts in fields.items():
+        if not parts:
+            empty = rois.new_zeros((0, 4) if name == "box" else (0,))
+            per_field[name] = [empty for _ in sizes]
+            continue
+        in_order = torch.cat(parts)
+        values = torch.empty_like(in_order).index_copy_(0, order, in_order)
+        per_field[name] = list(values.split(sizes))
+    return [RoIScores(**{name: per_field[name][i] for name in fields}) for i in range(len(sizes))]
 
 
 def _slice_rows(pool: nn.Module, feature: Tensor, total: int) -> int:
@@ -271,6 +354,27 @@ def roi_batch(
         gt_labels=gt_labels,
         assignments=assigner(boxes, gt_boxes, gt_labels),
     )
+
+
+def roi_predictions(model: nn.Module, batch: RoIBatch) -> list[RoIScores]:
+    """Every RoI's ``RoIScores`` (``predict_rois``, with the heads' own ``score_dtype`` and
+    ``box_loss_beta``, if any), read-only: what samplers with ``needs_scores`` take.
+
+    Raises:
+        ValueError: ``model`` has no RoI heads.
+    """
+    heads = _heads_of(model)
+    with eval_mode(model):
+        return predict_rois(
+            heads,
+            batch.features,
+            batch.proposals,
+            batch.image_sizes,
+            batch.gt_boxes,
+            batch.assignments,
+            score_dtype=getattr(heads, "score_dtype", None),
+            box_loss_beta=getattr(heads, "box_loss_beta", TORCHVISION_BOX_BETA),
+        )
 
 
 def roi_losses(model: nn.Module, batch: RoIBatch) -> list[Tensor]:

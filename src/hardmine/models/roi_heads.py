@@ -10,9 +10,13 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
    box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss
    (``hardmine.models.read_only.score_rois``);
+   Samplers with ``needs_scores`` (PISA's ISR-N) get the same pass with every RoI's scores and
+   predicted box (``predict_rois``);
 4. the sampler picks; the training pass runs RoI-align and the box head on the picks only, and
    the mask or keypoint head on the picked positives, with the picks' weights in the losses
-   (``hardmine.models._losses``).
+   (``hardmine.models._losses``);
+5. a sampler's ``pisa_loss`` (PISA's ISR-P and CARL) reweights the positives' classification
+   loss and adds ``loss_carl`` (``hardmine.models._pisa``).
 
 """
 
@@ -35,10 +39,11 @@ from hardmine.models._losses import (
     weighted_mask_loss,
     weighted_mean,
 )
+from hardmine.models._pisa import carl_loss, isr_p_classification_weight
 from hardmine.models._transform import append_hard_negatives, target_boxes, with_box_keys
-from hardmine.models.read_only import heads_assigner, score_rois
+from hardmine.models.read_only import heads_assigner, predict_rois, score_rois
 from hardmine.models.rpn import SamplingRPN
-from hardmine.structures import Assigner, Assignment, Sampler
+from hardmine.structures import Assigner, Assignment, RoIScores, Sampler
 
 
 class SamplingRoIHeads(RoIHeads):
@@ -140,12 +145,18 @@ class SamplingRoIHeads(RoIHeads):
         ignore = target_boxes(targets, "ignore_boxes", proposals[0])
         assignments = self.assigner(proposals, gt_boxes, gt_labels, ignore_boxes=ignore)
 
-        losses = None
-        if self.sampler.needs_losses:
+        losses, extra = None, {}
+        if getattr(self.sampler, "needs_scores", False):
+            scores = self.roi_predictions(features, proposals, image_shapes, gt_boxes, assignments)
+            extra["scores"] = scores
+            if self.sampler.needs_losses:
+                losses = [s.loss for s in scores]
+        elif self.sampler.needs_losses:
             losses = self.roi_losses(features, proposals, image_shapes, gt_boxes, assignments)
-        # Passed only when there are mined boxes, so a sampler written to the protocol before it
-        # carried ``mined`` still works on data without them.
-        extra = {} if mined is None else {"mined": mined}
+        # Passed only when there are mined boxes (and ``scores`` only to samplers that ask), so a
+        # sampler written to the protocol before it carried them still works.
+        if mined is not None:
+            extra["mined"] = mined
         selections = self.sampler(
             proposals, assignments, losses=losses, generator=self.generator, **extra
         )
@@ -161,13 +172,40 @@ class SamplingRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(
             self.box_head(self.box_roi_pool(features, rois, image_shapes))
         )
+        targets_reg = torch.cat(targets_reg)
         cls, box = fastrcnn_roi_losses(
-            class_logits, box_regression, labels, torch.cat(targets_reg), beta=self.box_loss_beta
+            class_logits, box_regression, labels, targets_reg, beta=self.box_loss_beta
         )
+        cls_weight = weight
+        pisa = getattr(self.sampler, "pisa_loss", None)
+        if pisa is not None and pisa.isr_p:
+            cls_weight = isr_p_classification_weight(
+                pisa,
+                rois=torch.cat(rois),
+                box_regression=box_regression,
+                labels=labels,
+                matched=torch.cat(
+                    [matched_boxes(r, g, a) for r, g, a in zip(rois, gt_boxes, picked, strict=True)]
+                ),
+                image=torch.cat([torch.full_like(i, k) for k, i in enumerate(picks)]),
+                gt_index=torch.cat([a.gt_index for a in picked]),
+                cls_loss=cls.detach(),
+                weight=weight,
+                box_coder=self.box_coder,
+            )
         out = {
-            "loss_classifier": weighted_mean(cls, weight, labels.numel()),
+            "loss_classifier": weighted_mean(cls, cls_weight, labels.numel()),
             "loss_box_reg": weighted_mean(box, weight, labels.numel()),
         }
+        if pisa is not None and pisa.carl:
+            out["loss_carl"] = carl_loss(
+                pisa,
+                class_logits=class_logits,
+                box_regression=box_regression,
+                labels=labels,
+                regression_targets=targets_reg,
+                beta=self.box_loss_beta,
+            )
         if self.has_mask():
             out["loss_mask"] = self.mask_loss(features, rois, image_shapes, targets, picked, weight)
         if self.has_keypoint():
@@ -190,6 +228,27 @@ class SamplingRoIHeads(RoIHeads):
             Per image, ``[N_i]``: classification log loss plus the foreground smooth-L1 box loss.
         """
         return score_rois(
+            self,
+            features,
+            proposals,
+            image_shapes,
+            gt_boxes,
+            assignments,
+            score_dtype=self.score_dtype,
+            box_loss_beta=self.box_loss_beta,
+        )
+
+    def roi_predictions(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        gt_boxes: list[Tensor],
+        assignments: list[Assignment],
+    ) -> list[RoIScores]:
+        """The read-only pass with scores and predicted boxes, for samplers with
+        ``needs_scores`` (PISA): ``predict_rois`` in ``score_dtype``."""
+        return predict_rois(
             self,
             features,
             proposals,
@@ -280,8 +339,10 @@ def with_sampler(
     Args:
         model: a torchvision ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN`` (any
             ``GeneralizedRCNN`` with torchvision ``RoIHeads``).
-        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=64)``.
-        rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
+        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=64)``,
+            ``PISASampler(num=512)`` (its ``pisa_loss`` also reweights the training pass).
+        rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``. Not
+            one that needs the box head's scores or weights its losses (PISA).
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
         score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
@@ -297,6 +358,11 @@ def with_sampler(
     require_component(sampler, "sampler")
     if rpn_sampler is not None:
         require_component(rpn_sampler, "rpn_sampler")
+        if getattr(rpn_sampler, "needs_scores", False) or getattr(rpn_sampler, "pisa_loss", None):
+            raise ValueError(
+                f"rpn_sampler: {type(rpn_sampler).__name__} ranks by the box head's scores or "
+                "weights the box head's losses (PISA), which an RPN has not; give it to sampler"
+            )
     if assigner is not None:
         require_component(assigner, "assigner")
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.

@@ -30,7 +30,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from hardmine.data import CocoDataset, make_scenes
 from hardmine.engine.rundir import load_run
-from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
+from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, roi_predictions
 from hardmine.report.draw import Panel, overview_sheet, write_panel
 from hardmine.report.picks import (
     Histograms,
@@ -213,12 +213,20 @@ def inspect_picks(
                 for i, t in zip(batch_images, targets, strict=True)
             ]
         batch = roi_batch(model, batch_images, targets, proposals=given)
-        losses = (
-            roi_losses(model, batch) if any(s.needs_losses for s in samplers.values()) else None
-        )
+        scores = None
+        if any(getattr(s, "needs_scores", False) for s in samplers.values()):
+            scores = roi_predictions(model, batch)
+        losses = None
+        if any(s.needs_losses for s in samplers.values()):
+            losses = [s.loss for s in scores] if scores else roi_losses(model, batch)
         generator = torch.Generator(device).manual_seed(seed + start)
         selections = collect_picks(
-            batch.proposals, batch.assignments, samplers, losses=losses, generator=generator
+            batch.proposals,
+            batch.assignments,
+            samplers,
+            losses=losses,
+            scores=scores,
+            generator=generator,
         )
         # Everything drawn and counted is in the original images' pixels (IoUs do not change).
         boxes += [b.cpu() for b in batch.to_original(batch.proposals)]

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hardmine.sample import overlap_with_positives
 from hardmine.sample.quota import flatten
-from hardmine.structures import Assignment, Sampler, Selection
+from hardmine.structures import Assignment, RoIScores, Sampler, Selection
 
 #: The key under which ``iou_histograms`` counts all negatives, the pool the samplers draw from.
 ALL_NEGATIVES = "all negatives"
@@ -42,6 +42,7 @@ def collect_picks(
     samplers: Mapping[str, Sampler],
     *,
     losses: Sequence[Tensor] | None = None,
+    scores: Sequence[RoIScores] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, list[Selection]]:
     """Run every sampler on the same candidates.
@@ -55,23 +56,31 @@ def collect_picks(
         samplers: name -> sampler.
         losses: per image, ``float [N_i]`` per-candidate losses, for samplers that need them
             (OHEM).
+        scores: per image, the read-only pass's ``RoIScores``, for samplers with
+            ``needs_scores`` (PISA).
         generator: seeds the random samplers; ``None`` draws from torch's global RNG.
 
     Returns:
         name -> one ``Selection`` per image.
 
     Raises:
-        ValueError: a sampler needs losses and ``losses`` is None.
+        ValueError: a sampler needs losses and ``losses`` is None, or scores and ``scores`` is
+            None.
     """
     picks: dict[str, list[Selection]] = {}
     for name, sampler in samplers.items():
         if sampler.needs_losses and losses is None:
             raise ValueError(f"sampler {name!r} needs per-candidate losses; got losses=None")
+        extra = {}
+        if getattr(sampler, "needs_scores", False):
+            if scores is None:
+                raise ValueError(f"sampler {name!r} needs the RoIs' scores; got scores=None")
+            extra["scores"] = scores
         own = None
         if generator is not None:
             own = torch.Generator(generator.device)
             own.set_state(generator.get_state())
-        picks[name] = sampler(boxes, assignments, losses=losses, generator=own)
+        picks[name] = sampler(boxes, assignments, losses=losses, generator=own, **extra)
     return picks
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hardmine.sample.quota import fill_shortfall, flatten
-from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection
+from hardmine.structures import IGNORE, NEGATIVE, Assignment, RoIScores, Sampler, Selection
 
 
 def check_mined_settings(*, share: float) -> None:
@@ -32,6 +33,7 @@ def sample_with_mined(
     *,
     share: float = 0.25,
     losses: Sequence[Tensor] | None = None,
+    scores: Sequence[RoIScores] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
     """Let ``base`` pick, then give ``share`` of its negative picks to mined boxes.
@@ -57,6 +59,8 @@ def sample_with_mined(
         mined: ``bool [N_i]`` per image, true for the appended mined boxes.
         share: fraction of the negative quota guaranteed to mined boxes, in ``[0, 1]``.
         losses: per-candidate losses, passed to ``base``.
+        scores: the read-only pass's ``RoIScores``, passed to ``base`` (when given: a base with
+            ``needs_scores``, PISA, whose weights then hold for the negatives it keeps).
         generator: makes the picks reproducible.
 
     Returns:
@@ -92,7 +96,8 @@ def sample_with_mined(
         )
         for a, h in zip(assignments, hidden.split(flat.sizes), strict=True)
     ]
-    selections = base(boxes, visible, losses=losses, generator=generator)
+    extra = {} if scores is None else {"scores": scores}
+    selections = base(boxes, visible, losses=losses, generator=generator, **extra)
     base_mask = torch.cat([s.mask for s in selections])
     base_weight = torch.cat([s.weight for s in selections])
     base_neg = base_mask & (flat.label == NEGATIVE) & ~hidden  # [N]
@@ -127,6 +132,15 @@ class MinedNegativeSampler:
     def needs_losses(self) -> bool:
         return self.base.needs_losses
 
+    @property
+    def needs_scores(self) -> bool:
+        return getattr(self.base, "needs_scores", False)
+
+    @property
+    def pisa_loss(self) -> Any:
+        """The base's training-pass terms (``PISALoss``), if any."""
+        return getattr(self.base, "pisa_loss", None)
+
     def __call__(
         self,
         boxes: Sequence[Tensor],
@@ -134,10 +148,12 @@ class MinedNegativeSampler:
         *,
         losses: Sequence[Tensor] | None = None,
         mined: Sequence[Tensor] | None = None,
+        scores: Sequence[RoIScores] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
         if mined is None:
-            return self.base(boxes, assignments, losses=losses, generator=generator)
+            extra = {} if scores is None else {"scores": scores}
+            return self.base(boxes, assignments, losses=losses, generator=generator, **extra)
         return sample_with_mined(
             self.base,
             boxes,
@@ -145,5 +161,6 @@ class MinedNegativeSampler:
             mined,
             share=self.share,
             losses=losses,
+            scores=scores,
             generator=generator,
         )
