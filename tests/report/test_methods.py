@@ -133,6 +133,19 @@ def test_presets_resolve_and_state_the_papers_settings():
         2.0,
     )
     assert check_method(by_name["overlap_neg"], base).model.settings == {}  # θ = 0.5
+    # PISA: its three parts at their defaults, 128 RoIs as the random baseline.
+    assert check_method(by_name["pisa"], base).sampler.settings == {"num": 128}
+    assert by_name["pisa"].baseline == "random"
+
+
+def test_pisa_parts_are_variants():
+    """PISA's ablation: each part alone, as a variant of the preset."""
+    base = default_compare_base()
+    methods = parse_methods("random,pisa:isr_p=false:carl=false,pisa:isr_n=false:carl=false,pisa")
+    sampler = check_method(methods[1], base).sampler
+    assert sampler.name == "pisa"
+    assert sampler.settings == {"num": 128, "isr_p": False, "carl": False}
+    assert [m.baseline for m in methods] == [None, "random", "random", "random"]
 
 
 def test_methods_default_to_the_default_comparison():

@@ -82,6 +82,10 @@ PRESETS: tuple[Method, ...] = (
         baseline="random",
         overrides=_THETA,
     ),
+    # PISA (Cao et al., CVPR 2020), which the Overlap Sampler paper compares with (Table 3): its
+    # three parts at MMDetection's defaults, on the default comparison's 128 RoIs per image
+    # (its parts alone: pisa:isr_p=false:carl=false and so on).
+    Method("pisa", _RCNN, {"name": "pisa", "num": 128}, baseline="random"),
 )
 
 
