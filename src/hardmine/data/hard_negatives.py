@@ -17,6 +17,13 @@ One entry per image of the mined dataset, those without false positives included
 in the image's pixels; ``labels`` are the classes the detector gave them (for inspection; in
 training they are background). The file is written atomically and fully validated when read.
 
+**Version 2** is the file of a mined *folder of images* (``hardmine mine --images FOLDER``,
+``hardmine.data.folder``): every entry also has ``"file_name"``, the image's path relative to the
+folder, and the document ``"folder"``, the folder mined. Training matches these entries to the
+folder's images by path, not by id (a folder has no annotation file to fix the ids). A file of a
+dataset's images stays version 1, and version 1 is read as before; a hardmine that reads version 1
+only refuses version 2 rather than apply folder boxes to a dataset's images by id.
+
 ``HardNegativeDataset`` puts each image's mined boxes into its target under ``HARD_NEGATIVES_KEY``;
 the R-CNN models of ``hardmine.models`` append them to the RoI candidates as background.
 """
@@ -39,6 +46,8 @@ from hardmine.data.coco import coco_gt_of
 
 FORMAT = "hardmine-hard-negatives"
 VERSION = 1
+#: The version of a file whose entries carry ``file_name`` (a mined folder of images).
+FOLDER_VERSION = 2
 #: The target entry that carries an image's mined boxes, ``float32 [M, 4]`` xyxy pixels.
 HARD_NEGATIVES_KEY = "hard_negatives"
 
@@ -78,11 +87,20 @@ class HardNegatives:
         images: mined boxes by image id (every mined image, possibly with none).
         source: where they were mined from (a run directory).
         settings: the mining settings (``iou_thr``, ``top_k``, ``score_thr``).
+        file_names: for a mined folder, each image id's path relative to ``folder``; empty for
+            a dataset's images.
+        folder: the mined folder, or ``""``.
     """
 
     images: Mapping[int, MinedBoxes]
     source: str = ""
     settings: Mapping[str, Any] = field(default_factory=dict)
+    file_names: Mapping[int, str] = field(default_factory=dict)
+    folder: str = ""
+
+    def by_file_name(self) -> dict[str, MinedBoxes]:
+        """A mined folder's boxes by relative path."""
+        return {self.file_names[i]: m for i, m in self.images.items() if i in self.file_names}
 
     def boxes_of(self, image_id: int) -> Tensor:
         """``float32 [M, 4]``: the mined boxes of ``image_id``; none for an image not mined."""
@@ -103,9 +121,13 @@ def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path
     Returns:
         ``path``.
     """
+    names = hard_negatives.file_names
+    if names and set(names) != set(hard_negatives.images):
+        raise ValueError("file_names must name every mined image of a folder, and only those")
     entries = [
         {
             "image_id": image_id,
+            **({"file_name": names[image_id]} if names else {}),
             "boxes": [[round(v, 2) for v in box] for box in mined.boxes.tolist()],
             "scores": [round(s, 5) for s in mined.scores.tolist()],
             "labels": mined.labels.tolist(),
@@ -114,8 +136,9 @@ def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path
     ]
     document = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": FOLDER_VERSION if names else VERSION,
         "source": hard_negatives.source,
+        **({"folder": hard_negatives.folder} if names else {}),
         "settings": dict(hard_negatives.settings),
         "images": entries,
     }
@@ -190,9 +213,11 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
             f'{path}: not a hard-negatives file (expected "format": "{FORMAT}"; write one '
             "with 'hardmine mine')"
         )
-    if document.get("version") != VERSION:
+    version = document.get("version")
+    if version not in (VERSION, FOLDER_VERSION):
         raise HardNegativesFormatError(
-            f"{path}: version {document.get('version')!r}, this hardmine reads version {VERSION}"
+            f"{path}: version {version!r}, this hardmine reads versions {VERSION} and "
+            f"{FOLDER_VERSION}"
         )
     entries = document.get("images")
     if not isinstance(entries, list):
@@ -201,12 +226,30 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
     if not isinstance(settings, Mapping):
         raise HardNegativesFormatError(f'{path}: "settings" must be an object')
     images: dict[int, MinedBoxes] = {}
+    file_names: dict[int, str] = {}
     for i, entry in enumerate(entries):
-        image_id, mined = _parse_entry(entry, f"{path}: images[{i}]")
+        where = f"{path}: images[{i}]"
+        image_id, mined = _parse_entry(entry, where)
         if image_id in images:
-            raise HardNegativesFormatError(f"{path}: images[{i}]: duplicate image_id {image_id}")
+            raise HardNegativesFormatError(f"{where}: duplicate image_id {image_id}")
         images[image_id] = mined
-    return HardNegatives(images=images, source=str(document.get("source", "")), settings=settings)
+        if version == FOLDER_VERSION:
+            name = entry.get("file_name")
+            if not isinstance(name, str) or not name:
+                raise HardNegativesFormatError(
+                    f"{where} (image_id {image_id}): a version {FOLDER_VERSION} entry needs "
+                    f'"file_name", the image\'s path in the mined folder'
+                )
+            if name in file_names.values():
+                raise HardNegativesFormatError(f"{where}: duplicate file_name {name!r}")
+            file_names[image_id] = name
+    return HardNegatives(
+        images=images,
+        source=str(document.get("source", "")),
+        settings=settings,
+        file_names=file_names,
+        folder=str(document.get("folder", "")),
+    )
 
 
 class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
@@ -226,6 +269,12 @@ class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
     """
 
     def __init__(self, dataset: Dataset, hard_negatives: HardNegatives) -> None:
+        if hard_negatives.file_names:
+            raise HardNegativesFormatError(
+                f"hard negatives mined from {hard_negatives.source or 'an unnamed source'} on "
+                f"the folder {hard_negatives.folder or '(unnamed)'} are matched to its images by "
+                "path: train with that folder as negative_images (--negative-images)"
+            )
         coco_gt = coco_gt_of(dataset)
         if coco_gt is not None:
             unknown = sorted(set(hard_negatives.images) - {im["id"] for im in coco_gt["images"]})
