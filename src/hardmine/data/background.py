@@ -94,10 +94,9 @@ def _backdrop(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarra
     freq = rng.uniform(0.02, 0.12, (3, 1, 1)) * 2 * np.pi
     angle = rng.uniform(0, np.pi, (3, 1, 1))
     phase = rng.uniform(0, 2 * np.pi, (3, 3))
-    waves = (
-        np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None] + phase[:, None, None]
-    )
-    image = image + 0.03 * np.sin(waves).sum(0).astype(f32)
+    proj = freq * (xx * np.cos(angle) + yy * np.sin(angle))  # [3, H, W]
+    waves = np.sin(proj[..., None] + phase[:, None, None, :]).sum(0)  # [H, W, 3]
+    image = image + 0.05 * waves.astype(f32)
     for _ in range(int(rng.integers(1, 4))):
         cx, cy = rng.uniform(0, size, 2)
         theta = rng.uniform(0, np.pi)
