@@ -1,0 +1,205 @@
+"""Trainings side by side: ``hardmine compare --jobs N`` on a CPU, ``--devices 0,1,...`` on GPUs.
+
+A comparison is many independent runs (methods x seeds), each in its own run directory, so they
+can train at the same time. Each training here runs in a process of its own, started with
+multiprocessing's ``spawn`` method (a fresh interpreter: no state, lock or CUDA context inherited
+from the parent), at most one per *slot*:
+
+- on a CPU, ``N`` slots share the cores: each process runs torch on ``max(1, cpus // N)`` threads
+  (``cpus``: the cores this process may use), so ``N`` runs do not oversubscribe the machine;
+- on GPUs, one slot per entry of ``devices``: the process sees only that device
+  (``CUDA_VISIBLE_DEVICES``, set before CUDA starts in it). A device named twice takes two runs
+  at a time.
+
+A process trains exactly what ``train(config, resume=True)`` trains in the parent (the run
+directory, its checkpoints and ``results.json`` are the same), and reports back the failure as
+the parent would record it: the exception's first line and its traceback. Its output goes to
+``train.log`` in its run directory rather than to the terminal, where several would interleave.
+A process whose parent dies (a killed comparison) stops itself, so that a rerun never finds a run
+still being trained by an orphan; on Ctrl-C the parent stops its processes before it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+LOG_NAME = "train.log"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one training process runs.
+
+    Attributes:
+        threads: torch's intra-op threads in the process.
+        device: ``CUDA_VISIBLE_DEVICES`` for the process (a GPU's index), or None to leave it.
+    """
+
+    threads: int
+    device: str | None = None
+
+
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def make_slots(
+    jobs: int | None = None, devices: Sequence[str] | None = None, *, cpus: int | None = None
+) -> list[Slot]:
+    """The slots of ``--jobs`` / ``--devices`` (see the module docstring).
+
+    Args:
+        jobs: processes at a time; with ``devices``, it must be their number (or None).
+        devices: GPU indices, one slot each.
+        cpus: the cores to divide; ``available_cpus()`` by default.
+
+    Raises:
+        ValueError: ``jobs < 1``, no devices, or ``jobs`` other than the number of devices.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    if devices is not None:
+        devices = [d.strip() for d in devices]
+        if not devices or not all(devices):
+            raise ValueError("--devices: expected GPU indices such as 0,1")
+        if jobs is not None and jobs != len(devices):
+            raise ValueError(
+                f"--jobs {jobs} with --devices {','.join(devices)}: one run per device entry, "
+                f"so --jobs must be {len(devices)} (or left out)"
+            )
+        threads = max(1, cpus // len(devices))  # the CPU side of each GPU run (data, NMS)
+        return [Slot(threads=threads, device=d) for d in devices]
+    jobs = 1 if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    return [Slot(threads=max(1, cpus // jobs)) for _ in range(jobs)]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How one training process ended.
+
+    Attributes:
+        key: the task's key.
+        error: ``"Type: message"`` (first line) of its failure; None when it finished.
+        traceback: the failure's traceback text (or what is known of a process that died).
+    """
+
+    key: Hashable
+    error: str | None = None
+    traceback: str | None = None
+
+
+Task = tuple[Hashable, Callable[..., Any], tuple[Any, ...], Path]
+
+
+def run_jobs(tasks: Sequence[Task], slots: Sequence[Slot]) -> Iterator[JobResult]:
+    """Run each task in a process of its own, at most one per slot; yield results as they end.
+
+    Args:
+        tasks: ``(key, function, args, run_dir)``: the process calls ``function(*args)``
+            (picklable, importable at module level) and writes its output to
+            ``run_dir / LOG_NAME``.
+        slots: where the processes run.
+
+    Yields:
+        One ``JobResult`` per task, in the order they end.
+    """
+    context = multiprocessing.get_context("spawn")
+    pending = list(tasks)
+    free = list(slots)
+    running: dict[Any, tuple[Any, Connection, Hashable, Slot]] = {}
+    try:
+        while pending or running:
+            while pending and free:
+                key, function, args, run_dir = pending.pop(0)
+                slot = free.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_child,
+                    args=(function, args, slot, send, os.getpid(), Path(run_dir) / LOG_NAME),
+                    name=f"hardmine-{run_dir}",
+                    daemon=True,
+                )
+                process.start()
+                send.close()  # the child holds the only writing end: EOF when it dies
+                running[process.sentinel] = (process, receive, key, slot)
+            for sentinel in wait(list(running)):
+                process, receive, key, slot = running.pop(sentinel)
+                process.join()
+                message = None
+                with contextlib.suppress(EOFError, OSError):
+                    if receive.poll():
+                        message = receive.recv()
+                receive.close()
+                free.append(slot)
+                if message is None:
+                    status = process.exitcode
+                    error = f"ChildProcessError: the training process died (exit status {status})"
+                    yield JobResult(key, error, f"{error}\nIts output is in {LOG_NAME}.\n")
+                else:
+                    yield JobResult(key, *message)
+    finally:
+        for process, _, _, _ in running.values():  # Ctrl-C, or the caller stopped early
+            process.terminate()
+        for process, receive, _, _ in running.values():
+            process.join()
+            receive.close()
+
+
+def _child(
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    slot: Slot,
+    send: Connection,
+    parent: int,
+    log_path: Path,
+) -> None:
+    """A training process: its device and threads, a watch on the parent, then ``function``."""
+    if slot.device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.device  # before CUDA starts in this process
+    os.environ["OMP_NUM_THREADS"] = str(slot.threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", buffering=1) as out:
+        # The file descriptors too, so that C++ warnings and tqdm land in the log as well.
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        sys.stdout = sys.stderr = out
+        logging.basicConfig(format="%(message)s", stream=out, force=True)
+        logging.getLogger("hardmine").setLevel(logging.INFO)
+        import torch
+
+        torch.set_num_threads(slot.threads)
+        try:
+            function(*args)
+        except BaseException as error:  # reported like the parent records a failure in-process
+            text = traceback.format_exc()
+            out.write(text)
+            send.send((f"{type(error).__name__}: {error}".splitlines()[0], text))
+        else:
+            send.send((None, None))
+        finally:
+            send.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process when its parent is gone (its parent id changes to the reaper's)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
