@@ -35,8 +35,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
+from hardmine.errors import DataError
 
-class CocoFormatError(ValueError):
+
+class CocoFormatError(DataError):
     """A COCO annotation file, or a file it refers to, is unusable."""
 
 
