@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
-from hardmine.data import CocoDataset, make_scenes, pennfudan_split, with_hard_negatives
+from hardmine.data import (
+    CLASS_NAMES,
+    CocoDataset,
+    make_scenes,
+    pennfudan_split,
+    with_hard_negatives,
+)
+from hardmine.errors import DataError
 from hardmine.models import DETECTORS, build
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
@@ -35,7 +42,22 @@ def load_run_config(
     Raises:
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
-    return load_config(path, overrides, registries=RUN_REGISTRIES)
+    config = load_config(path, overrides, registries=RUN_REGISTRIES)
+    data = config.data
+    if data.kind == "scenes" and data.num_classes > len(CLASS_NAMES):
+        raise ConfigError(
+            f"data.num_classes: the scenes have {len(CLASS_NAMES)} classes at most, "
+            f"got {data.num_classes}"
+        )
+    if data.kind == "coco" and data.root is None:
+        keys = ("train_images", "train_ann", "val_images", "val_ann")
+        missing = [f"data.{k}" for k in keys if getattr(data, k) is None]
+        if missing:
+            raise ConfigError(
+                f"data.kind 'coco' needs data.root, or all of data.train_images, data.train_ann, "
+                f"data.val_images and data.val_ann (missing: {', '.join(missing)})"
+            )
+    return config
 
 
 def check_model(config: RunConfig) -> None:
@@ -70,6 +92,14 @@ class PickCounter:
         pos, neg = (self._sum / self._images).tolist()
         self._sum, self._images = None, 0
         return {"positive": pos, "negative": neg}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts since the last ``take``, for a checkpoint taken between two log rows."""
+        return {"sum": None if self._sum is None else self._sum.cpu(), "images": self._images}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self._sum = None if state["sum"] is None else state["sum"].to(device)
+        self._images = int(state["images"])
 
 
 @dataclass(frozen=True)
@@ -152,18 +182,23 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
         )
         categories = train_set.categories
     elif data.root is not None:
+        if not Path(data.root).is_dir():
+            raise DataError(
+                f"data.root {data.root}: no such folder (a folder in the PennFudan layout: "
+                "PNGImages/ and annotations.json)"
+            )
         train_set, val_set, categories = pennfudan_split(data.root, with_masks=with_masks)
     else:
         paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
         if any(p is None for p in paths):
-            raise ValueError(
+            raise ConfigError(
                 "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
                 "data.val_images and data.val_ann"
             )
         train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
         val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
         if val_set.categories != train_set.categories:
-            raise ValueError(
+            raise DataError(
                 f"{data.train_ann} and {data.val_ann} have different categories: "
                 f"{train_set.categories} and {val_set.categories}"
             )
@@ -175,13 +210,17 @@ def training_set(config: RunConfig, train_set: Dataset) -> Dataset:
     """``train_set`` with the hard negatives of ``config.hard_negatives``, if any.
 
     Raises:
-        ValueError: hard negatives without a sampler, or mined on another dataset.
-        HardNegativesFormatError: the file is unreadable or malformed.
+        ConfigError: hard negatives without a sampler.
+        HardNegativesFormatError: the file is unreadable or malformed, or was mined on another
+            dataset.
     """
     if config.hard_negatives is None:
         return train_set
     if config.sampler.name is None:
-        raise ValueError("hard_negatives need a sampler: they join an R-CNN's RoIs")
+        raise ConfigError(
+            f"hard_negatives: {config.model.name} has no sampler (sampler: null); hard negatives "
+            "join an R-CNN's RoIs, for a sampler to pick from"
+        )
     return with_hard_negatives(train_set, config.hard_negatives)
 
 
