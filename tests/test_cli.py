@@ -74,9 +74,14 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(argv) == 0
     assert "AP" in capsys.readouterr().out
     assert (run / "checkpoint.pt").exists() and (run / "results.json").exists()
-    assert main(argv) == 1  # the run exists: --resume or another output_dir
+    with pytest.raises(SystemExit) as exit_:  # the run exists: --resume or another output_dir
+        main(argv)
+    assert exit_.value.code == 2  # a user's mistake (issue 12; it was 1)
     assert "--resume" in capsys.readouterr().err
+    rows = (run / "metrics.jsonl").read_text()
     assert main([*argv, "--resume"]) == 0  # finished already: nothing more to train
+    assert "finished before" in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text() == rows  # and no second evaluation row
     assert main(["eval", "--run", str(run), "--device", "cpu"]) == 0
     assert f"{run}: AP" in capsys.readouterr().out
 

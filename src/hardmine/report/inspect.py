@@ -11,6 +11,9 @@ the output folder:
 - ``iou_histograms.png`` / ``.csv``: the picked negatives' IoU with the ground truth and with the
   positives, over more images (``report.picks``).
 
+Panels of an earlier call to the same folder that this one did not draw (other samplers, more
+images) are removed, so the folder shows one call's pictures.
+
 An untrained detector's RPN proposes nearly random boxes, so without a trained run the proposals
 are made by jittering the ground truths instead (``jitter_proposals``); the RoI losses then still
 come from the (untrained) detector.
@@ -29,6 +32,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from hardmine.data import CocoDataset, make_scenes
+from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
 from hardmine.report.draw import Panel, overview_sheet, write_panel
@@ -199,7 +203,8 @@ def inspect_picks(
     boxes: list[Tensor] = []
     assignments: list[Assignment] = []
     picks: dict[str, list[Selection]] = {name: [] for name in samplers}
-    for start in range(0, count, batch_size):
+    starts = range(0, count, batch_size)
+    for start in progress(starts, total=len(starts), desc="inspect"):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         batch_images = [image.to(device) for image, _ in items]
         targets = [{k: t[k].to(device) for k in ("boxes", "labels")} for _, t in items]
@@ -241,6 +246,8 @@ def inspect_picks(
         for k, row in enumerate(grid)
         for panel in row
     ]
+    for stale in set((out_dir / "panels").glob("image*_*.png")) - set(panel_paths):
+        stale.unlink()
     sheet = overview_sheet(
         grid, out_dir / SHEET_NAME, row_labels=[f"image {k}" for k in range(drawn)]
     )
