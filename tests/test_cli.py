@@ -1,5 +1,6 @@
 """The ``hardmine`` command: help for every subcommand, train / eval / compare on tiny settings."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,12 @@ TINY = [
 ]  # fmt: skip
 
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
 def test_entry_point_help() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "hardmine.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "hardmine.cli", "--help"], capture_output=True, text=True, env=ENV
     )
     assert done.returncode == 0
     for command in COMMANDS:
@@ -108,3 +112,69 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     before = checkpoint.stat().st_mtime_ns
     assert main(argv) == 0  # rerun: finished runs are read, not trained again
     assert checkpoint.stat().st_mtime_ns == before
+
+
+def test_help_imports_no_torch() -> None:
+    """Issue 12: ``hardmine --help`` took 4.3 s, importing torch to build the parser."""
+    probe = (
+        "import sys\n"
+        "from hardmine.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "parser.format_help()\n"
+        "for sub in parser._subparsers._group_actions[0].choices.values():\n"
+        "    sub.format_help()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_names_in_the_help_are_the_registries() -> None:
+    """The parser lists names without importing the registries; they must agree."""
+    from hardmine import cli
+    from hardmine.report.compare import DEFAULT_METHODS
+    from hardmine.report.inspect import DEFAULT_MODEL
+    from hardmine.sample import SAMPLERS
+
+    assert tuple(SAMPLERS) == cli.SAMPLER_NAMES
+    assert tuple(m.name for m in DEFAULT_METHODS) == cli.METHOD_NAMES
+    assert cli.INSPECT_MODEL == DEFAULT_MODEL
+
+
+def test_lazy_package_exports() -> None:
+    import hardmine
+
+    assert set(hardmine.__all__) == set(hardmine._EXPORTS)
+    for name in hardmine.__all__:
+        assert getattr(hardmine, name) is not None
+    assert hardmine.sample.SAMPLERS is hardmine.SAMPLERS
+    with pytest.raises(AttributeError):
+        hardmine.no_such_name  # noqa: B018
+
+
+def test_resume_from_another_folder_and_after_a_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 12: the README's resume line, run from another folder, silently started a new run
+    (the run's config.yaml stored a relative output folder)."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    argv = ["train", *TINY, "--sampler.num", "32", "--train.eval_every", "0"]
+    assert main([*argv, "--train.max_steps", "1", "--output_dir", "runs/x"]) == 0
+    saved = load_config(home / "runs" / "x" / "config.yaml")
+    assert Path(saved.output_dir) == home / "runs" / "x"  # absolute
+    monkeypatch.chdir(elsewhere)
+    config = str(home / "runs" / "x" / "config.yaml")
+    # max_steps may differ on resume: it moves the end, not the steps.
+    assert main(["train", "--config", config, "--resume", "--train.max_steps", "2"]) == 0
+    assert not (elsewhere / "runs").exists()
+    assert '"step": 2' in (home / "runs" / "x" / "metrics.jsonl").read_text()
+    # A run folder moved elsewhere: its own config.yaml still names it.
+    (home / "runs" / "x").rename(elsewhere / "moved")
+    assert main(["train", "--config", "moved/config.yaml", "--resume"]) == 0
+    assert "moved" in capsys.readouterr().out
+    assert not (home / "runs" / "x").exists()
