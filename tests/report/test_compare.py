@@ -104,7 +104,8 @@ def test_an_all_failed_call_keeps_the_earlier_report(tmp_path: Path) -> None:
     good = [outcome(tmp_path, "random", 0, 0.10), outcome(tmp_path, "ohem", 0, 0.2)]
     report = write_report(tmp_path, METHODS, good, description="A test.")
     assert report is not None
-    before = {p.name: p.read_bytes() for p in (report, tmp_path / "ap.png", tmp_path / "losses.png")}
+    written = (report, tmp_path / "ap.png", tmp_path / "losses.png")
+    before = {p.name: p.read_bytes() for p in written}
     failed = [
         outcome(tmp_path, "random", 0, 0.1, error="RunError: x"),
         outcome(tmp_path, "ohem", 0, 0.1, error="RunError: y"),

@@ -34,6 +34,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from hardmine.data import CocoDataset, make_scenes
 from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
+from hardmine.errors import ConfigError
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
 from hardmine.report.draw import Panel, overview_sheet, write_panel
 from hardmine.report.picks import (
@@ -120,14 +121,14 @@ def samplers_for(
     128, torchvision's 512), so that every sampler picks as many as training would.
 
     Raises:
-        ValueError: an unknown name, or a detector without RoI heads.
+        ConfigError: an unknown name, or a detector without RoI heads (a ``ValueError``).
     """
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise ValueError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
+        raise ConfigError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if num is None:
@@ -184,17 +185,17 @@ def inspect_picks(
         device: where ``model`` is.
 
     Raises:
-        ValueError: ``model`` has no RoI heads, or a setting is out of range.
+        ConfigError: ``model`` has no RoI heads, or a setting is out of range (a ``ValueError``).
     """
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if proposals not in ("rpn", "jitter"):
-        raise ValueError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
+        raise ConfigError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
     if num_images < 1 or not samplers:
-        raise ValueError("inspect needs at least one image and one sampler")
+        raise ConfigError("inspect needs at least one image and one sampler")
     out_dir = Path(out_dir)
     count = min(len(dataset), max(num_images, hist_images))
     # torchvision keeps the RPN's training setting only in this private dict.
