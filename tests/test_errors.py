@@ -191,6 +191,17 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "nowhere: no such folder",
         ),
         "run exists": (["train", "--config", f"{r}/run/config.yaml"], 2, "pass --resume"),
+        "output_dir is a file": (
+            ["train", *TINY, "--output_dir", f"{r}/bad.yaml/run"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "sampler on a dense detector": (
+            ["train", *TINY, *out, "--model.name", "retinanet_tiny"],
+            2,
+            "sampler: retinanet_tiny trains on every anchor",
+        ),
+        "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],
             2,

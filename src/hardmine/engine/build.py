@@ -8,6 +8,7 @@ turn a ``RunConfig`` into the objects a run trains and evaluates. ``PickCounter`
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from torchvision.models.detection import FCOS, RetinaNet
 
 from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
 from hardmine.data import (
@@ -43,6 +45,16 @@ def load_run_config(
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
     config = load_config(path, overrides, registries=RUN_REGISTRIES)
+    if config.sampler.name is not None and _trains_on_every_anchor(config.model.name):
+        raise ConfigError(
+            f"sampler: {config.model.name} trains on every anchor (focal loss) and takes no "
+            "sampler; pass --sampler null (its choice is the assigner: --assigner.name ...)"
+        )
+    if config.hard_negatives is not None and config.sampler.name is None:
+        raise ConfigError(
+            f"hard_negatives: {config.model.name} has no sampler; hard negatives join an "
+            "R-CNN's RoIs, for a sampler to pick from"
+        )
     data = config.data
     if data.kind == "scenes" and data.num_classes > len(CLASS_NAMES):
         raise ConfigError(
@@ -58,6 +70,17 @@ def load_run_config(
                 f"data.val_images and data.val_ann (missing: {', '.join(missing)})"
             )
     return config
+
+
+def _trains_on_every_anchor(name: str | None) -> bool:
+    """Whether the detector ``name`` is a dense one (RetinaNet, FCOS), by its builder's return
+    annotation: it has no RoIs for a sampler. False when that cannot be told without building."""
+    builder = DETECTORS.get(name or "")
+    try:
+        returns = typing.get_type_hints(builder).get("return") if builder else None
+    except (NameError, TypeError):
+        return False
+    return isinstance(returns, type) and issubclass(returns, RetinaNet | FCOS)
 
 
 def check_model(config: RunConfig) -> None:

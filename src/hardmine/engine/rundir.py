@@ -216,6 +216,8 @@ def load_run(
         overrides: dotted configuration overrides, e.g. other ``data.*`` to mine on.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: a file, not a run directory")
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
     if not (run_dir / CONFIG_NAME).is_file():

@@ -475,6 +475,17 @@ def check_resumable(state: Mapping[str, Any], config: RunConfig, path: Path) -> 
         )
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Raise ``RunError`` unless ``run_dir`` is, or can be made, a folder this process writes to."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"output_dir {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"output_dir {run_dir}: {existing} is not writable")
+
+
 def _device_type(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -517,6 +528,7 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
             "another output_dir"
         )
     check_model(config)
+    _check_writable(run_dir)
     state = None
     if resume and ckpt_path.exists():
         state = checkpoint.load(ckpt_path)
@@ -589,7 +601,11 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
                 log.info("%s finished before, at step %d", run_dir, session.position.step)
                 return TrainResult(model, results.get("metrics", {}), run_dir, finished_before=True)
         if process.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                reason = error.strerror
+                raise RunError(f"output_dir {run_dir}: cannot create it ({reason})") from None
             save_config(with_absolute_paths(config), run_dir / CONFIG_NAME)
             session.log = MetricsLog(
                 run_dir, resume_step=session.position.step if state is not None else None
