@@ -178,3 +178,21 @@ def test_resume_from_another_folder_and_after_a_move(
     assert main(["train", "--config", "moved/config.yaml", "--resume"]) == 0
     assert "moved" in capsys.readouterr().out
     assert not (home / "runs" / "x").exists()
+
+
+def test_an_error_from_a_data_loader_worker_is_one_line() -> None:
+    """A worker's error reaches the main process with the worker's traceback as its message."""
+    from torch._utils import ExceptionWrapper
+
+    from hardmine.cli import one_line
+    from hardmine.errors import DataError
+
+    try:
+        raise DataError("data/x.json: image 3: x.png: truncated")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as error:
+        wrapped.reraise()
+    assert "\n" in str(error.value)
+    assert one_line(error.value) == "data/x.json: image 3: x.png: truncated"
+    assert one_line(DataError("a\nb")) == "a b"

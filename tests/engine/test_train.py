@@ -286,3 +286,31 @@ def test_an_empty_training_set_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"ann.json\) has no images"):
         train(tiny(tmp_path, **{k.replace(".", "__"): v for k, v in coco.items()}))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_read_back_on_data_of_other_categories_is_refused(tmp_path: Path) -> None:
+    """Issue 12: ``mine --data`` with other categories gave a state-dict size mismatch."""
+    from hardmine.engine.rundir import load_run
+    from hardmine.errors import CheckpointError, RunError
+
+    train(tiny(tmp_path, train__max_steps=1))
+    write_coco(SceneDataset(2, seed=3, image_size=64, num_classes=1), tmp_path / "one")
+    one = [str(tmp_path / "one" / "images"), str(tmp_path / "one" / "annotations.json")]
+    other = {"data.kind": "coco"} | {
+        f"data.{k}": v
+        for k, v in zip(
+            ("train_images", "train_ann", "val_images", "val_ann"), one * 2, strict=True
+        )
+    }
+    with pytest.raises(
+        RunError, match=r"trained on the categories \['ring', 'cross', 'triangle'\]"
+    ):
+        load_run(tmp_path / "run", overrides=other)
+    # A checkpoint of an older version, without its categories: the weights do not fit.
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["categories"]
+    checkpoint.save_atomic(state, path)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: its weights do not fit") as error:
+        load_run(tmp_path / "run", overrides=other)
+    assert "\n" not in str(error.value)
