@@ -648,14 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add in PARSERS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        sub.set_defaults(parser=sub)  # for main: the command's prog and options
     return parser
-
-
-def _subparser(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> argparse.ArgumentParser:
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return next(p for p in subparsers.choices.values() if p.get_default("command") is args.command)
 
 
 def _check_extra(
@@ -708,9 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    prog = _subparser(parser, args).prog
     try:
-        _check_extra(extra, args, _subparser(parser, args))
+        _check_extra(extra, args, args.parser)
         from hardmine.config import parse_overrides
 
         overrides = parse_overrides(extra)
@@ -720,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HardmineError as error:
         if os.environ.get("HARDMINE_DEBUG"):
             raise
-        parser.exit(error.exit_status, f"{prog}: error: {one_line(error)}\n")
+        parser.exit(error.exit_status, f"{args.parser.prog}: error: {one_line(error)}\n")
 
 
 if __name__ == "__main__":
