@@ -262,3 +262,12 @@ def test_metrics_hold_no_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "NaN" not in text
     rows = [json.loads(line) for line in text.splitlines()]  # strict JSON
     assert [r["roi_loss"] for r in rows if "eval" in r] == [None, None]
+
+
+def test_num_workers_is_capped_by_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the shipped configurations' num_workers 4 made PyTorch warn on a 2-core
+    machine. The cap changes no result (test_resume_mid_epoch_is_exact: 0 and 2 workers give the
+    same losses)."""
+    monkeypatch.setattr(train_module, "available_cpus", lambda: 2)
+    assert train_module.num_workers(load_config(None, {"data.num_workers": 4})) == 2
+    assert train_module.num_workers(load_config(None, {"data.num_workers": 1})) == 1
