@@ -27,6 +27,9 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -34,17 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from hardmine._atomic import write_atomic
 from hardmine.assign import ASSIGNERS
+from hardmine.errors import ConfigError
 from hardmine.sample import SAMPLERS
+from hardmine.structures import Assignment, RoIScores
 
-log = logging.getLogger("hardmine")
-
-
-class ConfigError(ValueError):
-    """A configuration names an unknown key or class, or gives a value of the wrong type."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -310,7 +312,42 @@ def _component_from_dict(section: str, raw: Any, registries: Registries) -> Comp
             settings[key] = _check_value(value, valid[key], f"{section}.{key}")
         elif not open_ended:
             raise _unknown(key, list(valid), f"{section}.")
+    if dataclasses.is_dataclass(names[name]):  # a sampler or assigner, cheap to make
+        _check_component(section, name, names[name], settings)
     return ComponentConfig(name=name, settings=settings)
+
+
+def _check_component(section: str, name: str, cls: type, settings: Mapping[str, Any]) -> None:
+    """Make the sampler / assigner ``cls(**settings)`` and run it on one image without candidates,
+    so that every setting the class or its function checks is refused now, before any work.
+
+    Raises:
+        ConfigError: naming the setting (``sampler.num_bins: ...``) where the class's message names
+            one, else the section.
+    """
+    try:
+        component = cls(**settings)
+        if section == "sampler":
+            extra = {}
+            if getattr(component, "needs_scores", False):  # PISA: the read-only pass's scores
+                none = torch.zeros(0)
+                extra["scores"] = [RoIScores(none, none, none, none.long(), torch.zeros(0, 4))]
+            component([torch.zeros(0, 4)], [Assignment.empty(0)], losses=[torch.zeros(0)], **extra)
+        elif section == "assigner":
+            no_boxes = torch.zeros(0, 4)
+            component(
+                [no_boxes], [no_boxes], [torch.zeros(0, dtype=torch.int64)], num_per_level=[0]
+            )
+    except (ValueError, TypeError) as error:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        named = [f for f in fields if re.search(rf"\b{f}\b", str(error))]
+        given = [f for f in named if f in settings]
+        key = (given or named)[0] if len(given or named) == 1 else None
+        where = f"{section}.{key}" if key else f"{section} ({name})"
+        message = str(error)
+        if key and message.startswith(f"{key} "):  # "num must be ..." after "sampler.num: "
+            message = message[len(key) + 1 :]
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def _dataclass_from_dict(cls: type[Any], raw: Any, where: str, registries: Registries) -> Any:
@@ -353,7 +390,62 @@ def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTR
             f"data.box_tolerance: expected a finite number of pixels >= 0, got "
             f"{config.data.box_tolerance!r}"
         )
+    _check_ranges(config)
     return config
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be at least {low:g}"
+
+
+def _fraction(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+# The range of every harness setting that has one: a value outside is refused when the
+# configuration is read, before any work (``--train.epochs 0`` would otherwise "finish" without a
+# step; ``--data.batch_size 0`` would fail inside the data loader).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _at_least(0),
+    "hard_negative_share": (_fraction, "must be in [0, 1]"),
+    "data.num_train": _at_least(1),
+    "data.num_val": _at_least(1),
+    "data.image_size": _at_least(32),
+    "data.num_classes": _at_least(1),
+    "data.batch_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "train.epochs": _at_least(1),
+    "train.lr": ((lambda v: v > 0), "must be positive"),
+    "train.momentum": _at_least(0),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.warmup_factor": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "train.decay_at": ((lambda v: all(map(_fraction, v))), "must be fractions in [0, 1]"),
+    "train.gamma": ((lambda v: v > 0), "must be positive"),
+    "train.max_steps": ((lambda v: v is None or v >= 1), "must be at least 1 (or null)"),
+    "train.log_every": _at_least(1),
+    "train.eval_every": _at_least(0),
+    "train.checkpoint_every": _at_least(0),
+}
+
+
+def _check_ranges(config: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the first harness setting out of its range (``_RANGES``),
+    non-finite, or a ``device`` torch does not know."""
+    for dotted, (ok, rule) in _RANGES.items():
+        value: Any = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values) or not ok(value):
+            raise ConfigError(f"{dotted}: {rule}, got {value!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"device: expected auto, cpu, cuda or cuda:N, got {config.device!r}"
+            ) from None
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
@@ -495,18 +587,55 @@ def load_config(
         dropped: receives the settings that a change of class dropped (see ``apply_overrides``).
 
     Raises:
-        ConfigError: an unknown key or name, or a value of the wrong type.
+        ConfigError: the file is missing or not YAML; an unknown key or name, or a value of the
+            wrong type or out of range (named with the file when the file holds it).
     """
-    raw: Any = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = {} if path is None else read_yaml(path)
     # On the defaults, so that an override such as model.min_size finds the default model name.
-    return config_from_dict(
-        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {}, dropped=dropped),
-        registries=registries,
-    )
+    defaults = config_to_dict(RunConfig())
+    try:
+        return config_from_dict(
+            apply_overrides(_merge(defaults, raw), overrides or {}, dropped=dropped),
+            registries=registries,
+        )
+    except ConfigError as error:
+        if path is None or not overrides:
+            raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+        try:  # the file alone: is the mistake in it, or in the overrides?
+            config_from_dict(_merge(defaults, raw), registries=registries)
+        except ConfigError as in_file:
+            raise ConfigError(f"{path}: {in_file}") from None
+        raise
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty for an empty file).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML (with the line), or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise ConfigError(f"{path}: cannot read: {reason}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return dict(raw)
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -528,6 +657,86 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 def _name_of(section: Any) -> Any:
     """The class name a component section (a name, a mapping or None) gives."""
     return section.get("name") if isinstance(section, Mapping) else section
+
+
+#: The settings that name files or folders: relative to the working directory of the command.
+PATH_KEYS = (
+    "output_dir",
+    "hard_negatives",
+    "data.root",
+    "data.train_images",
+    "data.train_ann",
+    "data.val_images",
+    "data.val_ann",
+)
+#: Settings that may differ when a run is resumed, or rerun by compare / bootstrap: they change
+#: where and how often a run writes and evaluates, and how fast it loads its data, never the steps
+#: it takes (the checkpoint's data order and random state do not depend on them; evaluation runs
+#: under a forked random state). ``max_steps`` moves the end of a run, not its steps.
+MAY_DIFFER = (
+    "output_dir",
+    "data.num_workers",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_steps",
+)
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """``config`` as dotted keys to values (``{"train.lr": 0.02, "sampler.num": 128, ...}``).
+
+    The component sections' settings sit beside their ``name``; a sampler's or assigner's include
+    its defaults, so that a setting given at its default value equals one left out.
+    """
+    out: dict[str, Any] = {}
+    for section, value in config_to_dict(config).items():
+        if isinstance(value, Mapping):
+            cls = REGISTRIES.get(section, {}).get(value.get("name"))
+            if dataclasses.is_dataclass(cls):
+                defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+                value = _plain(defaults) | dict(value)
+            out |= {f"{section}.{k}": v for k, v in value.items()}
+        else:
+            out[section] = value
+    return out
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with every path of ``PATH_KEYS`` absolute (resolved against the working folder),
+    so that a run's saved configuration means the same files from any folder."""
+    raw = config_to_dict(config)
+    updates = {}
+    for dotted in PATH_KEYS:
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node[part]
+        if node is not None:
+            updates[dotted] = os.path.abspath(node)
+    return config_from_dict(apply_overrides(raw, updates), registries={})
+
+
+def differences(
+    old: RunConfig, new: RunConfig, *, ignore: Sequence[str] = MAY_DIFFER
+) -> list[tuple[str, Any, Any]]:
+    """The settings in which ``new`` differs from ``old``: ``(dotted key, old, new)`` each.
+
+    Paths are compared resolved against the working folder; keys in ``ignore`` are left out. A
+    component section whose ``name`` differs is reported by its name alone.
+    """
+    a, b = flatten(with_absolute_paths(old)), flatten(with_absolute_paths(new))
+    changed = [k for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
+    renamed = {k.split(".")[0] for k in changed if k.endswith(".name")}
+    return [
+        (key, a.get(key), b.get(key))
+        for key in changed
+        if key.split(".")[0] not in renamed or key.endswith(".name")
+    ]
+
+
+def describe_differences(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    """``[("sampler.name", "random", "ohem")]`` -> ``"sampler.name: random -> ohem"``."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -121,9 +121,6 @@ def test_data_settings_are_checked(overrides: dict, message: str) -> None:
         build_datasets(load_run_config(None, overrides))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the CLI's top-level handler for CocoFormatError comes with issue 12a"
-)
 @pytest.mark.parametrize("case", ["zero-width box", "truncated image"])
 def test_cli_names_the_file_and_id_in_one_line(tmp_path: Path, case: str) -> None:
     data = _coco_folder(tmp_path, [10, 4, 0, 6] if case == "zero-width box" else [10, 4, 5, 6])

@@ -39,7 +39,9 @@ def test_model_settings_that_apply_are_kept() -> None:
         "rpn_nms_thresh": 1.0,
         "score_dtype": "bfloat16",
     }
-    config = load_run_config(None, {"model.name": "atss_fcos_tiny", "model.anchor_scale": 8})
+    config = load_run_config(
+        None, {"model.name": "atss_fcos_tiny", "model.anchor_scale": 8, "sampler": None}
+    )
     assert config.model.settings == {"anchor_scale": 8.0}
 
 

@@ -86,7 +86,7 @@ def test_lists_in_values_survive_the_comma_split():
         ("overlap:strategy", r"expected KEY=VALUE"),
         ("overlap:stratgy=hard", r"unknown setting 'stratgy' of overlap; valid: .*strategy"),
         ("retinanet_atss:sampler.num=3", r"retinanet_atss has no sampler"),
-        ("overlap,overlap", r"overlap given twice"),
+        ("overlap,overlap", r"overlap given more than once"),
         ("random,,ohem", r"empty method name"),
         ("frcn:neg_thr=[0.2, 0.5", r"unbalanced brackets"),
     ],
@@ -100,7 +100,7 @@ def test_bad_specs_are_config_errors(text: str, message: str):
     ("spec", "message"),
     [
         ("overlap:strategy=sometimes", r"--methods overlap:strategy=sometimes: .*expected one of"),
-        ("overlap:epsilon=-1", r"--methods overlap:epsilon=-1: epsilon must be > 0"),
+        ("overlap:epsilon=-1", r"--methods overlap:epsilon=-1: sampler.epsilon: must be > 0"),
         ("ohem:train.epoch=3", r"unknown key 'train.epoch'"),
     ],
 )

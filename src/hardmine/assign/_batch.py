@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from hardmine.boxes import box_iof, check_boxes, upcast
+from hardmine.errors import NonFiniteError
 from hardmine.structures import POSITIVE, Assignment
 
 #: Ground truths per chunk of the ``[B, G, N]`` matrices. With 100k candidates a chunk's IoU
@@ -117,7 +118,7 @@ def _check_box_batch(boxes: Sequence[Tensor], name: str) -> None:
     flat = distinct[0] if len(distinct) == 1 else torch.cat(distinct)
     if flat.numel() and not bool(torch.isfinite(flat).all()):
         bad = next(i for i, b in enumerate(boxes) if not bool(torch.isfinite(b).all()))
-        raise ValueError(f"{name}[{bad}]: contains NaN or infinite coordinates")
+        raise NonFiniteError(f"{name}[{bad}]: contains NaN or infinite coordinates")
 
 
 def _pad(tensors: Sequence[Tensor], length: int, like: Tensor) -> Tensor:

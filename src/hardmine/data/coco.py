@@ -54,9 +54,10 @@ from hardmine.data.images import (
     read_image,
     read_mask,
 )
+from hardmine.errors import DataError
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(DataError):
     """A COCO annotation file, or a file it refers to, is unusable."""
 
 

@@ -24,6 +24,7 @@ from hardmine.config import ConfigError, RunConfig
 from hardmine.data import coco_gt_of, collate_fn
 from hardmine.engine.build import has_masks
 from hardmine.engine.distributed import resolve_device
+from hardmine.engine.progress import progress
 from hardmine.engine.rundir import EVAL_NAME, load_run, write_json
 
 IouType = Literal["bbox", "segm"]
@@ -120,6 +121,7 @@ def detect(
     *,
     device: torch.device | str,
     batch_size: int = 4,
+    desc: str | None = None,
 ) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """Run a torchvision detector in eval mode over a dataset: per image, target and detections.
 
@@ -132,6 +134,7 @@ def detect(
             ``(images, targets)`` lists (``hardmine.data.collate_fn``).
         device: where the model runs.
         batch_size: images per forward pass when ``data`` is a dataset.
+        desc: show the loop's progress (``hardmine.engine.progress``) under this name.
 
     Yields:
         ``(target, output)`` per image in data order: the dataset's target, and the model's
@@ -144,8 +147,9 @@ def detect(
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
+    batches = loader if desc is None else progress(loader, total=len(loader), desc=desc)
     try:
-        for images, targets in loader:
+        for images, targets in batches:
             outputs = model([image.to(device) for image in images])
             yield from zip(targets, outputs, strict=True)
     finally:
@@ -185,7 +189,9 @@ def evaluate(
     with_masks = "segm" in iou_types
     detections: list[dict[str, Any]] = []
     image_ids: set[int] = set()
-    for target, output in detect(model, data, device=device, batch_size=batch_size):
+    for target, output in detect(
+        model, data, device=device, batch_size=batch_size, desc="evaluating"
+    ):
         image_id = int(target["image_id"])
         image_ids.add(image_id)
         detections.extend(to_coco_results(output, image_id, with_masks=with_masks))

@@ -66,7 +66,9 @@ def fastrcnn_roi_losses(
     """
     num_rois = class_logits.shape[0]
     cls = F.cross_entropy(class_logits, labels, reduction="none")
-    deltas = box_regression.reshape(num_rois, -1, 4)  # [R, K, 4]
+    # The class count from the width, not -1: with no RoIs (every candidate ignored) -1 is
+    # ambiguous and reshape raises.
+    deltas = box_regression.reshape(num_rois, box_regression.shape[-1] // 4, 4)  # [R, K, 4]
     deltas = deltas[torch.arange(num_rois, device=labels.device), labels]  # [R, 4]
     foreground = labels > 0
     targets = torch.where(foreground[:, None], regression_targets, deltas.detach())

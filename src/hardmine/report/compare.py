@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from hardmine._atomic import write_atomic
-from hardmine.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
+from hardmine.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    describe_differences,
+    differences,
+)
 from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.rundir import (
@@ -33,6 +40,7 @@ from hardmine.engine.rundir import (
     read_metrics,
 )
 from hardmine.engine.train import train
+from hardmine.errors import RunError
 from hardmine.report.inspect import inspect_run
 from hardmine.report.plots import AP_KEYS, mean_curve, plot_ap_bars
 
@@ -163,9 +171,11 @@ def run_comparison(
 ) -> list[Outcome]:
     """Train every method with every seed, each in its own run directory under ``out_dir``.
 
-    Finished runs are read, not trained again; interrupted ones resume. A run whose directory
-    holds a different configuration, or that raises, is recorded as failed (with the traceback in
-    its ``error.txt``) and the comparison goes on.
+    Every run's configuration is made first, so that a bad setting is refused before any
+    training. Finished runs are read, not trained again; interrupted ones resume. A run whose
+    directory holds a different configuration (``hardmine.config.differences``, named in the
+    error), or that raises, is recorded as failed (with the traceback in its ``error.txt``) and the
+    comparison goes on.
 
     Args:
         base: the configuration every method starts from.
@@ -174,15 +184,28 @@ def run_comparison(
         out_dir: the comparison's folder.
         overrides: dotted keys of the model / sampler / assigner sections for every method that
             has that section (``Method.config``).
+
+    Raises:
+        ConfigError: a method's configuration is invalid (an override out of range for it).
     """
     out_dir = Path(out_dir)
+    configs = {
+        (method.name, seed): method.config(
+            base,
+            seed=seed,
+            output_dir=out_dir / method.name / f"seed{seed}",
+            overrides=overrides,
+        )
+        for method in methods
+        for seed in seeds
+    }
     outcomes = []
     for method in methods:
         for seed in seeds:
             run_dir = out_dir / method.name / f"seed{seed}"
             outcome = Outcome(method.name, seed, run_dir)
             try:
-                config = method.config(base, seed=seed, output_dir=run_dir, overrides=overrides)
+                config = configs[method.name, seed]
                 _check_same_run(config, run_dir)
                 if (run_dir / RESULTS_NAME).exists():
                     log.info(
@@ -213,10 +236,13 @@ def run_comparison(
 
 def _check_same_run(config: RunConfig, run_dir: Path) -> None:
     saved = run_dir / CONFIG_NAME
-    if saved.exists() and load_run_config(saved) != config:
-        raise FileExistsError(
-            f"{run_dir} holds a run with another configuration; delete it or choose another "
-            "output folder"
+    if not saved.exists():
+        return
+    changes = differences(load_run_config(saved), config)
+    if changes:
+        raise RunError(
+            f"{run_dir} holds a run of another configuration ({describe_differences(changes)}); "
+            "delete it or choose another output folder"
         )
 
 
@@ -354,8 +380,11 @@ def write_report(
     outcomes: Sequence[Outcome],
     *,
     description: str,
-) -> Path:
+) -> Path | None:
     """Write ``report.md``, ``ap.png`` and ``losses.png`` in ``out_dir``.
+
+    When every run failed and ``out_dir`` holds a report already (of an earlier call), nothing is
+    written: a report of failures only must not replace one with results.
 
     Args:
         out_dir: the comparison's folder.
@@ -364,9 +393,12 @@ def write_report(
         description: a paragraph on the setting (data, schedule, seeds) for the report's head.
 
     Returns:
-        The report's path.
+        The report's path; None when it was left as it was.
     """
     out_dir = Path(out_dir)
+    if all(o.error is not None for o in outcomes) and (out_dir / REPORT_NAME).exists():
+        log.warning("every run failed: %s, of an earlier call, was left as it was", out_dir)
+        return None
     summaries = summarize(methods, outcomes)
     plot_ap_bars({s.method.name: s.ap for s in summaries if s.ap}, out_dir / "ap.png")
     curves = {

@@ -11,6 +11,9 @@ the output folder:
 - ``iou_histograms.png`` / ``.csv``: the picked negatives' IoU with the ground truth and with the
   positives, over more images (``report.picks``).
 
+Panels of an earlier call to the same folder that this one did not draw (other samplers, more
+images) are removed, so the folder shows one call's pictures.
+
 An untrained detector's RPN proposes nearly random boxes, so without a trained run the proposals
 are made by jittering the ground truths instead (``jitter_proposals``); the RoI losses then still
 come from the (untrained) detector.
@@ -29,7 +32,9 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from hardmine.data import CocoDataset, make_scenes
+from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
+from hardmine.errors import ConfigError
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, roi_predictions
 from hardmine.report.draw import Panel, overview_sheet, write_panel
 from hardmine.report.picks import (
@@ -116,14 +121,14 @@ def samplers_for(
     128, torchvision's 512), so that every sampler picks as many as training would.
 
     Raises:
-        ValueError: an unknown name, or a detector without RoI heads.
+        ConfigError: an unknown name, or a detector without RoI heads (a ``ValueError``).
     """
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise ValueError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
+        raise ConfigError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if num is None:
@@ -180,17 +185,17 @@ def inspect_picks(
         device: where ``model`` is.
 
     Raises:
-        ValueError: ``model`` has no RoI heads, or a setting is out of range.
+        ConfigError: ``model`` has no RoI heads, or a setting is out of range (a ``ValueError``).
     """
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if proposals not in ("rpn", "jitter"):
-        raise ValueError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
+        raise ConfigError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
     if num_images < 1 or not samplers:
-        raise ValueError("inspect needs at least one image and one sampler")
+        raise ConfigError("inspect needs at least one image and one sampler")
     out_dir = Path(out_dir)
     count = min(len(dataset), max(num_images, hist_images))
     # torchvision keeps the RPN's training setting only in this private dict.
@@ -199,7 +204,8 @@ def inspect_picks(
     boxes: list[Tensor] = []
     assignments: list[Assignment] = []
     picks: dict[str, list[Selection]] = {name: [] for name in samplers}
-    for start in range(0, count, batch_size):
+    starts = range(0, count, batch_size)
+    for start in progress(starts, total=len(starts), desc="inspect"):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         batch_images = [image.to(device) for image, _ in items]
         targets = [{k: t[k].to(device) for k in ("boxes", "labels")} for _, t in items]
@@ -249,6 +255,8 @@ def inspect_picks(
         for k, row in enumerate(grid)
         for panel in row
     ]
+    for stale in set((out_dir / "panels").glob("image*_*.png")) - set(panel_paths):
+        stale.unlink()
     sheet = overview_sheet(
         grid, out_dir / SHEET_NAME, row_labels=[f"image {k}" for k in range(drawn)]
     )

@@ -18,7 +18,7 @@ Overlap presets take the default comparison's 128, as its ``random`` baseline do
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,7 @@ def parse_methods(text: str | None) -> list[Method]:
     names = [m.name for m in methods]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ConfigError(f"--methods: {', '.join(twice)} given twice")
+        raise ConfigError(f"--methods: {', '.join(twice)} given more than once")
     return methods
 
 
@@ -222,24 +222,3 @@ def check_method(
     except (ConfigError, ValueError, TypeError) as error:
         raise ConfigError(f"--methods {method.name}: {error}") from None
     return config
-
-
-def describe(methods: Sequence[Method]) -> list[str]:
-    """One line per method for the command's help: its name and what it sets."""
-    lines = []
-    for m in methods:
-        parts = [f"{m.model['name']}"]
-        if m.sampler is not None:
-            parts.append("sampler " + _settings(m.sampler))
-        if m.assigner is not None:
-            parts.append("assigner " + _settings(m.assigner))
-        parts += [f"{k}={v}" for k, v in m.overrides.items()]
-        lines.append(
-            f"{m.name}: {', '.join(parts)}" + (f" (vs {m.baseline})" if m.baseline else "")
-        )
-    return lines
-
-
-def _settings(section: Mapping[str, Any]) -> str:
-    rest = [f"{k}={v}" for k, v in section.items() if k != "name"]
-    return section["name"] + (f" ({', '.join(rest)})" if rest else "")
