@@ -184,9 +184,46 @@ def train_parser(subparsers: Subparsers) -> None:
         metavar="FILE",
         help="a hard-negatives file (hardmine mine): its boxes join the RoI candidates as "
         "background, with a guaranteed share of the negative picks (hard_negative_share, "
-        "default 0.25)",
+        "default 0.25); a file mined on a folder (hardmine mine --images) goes with that "
+        "folder as --negative-images",
     )
+    _add_negative_image_options(parser)
     parser.set_defaults(command=train_command, takes_overrides=True)
+
+
+def _add_negative_image_options(parser: argparse.ArgumentParser) -> None:
+    """A folder of images without objects to train with (train and bootstrap)."""
+    parser.add_argument(
+        "--negative-images",
+        metavar="FOLDER",
+        help="a folder of images that hold none of the classes (searched recursively; jpg, png, "
+        "bmp, gif, tiff, webp, ppm): they join the training set as images without objects "
+        "(negative_images)",
+    )
+    parser.add_argument(
+        "--negative-image-share",
+        type=_share_below_one,
+        metavar="F",
+        help="fraction of each epoch's training images taken from --negative-images, in [0, 1) "
+        "(negative_image_share; default 0.25: one folder image for every three others)",
+    )
+
+
+def _share_below_one(text: str) -> float:
+    """An argparse type: a number in ``[0, 1)``."""
+    value = _number_in(0, 1)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be in [0, 1), got 1")
+    return value
+
+
+def _negative_image_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.negative_images is not None:
+        out["negative_images"] = args.negative_images
+    if args.negative_image_share is not None:
+        out["negative_image_share"] = args.negative_image_share
+    return out
 
 
 def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -196,6 +233,7 @@ def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     if args.hard_negatives is not None:
         overrides = overrides | {"hard_negatives": args.hard_negatives}
+    overrides = overrides | _negative_image_overrides(args)
     if args.resume and args.config and "output_dir" not in overrides:
         # A run's own config.yaml names its run: the folder it is in, wherever that now is.
         folder = Path(args.config).parent
@@ -377,12 +415,21 @@ def mine_parser(subparsers: Subparsers) -> None:
     """``hardmine mine``."""
     parser = subparsers.add_parser(
         "mine",
-        help="write a trained run's false positives on its training images (hard negatives)",
+        help="write a trained run's false positives on its training images, or on a folder of "
+        "images without objects (hard negatives)",
         description=_wrap(
             "Run a trained detector over its training images and write its false positives "
             "(detections whose IoU with every ground truth of their image is below --iou-thr, "
             "outside ignore regions) with their scores to a hard-negatives JSON file, one entry "
             "per image. Train with them by 'hardmine train --hard-negatives FILE'."
+        )
+        + "\n\n"
+        + _wrap(
+            "With --images FOLDER it mines a folder of images that hold none of the classes "
+            "instead (searched recursively): every detection there is a false positive. The file "
+            "records each image's path in the folder (default: DIR/hard_negatives_images.json); "
+            "train with them by 'hardmine train --negative-images FOLDER --hard-negatives FILE'. "
+            "It also prints the detections per image scoring at least --fp-score."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -392,18 +439,57 @@ def mine_parser(subparsers: Subparsers) -> None:
     )
     _add_data_option(parser, "COCO data to mine instead of the run's (its training images)")
     parser.add_argument(
-        "--output", metavar="FILE", help="the file to write (default: DIR/hard_negatives.json)"
+        "--images",
+        metavar="FOLDER",
+        help="mine this folder of images without objects instead of the training images",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="the file to write (default: DIR/hard_negatives.json; with --images, "
+        "DIR/hard_negatives_images.json)",
     )
     _add_mining_options(parser)
+    _add_fp_score_option(parser, "with --images, ")
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
     )
     parser.set_defaults(command=mine_command, takes_overrides=False)
 
 
-def mine_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from hardmine.mine import mine_run
+def _add_fp_score_option(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument(
+        "--fp-score",
+        type=_number_in(0, 1),
+        default=0.5,
+        metavar="S",
+        help=f"{when}count the detections per image without objects that score at least S, "
+        "the false positives per image (default: 0.5)",
+    )
 
+
+def mine_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from hardmine.mine import mine_images, mine_run
+
+    if args.images is not None:
+        if args.data:
+            raise ConfigError("--images mines a folder; --data a dataset's images: give one")
+        if args.iou_thr != 0.5:
+            raise ConfigError("--iou-thr means nothing with --images: its images have no objects")
+        path, mined, fp = mine_images(
+            args.run,
+            args.images,
+            output=args.output,
+            device=args.device,
+            top_k=args.top_k,
+            score_thr=args.score_thr,
+            fp_score=args.fp_score,
+        )
+        print(
+            f"{path}: {mined.num_boxes} false positives kept on {len(mined.images)} images of "
+            f"{args.images}; {fp:.2f} per image score at least {args.fp_score:g}"
+        )
+        return 0
     path, mined = mine_run(
         args.run,
         output=args.output,
@@ -428,6 +514,13 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
             "--rounds trainings, in OUTPUT/round<r>. Writes OUTPUT/bootstrap.md (AP, AP50 and "
             "false positives per validation image at a fixed recall, per round) and prints the "
             "table. Rerunning skips finished rounds and resumes interrupted ones."
+        )
+        + "\n\n"
+        + _wrap(
+            "With --negative-images FOLDER, classic bootstrapping over images that hold none of "
+            "the classes: every round trains with the folder's images as images without objects, "
+            "mining is over the folder, and the table adds the detections per image of "
+            "--negative-val (default: the folder itself) scoring at least --fp-score."
         ),
         epilog=_OVERRIDES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -471,12 +564,25 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
         metavar="R",
         help="the recall at which false positives per image are reported (default: 0.5)",
     )
+    _add_negative_image_options(parser)
+    parser.add_argument(
+        "--negative-val",
+        metavar="FOLDER",
+        help="with --negative-images: a folder of images without objects to count false "
+        "positives on (default: the --negative-images folder itself)",
+    )
+    _add_fp_score_option(parser, "with --negative-images, ")
     parser.set_defaults(command=bootstrap_command, takes_overrides=True)
 
 
 def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from hardmine.mine import bootstrap, format_rounds
 
+    if args.negative_images is None:
+        given = [o for o in ("negative_image_share", "negative_val") if getattr(args, o)]
+        if given or args.fp_score != 0.5:
+            names = [f"--{o.replace('_', '-')}" for o in given or ["fp_score"]]
+            raise ConfigError(f"{', '.join(names)}: only with --negative-images FOLDER")
     if not args.config:  # every round is then the default comparison's random-sampling run
         overrides = {"sampler": {"name": "random", "num": 128}} | overrides
     results = bootstrap(
@@ -488,8 +594,15 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
         score_thr=args.score_thr,
         share=args.share,
         recall=args.recall,
+        negative_images=args.negative_images,
+        negative_image_share=(
+            0.25 if args.negative_image_share is None else args.negative_image_share
+        ),
+        negative_val=args.negative_val,
+        fp_score=args.fp_score,
     )
-    print(format_rounds(results, recall=args.recall))
+    fp_score = args.fp_score if args.negative_images is not None else None
+    print(format_rounds(results, recall=args.recall, fp_score=fp_score))
     return 0
 
 

@@ -172,8 +172,15 @@ class RunConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         output_dir: the run directory.
         hard_negatives: a file of offline-mined hard negatives (``hardmine.mine``) to train
-            with: they join the RoI candidates of their images as background.
+            with: they join the RoI candidates of their images as background. A file mined on
+            a folder of images (version 2) goes with that folder as ``negative_images``.
         hard_negative_share: fraction of the negative picks guaranteed to the mined boxes.
+        negative_images: a folder of images that hold none of the classes (any image files,
+            found recursively): they join the training set as images without objects
+            (``hardmine.data.folder``).
+        negative_image_share: fraction of each epoch's training images taken from
+            ``negative_images``, in ``[0, 1)``: 0.25 adds one folder image for every three of
+            the training set.
     """
 
     model: ComponentConfig = field(default_factory=lambda: ComponentConfig("faster_rcnn_tiny"))
@@ -186,6 +193,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     hard_negatives: str | None = None
     hard_negative_share: float = 0.25
+    negative_images: str | None = None
+    negative_image_share: float = 0.25
 
 
 Registries = Mapping[str, Mapping[str, Callable[..., Any]]]
@@ -408,6 +417,7 @@ def _fraction(value: float) -> bool:
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _at_least(0),
     "hard_negative_share": (_fraction, "must be in [0, 1]"),
+    "negative_image_share": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
     "data.num_train": _at_least(1),
     "data.num_val": _at_least(1),
     "data.image_size": _at_least(32),
@@ -663,6 +673,7 @@ def _name_of(section: Any) -> Any:
 PATH_KEYS = (
     "output_dir",
     "hard_negatives",
+    "negative_images",
     "data.root",
     "data.train_images",
     "data.train_ann",

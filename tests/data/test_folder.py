@@ -16,13 +16,13 @@ from hardmine.data import (
     HardNegativeDataset,
     HardNegatives,
     HardNegativesFormatError,
-    ImageFileError,
     MinedBoxes,
     load_hard_negatives,
     save_hard_negatives,
 )
 from hardmine.data.background import background_scene, write_background_images
 from hardmine.data.folder import ImageFolder, NegativeImageMix, list_images
+from hardmine.errors import DataError
 
 
 def _png(path: Path, size=(20, 16), value=100) -> Path:
@@ -44,7 +44,7 @@ def _folder(tmp_path: Path) -> Path:
 
 def test_list_images_is_recursive_sorted_and_skips_hidden_and_other_files(tmp_path) -> None:
     assert list_images(_folder(tmp_path)) == ["a/y.jpg", "a/z.PNG", "b.png"]
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder"):
         list_images(tmp_path / "missing")
 
 
@@ -66,10 +66,10 @@ def test_items_have_no_objects_and_ids_follow_the_paths(tmp_path) -> None:
 def test_a_bad_file_is_refused_by_name_and_an_empty_folder_too(tmp_path) -> None:
     root = _folder(tmp_path)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ImageFileError, match=r"broken\.jpg"):
+    with pytest.raises(DataError, match=r"broken\.jpg"):
         ImageFolder(root)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no image files"):
+    with pytest.raises(DataError, match="no image files"):
         ImageFolder(tmp_path / "empty")
 
 

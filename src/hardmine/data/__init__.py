@@ -10,7 +10,7 @@ A dataset is a ``torch.utils.data.Dataset`` of ``(image, target)``:
   positive nor negative, ``[0, 4]`` when there are none;
 - ``target["masks"]``: ``uint8 [K, H, W]``, only when the dataset was made ``with_masks``;
 - ``target["hard_negatives"]``: ``float32 [M, 4]`` offline-mined boxes, only in a
-  ``HardNegativeDataset``.
+  ``HardNegativeDataset`` (or for the folder images of a ``NegativeImageMix``).
 
 and it has ``categories: list[str]`` (label ``i + 1`` is ``categories[i]``) and ``coco_gt``, a
 COCO instances dict whose ``category_id`` is the label, built once and used for AP.
@@ -32,6 +32,7 @@ from hardmine.data.coco import (
     pennfudan_split,
     write_coco,
 )
+from hardmine.data.folder import IMAGE_SUFFIXES, ImageFolder, NegativeImageMix, list_images
 from hardmine.data.hard_negatives import (
     HARD_NEGATIVES_KEY,
     HardNegativeDataset,
@@ -58,6 +59,7 @@ def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
 __all__ = [
     "CLASS_NAMES",
     "HARD_NEGATIVES_KEY",
+    "IMAGE_SUFFIXES",
     "SPLIT_SEEDS",
     "TRANSPARENT_BACKGROUND",
     "CocoDataset",
@@ -66,11 +68,14 @@ __all__ = [
     "HardNegatives",
     "HardNegativesFormatError",
     "ImageFileError",
+    "ImageFolder",
     "MinedBoxes",
+    "NegativeImageMix",
     "Scene",
     "SceneDataset",
     "coco_gt_of",
     "collate_fn",
+    "list_images",
     "load_hard_negatives",
     "make_scenes",
     "pennfudan_split",

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY, HardNegatives
 from hardmine.data.images import ImageFileError, check_files, read_image
+from hardmine.errors import ConfigError, DataError
 
 #: File suffixes taken as images (compared without case): what Pillow reads and cameras write.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -39,11 +40,11 @@ def list_images(folder: str | Path) -> list[str]:
     """The image files under ``folder``, recursively, as sorted relative POSIX paths.
 
     Raises:
-        FileNotFoundError: ``folder`` is not a folder.
+        DataError: ``folder`` is not a folder.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder of images")
+        raise DataError(f"{root}: no such folder of images")
     found = []
     for current, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -75,9 +76,8 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             annotations.
 
     Raises:
-        FileNotFoundError: ``folder`` is not a folder.
-        ValueError: it holds no image file.
-        ImageFileError: a file cannot be decoded faithfully (named).
+        DataError: ``folder`` is not a folder, holds no image file, or holds a file that cannot be
+            decoded faithfully (named).
     """
 
     def __init__(
@@ -91,7 +91,7 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
         self.root = Path(folder)
         self.files = list_images(self.root)
         if not self.files:
-            raise ValueError(
+            raise DataError(
                 f"{self.root}: no image files (suffixes {', '.join(IMAGE_SUFFIXES)}) in it or "
                 "its subfolders"
             )
@@ -104,7 +104,7 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             )
             for i, result in enumerate(found):
                 if isinstance(result, ImageFileError):
-                    raise result
+                    raise DataError(str(result)) from result
                 sizes[i] = (result.width, result.height)
         self.coco_gt: dict[str, Any] = {
             "images": [
@@ -159,8 +159,9 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
         mined: hard negatives mined on a folder (file version 2), matched by path.
 
     Raises:
-        ValueError: ``share`` outside ``[0, 1)``, or ``mined`` names paths the folder lacks (it
-            was mined on another folder) or is not a folder's.
+        ConfigError: ``share`` outside ``[0, 1)``.
+        DataError: ``mined`` names paths the folder lacks (it was mined on another folder), or is
+            not a folder's.
     """
 
     def __init__(
@@ -173,7 +174,7 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
         mined: HardNegatives | None = None,
     ) -> None:
         if not 0.0 <= share < 1.0:
-            raise ValueError(f"negative_image_share must be in [0, 1), got {share}")
+            raise ConfigError(f"negative_image_share: must be in [0, 1), got {share}")
         self.dataset = dataset
         self.folder = folder
         self.share = share
@@ -184,14 +185,14 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
         self.mined: dict[str, Tensor] | None = None
         if mined is not None:
             if not mined.file_names:
-                raise ValueError(
+                raise DataError(
                     f"hard negatives mined from {mined.source or 'an unnamed source'} are a "
                     "dataset's (by image id), not a folder's: give them without negative_images"
                 )
             by_name = mined.by_file_name()
             unknown = sorted(set(by_name) - set(folder.files))
             if unknown:
-                raise ValueError(
+                raise DataError(
                     f"hard negatives mined on {mined.folder or 'a folder'} name {len(unknown)} "
                     f"files that {folder.root} lacks (first: {unknown[:3]}); were they mined on "
                     "another folder?"

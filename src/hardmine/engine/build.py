@@ -24,6 +24,10 @@ from hardmine.data import (
     CLASS_NAMES,
     CocoDataset,
     CocoFormatError,
+    ImageFolder,
+    NegativeImageMix,
+    coco_gt_of,
+    load_hard_negatives,
     make_scenes,
     pennfudan_split,
     with_hard_negatives,
@@ -274,21 +278,42 @@ def _coco_options(config: RunConfig) -> dict[str, Any]:
 
 
 def training_set(config: RunConfig, train_set: Dataset) -> Dataset:
-    """``train_set`` with the hard negatives of ``config.hard_negatives``, if any.
+    """``train_set`` with the hard negatives of ``config.hard_negatives`` and the images without
+    objects of ``config.negative_images``, if any (``NegativeImageMix``; a hard-negatives file
+    mined on that folder goes to its images, by path).
 
     Raises:
         ConfigError: hard negatives without a sampler.
         HardNegativesFormatError: the file is unreadable or malformed, or was mined on another
-            dataset.
+            dataset (or on a folder, without ``negative_images``).
+        DataError: the folder is missing, holds no image or a bad one, or is not the one the
+            hard negatives were mined on.
     """
-    if config.hard_negatives is None:
-        return train_set
-    if config.sampler.name is None:
+    if config.hard_negatives is not None and config.sampler.name is None:
         raise ConfigError(
             f"hard_negatives: {config.model.name} has no sampler (sampler: null); hard negatives "
             "join an R-CNN's RoIs, for a sampler to pick from"
         )
-    return with_hard_negatives(train_set, config.hard_negatives)
+    if config.negative_images is None:
+        return with_hard_negatives(train_set, config.hard_negatives)
+    mined = None
+    if config.hard_negatives is not None:
+        hard = load_hard_negatives(config.hard_negatives)
+        if hard.file_names:  # mined on a folder: its boxes go to the folder's images, by path
+            mined = hard
+        else:
+            train_set = with_hard_negatives(train_set, config.hard_negatives)
+    coco_gt = coco_gt_of(train_set)
+    ids = [im["id"] for im in coco_gt["images"]] if coco_gt is not None else []
+    folder = ImageFolder(
+        config.negative_images,
+        categories=getattr(train_set, "categories", ()),
+        first_id=max(ids, default=len(train_set)) + 1,  # the folder's ids follow the set's
+        check_images=config.data.check_images,
+    )
+    return NegativeImageMix(
+        train_set, folder, share=config.negative_image_share, seed=config.seed, mined=mined
+    )
 
 
 def build_sampler(config: RunConfig) -> Sampler | None:

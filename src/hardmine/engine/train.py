@@ -163,6 +163,11 @@ def epoch_loader(
     ``(seed, rank, epoch)``, gives its workers' base seed: without it, making the iterator would
     draw that seed from torch's global random state, which a resumed run restores just before.
     """
+    # A training set that changes with the epoch (the folder images of a NegativeImageMix) is
+    # told which epoch it serves before the loader, and its workers, copy it.
+    set_epoch = getattr(dataset, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
     order = DistributedSampler(
         dataset, num_replicas=process.world_size, rank=process.rank, seed=config.seed
     )

@@ -14,14 +14,19 @@ bootstrapping lowers: detections per object-free image scoring at least a fixed 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from hardmine.data import HardNegatives
-from hardmine.data.folder import ImageFolder
+from hardmine.data import HardNegatives, ImageFolder, save_hard_negatives
+from hardmine.engine.distributed import resolve_device
+from hardmine.engine.rundir import load_run
+from hardmine.mine.detections import check_overwrite, detect, mine_detections
 from hardmine.mine.falsepos import ImageDetections
-from hardmine.mine.run import detect, mine_detections
+
+#: ``hardmine mine --images``'s file in the run directory, beside the dataset's.
+FOLDER_NEGATIVES_NAME = "hard_negatives_images.json"
 
 
 def mine_folder(
@@ -49,7 +54,7 @@ def mine_folder(
         The hard negatives (with ``file_names`` and ``folder``: a version 2 file), and every
         detection (for ``fp_per_image_at_score``).
     """
-    detections = detect(model, folder, device=device, batch_size=batch_size)
+    detections = detect(model, folder, device=device, batch_size=batch_size, desc="mining")
     # No ground truth: every detection is a false positive, and the IoU threshold is moot.
     mined = mine_detections(detections, top_k=top_k, score_thr=score_thr, source=source)
     hard = HardNegatives(
@@ -76,3 +81,54 @@ def fp_per_image_at_score(detections: Sequence[ImageDetections], score: float) -
     if not detections:
         raise ValueError("no images to count false positives on")
     return sum(int((d.scores >= score).sum()) for d in detections) / len(detections)
+
+
+def mine_images(
+    run_dir: str | Path,
+    images: str | Path,
+    *,
+    output: str | Path | None = None,
+    device: str = "auto",
+    top_k: int | None = None,
+    score_thr: float | None = None,
+    batch_size: int = 4,
+    fp_score: float = 0.5,
+) -> tuple[Path, HardNegatives, float]:
+    """``hardmine mine --images``: mine a run's detector on a folder of images without objects.
+
+    Args:
+        run_dir: the run directory.
+        images: the folder (searched recursively; ``hardmine.data.folder``).
+        output: the hard-negatives file; ``RUN_DIR/hard_negatives_images.json`` by default.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        top_k: at most this many per image.
+        score_thr: only detections scoring at least this.
+        batch_size: images per forward pass.
+        fp_score: the score at which false positives per image are counted.
+
+    Returns:
+        The file's path, its contents, and the false positives per image at ``fp_score``.
+
+    Raises:
+        RunError: ``output`` holds other mining (other settings or another folder), or is not a
+            hard-negatives file: it is not overwritten.
+        DataError: the folder is missing, holds no image, or a file that cannot be decoded.
+    """
+    path = Path(output) if output is not None else Path(run_dir) / FOLDER_NEGATIVES_NAME
+    settings = {"iou_thr": 0.5, "top_k": top_k, "score_thr": score_thr}
+    check_overwrite(path, settings, folder=str(images))
+    resolved = resolve_device(device)
+    run = load_run(run_dir, device=resolved)
+    folder = ImageFolder(
+        images, categories=run.categories, check_images=run.config.data.check_images
+    )
+    hard, detections = mine_folder(
+        run.model,
+        folder,
+        device=resolved,
+        top_k=top_k,
+        score_thr=score_thr,
+        batch_size=batch_size,
+        source=str(run_dir),
+    )
+    return save_hard_negatives(hard, path), hard, fp_per_image_at_score(detections, fp_score)

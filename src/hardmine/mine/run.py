@@ -23,10 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.data import Dataset
-
 from hardmine._atomic import write_atomic
 from hardmine.config import (
     RunConfig,
@@ -38,8 +34,7 @@ from hardmine.config import (
 )
 from hardmine.data import (
     HardNegatives,
-    HardNegativesFormatError,
-    MinedBoxes,
+    ImageFolder,
     coco_gt_of,
     load_hard_negatives,
     save_hard_negatives,
@@ -47,102 +42,15 @@ from hardmine.data import (
 from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.evaluate import coco_ap, to_coco_results
-from hardmine.engine.evaluate import detect as detect_outputs
 from hardmine.engine.rundir import CONFIG_NAME, load_run, write_json
 from hardmine.engine.train import train
 from hardmine.errors import ConfigError, RunError
-from hardmine.mine.falsepos import ImageDetections, false_positives, fp_per_image_at_recall
+from hardmine.mine.detections import check_overwrite, detect, mine
+from hardmine.mine.falsepos import fp_per_image_at_recall
+from hardmine.mine.images import fp_per_image_at_score, mine_folder
 
 HARD_NEGATIVES_NAME = "hard_negatives.json"
 REPORT_NAME = "bootstrap.md"
-
-
-def detect(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    device: torch.device | str,
-    batch_size: int = 4,
-    desc: str | None = None,
-) -> list[ImageDetections]:
-    """Run a torchvision detector over ``dataset`` in eval mode; detections beside ground truth.
-
-    The model is put back in its previous mode afterwards (``hardmine.engine.evaluate.detect``).
-
-    Args:
-        model: a torchvision detector whose labels are the dataset's.
-        dataset: a dataset of the common interface (``hardmine.data``).
-        device: where the model runs.
-        batch_size: images per forward pass.
-        desc: show the loop's progress under this name.
-
-    Returns:
-        One ``ImageDetections`` per image, on the CPU, in dataset order.
-    """
-    return [
-        ImageDetections(
-            image_id=int(target["image_id"]),
-            boxes=output["boxes"].float().cpu(),
-            scores=output["scores"].float().cpu(),
-            labels=output["labels"].cpu(),
-            gt_boxes=target["boxes"],
-            gt_labels=target["labels"],
-            ignore_boxes=target.get("ignore_boxes", torch.zeros(0, 4)),
-        )
-        for target, output in detect_outputs(
-            model, dataset, device=device, batch_size=batch_size, desc=desc
-        )
-    ]
-
-
-def mine_detections(
-    detections: Sequence[ImageDetections],
-    *,
-    iou_thr: float = 0.5,
-    top_k: int | None = None,
-    score_thr: float | None = None,
-    source: str = "",
-) -> HardNegatives:
-    """The false positives among ``detections`` (see ``false_positives``), as a file's contents.
-
-    Every image gets an entry, those without false positives too.
-    """
-    kept = false_positives(detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr)
-    images = {
-        d.image_id: MinedBoxes(boxes=d.boxes[k], scores=d.scores[k], labels=d.labels[k])
-        for d, k in zip(detections, kept, strict=True)
-    }
-    settings = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}
-    return HardNegatives(images=images, source=source, settings=settings)
-
-
-def mine(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    device: torch.device | str,
-    iou_thr: float = 0.5,
-    top_k: int | None = None,
-    score_thr: float | None = None,
-    batch_size: int = 4,
-    source: str = "",
-) -> HardNegatives:
-    """Run ``model`` over ``dataset`` (its training set) and keep its false positives.
-
-    Args:
-        model: a trained torchvision detector.
-        dataset: the images to mine, with their ground truth.
-        device: where the model runs.
-        iou_thr: a detection overlapping any ground truth by this much is not mined.
-        top_k: at most this many per image, the highest-scoring.
-        score_thr: only those scoring at least this.
-        batch_size: images per forward pass.
-        source: recorded in the file (the run directory).
-    """
-    detections = detect(model, dataset, device=device, batch_size=batch_size, desc="mining")
-    return mine_detections(
-        detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr, source=source
-    )
 
 
 def mine_run(
@@ -176,7 +84,7 @@ def mine_run(
             may have trained on it), or is not a hard-negatives file: it is not overwritten.
     """
     path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
-    _check_overwrite(path, {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr})
+    check_overwrite(path, {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr})
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
     hard = mine(
@@ -192,28 +100,6 @@ def mine_run(
     return save_hard_negatives(hard, path), hard
 
 
-def _check_overwrite(path: Path, settings: Mapping[str, Any]) -> None:
-    """Refuse to replace ``path`` unless it is a hard-negatives file mined with ``settings``
-    (mining again with the same settings gives the same file)."""
-    if not path.exists():
-        return
-    try:
-        old = dict(load_hard_negatives(path).settings)
-    except HardNegativesFormatError:
-        raise RunError(f"{path} exists and is not a hard-negatives file; not overwritten") from None
-    if old != dict(settings):
-        changed = [
-            (f"--{k.replace('_', '-')}", old.get(k), v)
-            for k, v in settings.items()
-            if old.get(k) != v
-        ]
-        raise RunError(
-            f"{path} holds hard negatives mined with other settings "
-            f"({describe_differences(changed)}), which a run may have trained on; choose another "
-            "--output, or delete it"
-        )
-
-
 @dataclass(frozen=True)
 class RoundResult:
     """One bootstrapping round.
@@ -227,6 +113,8 @@ class RoundResult:
         fp_per_image: false positives per validation image at the fixed recall (``inf``: the
             recall is never reached).
         mined: hard negatives it yields for the next round (None after the last round).
+        fp_per_background_image: with a folder of images without objects, detections per
+            image of its validation folder scoring at least the fixed score (None without).
     """
 
     round: int
@@ -236,6 +124,7 @@ class RoundResult:
     ap50: float | None
     fp_per_image: float
     mined: int | None
+    fp_per_background_image: float | None = None
 
 
 def bootstrap(
@@ -248,8 +137,20 @@ def bootstrap(
     score_thr: float | None = None,
     share: float = 0.25,
     recall: float = 0.5,
+    negative_images: str | Path | None = None,
+    negative_image_share: float = 0.25,
+    negative_val: str | Path | None = None,
+    fp_score: float = 0.5,
 ) -> list[RoundResult]:
     """Train, mine, train again, ``rounds`` trainings in all; writes ``OUTPUT/bootstrap.md``.
+
+    With ``negative_images``, classic bootstrapping over a folder of images that hold none of the
+    classes (Sung & Poggio; Dalal & Triggs): every round trains with the folder's images as
+    images without objects (``negative_image_share`` of each epoch's images), and the mining is
+    over the folder, not the training images; after round 0 the previous round's detections on
+    the folder join those images' RoIs as background. Each round is also measured by its false
+    positives per image of ``negative_val`` (the folder itself when None) scoring at least
+    ``fp_score``: the quantity bootstrapping exists to lower.
 
     Args:
         config: the base configuration; every round uses it with its own ``output_dir``
@@ -261,6 +162,10 @@ def bootstrap(
         score_thr: mining: only detections scoring at least this.
         share: fraction of the negative picks guaranteed to mined boxes.
         recall: the recall at which false positives per image are reported.
+        negative_images: a folder of images without objects to train with and to mine.
+        negative_image_share: the fraction of each epoch's images taken from it, in ``[0, 1)``.
+        negative_val: a folder of images without objects to count false positives on.
+        fp_score: the score at which they are counted.
 
     Returns:
         One ``RoundResult`` per round.
@@ -276,10 +181,18 @@ def bootstrap(
         raise ConfigError(f"share must be in [0, 1], got {share}")
     if not 0 < recall <= 1:
         raise ConfigError(f"recall must be in (0, 1], got {recall}")
+    if negative_images is None and negative_val is not None:
+        raise ConfigError(
+            "negative_val counts false positives of a bootstrap over a folder: give "
+            "negative_images too"
+        )
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
     mining = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}
-    configs = _round_configs(config, rounds, output_dir, share)
+    folder = None if negative_images is None else str(negative_images)
+    configs = _round_configs(
+        config, rounds, output_dir, share, negative_images=folder, image_share=negative_image_share
+    )
     _check_rerun(configs, mining)  # before any work
     results: list[RoundResult] = []
     trained_with = 0
@@ -288,6 +201,15 @@ def bootstrap(
         train(round_config, resume=True)  # a finished round returns at once
         run = load_run(run_dir, device=device)
         model, train_set, val_set = run.model, run.train_set, run.val_set
+        check = config.data.check_images
+        pool = (
+            None
+            if folder is None
+            else ImageFolder(folder, categories=run.categories, check_images=check)
+        )
+        val_pool = pool
+        if negative_val is not None:
+            val_pool = ImageFolder(negative_val, categories=run.categories, check_images=check)
         val = detect(
             model, val_set, device=device, batch_size=config.data.batch_size, desc="evaluating"
         )
@@ -303,35 +225,78 @@ def bootstrap(
         ]
         ap = coco_ap(coco_gt, coco_results, image_ids={d.image_id for d in val})
         fp = fp_per_image_at_recall(val, recall=recall, iou_thr=0.5)
-        mined = None
+        mined, pool_detections = None, None
         if r + 1 < rounds:
             path = run_dir / HARD_NEGATIVES_NAME
             hard = load_hard_negatives(path) if path.exists() else None
             if hard is None or dict(hard.settings) != mining:  # (re)mined only if unconsumed
-                hard = mine(
-                    model,
-                    train_set,
-                    device=device,
-                    batch_size=config.data.batch_size,
-                    source=str(run_dir),
-                    **mining,
-                )
+                if pool is None:
+                    hard = mine(
+                        model,
+                        train_set,
+                        device=device,
+                        batch_size=config.data.batch_size,
+                        source=str(run_dir),
+                        **mining,
+                    )
+                else:
+                    hard, pool_detections = mine_folder(
+                        model,
+                        pool,
+                        device=device,
+                        top_k=top_k,
+                        score_thr=score_thr,
+                        batch_size=config.data.batch_size,
+                        source=str(run_dir),
+                    )
                 save_hard_negatives(hard, path)
             mined = hard.num_boxes
-        results.append(RoundResult(r, str(run_dir), trained_with, ap["AP"], ap["AP50"], fp, mined))
+        fp_background = None
+        if val_pool is not None:
+            if val_pool is not pool or pool_detections is None:
+                pool_detections = detect(
+                    model,
+                    val_pool,
+                    device=device,
+                    batch_size=config.data.batch_size,
+                    desc="counting false positives",
+                )
+            fp_background = fp_per_image_at_score(pool_detections, fp_score)
+        results.append(
+            RoundResult(
+                r, str(run_dir), trained_with, ap["AP"], ap["AP50"], fp, mined, fp_background
+            )
+        )
         trained_with = mined or 0
-        write_report(output_dir, results, recall=recall)
+        write_report(
+            output_dir,
+            results,
+            recall=recall,
+            fp_score=fp_score,
+            folders=None if pool is None else (str(pool.root), str(val_pool.root)),
+        )
     return results
 
 
 def _round_configs(
-    config: RunConfig, rounds: int, output_dir: Path, share: float
+    config: RunConfig,
+    rounds: int,
+    output_dir: Path,
+    share: float,
+    *,
+    negative_images: str | None = None,
+    image_share: float = 0.25,
 ) -> list[RunConfig]:
     """Each round's configuration: ``config`` in ``OUTPUT/round<r>``, after round 0 with the
-    previous round's hard negatives."""
+    previous round's hard negatives (with ``negative_images``, every round with the folder)."""
     configs = []
     for r in range(rounds):
         overrides: dict[str, Any] = {"output_dir": str(output_dir / f"round{r}")}
+        if negative_images is not None:
+            overrides |= {
+                "negative_images": negative_images,
+                "negative_image_share": image_share,
+            }
         if r > 0:
             previous = output_dir / f"round{r - 1}" / HARD_NEGATIVES_NAME
             overrides |= {"hard_negatives": str(previous), "hard_negative_share": share}
@@ -384,19 +349,29 @@ def _check_rerun(configs: Sequence[RunConfig], mining: Mapping[str, Any]) -> Non
             )
 
 
-def format_rounds(results: Sequence[RoundResult], *, recall: float) -> str:
-    """The rounds as a markdown table (AP in percent)."""
-    lines = [
-        f"| round | hard negatives trained with | AP | AP50 | FP / image @ recall {recall:g} "
-        "| mined for next round |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+def format_rounds(
+    results: Sequence[RoundResult], *, recall: float, fp_score: float | None = None
+) -> str:
+    """The rounds as a markdown table (AP in percent); with ``fp_score``, a column of false
+    positives per background image at that score."""
+    background = fp_score is not None and any(
+        r.fp_per_background_image is not None for r in results
+    )
+    header = "| round | hard negatives trained with | AP | AP50 | FP / image @ recall "
+    header += f"{recall:g} |"
+    if background:
+        header += f" FP / background image @ score {fp_score:g} |"
+    header += " mined for next round |"
+    lines = [header, "|" + "---:|" * (7 if background else 6)]
     for r in results:
         fp = "not reached" if math.isinf(r.fp_per_image) else f"{r.fp_per_image:.2f}"
         mined = "-" if r.mined is None else str(r.mined)
-        lines.append(
-            f"| {r.round} | {r.trained_with} | {_pct(r.ap)} | {_pct(r.ap50)} | {fp} | {mined} |"
-        )
+        cells = [str(r.round), str(r.trained_with), _pct(r.ap), _pct(r.ap50), fp]
+        if background:
+            value = r.fp_per_background_image
+            cells.append("-" if value is None else f"{value:.2f}")
+        cells.append(mined)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -404,19 +379,51 @@ def _pct(ap: float | None) -> str:
     return "n/a" if ap is None else f"{100 * ap:.1f}"
 
 
-def write_report(output_dir: Path, results: Sequence[RoundResult], *, recall: float) -> Path:
-    """``bootstrap.md`` (the table) and ``bootstrap.json`` (the numbers) in ``output_dir``."""
+def write_report(
+    output_dir: Path,
+    results: Sequence[RoundResult],
+    *,
+    recall: float,
+    fp_score: float | None = None,
+    folders: tuple[str, str] | None = None,
+) -> Path:
+    """``bootstrap.md`` (the table) and ``bootstrap.json`` (the numbers) in ``output_dir``.
+
+    ``folders``: the folder of images without objects mined, and the one false positives are
+    counted on, for a bootstrap over a folder.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = [
         asdict(r) | {"fp_per_image": None if math.isinf(r.fp_per_image) else r.fp_per_image}
         for r in results
     ]
-    write_json(output_dir / "bootstrap.json", {"recall": recall, "rounds": rows})
+    document: dict[str, Any] = {"recall": recall, "rounds": rows}
+    if folders is not None:
+        document |= {
+            "fp_score": fp_score,
+            "negative_images": folders[0],
+            "negative_val": folders[1],
+        }
+    write_json(output_dir / "bootstrap.json", document)
+    if folders is None:
+        text = (
+            "Each round trains afresh; after round 0 with the false positives of the previous "
+            "round's detector on the training images as extra background RoIs. Validation AP; "
+            f"false positives per image at recall {recall:g}."
+        )
+    else:
+        text = (
+            f"Each round trains afresh, with the images of {folders[0]} (no objects) among the "
+            "training images; after round 0 with the previous round's detections on them as "
+            "extra background RoIs. Validation AP; false positives per validation image at "
+            f"recall {recall:g}; detections per image of {folders[1]} (no objects) scoring at "
+            f"least {fp_score:g}."
+        )
     return write_atomic(
         output_dir / REPORT_NAME,
-        "# Bootstrapping rounds\n\nEach round trains afresh; after round 0 with the false "
-        "positives of the previous round's detector on the training images as extra "
-        f"background RoIs. Validation AP; false positives per image at recall {recall:g}.\n\n"
-        + format_rounds(results, recall=recall)
+        "# Bootstrapping rounds\n\n"
+        + text
+        + "\n\n"
+        + format_rounds(results, recall=recall, fp_score=fp_score if folders else None)
         + "\n",
     )
