@@ -343,7 +343,37 @@ def compare_parser(subparsers: Subparsers) -> None:
         metavar="DIR",
         help="folder of the runs and the report (default: runs/compare)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=_int_at_least(1),
+        metavar="N",
+        help="train N runs at a time, each in a process of its own with the CPU cores divided "
+        "among them (default: 1, one after another in this process); the results and the "
+        "report are the same",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_device_list,
+        metavar="0,1,...",
+        help="train one run at a time on each of these GPUs (CUDA_VISIBLE_DEVICES per process; "
+        "a device named twice takes two runs)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: write the config.yaml of every run not finished yet and print the "
+        "command that trains each (to run elsewhere, e.g. under torchrun); rerun without --plan "
+        "to write the report",
+    )
     parser.set_defaults(command=compare_command, takes_overrides=True)
+
+
+def _device_list(text: str) -> list[str]:
+    """An argparse type: comma-separated GPU indices."""
+    devices = [d.strip() for d in text.split(",")]
+    if not all(d.isdigit() for d in devices):
+        raise argparse.ArgumentTypeError(f"expected GPU indices such as 0,1; got {text!r}")
+    return devices
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -352,6 +382,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         DEFAULT_METHODS,
         REPORT_NAME,
         format_table,
+        plan_comparison,
         run_comparison,
         summarize,
         write_report,
@@ -366,7 +397,18 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     for method in methods:  # a bad variant is a user error before any training, not a failed run
         check_method(method, base, overrides=per_method)
     seeds = list(range(args.seeds))
-    outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method)
+    if args.plan:
+        paths = plan_comparison(base, methods, seeds, args.output, overrides=per_method)
+        for path in paths:
+            print(f"hardmine train --config {path} --resume")
+        print(
+            f"\n{len(paths)} runs to train (under torchrun: torchrun --nproc-per-node G -m "
+            "hardmine.cli train ...); then rerun this command without --plan for the report"
+        )
+        return 0
+    outcomes = run_comparison(
+        base, methods, seeds, args.output, overrides=per_method, slots=_slots(args, base)
+    )
     print(format_table(summarize(methods, outcomes)))
     report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
     if report is None:  # every run failed: the earlier call's report and plots stay
@@ -374,6 +416,30 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
+
+
+def _slots(args: argparse.Namespace, base: RunConfig) -> list[Any] | None:
+    """The process slots of ``--jobs`` / ``--devices``; None to train here, one run at a time."""
+    if args.devices is None and (args.jobs is None or args.jobs == 1):
+        return None
+    from hardmine.report.jobs import make_slots
+
+    if args.devices is not None:
+        import torch
+
+        if base.device == "cpu":
+            raise ConfigError("--devices names GPUs, but the runs' device is cpu")
+        count = torch.cuda.device_count()
+        missing = [d for d in args.devices if int(d) >= count]
+        if missing:
+            raise ConfigError(
+                f"--devices {','.join(args.devices)}: this machine has {count} CUDA device(s); "
+                f"no {', '.join(missing)}"
+            )
+    try:
+        return make_slots(args.jobs, args.devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _add_data_option(parser: argparse.ArgumentParser, what: str) -> None:

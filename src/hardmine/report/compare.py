@@ -28,6 +28,7 @@ from hardmine.config import (
     config_to_dict,
     describe_differences,
     differences,
+    save_config,
 )
 from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
@@ -42,6 +43,7 @@ from hardmine.engine.rundir import (
 from hardmine.engine.train import train
 from hardmine.errors import RunError
 from hardmine.report.inspect import inspect_run
+from hardmine.report.jobs import Slot, Task, run_jobs
 from hardmine.report.plots import AP_KEYS, mean_curve, plot_ap_bars
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ def run_comparison(
     out_dir: str | Path,
     *,
     overrides: Mapping[str, Any] | None = None,
+    slots: Sequence[Slot] | None = None,
 ) -> list[Outcome]:
     """Train every method with every seed, each in its own run directory under ``out_dir``.
 
@@ -177,6 +180,11 @@ def run_comparison(
     error), or that raises, is recorded as failed (with the traceback in its ``error.txt``) and the
     comparison goes on.
 
+    With ``slots`` (``hardmine.report.jobs.make_slots``: ``--jobs`` / ``--devices``) the runs
+    train side by side, each in a process of its own (``hardmine.report.jobs``); what they write,
+    how a failure is recorded and what is returned are the same as in this process, one after
+    another.
+
     Args:
         base: the configuration every method starts from.
         methods: the methods.
@@ -184,12 +192,58 @@ def run_comparison(
         out_dir: the comparison's folder.
         overrides: dotted keys of the model / sampler / assigner sections for every method that
             has that section (``Method.config``).
+        slots: train in processes, one per slot at a time; None: here, one after another.
+
+    Returns:
+        One ``Outcome`` per run, methods in order, seeds in order within each.
 
     Raises:
         ConfigError: a method's configuration is invalid (an override out of range for it).
     """
-    out_dir = Path(out_dir)
-    configs = {
+    configs = _run_configs(base, methods, seeds, Path(out_dir), overrides)
+    outcomes: dict[tuple[str, int], Outcome] = {}
+    queued: list[Task] = []
+    for (name, seed), config in configs.items():
+        run_dir = Path(config.output_dir)
+        outcome = outcomes[name, seed] = Outcome(name, seed, run_dir)
+        try:
+            _check_same_run(config, run_dir)
+            if (run_dir / RESULTS_NAME).exists():
+                log.info("%s, seed %d: finished before, read from %s", name, seed, run_dir)
+            else:
+                (run_dir / ERROR_NAME).unlink(missing_ok=True)
+                if slots is not None:
+                    log.info("%s, seed %d: to train in %s", name, seed, run_dir)
+                    queued.append(((name, seed), train_run, (config,), run_dir))
+                    continue
+                log.info("%s, seed %d: training in %s", name, seed, run_dir)
+                train(config, resume=True)
+            _read_results(outcome)
+        except Exception as error:  # one method's failure must not stop the others
+            _record_failure(outcome, f"{type(error).__name__}: {error}", traceback.format_exc())
+    if queued:
+        log.info("%d runs to train, %d at a time", len(queued), len(slots or ()))
+        for result in run_jobs(queued, slots or ()):
+            outcome = outcomes[result.key]  # type: ignore[index]
+            if result.error is not None:
+                _record_failure(outcome, result.error, result.traceback or result.error)
+                continue
+            try:
+                _read_results(outcome)
+            except Exception as error:
+                _record_failure(outcome, f"{type(error).__name__}: {error}", traceback.format_exc())
+    return list(outcomes.values())
+
+
+def _run_configs(
+    base: RunConfig,
+    methods: Sequence[Method],
+    seeds: Sequence[int],
+    out_dir: Path,
+    overrides: Mapping[str, Any] | None,
+) -> dict[tuple[str, int], RunConfig]:
+    """Every run's configuration, by (method, seed), methods in order and seeds within each."""
+    return {
         (method.name, seed): method.config(
             base,
             seed=seed,
@@ -199,39 +253,68 @@ def run_comparison(
         for method in methods
         for seed in seeds
     }
-    outcomes = []
-    for method in methods:
-        for seed in seeds:
-            run_dir = out_dir / method.name / f"seed{seed}"
-            outcome = Outcome(method.name, seed, run_dir)
-            try:
-                config = configs[method.name, seed]
-                _check_same_run(config, run_dir)
-                if (run_dir / RESULTS_NAME).exists():
-                    log.info(
-                        "%s, seed %d: finished before, read from %s", method.name, seed, run_dir
-                    )
-                else:
-                    log.info("%s, seed %d: training in %s", method.name, seed, run_dir)
-                    (run_dir / ERROR_NAME).unlink(missing_ok=True)
-                    train(config, resume=True)
-                results = json.loads((run_dir / RESULTS_NAME).read_text())
-                outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
-                ap = outcome.metrics.get("AP")
-                log.info(
-                    "%s, seed %d: AP %s, %.1f min",
-                    method.name,
-                    seed,
-                    "n/a" if ap is None else f"{100 * ap:.1f}",
-                    outcome.seconds / 60,
-                )
-            except Exception as error:  # one method's failure must not stop the others
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_atomic(run_dir / ERROR_NAME, traceback.format_exc())
-                outcome.error = f"{type(error).__name__}: {error}".splitlines()[0]
-                log.warning("%s, seed %d: failed: %s", method.name, seed, outcome.error)
-            outcomes.append(outcome)
-    return outcomes
+
+
+def train_run(config: RunConfig) -> None:
+    """Train (or resume) one run of a comparison: what a ``--jobs`` process runs."""
+    train(config, resume=True)
+
+
+def _read_results(outcome: Outcome) -> None:
+    """Fill ``outcome`` from its run's ``results.json``."""
+    results = json.loads((outcome.run_dir / RESULTS_NAME).read_text())
+    outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
+    ap = outcome.metrics.get("AP")
+    log.info(
+        "%s, seed %d: AP %s, %.1f min",
+        outcome.method,
+        outcome.seed,
+        "n/a" if ap is None else f"{100 * ap:.1f}",
+        outcome.seconds / 60,
+    )
+
+
+def _record_failure(outcome: Outcome, error: str, text: str) -> None:
+    """Mark ``outcome`` failed with ``error`` (its first line) and keep ``text`` (the traceback)
+    in its run's ``error.txt``."""
+    outcome.run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(outcome.run_dir / ERROR_NAME, text)
+    outcome.error = error.splitlines()[0] if error else error
+    log.warning("%s, seed %d: failed: %s", outcome.method, outcome.seed, outcome.error)
+
+
+def plan_comparison(
+    base: RunConfig,
+    methods: Sequence[Method],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write the ``config.yaml`` of every run not finished yet, for training elsewhere.
+
+    For runs that are DDP jobs of their own (``torchrun ... hardmine train --config
+    RUN/config.yaml --resume``, or a cluster's scheduler): train them so, then call
+    ``hardmine compare`` with the same arguments, which reads the finished runs and writes the
+    report. A run directory holding another configuration is refused, as ``run_comparison``
+    would record it.
+
+    Returns:
+        The configuration files written (or already there), in run order.
+
+    Raises:
+        RunError: a run directory holds another configuration.
+    """
+    paths = []
+    for config in _run_configs(base, methods, seeds, Path(out_dir), overrides).values():
+        run_dir = Path(config.output_dir)
+        _check_same_run(config, run_dir)
+        if (run_dir / RESULTS_NAME).exists():
+            continue
+        if not (run_dir / CONFIG_NAME).exists():
+            save_config(config, run_dir / CONFIG_NAME)
+        paths.append(run_dir / CONFIG_NAME)
+    return paths
 
 
 def _check_same_run(config: RunConfig, run_dir: Path) -> None:

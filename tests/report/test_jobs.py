@@ -1,0 +1,134 @@
+"""Comparisons spread over processes: the slots, the process runner, and ``--jobs 2`` giving the
+report that one job gives."""
+
+from __future__ import annotations
+
+import operator
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hardmine.config import config_from_dict
+from hardmine.engine.build import RUN_REGISTRIES
+from hardmine.report.compare import format_table, run_comparison, summarize
+from hardmine.report.jobs import LOG_NAME, Slot, make_slots, run_jobs
+from hardmine.report.methods import parse_methods
+
+
+def test_slots_divide_the_cores_or_take_one_device_each() -> None:
+    assert make_slots(1, cpus=8) == [Slot(8)]
+    assert make_slots(3, cpus=8) == [Slot(2)] * 3
+    assert make_slots(4, cpus=2) == [Slot(1)] * 4  # never fewer than one thread
+    assert make_slots(None, ["0", "1"], cpus=16) == [Slot(8, "0"), Slot(8, "1")]
+    assert make_slots(2, ["3", "3"], cpus=4) == [Slot(2, "3"), Slot(2, "3")]
+    with pytest.raises(ValueError, match="--jobs must be 2"):
+        make_slots(3, ["0", "1"])
+    with pytest.raises(ValueError, match="at least 1"):
+        make_slots(0)
+
+
+def test_processes_report_success_failure_and_death(tmp_path) -> None:
+    tasks = [
+        ("fine", time.sleep, (0.1,), tmp_path / "a"),
+        ("raises", operator.truediv, (1, 0), tmp_path / "b"),
+        ("dies", os._exit, (3,), tmp_path / "c"),
+    ]
+    results = {r.key: r for r in run_jobs(tasks, make_slots(2, cpus=2))}
+    assert results["fine"].error is None
+    assert results["raises"].error == "ZeroDivisionError: division by zero"
+    assert "Traceback" in results["raises"].traceback
+    assert "ZeroDivisionError" in (tmp_path / "b" / LOG_NAME).read_text()
+    assert results["dies"].error == ("ChildProcessError: the training process died (exit status 3)")
+
+
+def _base(tmp_path: Path):
+    return config_from_dict(
+        {
+            "data": {"num_train": 4, "num_val": 2, "image_size": 64, "batch_size": 2},
+            "train": {"epochs": 1, "warmup_steps": 1, "log_every": 1, "roi_loss_images": 0},
+            "device": "cpu",
+            "output_dir": str(tmp_path),
+        },
+        registries=RUN_REGISTRIES,
+    )
+
+
+def _table(methods, outcomes) -> list[str]:
+    """The report's table without its last column, the minutes a run took."""
+    return [row.rsplit("|", 2)[0] for row in format_table(summarize(methods, outcomes)).split("\n")]
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_report_of_one(tmp_path, monkeypatch) -> None:
+    # A run whose data is missing fails in its process as it fails here, recorded the same way.
+    missing = tmp_path / "nowhere"
+    methods = parse_methods(
+        f"random:sampler.num=32,pisa:num=32,random:num=32:data.kind=coco:data.root={missing}"
+    )
+    seeds = [0]
+    # The same arithmetic in both: one thread here, and two processes of one thread each.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_comparison(_base(tmp_path), methods, seeds, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    slots = make_slots(2, cpus=2)
+    two = run_comparison(_base(tmp_path), methods, seeds, tmp_path / "two", slots=slots)
+    assert [(o.method, o.seed) for o in two] == [(o.method, o.seed) for o in one]
+    assert [o.metrics for o in two] == [o.metrics for o in one]
+    assert [o.error for o in two] == [o.error for o in one]
+    assert [o.error is not None for o in two] == [False, False, True]
+    assert str(missing) in two[2].error
+    assert _table(methods, two) == _table(methods, one)
+    for o in two:
+        assert (o.run_dir / LOG_NAME).exists()
+        assert (o.run_dir / "error.txt").exists() == (o.error is not None)
+
+    # A rerun trains nothing that finished: only the failed runs go to a process again.
+    started = []
+    import hardmine.report.compare as compare
+
+    def spy(tasks, slots):
+        started.extend(key for key, *_ in tasks)
+        yield from run_jobs(tasks, slots)
+
+    monkeypatch.setattr(compare, "run_jobs", spy)
+    again = run_comparison(_base(tmp_path), methods, seeds, tmp_path / "two", slots=slots)
+    assert started == [(methods[2].name, 0)]
+    assert [o.metrics for o in again] == [o.metrics for o in two]
+
+
+def test_plan_writes_each_unfinished_runs_configuration(tmp_path, capsys) -> None:
+    from hardmine.cli import main
+    from hardmine.engine.build import load_run_config
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "random,pisa", "--seeds", "2", "--output", str(out)]
+    argv += ["--epochs", "1", "--data.num_train", "4", "--device", "cpu", "--plan"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    paths = [out / m / f"seed{s}" / "config.yaml" for m in ("random", "pisa") for s in (0, 1)]
+    for path in paths:
+        assert f"hardmine train --config {path} --resume" in printed
+        config = load_run_config(path)
+        assert config.output_dir == str(path.parent) and config.train.epochs == 1
+    assert load_run_config(paths[2]).sampler.name == "pisa"
+    assert "4 runs to train" in printed
+    assert main(argv) == 0  # planning again is harmless: the same configurations
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_devices_without_gpus_is_one_line(tmp_path, capsys) -> None:
+    from hardmine.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--devices", "0,1", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "has 0 CUDA device(s)" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--devices", "a,b", "--output", str(tmp_path)])
+    assert stop.value.code == 2 and "GPU indices" in capsys.readouterr().err
