@@ -271,3 +271,24 @@ def test_num_workers_is_capped_by_the_cpus(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(train_module, "available_cpus", lambda: 2)
     assert train_module.num_workers(load_config(None, {"data.num_workers": 4})) == 2
     assert train_module.num_workers(load_config(None, {"data.num_workers": 1})) == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_images_without_objects_is_exact(
+    num_workers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training set with a folder of images without objects (a share of each epoch, the folder
+    images changing from epoch to epoch) resumes exactly too: the epoch's folder images are
+    chosen before its loader (and its workers) copy the set."""
+    from hardmine.data.background import write_background_images
+
+    write_background_images(tmp_path / "bg", 3, image_size=64)
+    extra = {"negative_images": str(tmp_path / "bg"), "negative_image_share": 0.5}
+    whole = train(config(tmp_path, "whole", **extra))
+    split = config(tmp_path, "split", data__num_workers=num_workers, **extra)
+    train_killed_at(monkeypatch, split, step=5)  # four images and four folder images an epoch
+    resumed = train(split, resume=True)
+    expected = losses(whole.run_dir)
+    assert [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert losses(resumed.run_dir) == expected
+    assert_same_weights(resumed.model, whole.model)

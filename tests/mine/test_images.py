@@ -81,6 +81,14 @@ def test_the_training_set_takes_the_folder_at_its_share(background, tmp_path) ->
     assert min(ids) == 5  # after the four training images' ids
     _, target = mixed[5]
     assert target["boxes"].shape == (0, 4) and "hard_negatives" not in target
+    # The training loop tells the set its epoch before each epoch's loader copies it.
+    from hardmine.engine.distributed import Process
+    from hardmine.engine.train import epoch_loader
+
+    loader = epoch_loader(mixed, config, Process(0, 1, torch.device("cpu")), epoch=3, skip=0)
+    assert mixed.epoch == 3
+    seen = {t["image_id"] for _, targets in loader for t in targets if t["image_id"] > 4}
+    assert seen == {mixed[i][1]["image_id"] for i in range(4, 8)}
 
 
 def test_mine_a_folder_and_train_with_it_from_the_command_line(background, tmp_path, capsys):
