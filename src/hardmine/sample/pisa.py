@@ -331,7 +331,7 @@ def sample_pisa(
     As MMDetection's ``ScoreHLRSampler`` (module docstring): at most ``int(num * pos_fraction)``
     positives, drawn uniformly (weight 1); ``num_expected = min(negatives, num - positives)``
     negatives: the valid ones (``score > score_thr``) of lowest Score-HLR, topped up by a uniform
-    draw from the invalid ones, weighted ``((bias + (1 - bias) (up - HLR) / up) ** k`` (the
+    draw from the invalid ones, weighted ``(bias + (1 - bias) (up - HLR) / up) ** k`` (the
     top-ups the smallest of these) and scaled so that their weighted classification loss sums to
     the unweighted one, per image. An image without valid negatives draws them uniformly, weight
     1. Ignored candidates are never picked. Without ``isr_n``: ``sample_random``.
