@@ -38,7 +38,14 @@ from hardmine.data.hard_negatives import (
     save_hard_negatives,
     with_hard_negatives,
 )
-from hardmine.data.scenes import CLASS_NAMES, SPLIT_SEEDS, Scene, SceneDataset, make_scenes
+from hardmine.data.scenes import (
+    CLASS_NAMES,
+    SPLIT_SEEDS,
+    Scene,
+    SceneDataset,
+    SceneDesign,
+    make_scenes,
+)
 
 
 def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
@@ -62,6 +69,7 @@ __all__ = [
     "MinedBoxes",
     "Scene",
     "SceneDataset",
+    "SceneDesign",
     "coco_gt_of",
     "collate_fn",
     "load_hard_negatives",

@@ -93,7 +93,7 @@ def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
         "rpn_post_nms_top_n_train": 500,
         "rpn_pre_nms_top_n_test": 500,
         "rpn_post_nms_top_n_test": 300,
-        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 2),
+        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 1),
         "box_head": TwoMLPHead(64 * 7 * 7, 256),
         "box_predictor": FastRCNNPredictor(256, num_classes),
         "box_batch_size_per_image": 128,
