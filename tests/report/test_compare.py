@@ -43,14 +43,32 @@ def test_mean_std_and_paired_difference(tmp_path: Path) -> None:
     ]
     random, ohem = summarize(METHODS, outcomes)
     assert random.runs == 2 and random.failed == 0
-    assert random.ap["AP"] == pytest.approx((0.15, 0.0707107), rel=1e-5)
-    assert random.delta == {}  # a baseline
-    # Per seed +0.03 and +0.01: mean +0.02, std 0.01414.
-    assert ohem.delta["AP"] == pytest.approx((0.02, 0.0141421), rel=1e-5)
+    assert (random.ap["AP"].mean, random.ap["AP"].std) == pytest.approx((0.15, 0.0707107), rel=1e-5)
+    assert random.delta == {} and random.verdict is None  # a baseline
+    # Per seed +0.03 and +0.01: mean +0.02, std 0.01414, t(0.975, 1) = 12.706: ± 0.127.
+    delta = ohem.delta["AP"]
+    assert (delta.mean, delta.std) == pytest.approx((0.02, 0.0141421), rel=1e-5)
+    assert (delta.low, delta.high) == pytest.approx((0.02 - 0.12706, 0.02 + 0.12706), abs=1e-4)
+    assert ohem.verdict == "no detectable difference"
     assert ohem.picks == (10.0, 100.0) and ohem.minutes == pytest.approx(1.0)
     table = format_table([random, ohem])
     assert "| random | faster_rcnn_tiny | random | — | 15.0 ± 7.1 |" in table
-    assert "| +2.0 ± 1.4 |" in table and "| random |" in table
+    assert "| random | +2.0 [-10.7, +14.7] | +4.0 [" in table
+    assert "| no detectable difference |" in table
+
+
+def test_verdicts_and_intervals_in_the_report(tmp_path: Path) -> None:
+    """Three seeds where OHEM is ahead by 1.0-1.2 points on every one: better, with an interval
+    that excludes 0; the report carries the interval, the verdict and how they were computed."""
+    outcomes = [outcome(tmp_path, "random", s, ap) for s, ap in enumerate([0.30, 0.34, 0.32])]
+    outcomes += [outcome(tmp_path, "ohem", s, ap) for s, ap in enumerate([0.31, 0.352, 0.331])]
+    _, ohem = summarize(METHODS, outcomes)
+    assert ohem.verdict == "better" and ohem.delta["AP"].low > 0
+    report = write_report(tmp_path, METHODS, outcomes, description="A test.").read_text()
+    assert "| better |" in report and "+1.1 [+0.9, +1.3]" in report
+    assert "95 % t-interval" in report and "paired by seed" in report
+    worse = [outcome(tmp_path, "ohem", s, ap) for s, ap in enumerate([0.29, 0.33, 0.31])]
+    assert summarize(METHODS, outcomes[:3] + worse)[1].verdict == "worse"
 
 
 def test_failed_runs_are_counted_not_averaged(tmp_path: Path) -> None:

@@ -47,9 +47,11 @@ from hardmine.engine.evaluate import evaluate, iou_types_of
 from hardmine.engine.roi_loss import mean_loss_all_rois
 from hardmine.engine.rundir import (
     CONFIG_NAME,
+    DETECTIONS_NAME,
     RESULTS_NAME,
     MetricsLog,
     plot_run,
+    write_detections,
     write_json,
 )
 
@@ -277,33 +279,59 @@ def train_one_epoch(session: Session, loader: DataLoader) -> None:
     bar.close()
 
 
-def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float]:
+def _evaluate(
+    session: Session, val: Dataset, train_set: Dataset, *, final: bool = False
+) -> dict[str, float]:
     """COCO AP on ``val`` in the main process (the others wait), logged.
 
-    The log row also gets ``roi_loss``, the OHEM paper's sampler-independent measure: the mean
-    loss over all RoIs of (the first ``ROI_LOSS_IMAGES`` images of) the training set, for
-    detectors with RoI heads. It stays out of the returned metrics, which are the AP table's.
+    The log row also gets ``roi_loss`` (``_roi_loss``). It stays out of the returned metrics,
+    which are the AP table's. The ``final`` evaluation's detections are kept in the run
+    directory (``detections.json``) for an error breakdown.
     """
     metrics: dict[str, float] = {}
     if session.process.is_main:
         model, device = unwrap(session.model), session.process.device
+        detections: list[dict[str, Any]] = []
         metrics = evaluate(
             model,
             val,
             device=device,
             iou_types=iou_types_of(session.config),
+            detections_out=detections,
         )
+        if final:
+            write_detections(session.run_dir / DETECTIONS_NAME, detections)
         if session.log is not None:
             pos = session.position
             row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1, "eval": metrics}
-            roi_loss = mean_loss_all_rois(
-                model, train_set, device=device, max_images=ROI_LOSS_IMAGES
-            )
+            roi_loss = _roi_loss(session, train_set)
             if roi_loss is not None:
                 row["roi_loss"] = roi_loss
             session.log.write(row)
     barrier()
     return metrics
+
+
+def _roi_loss(session: Session, train_set: Dataset) -> float | None:
+    """The OHEM paper's sampler-independent measure: the mean loss over all RoIs of (the first
+    ``ROI_LOSS_IMAGES`` images of) the training set; None for detectors without RoI heads."""
+    return mean_loss_all_rois(
+        unwrap(session.model),
+        train_set,
+        device=session.process.device,
+        max_images=ROI_LOSS_IMAGES,
+    )
+
+
+def _log_roi_loss(session: Session, train_set: Dataset) -> None:
+    """A log row with ``roi_loss`` alone, at the end of an epoch without an evaluation, so that
+    the measure has a point per epoch (main process; the others wait)."""
+    if session.process.is_main and session.log is not None:
+        roi_loss = _roi_loss(session, train_set)
+        if roi_loss is not None:
+            pos = session.position
+            session.log.write({"step": pos.step, "epoch": pos.epoch + 1, "roi_loss": roi_loss})
+    barrier()
 
 
 def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
@@ -397,7 +425,8 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
 
 
 def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
-    """The epoch loop of ``train``: train, checkpoint and evaluate until the last step."""
+    """The epoch loop of ``train``: train, checkpoint and evaluate until the last step; the mean
+    loss over all RoIs is logged at every epoch's end."""
     config, pos = session.config, session.position
     eval_every = config.train.eval_every
     while pos.step < session.last_step:
@@ -408,6 +437,12 @@ def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dic
         )
         train_one_epoch(session, loader)
         session.save_checkpoint()
-        if eval_every and pos.step < session.last_step and (pos.epoch + 1) % eval_every == 0:
-            _evaluate(session, val_set, train_set)
-    return _evaluate(session, val_set, train_set) if eval_every else {}
+        if pos.step < session.last_step:
+            if eval_every and (pos.epoch + 1) % eval_every == 0:
+                _evaluate(session, val_set, train_set)
+            else:
+                _log_roi_loss(session, train_set)
+    if eval_every:
+        return _evaluate(session, val_set, train_set, final=True)
+    _log_roi_loss(session, train_set)
+    return {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import traceback
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,17 @@ from hardmine.engine.rundir import (
 )
 from hardmine.engine.train import train
 from hardmine.report.inspect import inspect_run
-from hardmine.report.plots import AP_KEYS, mean_curve, plot_ap_bars
+from hardmine.report.plots import AP_KEYS, mean_curve, plot_curves, plot_results
+from hardmine.report.run_errors import errors_section, facts_section, method_errors
+from hardmine.report.stats import (
+    Interval,
+    Verdict,
+    format_interval,
+    format_mean_std,
+    paired_difference,
+    t_interval,
+    verdict,
+)
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "report.md"
@@ -218,9 +227,12 @@ class Summary:
         method: the method.
         runs: finished runs.
         failed: failed runs.
-        ap: metric -> (mean, std) over the finished runs (std 0 for one run).
-        delta: metric -> (mean, std) of the per-seed difference to the baseline; empty without a
-            baseline or common seeds.
+        ap: metric -> mean, standard deviation and 95 % t-interval over the finished runs.
+        delta: metric -> the same of the per-seed difference to the baseline (``report.stats``);
+            empty without a baseline or common seeds.
+        verdict: what ``delta["AP"]``'s interval says (better / worse / no detectable
+            difference); None for a baseline.
+        seeds: seed -> the run's metrics, for plots.
         picks: mean positives and negatives per image seen by the loss, over all logged steps.
         minutes: mean training time per run.
     """
@@ -228,18 +240,21 @@ class Summary:
     method: Method
     runs: int
     failed: int
-    ap: dict[str, tuple[float, float]]
-    delta: dict[str, tuple[float, float]]
+    ap: dict[str, Interval]
+    delta: dict[str, Interval]
+    verdict: Verdict | None
+    seeds: dict[int, dict[str, float]]
     picks: tuple[float, float] | None
     minutes: float
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+#: The metric whose paired interval decides a row's verdict: COCO's primary AP.
+VERDICT_METRIC = "AP"
 
 
 def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Summary]:
-    """Per method: AP mean ± std over seeds, the paired difference to its baseline, the picks."""
+    """Per method: AP over seeds, the paired difference to its baseline with its 95 %
+    t-interval and verdict (``hardmine.report.stats``), the picks."""
     by_method: dict[str, dict[int, Outcome]] = {}
     for o in outcomes:
         if o.error is None and set(AP_KEYS) <= o.metrics.keys():  # evaluated, finished runs
@@ -247,15 +262,16 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
     summaries = []
     for method in methods:
         done = by_method.get(method.name, {})
-        ap = {k: _mean_std([o.metrics[k] for o in done.values()]) for k in AP_KEYS} if done else {}
-        delta = {}
+        ap = {k: t_interval([o.metrics[k] for o in done.values()]) for k in AP_KEYS} if done else {}
         base = by_method.get(method.baseline or "", {})
-        common = sorted(set(done) & set(base))
-        if common:
-            delta = {
-                k: _mean_std([done[s].metrics[k] - base[s].metrics[k] for s in common])
-                for k in AP_KEYS
-            }
+        delta: dict[str, Interval] = {}
+        for k in AP_KEYS:
+            diff = paired_difference(
+                {s: o.metrics[k] for s, o in done.items()},
+                {s: o.metrics[k] for s, o in base.items()},
+            )
+            if diff is not None:
+                delta[k] = diff
         rows = [r for o in done.values() for r in read_metrics(o.run_dir / METRICS_NAME)]
         picks = [r["picks"] for r in rows if "picks" in r]
         failed = sum(o.method == method.name and o.error is not None for o in outcomes)
@@ -266,6 +282,8 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
                 failed=failed,
                 ap=ap,
                 delta=delta,
+                verdict=verdict(delta[VERDICT_METRIC]) if VERDICT_METRIC in delta else None,
+                seeds={s: dict(o.metrics) for s, o in sorted(done.items())},
                 picks=(
                     (
                         statistics.fmean(p["positive"] for p in picks),
@@ -280,25 +298,18 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
     return summaries
 
 
-def _pct(mean_std: tuple[float, float] | None, *, signed: bool = False, runs: int = 1) -> str:
-    """``(0.123, 0.004)`` -> ``12.3 ± 0.4`` (COCO AP in percent)."""
-    if mean_std is None or math.isnan(mean_std[0]):
-        return "—"
-    mean, std = (100 * v for v in mean_std)
-    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return f"{text} ± {std:.1f}" if runs > 1 else text
-
-
 def format_table(summaries: Sequence[Summary]) -> str:
-    """The comparison as a Markdown table (AP in percent)."""
+    """The comparison as a Markdown table: AP in percent as mean ± std over seeds; differences
+    to the baseline as mean [95 % interval], paired by seed; the verdict on ΔAP."""
     header = [
         "method",
         "detector",
         "sampler",
         "assigner",
         *AP_KEYS,
-        *(f"Δ{k}" for k in AP_KEYS),
         "vs",
+        *(f"Δ{k} [95% CI]" for k in DELTA_KEYS),
+        "verdict",
         "picks +/− per image",
         "runs",
         "min/run",
@@ -306,21 +317,121 @@ def format_table(summaries: Sequence[Summary]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         m = s.method
-        paired = s.runs if s.delta else 1
         cells = [
             m.name,
             m.model["name"],
             m.sampler["name"] if m.sampler else "—",
             m.assigner["name"] if m.assigner else "—",
-            *(_pct(s.ap.get(k), runs=s.runs) for k in AP_KEYS),
-            *(_pct(s.delta.get(k), signed=True, runs=paired) for k in AP_KEYS),
+            *(format_mean_std(s.ap[k]) if k in s.ap else "—" for k in AP_KEYS),
             m.baseline or "—",
+            *(
+                format_interval(s.delta[k], signed=True) if k in s.delta else "—"
+                for k in DELTA_KEYS
+            ),
+            s.verdict or "—",
             f"{s.picks[0]:.0f} / {s.picks[1]:.0f}" if s.picks else "—",
             f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
             f"{s.minutes:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: The differences the table shows with their intervals.
+DELTA_KEYS = ("AP", "AP50")
+
+STATISTICS_NOTE = (
+    "COCO AP in percent: mean ± standard deviation over seeds. Δ is the difference to the "
+    "method named under *vs*, paired by seed (two runs with one seed share the initial weights "
+    "and the order of the data): the mean of the per-seed differences and, in brackets, its 95 % "
+    "t-interval, d̄ ± t(0.975, n−1) · s_d / √n over the n seeds. The interval describes the "
+    "seed-to-seed variation of training on this validation set, not the sampling of the "
+    "validation images. *verdict* reads the ΔAP interval: **better** if it lies above 0, "
+    "**worse** below, otherwise **no detectable difference** at this budget (an effect smaller "
+    "than about half the interval's width could be hiding). Verdicts are not corrected for "
+    "multiple comparisons. *picks* are the positive / negative candidates per image that the "
+    "loss saw (for RetinaNet, every anchor that is not ignored)."
+)
+
+
+def describe(config: RunConfig, seeds: Sequence[int], *, steps_per_epoch: int | None = None) -> str:
+    """A paragraph on a comparison's setting: data, schedule, seeds and the device used.
+
+    Args:
+        config: the base configuration.
+        seeds: the seeds.
+        steps_per_epoch: shown when known.
+    """
+    data, train_cfg = config.data, config.train
+    if data.kind == "scenes":
+        where = (
+            f"the built-in scenes ({data.num_train} training / {data.num_val} validation images, "
+            f"{data.image_size} px, {_plural(data.num_classes, 'class', 'classes')})"
+        )
+    else:
+        where = f"COCO data ({data.root or data.train_ann})"
+    schedule = _plural(train_cfg.epochs, "epoch")
+    if steps_per_epoch is not None:
+        schedule += f" ({_plural(train_cfg.epochs * steps_per_epoch, 'step')})"
+    return (
+        f"Data: {where}. Schedule: {schedule}, {_plural(data.batch_size, 'image')} per step, "
+        f"SGD lr {train_cfg.lr:g}, {_plural(train_cfg.warmup_steps, 'warm-up step')}, decay "
+        f"×{train_cfg.gamma:g} at {', '.join(f'{f:.0%}' for f in train_cfg.decay_at)} of the "
+        f"steps. Seeds: {', '.join(map(str, seeds))}. Device: {device_name(config.device)}."
+    )
+
+
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
+def device_name(device: str) -> str:
+    """The device a setting resolves to, by name: ``CPU (2 threads)``, ``NVIDIA H200 (cuda:0)``,
+    with the setting when it was ``auto``."""
+    import torch
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        name = f"{torch.cuda.get_device_name(index)} (cuda:{index})"
+    elif resolved.type == "cpu":
+        name = f"CPU ({_plural(torch.get_num_threads(), 'thread')})"
+    else:
+        name = str(resolved)
+    return f"{name}, chosen by device: auto" if device == "auto" else name
+
+
+def _curves(
+    methods: Sequence[Method], outcomes: Sequence[Outcome], key: str
+) -> dict[str, dict[int, float]]:
+    """Method -> the mean over its finished seeds of ``key`` against step, for methods with any."""
+    curves = {
+        m.name: mean_curve(
+            [
+                loss_curve(read_metrics(o.run_dir / METRICS_NAME), key)
+                for o in outcomes
+                if o.method == m.name and o.error is None
+            ]
+        )
+        for m in methods
+    }
+    return {k: v for k, v in curves.items() if v}
+
+
+def _ap_curves(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> dict[str, dict]:
+    """Method -> step -> mean AP50 (percent) over seeds at each evaluation: learning curves."""
+    curves = {}
+    for m in methods:
+        runs = []
+        for o in outcomes:
+            if o.method == m.name and o.error is None:
+                rows = read_metrics(o.run_dir / METRICS_NAME)
+                runs.append({r["step"]: 100 * r["eval"]["AP50"] for r in rows if "eval" in r})
+        curve = mean_curve([r for r in runs if r])
+        if curve:
+            curves[m.name] = curve
+    return curves
 
 
 def write_report(
@@ -330,7 +441,12 @@ def write_report(
     *,
     description: str,
 ) -> Path:
-    """Write ``report.md``, ``ap.png`` and ``losses.png`` in ``out_dir``.
+    """Write ``report.md`` and its figures in ``out_dir``.
+
+    Figures: ``ap.png`` (AP per method, the paired differences with their intervals, and the
+    error breakdown beside them), ``losses.png`` (training loss), ``roi_loss.png`` (the mean
+    loss over all RoIs at every epoch), ``ap_curves.png`` (AP50 at each evaluation) and the
+    pictures of what each sampler picks (``inspect/``).
 
     Args:
         out_dir: the comparison's folder.
@@ -343,55 +459,63 @@ def write_report(
     """
     out_dir = Path(out_dir)
     summaries = summarize(methods, outcomes)
-    plot_ap_bars({s.method.name: s.ap for s in summaries if s.ap}, out_dir / "ap.png")
-    curves = {
-        m.name: mean_curve(
-            [
-                loss_curve(read_metrics(o.run_dir / METRICS_NAME))
-                for o in outcomes
-                if o.method == m.name and o.error is None
-            ]
-        )
-        for m in methods
-    }
-    plot_loss_curves({k: v for k, v in curves.items() if v}, out_dir / "losses.png")
-    roi_curves = {
-        m.name: mean_curve(
-            [
-                loss_curve(read_metrics(o.run_dir / METRICS_NAME), "roi_loss")
-                for o in outcomes
-                if o.method == m.name and o.error is None
-            ]
-        )
-        for m in methods
-    }
-    roi_curves = {k: v for k, v in roi_curves.items() if v}
+    finished = [o for o in outcomes if o.error is None and o.metrics]
+    errors = method_errors(
+        {m.name: [o.run_dir for o in finished if o.method == m.name] for m in methods}
+    )
+    plot_results(
+        {s.method.name: s.seeds for s in summaries if s.seeds},
+        {
+            s.method.name: (s.method.baseline, s.delta[VERDICT_METRIC])
+            for s in summaries
+            if VERDICT_METRIC in s.delta and s.method.baseline
+        },
+        {
+            name: e.delta | {f"bkg: {k}": v for k, v in e.background_delta.items()}
+            for name, e in errors.items()
+        },
+        out_dir / "ap.png",
+    )
+    plot_loss_curves(_curves(methods, outcomes, "loss"), out_dir / "losses.png")
+    roi_curves = _curves(methods, outcomes, "roi_loss")
     if roi_curves:
         plot_loss_curves(roi_curves, out_dir / "roi_loss.png", ylabel="mean loss over all RoIs")
+    ap_curves = _ap_curves(methods, outcomes)
+    if ap_curves:
+        plot_curves(ap_curves, out_dir / "ap_curves.png", ylabel="AP50 (%) on the validation set")
     failures = [o for o in outcomes if o.error is not None]
     lines = [
         "# Sample selection: comparison",
         "",
         description,
         "",
-        "COCO AP in percent, mean ± standard deviation over seeds; Δ is the difference to the "
-        "method named under *vs*, paired by seed (same initial weights and data order). "
-        "*picks* are the positive / negative candidates per image that the loss saw (for "
-        "RetinaNet, every anchor that is not ignored). Loss curves are comparable within a "
-        "detector only, and OHEM's loss is over its hardest picks, so higher by construction.",
+        *(facts_section(finished[0].run_dir) if finished else []),
+        "## Results",
+        "",
+        STATISTICS_NOTE,
         "",
         format_table(summaries),
         "",
-        "![AP per method](ap.png)",
+        "![AP per method, paired differences and where the AP goes](ap.png)",
+        "",
+    ]
+    lines += errors_section(errors)
+    lines += [
+        "## Training",
+        "",
+        "Loss curves are comparable within a detector only, and OHEM's loss is over its hardest "
+        "picks, so higher by construction.",
         "",
         "![training loss per method](losses.png)",
         "",
     ]
+    if ap_curves:
+        lines += ["![AP50 at each evaluation](ap_curves.png)", ""]
     if roi_curves:
         lines += [
-            "The OHEM paper's sampler-independent measure: the mean loss per RoI over *all* RoIs "
-            "of the training images (the RPN's training proposals and the ground truths), at "
-            "each evaluation, whichever RoIs the sampler picks.",
+            "The OHEM paper's sampler-independent measure (Sec. 5.5, Fig. 3): the mean loss per "
+            "RoI over *all* RoIs of the training images (the RPN's training proposals and the "
+            "ground truths) at the end of every epoch, whichever RoIs the sampler picks.",
             "",
             "![mean loss over all RoIs](roi_loss.png)",
             "",
@@ -425,15 +549,23 @@ def _inspect_section(
         log.warning("inspect failed on %s: %s", run.run_dir, error)
         return ["## What each sampler picks", "", f"(not drawn: {error})", ""]
     sheet, hist = result.sheet.relative_to(out_dir), result.histogram_plot.relative_to(out_dir)
+    overlaps = result.overlaps.relative_to(out_dir)
     csv = result.histogram_csv.relative_to(out_dir)
     return [
         "## What each sampler picks",
         "",
-        f"Every sampler on the same RoIs of a few training images, with the detector of "
-        f"*{run.method}* (seed {run.seed}): ground truths white, picked positives solid, picked "
-        "negatives dashed, coloured by IoU with the ground truth; line width is the loss weight.",
+        f"Every sampler on the same RoIs of a few training images (each with a crowd group and a "
+        f"look-alike, on the scenes), with the detector of *{run.method}* (seed {run.seed}). "
+        "Where the picked negatives lie: the first column is the share of random's negatives "
+        "covering each pixel, the others the difference to it (red: the sampler puts more of "
+        "its negatives there, blue: fewer); ground truths white, look-alikes dashed cyan.",
         "",
-        f"![picks per sampler]({sheet})",
+        f"![where each sampler's negatives lie]({sheet})",
+        "",
+        "The picked negatives that overlap a positive (IoU(p,n) ≥ 0.1), coloured by IoU(p,n), "
+        "the quantity the Overlap Sampler draws by:",
+        "",
+        f"![negatives overlapping a positive]({overlaps})",
         "",
         "The picked negatives' IoU with the ground truth and with the positives (IoU(p,n)), over "
         f"more training images ([counts as CSV]({csv})):",
