@@ -86,9 +86,9 @@ def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
         "min_size": 128,
         "max_size": 256,
         "rpn_anchor_generator": AnchorGenerator(
-            tuple((2 * s,) for s in _TINY_STRIDES), ((0.5, 1.0, 2.0),) * len(_TINY_STRIDES)
+            tuple((2 * s, 4 * s) for s in _TINY_STRIDES), ((0.5, 1.0, 2.0),) * len(_TINY_STRIDES)
         ),
-        "rpn_head": RPNHead(64, 3),
+        "rpn_head": RPNHead(64, 6),
         "rpn_pre_nms_top_n_train": 1000,
         "rpn_post_nms_top_n_train": 500,
         "rpn_pre_nms_top_n_test": 500,
