@@ -32,6 +32,7 @@ from hardmine.engine.rundir import (
     read_metrics,
 )
 from hardmine.engine.train import train
+from hardmine.report.draw import MIN_IOU_PN
 from hardmine.report.inspect import inspect_run
 from hardmine.report.plots import AP_KEYS, mean_curve, plot_curves, plot_results
 from hardmine.report.run_errors import errors_section, facts_section, method_errors
@@ -494,6 +495,8 @@ def write_report(
     if roi_curves:
         plot_loss_curves(roi_curves, out_dir / "roi_loss.png", ylabel="mean loss over all RoIs")
     ap_curves = _ap_curves(methods, outcomes)
+    if not any(len(curve) > 1 for curve in ap_curves.values()):
+        ap_curves = {}  # one evaluation per run: no curve to draw
     if ap_curves:
         plot_curves(ap_curves, out_dir / "ap_curves.png", ylabel="AP50 (%) on the validation set")
     failures = [o for o in outcomes if o.error is not None]
@@ -575,8 +578,8 @@ def _inspect_section(
         "",
         f"![where each sampler's negatives lie]({sheet})",
         "",
-        "The picked negatives that overlap a positive (IoU(p,n) ≥ 0.1), coloured by IoU(p,n), "
-        "the quantity the Overlap Sampler draws by:",
+        f"The picked negatives that overlap a positive much (IoU(p,n) ≥ {MIN_IOU_PN}, the upper "
+        "of the Overlap Sampler's two bins), coloured by IoU(p,n), the quantity it draws by:",
         "",
         f"![negatives overlapping a positive]({overlaps})",
         "",

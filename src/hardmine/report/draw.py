@@ -350,8 +350,9 @@ class OverlapPanel:
     title: str
 
 
-#: Picked negatives overlapping a positive less than this are left out of ``overlap_sheet``.
-MIN_IOU_PN = 0.1
+#: Picked negatives overlapping a positive less than this are left out of ``overlap_sheet``: the
+#: upper of the Overlap Sampler's two soft bins over [0, 0.7) (Chen et al., Table 2(b): K = 2).
+MIN_IOU_PN = 0.35
 
 
 def overlap_sheet(

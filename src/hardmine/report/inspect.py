@@ -10,8 +10,8 @@ the output folder:
   sampler: random's share of negatives covering each pixel, and for every other sampler the
   difference to random's (``report.draw.where_sheet``), with the look-alikes of the built-in
   scenes dashed;
-- ``overlaps.png``: each sampler's picked negatives that overlap a positive (IoU(p,n) >= 0.1),
-  coloured by IoU(p,n) (``report.draw.overlap_sheet``);
+- ``overlaps.png``: each sampler's picked negatives that overlap a positive much (IoU(p,n) >=
+  0.35), coloured by IoU(p,n) (``report.draw.overlap_sheet``);
 - ``panels/image<k>_<sampler>.png``: every pick of one sampler on one image (``report.draw``);
 - ``iou_histograms.png`` / ``.csv``: the picked negatives' IoU with the ground truth and with the
   positives, over more images (``report.picks``).

@@ -232,7 +232,7 @@ def facts_section(run_dir: str | Path) -> list[str]:
     lines = [
         "## What the scenes hold",
         "",
-        "Counted from the generated images (``hardmine.data.SceneDataset.facts``): objects by "
+        "Counted from the generated images (`hardmine.data.SceneDataset.facts`): objects by "
         "COCO size range (box area under 32², under 96², above), crowd groups (2-3 overlapping "
         "objects of one class: the negatives between them are what IoU-balanced sampling and "
         "the Overlap Sampler look for), look-alikes (a class's colour on another silhouette, or "
