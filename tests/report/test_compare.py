@@ -12,6 +12,7 @@ from hardmine.report.compare import (
     Method,
     Outcome,
     default_compare_base,
+    describe,
     format_table,
     run_comparison,
     summarize,
@@ -108,3 +109,29 @@ def test_a_run_directory_of_another_configuration_is_not_reused(tmp_path: Path) 
     (result,) = run_comparison(base, [method], [0], tmp_path)
     assert result.error is not None and "another configuration" in result.error
     assert read_metrics(run_dir / "metrics.jsonl") == []  # nothing was trained
+
+
+def test_description_wording() -> None:
+    base = default_compare_base()
+    base.train.epochs, base.data.num_classes, base.device = 1, 1, "cpu"
+    text = describe(base, [0, 1, 2])
+    assert "Schedule: 1 epoch," in text and "1 class)" in text and "1 epochs" not in text
+    assert "Seeds: 0, 1, 2." in text
+    assert "Device: CPU (" in text and "thread" in text and "auto" not in text
+    base.device = "auto"
+    assert "chosen by device: auto" in describe(base, [0])
+    base.train.epochs = 3
+    assert "3 epochs (384 steps)" in describe(base, [0], steps_per_epoch=128)
+
+
+def test_the_default_comparison_has_three_seeds_and_a_warm_up_that_ends_early() -> None:
+    import argparse
+
+    from hardmine.cli import compare_parser
+
+    parser = argparse.ArgumentParser()
+    compare_parser(parser.add_subparsers())
+    assert parser.parse_args(["compare"]).seeds == 3
+    base = default_compare_base()
+    steps = base.train.epochs * base.data.num_train // base.data.batch_size
+    assert base.train.warmup_steps <= steps / 5
