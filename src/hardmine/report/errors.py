@@ -156,35 +156,44 @@ def _match_image(
 
 
 def _classify(
-    det: _Det,
-    box: np.ndarray,
+    dets: list[_Det],
+    boxes: np.ndarray,
     gt_boxes: np.ndarray,
     gt_cat: np.ndarray,
     gt_index: np.ndarray,
     used: np.ndarray,
     lookalikes: np.ndarray | None,
 ) -> None:
-    """TIDE's error type of one false positive against the image's non-ignored ground truths."""
+    """TIDE's error type of an image's false positives ``dets`` against its non-ignored ground
+    truths (``boxes``: the image's detection boxes, indexed by ``_Det.index``)."""
+    if not dets:
+        return
+    box = boxes[[d.index for d in dets]]
     if gt_boxes.shape[0] == 0:
-        det.error = "bkg"
+        errors = np.full(len(dets), "bkg", dtype=object)
+        targets = np.full(len(dets), -1)
     else:
-        iou = _iou(box[None], gt_boxes)[0]
-        same = gt_cat == det.category
+        iou = _iou(box, gt_boxes)  # [F, G]
+        same = np.array([d.category for d in dets])[:, None] == gt_cat[None, :]
         same_iou = np.where(same, iou, 0.0)
         other_iou = np.where(same, 0.0, iou)
-        used_iou = np.where(same & used[gt_index], iou, 0.0)
-        if BACKGROUND_IOU <= same_iou.max() < FOREGROUND_IOU:
-            det.error, det.target = "loc", int(gt_index[same_iou.argmax()])
-        elif other_iou.max() >= FOREGROUND_IOU:
-            det.error, det.target = "cls", int(gt_index[other_iou.argmax()])
-        elif used_iou.max() >= FOREGROUND_IOU:
-            det.error = "dupe"
-        elif iou.max() <= BACKGROUND_IOU:
-            det.error = "bkg"
-        else:
-            det.error = "both"
-    if det.error == "bkg" and lookalikes is not None and lookalikes.shape[0]:
-        det.lookalike = bool(_iou(box[None], lookalikes).max() >= FOREGROUND_IOU)
+        used_iou = np.where(same & used[gt_index][None, :], iou, 0.0)
+        same_max, other_max = same_iou.max(1), other_iou.max(1)
+        loc = (same_max >= BACKGROUND_IOU) & (same_max < FOREGROUND_IOU)
+        cls = ~loc & (other_max >= FOREGROUND_IOU)
+        dupe = ~loc & ~cls & (used_iou.max(1) >= FOREGROUND_IOU)
+        bkg = ~loc & ~cls & ~dupe & (iou.max(1) <= BACKGROUND_IOU)
+        errors = np.select([loc, cls, dupe, bkg], ["loc", "cls", "dupe", "bkg"], "both")
+        targets = np.where(
+            loc, gt_index[same_iou.argmax(1)], np.where(cls, gt_index[other_iou.argmax(1)], -1)
+        )
+    on_lookalike = np.zeros(len(dets), dtype=bool)
+    if lookalikes is not None and lookalikes.shape[0]:
+        on_lookalike = _iou(box, lookalikes).max(1) >= FOREGROUND_IOU
+    for det, error, target, look in zip(dets, errors, targets, on_lookalike, strict=True):
+        det.error = str(error)
+        det.target = int(target) if target >= 0 else None
+        det.lookalike = bool(look) and det.error == "bkg"
 
 
 def _ap(points: Mapping[int, list[tuple[float, bool]]], num_gt: Mapping[int, int]) -> float:
@@ -283,17 +292,15 @@ def error_breakdown(
         look = None
         if lookalikes is not None:
             look = np.asarray(lookalikes.get(image_id, np.zeros((0, 4))), dtype=np.float64)
-        for det in per_image:
-            if not det.tp and not det.ignored:
-                _classify(
-                    det,
-                    boxes[det.index],
-                    gt_boxes[real],
-                    gt_cat[real],
-                    gt_index[real],
-                    used,
-                    look,
-                )
+        _classify(
+            [d for d in per_image if not d.tp and not d.ignored],
+            boxes,
+            gt_boxes[real],
+            gt_cat[real],
+            gt_index[real],
+            used,
+            look,
+        )
 
     # TIDE's BestGTMatch: of the cls / loc errors pointing at an unmatched ground truth, only the
     # best-scoring one can be fixed into a true positive; the others are removed.
