@@ -113,8 +113,10 @@ def test_detection_on_a_crowd_region_is_ignored() -> None:
     assert result.ap50 == pytest.approx(1.0) and sum(result.counts.values()) == 0
 
 
-def test_ap50_is_cocos_on_random_detections() -> None:
-    rng = np.random.default_rng(0)
+def _random_case(seed: int) -> tuple[dict, list[dict]]:
+    """15 images, two classes, crowd regions, detections near objects (some of the wrong class)
+    and anywhere."""
+    rng = np.random.default_rng(seed)
     images, anns, dets = [], [], []
     for i in range(1, 16):
         images.append({"id": i, "width": 100, "height": 100})
@@ -135,29 +137,46 @@ def test_ap50_is_cocos_on_random_detections() -> None:
             for _ in range(rng.integers(0, 3)):
                 j = rng.normal(0, 0.2, 4) * [w, h, w, h]
                 box = [x + j[0], y + j[1], max(w + j[2], 1), max(h + j[3], 1)]
+                category = int(rng.integers(1, 3)) if rng.random() < 0.3 else c
                 dets.append(
-                    {
-                        "image_id": i,
-                        "category_id": int(rng.integers(1, 3)) if rng.random() < 0.3 else c,
-                        "bbox": box,
-                        "score": float(rng.random()),
-                    }
+                    {"image_id": i, "category_id": category, "bbox": box, "score": rng.random()}
                 )
         for _ in range(rng.integers(0, 4)):
             box = [*rng.uniform(0, 80, 2), *rng.uniform(3, 30, 2)]
+            category = int(rng.integers(1, 3))
             dets.append(
-                {
-                    "image_id": i,
-                    "category_id": int(rng.integers(1, 3)),
-                    "bbox": box,
-                    "score": float(rng.random()),
-                }
+                {"image_id": i, "category_id": category, "bbox": box, "score": rng.random()}
             )
-    gt = {
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
-    }
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+def test_ap50_is_cocos_on_random_detections() -> None:
+    for seed in range(3):
+        gt, dets = _random_case(seed)
+        result = error_breakdown(gt, dets)
+        assert result.ap50 == pytest.approx(coco_ap(gt, dets)["AP50"], abs=1e-12)
+        assert 0 < result.ap50 < 1 and all(v >= 0 for v in result.delta.values())
+
+
+# TIDE's own package (tidecv 1.0.1, in a separate environment: it needs OpenCV) on
+# ``_random_case(0)``: ground truths by ``add_ground_truth``, crowd regions by
+# ``add_ignore_region``, every image by ``add_image``; ``TIDE().evaluate(..., mode=TIDE.BOX)``,
+# ``get_all_errors()["main"]``, in points.
+TIDECV_CASE_0 = {
+    "ap50": 7.557838559775707,
+    "cls": 5.723985574054682,
+    "loc": 15.632763959122794,
+    "both": 1.2192092577880107,
+    "dupe": 0.43538087494972366,
+    "bkg": 4.276201987136133,
+    "miss": 3.008460545051154,
+}
+
+
+def test_equals_tidecv_on_a_random_case() -> None:
+    gt, dets = _random_case(0)
     result = error_breakdown(gt, dets)
-    assert result.ap50 == pytest.approx(coco_ap(gt, dets)["AP50"], abs=1e-12)
-    assert 0 < result.ap50 < 1 and all(v >= 0 for v in result.delta.values())
+    assert 100 * result.ap50 == pytest.approx(TIDECV_CASE_0["ap50"], abs=1e-6)
+    for error in ERROR_TYPES:
+        assert 100 * result.delta[error] == pytest.approx(TIDECV_CASE_0[error], abs=1e-6), error
