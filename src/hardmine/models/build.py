@@ -145,17 +145,19 @@ def _square_anchors(strides: tuple[int, ...], scale: int) -> AnchorGenerator:
     return AnchorGenerator(tuple((scale * s,) for s in strides), ((1.0,),) * len(strides))
 
 
-def atss_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> AssignedRetinaNet:
+def atss_tiny(
+    num_classes: int, *, weights: Any = None, anchor_scale: int = 4, **kwargs: Any
+) -> AssignedRetinaNet:
     """ATSS on ``TinyBackbone``: RetinaNet with one square anchor per location and ATSS (top 9).
 
-    Anchor scale 4 instead of the paper's 8: the tiny images are 128-256 px, where scale 8 would
-    make the P5 anchor (256 px) larger than the image.
+    Anchor scale 4 (``anchor_scale`` strides) instead of the paper's 8: the tiny images are
+    128-256 px, where scale 8 would make the P5 anchor (256 px) larger than the image.
     """
     _no_weights("atss_tiny", weights)
     settings = {
         "min_size": 128,
         "max_size": 256,
-        "anchor_generator": _square_anchors(_TINY_STRIDES, 4),
+        "anchor_generator": _square_anchors(_TINY_STRIDES, anchor_scale),
         "head": _atss_head(64, num_classes),
     }
     model = RetinaNet(TinyBackbone(), num_classes, **(settings | kwargs))

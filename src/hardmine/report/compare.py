@@ -512,6 +512,9 @@ def write_report(
         "",
         format_table(summaries),
         "",
+        f"Training and evaluation took {sum(o.seconds for o in finished) / 60:.1f} min in all "
+        f"({len(finished)} runs).",
+        "",
         "![AP per method, paired differences and where the AP goes](ap.png)",
         "",
     ]
