@@ -135,3 +135,13 @@ def test_the_default_comparison_has_three_seeds_and_a_warm_up_that_ends_early() 
     base = default_compare_base()
     steps = base.train.epochs * base.data.num_train // base.data.batch_size
     assert base.train.warmup_steps <= steps / 5
+
+
+def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> None:
+    base = default_compare_base()
+    longer = Method("dense", {"name": "atss_tiny"}, assigner={"name": "atss"}, epochs_scale=2)
+    assert longer.config(base, seed=0, output_dir=tmp_path).train.epochs == 2 * base.train.epochs
+    assert METHODS[0].config(base, seed=0, output_dir=tmp_path).train.epochs == base.train.epochs
+    outcomes = [outcome(tmp_path, "random", 0, 0.1), outcome(tmp_path, "dense", 0, 0.1)]
+    report = write_report(tmp_path, [METHODS[0], longer], outcomes, description="A test.")
+    assert "dense (2×)" in report.read_text()
