@@ -1,11 +1,14 @@
-"""Comparing samplers and assigners: train each method over seeds, then report AP and losses.
+"""Comparing samplers and assigners: train each method over seeds, then report what differed.
 
 Each (method, seed) trains in a run directory of its own, ``OUT/<method>/seed<k>``. A run that
 finished (it has ``results.json``) is not trained again, a run that was interrupted is resumed,
 and a run that crashes is recorded (``error.txt``) and reported without stopping the others. The
 report, ``OUT/report.md``, gives AP / AP50 / AP75 per method as mean ± standard deviation over
-seeds and the difference to the method's baseline (random sampling; max-IoU for ATSS), paired by
-seed: two runs with the same seed share the initial weights and the data order.
+seeds; the difference to the method's baseline (random sampling; max-IoU for ATSS), paired by seed
+(two runs with the same seed share the initial weights and the data order), with its 95 %
+t-interval and a verdict (``hardmine.report.stats``); where each method's AP goes, by TIDE's error
+types (``hardmine.report.run_errors``); on the built-in scenes, what they held; the training
+curves; and what each sampler picks (``hardmine.report.inspect``).
 """
 
 from __future__ import annotations
