@@ -112,8 +112,8 @@ _RCNN = {"name": "faster_rcnn_tiny"}
 # ATSS against max-IoU on the same detector (one square anchor per location), as in the ATSS
 # paper's comparison; max-IoU with RetinaNet's thresholds (positive >= 0.5, negative < 0.4).
 # Twice the epochs: a step of the tiny RetinaNet costs about half of the tiny Faster R-CNN's, and
-# with the base's 384 steps it has not converged (AP50 31 / 38 for ATSS / max-IoU, against 67 / 77
-# with 768 steps on the default scenes).
+# with the R-CNN's steps it has not converged (on 512 scenes, AP50 31 / 38 for ATSS / max-IoU
+# after 384 steps, seed to seed ± 10; 67 / 77 after 768).
 _ONE_ANCHOR = {"name": "atss_tiny"}
 DEFAULT_METHODS: tuple[Method, ...] = (
     Method("random", _RCNN, {"name": "random", "num": 128}),
@@ -137,18 +137,19 @@ DEFAULT_METHODS: tuple[Method, ...] = (
 
 
 def default_compare_base() -> RunConfig:
-    """The default comparison's base: the built-in scenes (512 training, 256 validation images
-    of 128 px), 3 epochs of 128 steps of 4 images.
+    """The default comparison's base: the built-in scenes (448 training, 256 validation images
+    of 128 px), 3 epochs of 112 steps of 4 images.
 
     Chosen so that every detector learns the scenes within the budget of ``make compare`` (about
-    15 minutes for 6 methods x 3 seeds on two CPU cores): the warm-up ends after 50 of the 384
-    steps, the learning rate drops tenfold at 2/3 and 11/12 of the run (Detectron's 1x shape),
-    and the one evaluation at the end is on 256 images, enough for a seed-to-seed standard
-    deviation of AP under a point. The mean loss over all RoIs is logged at every epoch's end.
+    15 minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the
+    epochs): the warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 2/3
+    and 11/12 of the run (Detectron's 1x shape), and the one evaluation at the end is on 256
+    images (seed-to-seed differences come from training: on 1024 images they are the same). The
+    mean loss over all RoIs is logged at every epoch's end.
     """
     return config_from_dict(
         {
-            "data": {"kind": "scenes", "num_train": 512, "num_val": 256, "batch_size": 4},
+            "data": {"kind": "scenes", "num_train": 448, "num_val": 256, "batch_size": 4},
             "train": {
                 "epochs": 3,
                 "lr": 0.02,
