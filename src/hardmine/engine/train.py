@@ -426,7 +426,8 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
 
 def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
     """The epoch loop of ``train``: train, checkpoint and evaluate until the last step; the mean
-    loss over all RoIs is logged at every epoch's end."""
+    loss over all RoIs is logged at every epoch's end (neither without evaluations,
+    ``eval_every`` 0)."""
     config, pos = session.config, session.position
     eval_every = config.train.eval_every
     while pos.step < session.last_step:
@@ -437,12 +438,9 @@ def _train_epochs(session: Session, train_set: Dataset, val_set: Dataset) -> dic
         )
         train_one_epoch(session, loader)
         session.save_checkpoint()
-        if pos.step < session.last_step:
-            if eval_every and (pos.epoch + 1) % eval_every == 0:
+        if eval_every and pos.step < session.last_step:
+            if (pos.epoch + 1) % eval_every == 0:
                 _evaluate(session, val_set, train_set)
             else:
                 _log_roi_loss(session, train_set)
-    if eval_every:
-        return _evaluate(session, val_set, train_set, final=True)
-    _log_roi_loss(session, train_set)
-    return {}
+    return _evaluate(session, val_set, train_set, final=True) if eval_every else {}
