@@ -118,6 +118,11 @@ def epoch_loader(
     )
     order.set_epoch(epoch)
     indices = list(order)[skip * config.data.batch_size :]
+    # Its own generator: a DataLoader iterator draws its workers' base seed when it starts, from
+    # torch's global RNG otherwise, and a resumed run starts one more iterator than the
+    # uninterrupted run; the global RNG feeds torchvision's RPN sampler, so a shared draw would
+    # change the anchors it samples after a resume.
+    seeds = torch.Generator().manual_seed(rank_seed(config.seed, process.rank) + epoch)
     return DataLoader(
         dataset,
         batch_size=config.data.batch_size,
@@ -125,6 +130,7 @@ def epoch_loader(
         num_workers=config.data.num_workers,
         collate_fn=collate_fn,
         pin_memory=process.device.type == "cuda",
+        generator=seeds,
         persistent_workers=False,
     )
 
