@@ -9,8 +9,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hardmine.sample.quota import draw, flatten
-from hardmine.structures import Assignment, Selection, settings
+from hardmine.sample.quota import draw_uniform, flatten
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ def sample_random(
 
     As torchvision's ``BalancedPositiveNegativeSampler``: ``int(num * pos_fraction)`` positives at
     most; negatives make up the rest of ``num`` (so they pad when positives are short); ignored
-    candidates are never drawn. One draw over the whole batch.
+    candidates are never drawn. On the CPU the draw is torchvision's own too (one ``randperm`` per
+    image and group, ``quota.draw_uniform``): from the same generator state, the same picks. On
+    CUDA it is one draw over the whole batch by random keys, without host synchronisation: the
+    same distribution, another stream.
 
     Args:
         assignments: one per image.
@@ -70,10 +73,7 @@ def sample_random(
         [True, True, True, False]
     """
     flat = flatten(assignments)
-    pos, neg = flat.label == 1, flat.label == 0
-    num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
-    num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
-    group = torch.where(pos, 0, torch.where(neg, 1, -1))
-    quota = torch.stack([num_pos, num_neg], dim=1)  # [B, 2]
-    mask = draw(flat, None, group, quota, max_quota=num, generator=generator)
-    return flat.split(mask)
+    labels = torch.tensor([[POSITIVE], [NEGATIVE]], dtype=torch.int8, device=flat.device)
+    member = flat.label[None] == labels  # [2, N]: positives, negatives
+    caps = [int(num * pos_fraction), num]
+    return flat.split(draw_uniform(flat, member, caps=caps, total=num, generator=generator))
