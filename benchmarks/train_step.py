@@ -5,7 +5,8 @@ every sampler's training pass then costs the same, and what is measured is each 
 overhead, for OHEM the read-only pass of the box head over all proposals (``--proposals`` per
 image). ``torchvision`` is the unwrapped model with torchvision's own sampler at the same ``num``,
 and ``random@512`` random sampling at torchvision's default 512 RoIs per image, for reference;
-``ohem@bf16`` is OHEM with its read-only pass in bfloat16 (``score_dtype``). The read-only pass is
+``ohem`` scores in its default precision (``score_dtype="auto"``: bfloat16 where the hardware has
+it, printed) and ``ohem@f32`` in float32 (``score_dtype=None``). The read-only pass is
 also timed inside OHEM's steps and printed as a fraction of random sampling's step: OHEM's own
 cost measured directly, steadier than the ratio of two medians.
 No optimiser step is taken, so every sampler sees the same weights.
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from hardmine.models import SamplingRoIHeads, build, with_sampler
+from hardmine.models.read_only import resolve_score_dtype
 from hardmine.sample import SAMPLERS, RandomSampler
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
@@ -81,9 +83,9 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     models = {"torchvision": base}
     for name, cls in SAMPLERS.items():
         models[name] = with_sampler(base, cls(num=args.num)).train()
-    # OHEM with its read-only pass in bfloat16 (``score_dtype``): an opt-in, ranks nearly alike.
-    models["ohem@bf16"] = with_sampler(
-        base, SAMPLERS["ohem"](num=args.num), score_dtype=torch.bfloat16
+    # OHEM with its read-only pass in float32 (``score_dtype=None``), beside the default "auto".
+    models["ohem@f32"] = with_sampler(
+        base, SAMPLERS["ohem"](num=args.num), score_dtype=None
     ).train()
     # torchvision's default 512 RoIs per image: what OHEM at 128 replaces in practice.
     models["random@512"] = with_sampler(base, RandomSampler(num=512)).train()
@@ -210,7 +212,7 @@ def main() -> None:
         "--samplers",
         nargs="+",
         help="only these rows besides random (torchvision, iou_balanced, overlap, ohem, "
-        "ohem@bf16, random@512); default: all",
+        "ohem@f32, random@512); default: all",
     )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,9 +224,11 @@ def main() -> None:
 
     times, read_only = measure_time(args)
     memory = measure_memory(args, list(times))
+    auto = resolve_score_dtype("auto", torch.device(args.device))
     print(
         f"{args.model} on {args.device}: batch {args.batch} x {args.image_size} px, "
-        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps"
+        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps; "
+        f"ohem scores in {auto or 'float32'}"
     )
     print(
         f"{'sampler':<14}{'s/step':>9}{'time':>8}{'peak MB':>10}{'peak':>7}{'added MB':>10}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_centers, box_iou
 from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
 
@@ -251,7 +251,7 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
         iou = box_iou(chunk, anc)  # [B, C, N]
-        value, index = iou.max(dim=1)  # [B, N]
+        value, index = best_of_chunk(iou)  # [B, N]
         if best_iou is None:
             best_iou, best_gt = value, index
         else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_iou
 from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
 
@@ -133,6 +133,19 @@ def assign_max_iou(
     ]
 
 
+def _label(best_iou: Tensor, pos_thr: float, neg_lo: float, neg_hi: float) -> Tensor:
+    """``int8`` labels from the best IoUs: positive ``>= pos_thr``, negative in ``[neg_lo,
+    neg_hi)``, ignored elsewhere. Bitwise arithmetic on the masks: a CPU runs it several times
+    faster than a chain of ``masked_fill`` (whose branches on random masks mispredict)."""
+    positive = best_iou >= pos_thr
+    if neg_lo <= 0.0 and neg_hi >= pos_thr:  # IoUs are >= 0: every other candidate is negative
+        return positive.to(torch.int8)
+    negative = best_iou < neg_hi
+    if neg_lo > 0.0:
+        negative &= best_iou >= neg_lo
+    return positive.to(torch.int8) - (~(positive | negative)).to(torch.int8)
+
+
 def _assign_block(
     batch: Batch, pos_thr: float, neg_lo: float, neg_hi: float, low_quality: bool, chunk_size: int
 ) -> list[Assignment]:
@@ -144,7 +157,7 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.
         iou = box_iou(gts[:, start : start + chunk_size], cand)  # [B, C, N]
-        value, index = iou.max(dim=1)  # [B, N]
+        value, index = best_of_chunk(iou)  # [B, N]
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
@@ -159,10 +172,11 @@ def _assign_block(
             gt_best = torch.where(gt_best > 0, gt_best, float("nan"))
             low_quality_match |= (iou == gt_best).any(dim=1)
 
-    label = torch.full_like(best_gt, IGNORE, dtype=torch.int8)  # [B, N]
-    label.masked_fill_((best_iou >= neg_lo) & (best_iou < neg_hi), NEGATIVE)
-    label.masked_fill_((best_iou >= pos_thr) | low_quality_match, POSITIVE)
-    label.masked_fill_(~batch.has_gt, NEGATIVE)
+    label = _label(best_iou, pos_thr, neg_lo, neg_hi)  # [B, N]
+    if low_quality:
+        label.masked_fill_(low_quality_match, POSITIVE)
+    if not all(batch.num_gt):
+        label.masked_fill_(~batch.has_gt, NEGATIVE)
     if batch.ignored is not None:
         label.masked_fill_(batch.ignored, IGNORE)
     return batch.split(label, best_gt, best_iou)

@@ -63,7 +63,8 @@ def mean_loss_all_rois(
             [i.to(device) for i in images[:take]],
             [{k: t[k].to(device) for k in ("boxes", "labels")} for t in targets[:take]],
         )
-        losses = torch.cat(roi_losses(model, batch))
+        # A measurement: in the model's own precision, whatever OHEM's scoring uses.
+        losses = torch.cat(roi_losses(model, batch, score_dtype=None))
         counted = torch.cat([a.label for a in batch.assignments]) != IGNORE
         total += losses[counted].sum()
         count += counted.sum()

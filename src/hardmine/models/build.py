@@ -267,7 +267,7 @@ def build(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     weights: Any = None,
-    score_dtype: str | torch.dtype | None = None,
+    score_dtype: str | torch.dtype | None = "auto",
     **kwargs: Any,
 ) -> nn.Module:
     """The detector ``name`` from ``DETECTORS``, trained with ``sampler`` / ``assigner``.
@@ -286,7 +286,8 @@ def build(
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
         score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
-            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
+            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype;
+            ``"auto"`` (default): bfloat16 where the hardware has it, ``None``: the model's own.
         **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
             ``box_batch_size_per_image``.
     """
@@ -297,10 +298,10 @@ def build(
     if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
-        if dtype is not None:
+        if dtype not in (None, "auto"):
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         return model if assigner is None else with_assigner(model, assigner)
-    if sampler is None and assigner is None and dtype is None and generator is None:
+    if sampler is None and assigner is None and dtype in (None, "auto") and generator is None:
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
@@ -310,12 +311,17 @@ def build(
     return with_sampler(model, sampler, assigner=assigner, generator=generator, score_dtype=dtype)
 
 
-def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``score_dtype`` as a torch dtype: ``None``, a half-precision dtype, or its name."""
+def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``score_dtype`` as a torch dtype: ``None``, ``"auto"``, a half-precision dtype, or its
+    name."""
+    if value == "auto":
+        return value
     if value is None or isinstance(value, torch.dtype):
         dtype = value
     else:
         dtype = getattr(torch, str(value), None)
     if value is not None and dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"score_dtype must be 'bfloat16' or 'float16' (or None), got {value!r}")
+        raise ValueError(
+            f"score_dtype must be 'bfloat16', 'float16', 'auto' (or None), got {value!r}"
+        )
     return dtype
