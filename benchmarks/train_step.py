@@ -24,7 +24,7 @@ The absolute peak RSS is printed too; its ratios are diluted by the ~0.3-0.5 GB 
 Example::
 
     python benchmarks/train_step.py --model faster_rcnn_tiny --steps 20
-    python benchmarks/train_step.py --device cuda --model faster_rcnn_r50_fpn --image-size 800
+    python benchmarks/train_step.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --amp
 """
 
 from __future__ import annotations
@@ -94,9 +94,15 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     return models
 
 
+AMP = False  # --amp: forward passes under float16 autocast (CUDA), as in mixed-precision training
+
+
 def step(model: nn.Module, batch: Batch) -> None:
     model.zero_grad(set_to_none=True)
-    sum(model(*batch).values()).backward()
+    device = batch[0][0].device.type
+    with torch.autocast(device, dtype=torch.float16, enabled=AMP):
+        losses = model(*batch)
+    sum(losses.values()).backward()
 
 
 def sync(device: str) -> None:
@@ -214,8 +220,11 @@ def main() -> None:
         help="only these rows besides random (torchvision, iou_balanced, overlap, ohem, "
         "ohem@f32, random@512); default: all",
     )
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA's AMP)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global AMP
+    AMP = args.amp
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -228,7 +237,7 @@ def main() -> None:
     print(
         f"{args.model} on {args.device}: batch {args.batch} x {args.image_size} px, "
         f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps; "
-        f"ohem scores in {auto or 'float32'}"
+        f"ohem scores in {auto or 'float32'}{'; AMP' if args.amp else ''}"
     )
     print(
         f"{'sampler':<14}{'s/step':>9}{'time':>8}{'peak MB':>10}{'peak':>7}{'added MB':>10}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hardmine._host import host_tensor
 from hardmine.boxes import box_iof, check_boxes
 from hardmine.structures import POSITIVE, Assignment
 
@@ -195,7 +196,7 @@ def prepare_batch(
     cand = _pad(candidates, max(num_candidates), like)  # [B, N, 4]
     gts = _pad(gt_boxes, max(max(num_gt), 1), like)  # [B, G, 4]
     labels = _pad(gt_labels, gts.shape[1], like.new_zeros(1, dtype=torch.int64))  # [B, G]
-    counts = torch.tensor(num_gt, device=like.device)
+    counts = host_tensor(num_gt, like.device, torch.int64)
     gt_valid = torch.arange(gts.shape[1], device=like.device) < counts[:, None]  # [B, G]
 
     ignored = None

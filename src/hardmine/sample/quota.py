@@ -20,6 +20,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
+from hardmine._host import host_tensor
 from hardmine._segments import count_per_segment, segment_rank  # noqa: F401 (the samplers' import)
 from hardmine.structures import Assignment, Selection
 
@@ -58,7 +59,7 @@ class FlatBatch:
     @cached_property
     def bounds(self) -> Tensor:
         """``int64 [B + 1]``: where each image's candidates begin, then the total."""
-        return torch.tensor([0, *accumulate(self.sizes)], device=self.device)
+        return host_tensor([0, *accumulate(self.sizes)], self.device, torch.int64)
 
     @property
     def starts(self) -> Tensor:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from hardmine._host import host_tensor
 from hardmine.sample.quota import draw_uniform, flatten
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
@@ -73,7 +74,7 @@ def sample_random(
         [True, True, True, False]
     """
     flat = flatten(assignments)
-    labels = torch.tensor([[POSITIVE], [NEGATIVE]], dtype=torch.int8, device=flat.device)
+    labels = host_tensor([[POSITIVE], [NEGATIVE]], flat.device, torch.int8)
     member = flat.label[None] == labels  # [2, N]: positives, negatives
     caps = [int(num * pos_fraction), num]
     return flat.split(draw_uniform(flat, member, caps=caps, total=num, generator=generator))
