@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_iou
 from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
@@ -126,9 +127,11 @@ def assign_max_iou(
     if len(candidates) == 0:
         return []
     batch = prepare_batch(candidates, gt_boxes, gt_labels, ignore_boxes, ignore_iof_thr)
+    # A quarter of ATSS's blocks: measured fastest for the few passes per chunk here.
+    max_elements = _batch.CPU_BLOCK_ELEMENTS // 4
     return [
         a
-        for block, chunk in batch.blocks(chunk_size)
+        for block, chunk in batch.blocks(chunk_size, max_elements)
         for a in _assign_block(block, pos_thr, neg_lo, neg_hi, low_quality, chunk)
     ]
 
