@@ -31,7 +31,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from hardmine.assign.max_iou import MaxIoUAssigner
 from hardmine.models._losses import fastrcnn_roi_losses, matched_boxes
-from hardmine.models._pool import pool_flat, raster_order, to_rois
+from hardmine.models._pool import pool_parts, raster_order, to_rois
 from hardmine.models.rpn import propose
 from hardmine.structures import Assigner, Assignment
 
@@ -106,10 +106,11 @@ def score_rois(
     """Every RoI's loss under ``heads``' box branch, without gradient and without side effects.
 
     The RoIs are pooled and scored in slices of ``READ_ONLY_SLICE_BYTES`` of pooled features: the
-    pass over thousands of RoIs never holds all their features at once, and its buffer is reused
-    rather than faulted in afresh (large fresh allocations are costly on a CPU). The slices follow
-    the raster order of the RoIs, so that each pools RoIs near each other (cache locality; see
-    ``_pool``); the losses come back in the proposals' order.
+    pass over thousands of RoIs never holds all their features at once. Each part of a slice's
+    pooling (``pool_parts``: a pyramid level's share of one thread) goes through the box head as
+    it is, so pooled features are never copied into one tensor. The slices follow the raster
+    order of the RoIs, so that each pools RoIs near each other (cache locality; see ``_pool``);
+    the losses come back in the proposals' order.
 
     Args:
         heads: torchvision's ``RoIHeads`` (or ``SamplingRoIHeads``).
@@ -137,27 +138,26 @@ def score_rois(
     score_dtype = resolve_score_dtype(score_dtype, rois.device)
     if score_dtype is not None:
         precision = torch.autocast(rois.device.type, dtype=score_dtype)
-    rows = _slice_rows(heads.box_roi_pool, next(iter(features.values())), rois.shape[0])
-    order = raster_order(rois)
-    out, buffer = [], None
-    for part in order.split(rows):
-        pooled = pool_flat(
-            heads.box_roi_pool, features, rois[part], list(image_shapes), buffer=buffer
-        )
-        buffer = pooled if buffer is None else buffer
-        with precision:
-            class_logits, box_regression = run_read_only(
-                heads.box_predictor, run_read_only(heads.box_head, pooled)
+    feature = next(iter(features.values()))
+    rows = _slice_rows(heads.box_roi_pool, feature, rois.shape[0])
+    losses = feature.new_empty(rois.shape[0])
+    for part in raster_order(rois).split(rows):
+        # Each part of the pooling straight through the box head: its few numbers per RoI are
+        # all that is kept, so the pooled features are never copied into one tensor.
+        shapes = list(image_shapes)
+        for index, pooled in pool_parts(heads.box_roi_pool, features, rois[part], shapes):
+            which = part if index is None else part[index]
+            with precision:
+                class_logits, box_regression = run_read_only(
+                    heads.box_predictor, run_read_only(heads.box_head, pooled)
+                )
+            cls, box = fastrcnn_roi_losses(
+                class_logits.to(pooled.dtype),
+                box_regression.to(pooled.dtype),
+                labels[which],
+                targets_reg[which],
             )
-        cls, box = fastrcnn_roi_losses(
-            class_logits.to(pooled.dtype),
-            box_regression.to(pooled.dtype),
-            labels[part],
-            targets_reg[part],
-        )
-        out.append(cls + box)
-    in_order = torch.cat(out)
-    losses = torch.empty_like(in_order).index_copy_(0, order, in_order)
+            losses[which] = cls + box
     return list(losses.split([p.shape[0] for p in proposals]))
 
 
