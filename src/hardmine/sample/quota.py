@@ -218,6 +218,10 @@ def _take_ranked(
     num_groups = quota.shape[1]
     n, length = ranked.numel(), flat.max_size
     k = length if max_quota is None else min(max_quota, length)
+    if ranked.device.type == "cpu" and quota.numel():
+        # Where a sync is free, the largest quota bounds k tighter than the caller's bound: a
+        # narrower table and a smaller topk, the same picks (a shortfall top-up is often 0).
+        k = min(k, int(quota.max()))
     if n == 0 or k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=ranked.device)
     rows, width = flat.num_images * num_groups, length + k
