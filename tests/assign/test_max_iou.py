@@ -354,8 +354,8 @@ def test_best_of_chunk_is_max_with_the_first_index() -> None:
     for shape in [(1, 1, 5), (3, 7, 40), (2, 64, 100)]:
         iou = (torch.rand(shape, generator=g) * 4).floor() / 4  # many exact ties, zeros, ones
         for dtype in (torch.float32, torch.float64):
-            value, index = _batch.best_of_chunk(iou.to(dtype))
             expected_value, expected_index = iou.to(dtype).max(dim=1)
+            value, index = _batch.best_of_chunk(iou.to(dtype, copy=True))  # overwrites its input
             assert torch.equal(value, expected_value) and torch.equal(index, expected_index)
 
 

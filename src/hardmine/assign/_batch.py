@@ -114,16 +114,17 @@ def best_of_chunk(iou: Tensor) -> tuple[Tensor, Tensor]:
     ``iou: float [B, C, N]`` in ``[0, 1]`` -> ``(value [B, N], index int64 [B, N])``: what
     ``iou.max(dim=1)`` gives (the first maximum on ties), at less than half its cost on a CPU,
     where ``max`` with indices over a middle dimension takes as long as the whole IoU matrix.
-    The maxima are found by fast float passes: ``ceil(max - iou)`` is 0 exactly where ``iou``
-    equals the maximum (IEEE subtraction is exact at 0) and 1 elsewhere; adding ``g / 2^k``
-    (exact in binary) and taking the minimum gives the first such ``g``.
+    ``iou`` is overwritten (no matrix-sized allocation: fresh memory is slow on a CPU). The maxima
+    are found by fast float passes: ``floor(iou - max)`` is 0 exactly where ``iou`` equals the
+    maximum (IEEE subtraction is exact at 0) and -1 elsewhere; subtracting ``g / 2^k`` (exact in
+    binary) and taking the maximum gives the first such ``g``.
     """
     value = iou.amax(dim=1, keepdim=True)  # [B, 1, N]
     chunk = iou.shape[1]
     scale = 1 << max(chunk - 1, 1).bit_length()  # a power of two > every index
     step = torch.arange(chunk, device=iou.device, dtype=iou.dtype)[:, None] / scale  # [C, 1]
-    key = torch.sub(value, iou).ceil_().add_(step)  # [B, C, N]: < 1 at the maxima
-    index = key.amin(dim=1).mul_(scale).long()
+    key = iou.sub_(value).floor_().sub_(step)  # [B, C, N]: > -1 exactly at the maxima
+    index = key.amax(dim=1).mul_(-scale).long()
     return value.squeeze(1), index
 
 

@@ -251,7 +251,9 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
         iou = box_iou(chunk, anc)  # [B, C, N]
-        value, index = best_of_chunk(iou)  # [B, N]
+        # The threshold and the centre test need only the K candidates of each ground truth.
+        cand_iou = iou.gather(2, candidate)  # [B, C, K]
+        value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
@@ -259,8 +261,6 @@ def _assign_block(
             best_iou = torch.where(better, value, best_iou)
             best_gt = torch.where(better, index + start, best_gt)
 
-        # The threshold and the centre test need only the K candidates of each ground truth.
-        cand_iou = iou.gather(2, candidate)  # [B, C, K]
         flat = candidate.flatten(1)  # [B, C * K]
         cx = centers[:, 0].gather(1, flat).view_as(candidate)
         cy = centers[:, 1].gather(1, flat).view_as(candidate)

@@ -160,20 +160,22 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.
         iou = box_iou(gts[:, start : start + chunk_size], cand)  # [B, C, N]
-        value, index = best_of_chunk(iou)  # [B, N]
+        if low_quality and cand.shape[1]:
+            if batch.ignored is not None:
+                masked = iou.masked_fill(batch.ignored[:, None, :], -1.0)
+            else:
+                masked = iou
+            gt_best = masked.amax(dim=2, keepdim=True)  # [B, C, 1]
+            # NaN equals nothing: ground truths that overlap no candidate match none.
+            gt_best = torch.where(gt_best > 0, gt_best, float("nan"))
+            low_quality_match |= (masked == gt_best).any(dim=1)
+        value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
             better = value > best_iou  # strict: the earlier chunk keeps ties, as one max would
             best_iou = torch.where(better, value, best_iou)
             best_gt = torch.where(better, index + start, best_gt)
-        if low_quality and cand.shape[1]:
-            if batch.ignored is not None:
-                iou.masked_fill_(batch.ignored[:, None, :], -1.0)
-            gt_best = iou.amax(dim=2, keepdim=True)  # [B, C, 1]
-            # NaN equals nothing: ground truths that overlap no candidate match none.
-            gt_best = torch.where(gt_best > 0, gt_best, float("nan"))
-            low_quality_match |= (iou == gt_best).any(dim=1)
 
     label = _label(best_iou, pos_thr, neg_lo, neg_hi)  # [B, N]
     if low_quality:
