@@ -20,7 +20,7 @@ from hardmine.boxes import box_iof
 from hardmine.models import SamplingRoIHeads, build, with_sampler
 from hardmine.models import read_only as roi_heads
 from hardmine.models.read_only import run_read_only
-from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
+from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler, RandomSampler
 from hardmine.structures import Assignment, Sampler, Selection
 
 RCNNS = ["faster_rcnn_tiny", "mask_rcnn_tiny"]
@@ -134,6 +134,24 @@ def test_images_without_ground_truth(name, batch):
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_mask"].item() == 0.0
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("name", RCNNS)
+def test_random_sampler_is_torchvision_s_own_draw(name, batch):
+    """On the CPU, RandomSampler draws as torchvision's sampler does: from the same global RNG
+    state, the RPN and the heads pick the same anchors and RoIs, so the losses are torchvision's."""
+    torch.manual_seed(0)
+    model = build(name, 3)
+    wrapped = with_sampler(model, RandomSampler(128, 0.25), rpn_sampler=RandomSampler(256, 0.5))
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*batch)
+    torch.manual_seed(1)
+    actual = wrapped(*batch)
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
 
 
 @pytest.mark.parametrize("name", RCNNS)
