@@ -56,7 +56,7 @@ class SamplingRoIHeads(RoIHeads):
             ``"auto"`` (default): bfloat16 where the device computes it natively (a CPU with
             AVX512-BF16 or AMX, a CUDA GPU with bfloat16 units), else as ``None``: the model's
             own precision, under whatever autocast the caller set (e.g. AMP on CUDA). In
-            bfloat16 the loss ranking is nearly, not exactly, the float32 one (OHEM picks 99.8%
+            bfloat16 the loss ranking is nearly, not exactly, the float32 one (OHEM picks 99.7%
             of the same RoIs on a trained tiny Faster R-CNN, ``benchmarks/score_dtype.py``),
             and the read-only box head is about twice as fast on such a CPU.
     """
