@@ -38,7 +38,7 @@ def test_mean_loss_is_the_mean_over_every_roi(scenes: SceneDataset, model: torch
 
     images, targets = collate_fn([scenes[i] for i in range(len(scenes))])
     batch = roi_batch(model, images, targets)
-    losses = torch.cat(roi_losses(model, batch))
+    losses = torch.cat(roi_losses(model, batch, score_dtype=None))  # the measure is float32
     counted = torch.cat([a.label for a in batch.assignments]) != IGNORE
     assert value == pytest.approx(float(losses[counted].mean()), rel=1e-5)
     assert math.isfinite(value) and value > 0

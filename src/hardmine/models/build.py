@@ -326,7 +326,7 @@ def build(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     weights: Any = None,
-    score_dtype: str | torch.dtype | None = None,
+    score_dtype: str | torch.dtype | None = "auto",
     box_loss_beta: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -346,7 +346,8 @@ def build(
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
         score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
-            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
+            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype;
+            ``"auto"`` (default): bfloat16 where the hardware has it, ``None``: the model's own.
         box_loss_beta: R-CNN: the smooth-L1 beta of the RoI heads' box loss, in training and in
             OHEM's ranking alike (``SamplingRoIHeads``); None: torchvision's 1/9. ``1.0`` is Fast
             R-CNN's, the loss of the OHEM paper's detector.
@@ -365,13 +366,18 @@ def build(
     if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
-        if dtype is not None:
+        if dtype not in (None, "auto"):
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         if box_loss_beta is not None:
             raise ValueError(f"{name} has no RoI heads; box_loss_beta is for R-CNN")
         return model if assigner is None else with_assigner(model, assigner)
-    wrap = (sampler, assigner, dtype, generator, box_loss_beta)
-    if all(x is None for x in wrap):
+    if (
+        sampler is None
+        and assigner is None
+        and dtype in (None, "auto")
+        and generator is None
+        and box_loss_beta is None
+    ):
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
@@ -388,20 +394,25 @@ def build(
     )
 
 
-def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``score_dtype`` as a torch dtype: ``None``, a half-precision dtype, or its name."""
+def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``score_dtype`` as a torch dtype: ``None``, ``"auto"``, a half-precision dtype, or its
+    name."""
+    if value == "auto":
+        return value
     if value is None or isinstance(value, torch.dtype):
         dtype = value
     else:
         dtype = getattr(torch, str(value), None)
     if value is not None and dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"score_dtype must be 'bfloat16' or 'float16' (or None), got {value!r}")
+        raise ValueError(
+            f"score_dtype must be 'bfloat16', 'float16', 'auto' (or None), got {value!r}"
+        )
     return dtype
 
 
 #: ``build``'s own settings that a run configuration may give beside the builder's.
 BUILD_SETTINGS: dict[str, Any] = {
-    "score_dtype": Literal["bfloat16", "float16"] | None,
+    "score_dtype": Literal["auto", "bfloat16", "float16"] | None,
     "box_loss_beta": float | None,
 }
 
