@@ -181,7 +181,7 @@ def loop_atss(b: Batch, *, topk: int = 9) -> None:
             candidates.append(idx + start)
             start += n
         cand = torch.cat(candidates)  # [K * L, G]
-        cand_iou = overlaps[cand, torch.arange(len(gt))]
+        cand_iou = overlaps[cand, torch.arange(len(gt), device=gt.device)]
         is_pos = cand_iou >= cand_iou.mean(0) + cand_iou.std(0)
         cx, cy = centers[cand, 0], centers[cand, 1]
         inside = (
@@ -189,7 +189,9 @@ def loop_atss(b: Batch, *, topk: int = 9) -> None:
         )
         is_pos &= inside
         masked = torch.full_like(overlaps, float("-inf")).t().flatten()
-        flat = (cand + torch.arange(len(gt)) * len(b.anchors)).flatten()[is_pos.flatten()]
+        flat = (cand + torch.arange(len(gt), device=gt.device) * len(b.anchors)).flatten()[
+            is_pos.flatten()
+        ]
         masked[flat] = overlaps.t().flatten()[flat]
         masked.view(len(gt), -1).max(0)
 

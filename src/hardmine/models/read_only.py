@@ -145,10 +145,14 @@ def score_rois(
     precision = contextlib.nullcontext()
     score_dtype = resolve_score_dtype(score_dtype, rois.device)
     if score_dtype is not None:
-        precision = torch.autocast(rois.device.type, dtype=score_dtype)
+        # No cast cache: inside a training step's own autocast of another type (float16 AMP
+        # around bfloat16 scoring), the cache would hand the head weights of the outer type.
+        precision = torch.autocast(rois.device.type, dtype=score_dtype, cache_enabled=False)
     feature = next(iter(features.values()))
     rows = _slice_rows(heads.box_roi_pool, feature, rois.shape[0])
-    losses = feature.new_empty(rois.shape[0])
+    # float32 whatever the features' type (under autocast they are float16 / bfloat16): the losses
+    # are ranked, and ties made by a coarse type would decide the picks.
+    losses = feature.new_empty(rois.shape[0], dtype=torch.float32)
     for part in raster_order(rois).split(rows):
         # Each part of the pooling straight through the box head: its few numbers per RoI are
         # all that is kept, so the pooled features are never copied into one tensor.
@@ -166,7 +170,7 @@ def score_rois(
                 targets_reg[which],
                 beta=box_loss_beta,
             )
-            losses[which] = cls + box
+            losses[which] = (cls + box).float()
     return list(losses.split([p.shape[0] for p in proposals]))
 
 
