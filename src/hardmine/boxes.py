@@ -13,6 +13,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from hardmine._segments import segment_rank
+from hardmine.errors import NonFiniteError
 
 _EPS = 1e-6
 # nms_first works on [S, M, M] tables; above this many cells it hands over to torchvision's NMS.
@@ -22,8 +23,8 @@ NMS_TABLE_CELLS = 2**24
 def check_boxes(boxes: Tensor, name: str) -> None:
     """Raise ``ValueError`` unless ``boxes`` is a finite floating ``[N, 4]`` tensor.
 
-    Zero-area and out-of-image boxes are valid input (they match nothing); only non-finite values,
-    wrong shapes and integer dtypes are errors.
+    Zero-area and out-of-image boxes are valid input (they match nothing); only non-finite values
+    (``NonFiniteError``, a ``ValueError``), wrong shapes and integer dtypes are errors.
     """
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(boxes).__name__}")
@@ -32,13 +33,14 @@ def check_boxes(boxes: Tensor, name: str) -> None:
     if not boxes.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got {boxes.dtype}")
     if boxes.numel() and not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"{name}: contains NaN or infinite coordinates")
+        raise NonFiniteError(f"{name}: contains NaN or infinite coordinates")
 
 
 def check_finite(values: Tensor, name: str) -> None:
-    """Raise ``ValueError`` if a floating tensor (losses, scores) holds NaN or infinity."""
+    """Raise ``NonFiniteError`` (a ``ValueError``) if a floating tensor (losses, scores) holds NaN
+    or infinity."""
     if values.is_floating_point() and values.numel() and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
+        raise NonFiniteError(f"{name}: contains NaN or infinite values")
 
 
 def upcast(boxes: Tensor) -> Tensor:

@@ -10,50 +10,137 @@ may follow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import logging
 import math
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+from hardmine.errors import ConfigError, HardmineError
 
-from hardmine.config import (
-    COMPONENT_SECTIONS,
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    parse_overrides,
+if TYPE_CHECKING:
+    from hardmine.config import RunConfig
+
+# Building the parser imports neither torch nor anything that does (``hardmine --help`` answers
+# at once): each command imports what it runs. The names the help texts list are stated here;
+# tests/test_cli.py checks them against the registries.
+SAMPLER_NAMES = ("random", "ohem", "iou_balanced", "overlap")  # hardmine.sample.SAMPLERS
+METHOD_NAMES = (  # hardmine.report.compare.DEFAULT_METHODS
+    "random",
+    "ohem",
+    "iou_balanced",
+    "overlap",
+    "retinanet_max_iou",
+    "retinanet_atss",
 )
-from hardmine.engine.build import RUN_REGISTRIES, load_run_config
-from hardmine.engine.distributed import resolve_device
-from hardmine.engine.evaluate import evaluate_run
-from hardmine.engine.rundir import load_run
-from hardmine.engine.train import NonFiniteLossError, train
-from hardmine.mine import bootstrap, format_rounds, mine_run
-from hardmine.models import build
-from hardmine.report.compare import (
-    DEFAULT_METHODS,
-    default_compare_base,
-    describe,
-    format_table,
-    run_comparison,
-    summarize,
-    write_report,
+PRESET_NAMES = (  # hardmine.report.methods.PRESETS
+    "frcn",
+    "frcn_bg0",
+    "frcn_no_ratio",
+    "ohem_paper",
+    "overlap_neg",
+    "overlap_pos",
+    "overlap_neg_best",
+    "overlap_pos_best",
+    "overlap_best",
 )
-from hardmine.report.inspect import DEFAULT_MODEL, inspect_picks, load_data, samplers_for
-from hardmine.sample import SAMPLERS
+INSPECT_MODEL = "faster_rcnn_tiny"  # hardmine.report.inspect.DEFAULT_MODEL
 
 Subparsers = Any  # argparse's private _SubParsersAction
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line (the usage is a --help away), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _wrap(text: str) -> str:
     """A paragraph wrapped for the raw help formatter, which keeps the epilog's layout."""
     return textwrap.fill(text, width=80)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _names(valid: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of distinct names out of ``valid``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",")]
+        if not text.strip() or "" in names:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated names out of {', '.join(valid)}; got {text!r}"
+            )
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown)}; valid: {', '.join(valid)}"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once")
+        return names
+
+    return parse
+
+
+def _specs(text: str) -> str:
+    """An argparse type: ``--methods`` as given, refused when it names no method at all.
+
+    The specs themselves (names, presets, variants, each once) are read by the command
+    (``hardmine.report.methods.parse_methods``), which needs the registries.
+    """
+    if not text.strip() or not any(part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated methods, e.g. random,ohem; got {text!r}"
+        )
+    return text
 
 
 _OVERRIDES_HELP = """\
@@ -102,16 +189,22 @@ def train_parser(subparsers: Subparsers) -> None:
 
 
 def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from hardmine.engine.build import load_run_config
+    from hardmine.engine.checkpoint import CHECKPOINT_NAME
+    from hardmine.engine.train import train
+
     if args.hard_negatives is not None:
         overrides = overrides | {"hard_negatives": args.hard_negatives}
+    if args.resume and args.config and "output_dir" not in overrides:
+        # A run's own config.yaml names its run: the folder it is in, wherever that now is.
+        folder = Path(args.config).parent
+        if (folder / CHECKPOINT_NAME).exists():
+            overrides = overrides | {"output_dir": str(folder)}
     config = load_run_config(args.config, overrides)
-    try:
-        result = train(config, resume=args.resume)
-    except (NonFiniteLossError, FileExistsError) as error:
-        print(f"hardmine train: {error}", file=sys.stderr)
-        return 1
+    result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{result.run_dir}: " + _format_metrics(result.metrics))
+        done = " (finished before)" if result.finished_before else ""
+        print(f"{result.run_dir}{done}: " + _format_metrics(result.metrics))
     return 0
 
 
@@ -120,8 +213,16 @@ def eval_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="COCO AP of a run's checkpoint",
-        description="Evaluate a run's latest checkpoint on the validation set of its "
-        "configuration (COCO AP by faster-coco-eval); writes eval.json in the run directory.",
+        description=_wrap(
+            "Evaluate a run's latest checkpoint on the validation set of its configuration "
+            "(COCO AP by faster-coco-eval); writes eval.json in the run directory."
+        ),
+        epilog="inference overrides:\n"
+        "  Inference settings of the model (model.* other than model.name) and the data\n"
+        "  (data.*) can follow as --section.key VALUE, without retraining; the result goes to\n"
+        "  eval_<key>=<value>.json beside eval.json. The Overlap Sampler paper's Table 2(c):\n"
+        "    hardmine eval --run DIR --model.box_nms_thresh 0.55\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -130,17 +231,23 @@ def eval_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
     )
-    parser.set_defaults(command=eval_command, takes_overrides=False)
+    parser.set_defaults(command=eval_command, takes_overrides=True)
 
 
 def eval_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    print(f"{args.run}: " + _format_metrics(evaluate_run(args.run, device=args.device)))
+    from hardmine.engine.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, device=args.device, overrides=overrides)
+    print(f"{args.run}: " + _format_metrics(metrics))
     return 0
 
 
 def compare_parser(subparsers: Subparsers) -> None:
     """``hardmine compare``."""
-    names = ", ".join(m.name for m in DEFAULT_METHODS)
+    names = ", ".join(METHOD_NAMES)
+    presets = textwrap.fill(
+        ", ".join(PRESET_NAMES), width=80, initial_indent="    ", subsequent_indent="    "
+    )
     parser = subparsers.add_parser(
         "compare",
         help="train one detector with several samplers (and seeds) and write a report",
@@ -156,7 +263,16 @@ def compare_parser(subparsers: Subparsers) -> None:
         ),
         epilog=_OVERRIDES_HELP
         + "  In compare they apply to every run; those of model, sampler and assigner to the\n"
-        "  methods that have that section (--sampler.num 256 leaves RetinaNet alone).\n",
+        "  methods that have that section (--sampler.num 256 leaves RetinaNet alone).\n"
+        "\nmethods:\n"
+        "  --methods takes names and variants NAME:KEY=VALUE[:KEY=VALUE...]: a bare KEY is a\n"
+        "  setting of the method's sampler (or assigner), a dotted one any key of the run\n"
+        "  (model.box_nms_thresh, train.lr). Each variant is its own row, named as written,\n"
+        "  paired by seed with its method's baseline. For example:\n"
+        "    --methods random,overlap,overlap:strategy=hard,overlap:pos_strategy=soft:epsilon=2\n"
+        f"  The default methods: {names}.\n"
+        "  The papers' presets (README, 'The papers' ablations'):\n"
+        f"{presets}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -169,13 +285,21 @@ def compare_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--methods",
+        type=_specs,
         metavar="A,B",
-        help=f"comma-separated subset of the methods (default: all of {names})",
+        help="comma-separated methods, each once: names, presets and variants NAME:KEY=VALUE "
+        f"(see below; default: {names})",
     )
     parser.add_argument(
-        "--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per method (default: 3)"
+        "--seeds",
+        type=_int_at_least(1),
+        default=3,
+        metavar="N",
+        help="seeds 0..N-1 per method (default: 3)",
     )
-    parser.add_argument("--epochs", type=int, metavar="E", help="epochs per run (train.epochs)")
+    parser.add_argument(
+        "--epochs", type=_int_at_least(1), metavar="E", help="epochs per run (train.epochs)"
+    )
     _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
         "--output",
@@ -187,24 +311,32 @@ def compare_parser(subparsers: Subparsers) -> None:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    by_name = {m.name: m for m in DEFAULT_METHODS}
-    methods = list(DEFAULT_METHODS)
-    if args.methods:
-        unknown = [n for n in args.methods.split(",") if n not in by_name]
-        if unknown:
-            raise ConfigError(f"unknown methods {unknown}; valid: {', '.join(by_name)}")
-        methods = [by_name[n] for n in args.methods.split(",")]
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    from hardmine.config import COMPONENT_SECTIONS
+    from hardmine.report.compare import (
+        DEFAULT_METHODS,
+        REPORT_NAME,
+        format_table,
+        run_comparison,
+        summarize,
+        write_report,
+    )
+    from hardmine.report.methods import check_method, parse_methods
+
+    methods = parse_methods(args.methods) if args.methods else list(DEFAULT_METHODS)
     # The methods set the model, sampler and assigner: overrides of those go to every method.
     per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in COMPONENT_SECTIONS}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
     base = _base_config(args, overrides)
+    for method in methods:  # a bad variant is a user error before any training, not a failed run
+        check_method(method, base, overrides=per_method)
     seeds = list(range(args.seeds))
     outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method)
-    report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
     print(format_table(summarize(methods, outcomes)))
-    print(f"\nreport: {report}")
+    report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
+    if report is None:  # every run failed: the earlier call's report and plots stay
+        print(f"\nevery run failed; {Path(args.output) / REPORT_NAME} was left as it was")
+    else:
+        print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
 
 
@@ -223,19 +355,19 @@ def _add_mining_options(parser: argparse.ArgumentParser) -> None:
     """The options that say which false positives are mined, shared by mine and bootstrap."""
     parser.add_argument(
         "--top-k",
-        type=int,
+        type=_int_at_least(1),
         metavar="K",
         help="keep at most K false positives per image, the highest-scoring (default: all)",
     )
     parser.add_argument(
         "--score-thr",
-        type=float,
+        type=_finite,
         metavar="S",
         help="keep only false positives scoring at least S (default: all the detector outputs)",
     )
     parser.add_argument(
         "--iou-thr",
-        type=float,
+        type=_number_in(0, 1),
         default=0.5,
         metavar="T",
         help="a detection overlapping a ground truth of any class by IoU >= T is not a false "
@@ -272,6 +404,8 @@ def mine_parser(subparsers: Subparsers) -> None:
 
 
 def mine_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from hardmine.mine import mine_run
+
     path, mined = mine_run(
         args.run,
         output=args.output,
@@ -308,9 +442,15 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
         "run: tiny Faster R-CNN, 128 RoIs per image, built-in scenes)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, metavar="R", help="trainings in all (default: 2)"
+        "--rounds",
+        type=_int_at_least(1),
+        default=2,
+        metavar="R",
+        help="trainings in all (default: 2)",
     )
-    parser.add_argument("--epochs", type=int, metavar="E", help="epochs per round (train.epochs)")
+    parser.add_argument(
+        "--epochs", type=_int_at_least(1), metavar="E", help="epochs per round (train.epochs)"
+    )
     _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
         "--output",
@@ -321,14 +461,14 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
     _add_mining_options(parser)
     parser.add_argument(
         "--share",
-        type=float,
+        type=_number_in(0, 1),
         default=0.25,
         metavar="F",
         help="fraction of the negative picks guaranteed to mined boxes (default: 0.25)",
     )
     parser.add_argument(
         "--recall",
-        type=float,
+        type=_number_in(0, 1, low_open=True),
         default=0.5,
         metavar="R",
         help="the recall at which false positives per image are reported (default: 0.5)",
@@ -337,8 +477,8 @@ def bootstrap_parser(subparsers: Subparsers) -> None:
 
 
 def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if args.rounds < 1:
-        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    from hardmine.mine import bootstrap, format_rounds
+
     if not args.config:  # every round is then the default comparison's random-sampling run
         overrides = {"sampler": {"name": "random", "num": 128}} | overrides
     results = bootstrap(
@@ -361,6 +501,10 @@ def _base_config(args: argparse.Namespace, overrides: dict[str, Any]) -> RunConf
     Without ``--config`` it is the default comparison's base: built-in scenes, a short CPU
     schedule.
     """
+    from hardmine.config import apply_overrides, config_from_dict, config_to_dict
+    from hardmine.engine.build import RUN_REGISTRIES, load_run_config
+    from hardmine.report.compare import default_compare_base
+
     overrides = dict(overrides)
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
@@ -384,13 +528,16 @@ def _data_overrides(paths: Sequence[str]) -> dict[str, Any]:
 
 
 def _describe(config: RunConfig, seeds: Sequence[int]) -> str:
+    from hardmine.report.compare import describe
+
     return describe(config, seeds)
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
+def _format_metrics(metrics: dict[str, float | None]) -> str:
+    """``AP 41.2  AP50 60.3 ... APl n/a``: COCO AP in percent, n/a where nothing was measurable."""
     if not metrics:
         return "finished (no evaluation)"
-    return "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items())
+    return "  ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
 
 
 def inspect_parser(subparsers: Subparsers) -> None:
@@ -418,8 +565,8 @@ def inspect_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--run", metavar="DIR", help="a run directory: its trained detector")
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"untrained detector without --run (default: {DEFAULT_MODEL})",
+        default=INSPECT_MODEL,
+        help=f"untrained detector without --run (default: {INSPECT_MODEL})",
     )
     parser.add_argument(
         "--proposals",
@@ -428,28 +575,31 @@ def inspect_parser(subparsers: Subparsers) -> None:
         "(default: rpn with --run, jitter without)",
     )
     parser.add_argument(
-        "--images", type=int, default=4, metavar="N", help="images drawn (default: 4)"
+        "--images", type=_int_at_least(1), default=4, metavar="N", help="images drawn (default: 4)"
     )
     parser.add_argument(
         "--hist-images",
-        type=int,
+        type=_int_at_least(1),
         default=64,
         metavar="M",
         help="images in the histograms (default: 64)",
     )
     parser.add_argument(
         "--samplers",
-        default=",".join(SAMPLERS),
+        type=_names(SAMPLER_NAMES),
+        default=list(SAMPLER_NAMES),
         metavar="A,B",
-        help=f"comma-separated samplers (default: {','.join(SAMPLERS)})",
+        help=f"comma-separated samplers, each once (default: {','.join(SAMPLER_NAMES)})",
     )
     parser.add_argument(
         "--num",
-        type=int,
+        type=_int_at_least(1),
         metavar="K",
         help="picks per image for every sampler (default: the detector's RoI batch per image)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of proposals and picks")
+    parser.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help="seed of proposals and picks"
+    )
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
     )
@@ -464,6 +614,17 @@ def inspect_parser(subparsers: Subparsers) -> None:
 
 def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Run ``hardmine inspect`` (``overrides`` is empty: the command takes none)."""
+    import torch
+
+    from hardmine.engine.distributed import resolve_device
+    from hardmine.engine.rundir import load_run
+    from hardmine.models import DETECTORS, build
+    from hardmine.report.inspect import inspect_picks, load_data, samplers_for
+
+    if args.run is None and args.model not in DETECTORS:
+        raise ConfigError(
+            f"--model: unknown detector {args.model!r}; valid: {', '.join(sorted(DETECTORS))}"
+        )
     device = resolve_device(args.device)
     count = max(args.images, args.hist_images)
     if args.run is not None:
@@ -475,10 +636,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         dataset = load_data(args.data or "scenes", num_images=count, image_dir=args.image_dir)
         torch.manual_seed(args.seed)
         model = build(args.model, len(dataset.categories) + 1).to(device)
-    try:
-        samplers = samplers_for(model, args.samplers.split(","), num=args.num)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    samplers = samplers_for(model, args.samplers, num=args.num)
     source = args.proposals or ("rpn" if args.run is not None else "jitter")
     result = inspect_picks(
         model,
@@ -518,33 +676,125 @@ PARSERS: tuple[Callable[[Subparsers], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hardmine`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    """The ``hardmine`` argument parser with every subcommand (building it imports no torch)."""
+    parser = Parser(
         prog="hardmine",
         description="Sample selection for object-detector training: train detectors with OHEM, "
         "IoU-balanced, overlap or random sampling and ATSS or max-IoU assignment, evaluate them "
         "(COCO AP), compare them, see what each sampler picks, and mine hard negatives offline "
-        "(bootstrapping). Run 'hardmine COMMAND --help' for a command's options.",
+        "(bootstrapping). Run 'hardmine COMMAND --help' for a command's options. A mistake in a "
+        "command's input ends it with one line on stderr and exit status 2; HARDMINE_DEBUG=1 "
+        "shows the traceback.",
         allow_abbrev=False,
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add in PARSERS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        sub.set_defaults(parser=sub)  # for main: the command's prog and options
     return parser
 
 
+def _check_extra(
+    extra: Sequence[str], args: argparse.Namespace, sub: argparse.ArgumentParser
+) -> None:
+    """Refuse arguments the command does not know, suggesting the nearest option: ``--resum``
+    is a mistyped ``--resume``, not an override without a value.
+
+    Raises:
+        ConfigError: an unknown option (or any extra argument of a command without overrides).
+    """
+    options = [o for o in sub._option_string_actions if o.startswith("--")]
+    if args.takes_overrides:
+        from hardmine.config import RunConfig
+
+        options += [f"--{f.name}" for f in dataclasses.fields(RunConfig)]
+    for arg in extra:
+        name = arg.partition("=")[0]
+        if not arg.startswith("--") or name in options:
+            continue
+        if args.takes_overrides and "." in name:
+            continue  # a configuration key: the configuration checks it, with its own hints
+        close = difflib.get_close_matches(name, options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        if args.takes_overrides:
+            raise ConfigError(f"unknown option or configuration key {name}{hint}")
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}{hint}")
+    if extra and not args.takes_overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line.
+
+    An error raised in a ``DataLoader`` worker reaches the main process as the same type with the
+    worker's traceback as its message: its last line is the original message.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
+        name, _, message = lines[-1].partition(": ")
+        return message if name.endswith(type(error).__name__) else lines[-1]
+    return " ".join(lines) or type(error).__name__
+
+
+class _HeldNotes(logging.Handler):
+    """Holds the configuration's notes (``hardmine.config``: the settings a change of class
+    dropped) until the command shows that it works (its first progress line, or its end), so that
+    a command that stops at a user's mistake prints that one line only."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.held: list[logging.LogRecord] = []
+        self.released = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name != "hardmine.config":  # the command's own line: its work has begun
+            self.show()
+        elif self.released:
+            logging.getLogger().handle(record)
+        else:
+            self.held.append(record)
+
+    def show(self) -> None:
+        """Print the held notes (through the root logger's handlers) and hold no more."""
+        self.released = True
+        for record in self.held:
+            logging.getLogger().handle(record)
+        self.held.clear()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status."""
+    """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
+
+    A user's mistake (``hardmine.errors.HardmineError``) ends the command with one line on stderr
+    and its exit status (2); ``HARDMINE_DEBUG=1`` lets it through with its traceback.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("hardmine").setLevel(logging.INFO)  # our progress lines only
     try:
-        if extra and not args.takes_overrides:
-            raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
-        return args.command(args, parse_overrides(extra))
-    except ConfigError as error:
-        parser.exit(2, f"hardmine: error: {error}\n")
+        _check_extra(extra, args, args.parser)
+        from hardmine.config import parse_overrides
+
+        overrides = parse_overrides(extra)
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("hardmine").setLevel(logging.INFO)  # our progress lines only
+        notes = _HeldNotes()
+        config_log = logging.getLogger("hardmine.config")
+        config_log.propagate = False
+        config_log.addHandler(notes)
+        logging.getLogger("hardmine").addHandler(notes)
+        try:
+            status = args.command(args, overrides)
+        finally:
+            config_log.removeHandler(notes)
+            config_log.propagate = True
+            logging.getLogger("hardmine").removeHandler(notes)
+        notes.show()
+        return status
+    except HardmineError as error:
+        if os.environ.get("HARDMINE_DEBUG"):
+            raise
+        parser.exit(error.exit_status, f"{args.parser.prog}: error: {one_line(error)}\n")
 
 
 if __name__ == "__main__":

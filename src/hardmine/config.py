@@ -10,6 +10,9 @@ its class), the data, the training schedule, the seed, the device and the output
 Overrides address any key by its dotted path: ``--sampler.num 256 --train.epochs 3``. Values are
 read as YAML (``3`` is an int, ``null`` is None, ``[0.5, 0.8]`` a list). Names map to classes in
 one explicit dict per section; an unknown name or key is an error that lists the valid ones.
+Giving a component another class (``--sampler.name ohem``) starts that section afresh from the new
+class's defaults, keeping only the settings given in the same overrides; the settings it drops
+are logged and reported (``apply_overrides``).
 
 This module is the schema only. It knows the samplers' and assigners' registries (``SAMPLERS``,
 ``ASSIGNERS``, from the core) and checks their settings against the classes' dataclass fields.
@@ -23,22 +26,27 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import yaml
 
 from hardmine._atomic import write_atomic
 from hardmine.assign import ASSIGNERS
+from hardmine.errors import ConfigError
 from hardmine.sample import SAMPLERS
+from hardmine.structures import Assignment
 
-
-class ConfigError(ValueError):
-    """A configuration names an unknown key or class, or gives a value of the wrong type."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,6 +84,14 @@ class DataConfig:
         num_classes: object classes in the generated scenes.
         batch_size: images per step in each process.
         num_workers: data loading processes per training process.
+        on_bad_box: for ``"coco"``: a box with no area or reaching more than ``box_tolerance``
+            pixels outside its image is an error (``"error"``), or is dropped with a warning
+            that counts them (``"skip"``).
+        box_tolerance: for ``"coco"``: how far, in pixels, a box may reach outside its image and
+            still be clipped to it rather than be a bad box.
+        check_images: for ``"coco"``: decode every image file in full before training starts
+            (in threads; unchanged files are remembered under ``~/.cache/hardmine``), so that a
+            truncated or undecodable file is named at once; False finds it when it is read.
     """
 
     kind: str = "scenes"
@@ -90,14 +106,20 @@ class DataConfig:
     num_classes: int = 3
     batch_size: int = 4
     num_workers: int = 0
+    on_bad_box: Literal["error", "skip"] = "error"
+    box_tolerance: float = 1.0
+    check_images: bool = True
 
 
 @dataclass
 class TrainConfig:
     """The optimisation schedule: SGD with linear warm-up and step decay.
 
-    Defaults are the detection standard (Detectron's 1x: momentum 0.9, weight decay 1e-4,
-    decay by 10 at 8/12 and 11/12 of the schedule).
+    Defaults are MMDetection's 1x schedule: 12 epochs, momentum 0.9, weight decay 1e-4, lr 0.02
+    for 16 images per step, decay by 10 after epochs 8 and 11 (``decay_at`` 8/12 and 11/12).
+    Detectron's 1x, which maskrcnn-benchmark and the Overlap Sampler paper use (Sec. 4.1: 60k
+    iterations at 0.02, then 20k at a tenth of it and 10k at a hundredth, "which is called '1x'
+    training schedule"), decays at 60k and 80k of 90k steps: ``decay_at: [0.666667, 0.888889]``.
 
     Attributes:
         epochs: passes over the training set.
@@ -107,13 +129,17 @@ class TrainConfig:
         warmup_steps: steps of linear warm-up from ``warmup_factor * lr`` to ``lr``.
         warmup_factor: the learning rate at step 0 as a fraction of ``lr``.
         decay_at: fractions of the schedule's steps at which the learning rate is multiplied by
-            ``gamma``; fractions so that the schedule scales with ``epochs``.
+            ``gamma``; fractions so that the schedule scales with ``epochs`` (MMDetection's 1x:
+            8/12 and 11/12; Detectron's 1x: 2/3 and 8/9).
         gamma: the decay factor.
         amp: mixed precision (float16 autocast with gradient scaling); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).
         log_every: steps between rows of ``metrics.jsonl``.
         eval_every: epochs between COCO evaluations, and one at the end; 0: never.
         checkpoint_every: steps between checkpoints; 0: at the end of each epoch only.
+        roi_loss_images: at each evaluation, the mean loss over all RoIs of this many training
+            images (the first ones) is logged, the OHEM paper's sampler-independent measure
+            (``hardmine.engine.roi_loss``); 0: not measured.
     """
 
     epochs: int = 12
@@ -129,6 +155,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1
     checkpoint_every: int = 0
+    roi_loss_images: int = 32
 
 
 @dataclass
@@ -172,12 +199,12 @@ def settings_of(target: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
     """The keyword settings a class or builder accepts, with their type hints (Any if none).
 
     A sampler's or assigner's settings are its dataclass fields (``needs_losses`` is a
-    ``ClassVar``, not a field); a detector builder's are its keyword-only parameters.
+    ``ClassVar``, not a field); a detector builder's are the keyword-only parameters of its
+    signature, which lists those it forwards to torchvision too (``hardmine.models.build``).
 
     Returns:
-        The named settings, and whether any other keyword is accepted too (a builder with
-        ``**kwargs``, as the detectors forward them to torchvision's constructors, which check
-        them when the model is built).
+        The named settings, and whether any other keyword is accepted too (a callable with
+        ``**kwargs`` in its signature, whose keys are then checked where they are used).
     """
     if dataclasses.is_dataclass(target):
         hints = typing.get_type_hints(target)
@@ -240,8 +267,21 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         return value
     elif not isinstance(hint, type):
         return value  # a hint this checker does not model (a Protocol, a callable): trust it
-    name = getattr(hint, "__name__", None) or str(hint)
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as a user reads it: ``int | list[int] | None``, ``'bfloat16' | None``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def _component_from_dict(section: str, raw: Any, registries: Registries) -> ComponentConfig:
@@ -272,7 +312,38 @@ def _component_from_dict(section: str, raw: Any, registries: Registries) -> Comp
             settings[key] = _check_value(value, valid[key], f"{section}.{key}")
         elif not open_ended:
             raise _unknown(key, list(valid), f"{section}.")
+    if dataclasses.is_dataclass(names[name]):  # a sampler or assigner, cheap to make
+        _check_component(section, name, names[name], settings)
     return ComponentConfig(name=name, settings=settings)
+
+
+def _check_component(section: str, name: str, cls: type, settings: Mapping[str, Any]) -> None:
+    """Make the sampler / assigner ``cls(**settings)`` and run it on one image without candidates,
+    so that every setting the class or its function checks is refused now, before any work.
+
+    Raises:
+        ConfigError: naming the setting (``sampler.num_bins: ...``) where the class's message names
+            one, else the section.
+    """
+    try:
+        component = cls(**settings)
+        if section == "sampler":
+            component([torch.zeros(0, 4)], [Assignment.empty(0)], losses=[torch.zeros(0)])
+        elif section == "assigner":
+            no_boxes = torch.zeros(0, 4)
+            component(
+                [no_boxes], [no_boxes], [torch.zeros(0, dtype=torch.int64)], num_per_level=[0]
+            )
+    except (ValueError, TypeError) as error:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        named = [f for f in fields if re.search(rf"\b{f}\b", str(error))]
+        given = [f for f in named if f in settings]
+        key = (given or named)[0] if len(given or named) == 1 else None
+        where = f"{section}.{key}" if key else f"{section} ({name})"
+        message = str(error)
+        if key and message.startswith(f"{key} "):  # "num must be ..." after "sampler.num: "
+            message = message[len(key) + 1 :]
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def _dataclass_from_dict(cls: type[Any], raw: Any, where: str, registries: Registries) -> Any:
@@ -310,7 +381,67 @@ def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTR
     config = _dataclass_from_dict(RunConfig, raw, "", registries)
     if config.data.kind not in ("scenes", "coco"):
         raise ConfigError(f"data.kind: expected 'scenes' or 'coco', got {config.data.kind!r}")
+    if not 0 <= config.data.box_tolerance < float("inf"):
+        raise ConfigError(
+            f"data.box_tolerance: expected a finite number of pixels >= 0, got "
+            f"{config.data.box_tolerance!r}"
+        )
+    _check_ranges(config)
     return config
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be at least {low:g}"
+
+
+def _fraction(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+# The range of every harness setting that has one: a value outside is refused when the
+# configuration is read, before any work (``--train.epochs 0`` would otherwise "finish" without a
+# step; ``--data.batch_size 0`` would fail inside the data loader).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _at_least(0),
+    "hard_negative_share": (_fraction, "must be in [0, 1]"),
+    "data.num_train": _at_least(1),
+    "data.num_val": _at_least(1),
+    "data.image_size": _at_least(32),
+    "data.num_classes": _at_least(1),
+    "data.batch_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "train.epochs": _at_least(1),
+    "train.lr": ((lambda v: v > 0), "must be positive"),
+    "train.momentum": _at_least(0),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.warmup_factor": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
+    "train.decay_at": ((lambda v: all(map(_fraction, v))), "must be fractions in [0, 1]"),
+    "train.gamma": ((lambda v: v > 0), "must be positive"),
+    "train.max_steps": ((lambda v: v is None or v >= 1), "must be at least 1 (or null)"),
+    "train.log_every": _at_least(1),
+    "train.eval_every": _at_least(0),
+    "train.checkpoint_every": _at_least(0),
+}
+
+
+def _check_ranges(config: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the first harness setting out of its range (``_RANGES``),
+    non-finite, or a ``device`` torch does not know."""
+    for dotted, (ok, rule) in _RANGES.items():
+        value: Any = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values) or not ok(value):
+            raise ConfigError(f"{dotted}: {rule}, got {value!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"device: expected auto, cpu, cuda or cuda:N, got {config.device!r}"
+            ) from None
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
@@ -360,14 +491,50 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def apply_overrides(
+    raw: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    *,
+    dropped: list[str] | None = None,
+) -> dict[str, Any]:
     """A copy of nested ``raw`` with each dotted key of ``overrides`` set.
 
     Component sections given as a bare name (``sampler: ohem``) are expanded first, so that
-    ``sampler.num`` can sit beside the name.
+    ``sampler.num`` can sit beside the name. Whole sections are set before the keys inside them,
+    whatever the order of ``overrides``.
+
+    Giving a component section another class, by ``section.name`` or by a bare name for the whole
+    section (``--sampler ohem``), starts that section afresh: the new class's defaults, plus only
+    the settings ``overrides`` give it. A setting of the old class means nothing to the new one,
+    or something else (``pos_fraction: 0.25`` of a random sampler would make OHEM keep an fg:bg
+    ratio the OHEM paper removes; ATSS's ``topk`` is no max-IoU setting at all). The settings
+    dropped that way are logged as a warning on the ``hardmine`` logger and, when ``dropped`` is
+    given, appended to it as ``"section.key=value"``. Setting the name a section already has
+    changes nothing; a whole section given as a mapping replaces the old one, as any value does.
+
+    Args:
+        raw: nested plain data (as read from YAML).
+        overrides: dotted keys to values.
+        dropped: receives the dropped settings.
     """
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(raw)))  # a deep copy of plain data
-    for dotted, value in overrides.items():
+    for section, name in _renamed_sections(out, overrides).items():
+        old = out.get(section)
+        lost = [f"{section}.{k}={v!r}" for k, v in old.items() if k != "name"]
+        if lost:
+            log.warning(
+                "%s: %s replaces %s and starts from its defaults; dropped %s (give them again "
+                "to keep them)",
+                section,
+                name,
+                old.get("name"),
+                ", ".join(lost),
+            )
+            if dropped is not None:
+                dropped.extend(lost)
+        out[section] = {"name": name}
+    # Whole sections first (fewer dots), so that their keys land inside them.
+    for dotted, value in sorted(overrides.items(), key=lambda item: item[0].count(".")):
         *parents, leaf = dotted.split(".")
         node = out
         for part in parents:
@@ -380,43 +547,192 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return out
 
 
+def _renamed_sections(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The component sections of ``raw`` holding settings whose class ``overrides`` change, with
+    the new name."""
+    out = {}
+    for section in COMPONENT_SECTIONS:
+        if f"{section}.name" in overrides:
+            name = overrides[f"{section}.name"]
+        elif section in overrides and (
+            overrides[section] is None or isinstance(overrides[section], str)
+        ):
+            name = overrides[section]
+        else:
+            continue
+        old = raw.get(section)
+        if isinstance(old, Mapping) and old.get("name") != name:
+            out[section] = name
+    return out
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     registries: Registries = REGISTRIES,
+    dropped: list[str] | None = None,
 ) -> RunConfig:
     """Read a YAML configuration (or the defaults when ``path`` is None) and apply overrides.
 
     Args:
         path: a YAML file; keys it leaves out keep their defaults.
-        overrides: dotted keys to values, e.g. from ``parse_overrides``.
+        overrides: dotted keys to values, e.g. from ``parse_overrides``. Another class for a
+            component starts its section afresh (``apply_overrides``).
         registries: as ``config_from_dict``.
+        dropped: receives the settings that a change of class dropped (see ``apply_overrides``).
 
     Raises:
-        ConfigError: an unknown key or name, or a value of the wrong type.
+        ConfigError: the file is missing or not YAML; an unknown key or name, or a value of the
+            wrong type or out of range (named with the file when the file holds it).
     """
-    raw: Any = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = {} if path is None else read_yaml(path)
     # On the defaults, so that an override such as model.min_size finds the default model name.
-    return config_from_dict(
-        apply_overrides(_merge(config_to_dict(RunConfig()), raw), overrides or {}),
-        registries=registries,
-    )
+    defaults = config_to_dict(RunConfig())
+    try:
+        return config_from_dict(
+            apply_overrides(_merge(defaults, raw), overrides or {}, dropped=dropped),
+            registries=registries,
+        )
+    except ConfigError as error:
+        if path is None or not overrides:
+            raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+        try:  # the file alone: is the mistake in it, or in the overrides?
+            config_from_dict(_merge(defaults, raw), registries=registries)
+        except ConfigError as in_file:
+            raise ConfigError(f"{path}: {in_file}") from None
+        raise
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty for an empty file).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML (with the line), or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise ConfigError(f"{path}: cannot read: {reason}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return dict(raw)
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, mappings merged key by key."""
+    """``base`` with ``update`` laid over it, mappings merged key by key; a component section of
+    another class replaces the base's (its settings belong to the base's class)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        named = not isinstance(value, Mapping) or "name" in value
+        if key in COMPONENT_SECTIONS and named and _name_of(value) != _name_of(old):
+            out[key] = value
+        elif isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = _merge(old, value)
         else:
             out[key] = value
     return out
+
+
+def _name_of(section: Any) -> Any:
+    """The class name a component section (a name, a mapping or None) gives."""
+    return section.get("name") if isinstance(section, Mapping) else section
+
+
+#: The settings that name files or folders: relative to the working directory of the command.
+PATH_KEYS = (
+    "output_dir",
+    "hard_negatives",
+    "data.root",
+    "data.train_images",
+    "data.train_ann",
+    "data.val_images",
+    "data.val_ann",
+)
+#: Settings that may differ when a run is resumed, or rerun by compare / bootstrap: they change
+#: where and how often a run writes and evaluates, and how fast it loads its data, never the steps
+#: it takes (the checkpoint's data order and random state do not depend on them; evaluation runs
+#: under a forked random state). ``max_steps`` moves the end of a run, not its steps.
+MAY_DIFFER = (
+    "output_dir",
+    "data.num_workers",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_steps",
+)
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """``config`` as dotted keys to values (``{"train.lr": 0.02, "sampler.num": 128, ...}``).
+
+    The component sections' settings sit beside their ``name``; a sampler's or assigner's include
+    its defaults, so that a setting given at its default value equals one left out.
+    """
+    out: dict[str, Any] = {}
+    for section, value in config_to_dict(config).items():
+        if isinstance(value, Mapping):
+            cls = REGISTRIES.get(section, {}).get(value.get("name"))
+            if dataclasses.is_dataclass(cls):
+                defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+                value = _plain(defaults) | dict(value)
+            out |= {f"{section}.{k}": v for k, v in value.items()}
+        else:
+            out[section] = value
+    return out
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with every path of ``PATH_KEYS`` absolute (resolved against the working folder),
+    so that a run's saved configuration means the same files from any folder."""
+    raw = config_to_dict(config)
+    updates = {}
+    for dotted in PATH_KEYS:
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node[part]
+        if node is not None:
+            updates[dotted] = os.path.abspath(node)
+    return config_from_dict(apply_overrides(raw, updates), registries={})
+
+
+def differences(
+    old: RunConfig, new: RunConfig, *, ignore: Sequence[str] = MAY_DIFFER
+) -> list[tuple[str, Any, Any]]:
+    """The settings in which ``new`` differs from ``old``: ``(dotted key, old, new)`` each.
+
+    Paths are compared resolved against the working folder; keys in ``ignore`` are left out. A
+    component section whose ``name`` differs is reported by its name alone.
+    """
+    a, b = flatten(with_absolute_paths(old)), flatten(with_absolute_paths(new))
+    changed = [k for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
+    renamed = {k.split(".")[0] for k in changed if k.endswith(".name")}
+    return [
+        (key, a.get(key), b.get(key))
+        for key in changed
+        if key.split(".")[0] not in renamed or key.endswith(".name")
+    ]
+
+
+def describe_differences(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    """``[("sampler.name", "random", "ohem")]`` -> ``"sampler.name: random -> ohem"``."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

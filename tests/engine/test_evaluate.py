@@ -1,3 +1,4 @@
+import json
 from typing import Any
 
 import pytest
@@ -36,7 +37,9 @@ GT_BOXES = [[10.0, 10.0, 40.0, 40.0], [55.0, 55.0, 40.0, 40.0]]
 def test_perfect_detections_give_one() -> None:
     ap = coco_ap(_gt(GT_BOXES), [_det(b) for b in GT_BOXES])
     assert ap["AP"] == ap["AP50"] == ap["AP75"] == ap["APm"] == 1.0
-    assert ap["APs"] == ap["APl"] == -1.0  # no ground truth of those sizes
+    # No ground truth of those sizes: COCO's -1, which printed as "APl -100.0", is None.
+    assert ap["APs"] is None and ap["APl"] is None
+    assert json.loads(json.dumps(ap, allow_nan=False))["APl"] is None
 
 
 def test_no_detections_give_zero() -> None:
@@ -106,7 +109,7 @@ def test_evaluate_runs_a_detector_on_scenes() -> None:
     model = _tiny_model(len(scenes.categories)).train()
     metrics = evaluate(model, Subset(scenes, [0, 2]), device="cpu", batch_size=2)
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert all(-1.0 <= v <= 1.0 for v in metrics.values())
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
     assert model.training  # mode restored
 
     loader = DataLoader(scenes, batch_size=3, collate_fn=collate_fn)

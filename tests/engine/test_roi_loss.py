@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from hardmine.assign import MaxIoUAssigner
 from hardmine.data import SceneDataset, collate_fn
-from hardmine.engine.roi_loss import mean_loss_all_rois
+from hardmine.engine.roi_loss import ALL_ROIS_ASSIGNER, mean_loss_all_rois
 from hardmine.models import build
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, train_mode_proposals
 from hardmine.sample import OHEMSampler
@@ -37,7 +38,7 @@ def test_mean_loss_is_the_mean_over_every_roi(scenes: SceneDataset, model: torch
 
     images, targets = collate_fn([scenes[i] for i in range(len(scenes))])
     batch = roi_batch(model, images, targets)
-    losses = torch.cat(roi_losses(model, batch))
+    losses = torch.cat(roi_losses(model, batch, score_dtype=None))  # the measure is float32
     counted = torch.cat([a.label for a in batch.assignments]) != IGNORE
     assert value == pytest.approx(float(losses[counted].mean()), rel=1e-5)
     assert math.isfinite(value) and value > 0
@@ -92,3 +93,24 @@ def test_given_proposals_are_scaled_into_the_transformed_image(
     batch = roi_batch(model, images, targets, proposals=[given])
     assert torch.allclose(batch.proposals[0][:2], 2 * given)
     assert torch.allclose(batch.to_original(batch.proposals)[0][:2], given)
+
+
+def test_the_same_rois_whatever_the_runs_assigner(scenes: SceneDataset, model: torch.nn.Module):
+    """Fast R-CNN's bg_lo = 0.1 ignores RoIs overlapping no ground truth by 0.1 in training; the
+    measure still counts every RoI, labelled by ALL_ROIS_ASSIGNER, so two runs that differ only
+    in their assigner are measured on the same set."""
+    bg_lo = build(
+        "faster_rcnn_tiny", 4, sampler=OHEMSampler(num=32),
+        assigner=MaxIoUAssigner(neg_thr=(0.1, 0.5)),
+    )  # fmt: skip
+    bg_lo.load_state_dict(model.state_dict())
+    value = mean_loss_all_rois(model, scenes, device="cpu")
+    assert mean_loss_all_rois(bg_lo, scenes, device="cpu") == pytest.approx(value, rel=1e-6)
+    # The training assignment does ignore some of them: the set would differ without the fix.
+    images, targets = collate_fn([scenes[i] for i in range(len(scenes))])
+    own = roi_batch(bg_lo, images, targets)
+    assert bool((torch.cat([a.label for a in own.assignments]) == IGNORE).any())
+    fixed = roi_batch(bg_lo, images, targets, assigner=ALL_ROIS_ASSIGNER)
+    assert not bool((torch.cat([a.label for a in fixed.assignments]) == IGNORE).any())
+    losses = torch.cat(roi_losses(bg_lo, fixed, score_dtype=None))  # the measure is float32
+    assert value == pytest.approx(float(losses.mean()), rel=1e-5)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from hardmine.config import RunConfig, load_config
 from hardmine.data import SceneDataset, write_coco
@@ -14,6 +15,7 @@ from hardmine.engine import checkpoint
 from hardmine.engine import train as train_module
 from hardmine.engine.build import build_datasets
 from hardmine.engine.evaluate import evaluate_run
+from hardmine.engine.roi_loss import mean_loss_all_rois
 from hardmine.engine.rundir import read_metrics
 from hardmine.engine.train import NonFiniteLossError, lr_factor, train
 
@@ -84,6 +86,25 @@ def test_run_directory(tmp_path: Path) -> None:
 
     assert evaluate_run(run, device="cpu") == pytest.approx(result.metrics)
     assert (run / "eval.json").exists()
+    # The loss over all RoIs of train.roi_loss_images training images, beside each evaluation.
+    (row,) = [r for r in rows if "eval" in r]
+    assert row["roi_loss"] == pytest.approx(
+        mean_loss_all_rois(result.model, build_datasets(tiny(tmp_path))[0], device="cpu"),
+        rel=1e-5,
+    )
+
+
+def test_roi_loss_images_sets_how_many_images_the_roi_loss_reads(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "one", train__eval_every=1, train__roi_loss_images=1)
+    result = train(config)
+    (row,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval" in r]
+    first = Subset(build_datasets(config)[0], [0])
+    assert row["roi_loss"] == pytest.approx(
+        mean_loss_all_rois(result.model, first, device="cpu"), rel=1e-5
+    )
+    result = train(tiny(tmp_path, "none", train__eval_every=1, train__roi_loss_images=0))
+    (row,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval" in r]
+    assert "roi_loss" not in row
 
 
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path) -> None:
@@ -168,6 +189,19 @@ def test_learning_rate_schedule() -> None:
     assert factors == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_default_schedule_is_mmdetections_1x() -> None:
+    """12 epochs, decay by 10 after epochs 8 and 11 (MMDetection's 1x; Detectron's 1x decays at
+    60k and 80k of 90k steps, which its decay_at gives)."""
+    config = load_config(None, {"train.warmup_steps": 0})
+    assert config.train.epochs == 12
+    steps = 1200  # 100 per epoch
+    factors = [lr_factor(s, config, steps) for s in (0, 799, 800, 1099, 1100, 1199)]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    detectron = load_config(None, {"train.warmup_steps": 0, "train.decay_at": [0.666667, 0.888889]})
+    factors = [lr_factor(s, detectron, 90_000) for s in (59_999, 60_000, 79_999, 80_000)]
+    assert factors == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
 def test_pennfudan_layout_split(tmp_path: Path) -> None:
     """A folder with PNGImages/ and annotations.json: the last 50 images by file name validate."""
     write_coco(SceneDataset(53, seed=0, image_size=32), tmp_path)
@@ -196,3 +230,134 @@ def test_roi_loss_every_epoch_and_detections_of_the_final_evaluation(tmp_path: P
     detections = json.loads((tmp_path / "run" / "detections.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score"} == d.keys() for d in detections)
     assert {d["image_id"] for d in detections} <= {1, 2}
+
+
+class PoisonAfter(nn.Module):
+    """A detector whose weights turn NaN in its ``bad_step``-th training forward: what a diverged
+    run's next step sees (every value downstream non-finite, inside the samplers too)."""
+
+    def __init__(self, model: nn.Module, bad_step: int) -> None:
+        super().__init__()
+        self.model, self.bad_step, self.calls = model, bad_step, 0
+
+    def forward(self, images: list[Tensor], targets: Any = None) -> Any:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad_step:
+                with torch.no_grad():
+                    for p in self.model.backbone.parameters():
+                        p.fill_(float("nan"))
+        return self.model(images, targets)
+
+
+@pytest.mark.parametrize("sampler", ["random", "ohem", "iou_balanced", "overlap"])
+def test_a_diverged_model_stops_in_one_line_for_every_sampler(
+    sampler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: OHEM raised ``ValueError: losses: contains NaN`` from inside the step; the
+    message claimed a checkpoint where none was written."""
+    build = train_module.build_detector
+    monkeypatch.setattr(
+        train_module, "build_detector", lambda *a, **k: PoisonAfter(build(*a, **k), bad_step=3)
+    )
+    config = tiny(tmp_path, sampler={"name": sampler, "num": 32}, train__epochs=2)
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at step 3 \(epoch 2\)") as e:
+        train(config)
+    assert "the last checkpoint (step 2)" in str(e.value)  # the end of epoch 1
+    assert "\n" not in str(e.value)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_no_checkpoint_is_claimed_before_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = train_module.build_detector
+    monkeypatch.setattr(
+        train_module, "build_detector", lambda *a, **k: NaNAfter(build(*a, **k), bad_step=2)
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*no checkpoint was written") as e:
+        train(tiny(tmp_path))
+    assert "last checkpoint" not in str(e.value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+class InfiniteGradient(nn.Module):
+    """A finite loss term (sqrt(0) = 0) whose gradient is not finite (0 / 0), from the
+    ``bad_step``-th training forward on: the step would write non-finite weights."""
+
+    def __init__(self, model: nn.Module, bad_step: int) -> None:
+        super().__init__()
+        self.model, self.bad_step, self.calls = model, bad_step, 0
+
+    def forward(self, images: list[Tensor], targets: Any = None) -> Any:
+        out = self.model(images, targets)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad_step:
+                w = next(self.model.parameters())
+                out = out | {"sqrt0": torch.sqrt((w - w.detach()).pow(2).sum())}
+        return out
+
+
+def test_a_non_finite_gradient_stops_before_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = train_module.build_detector
+    monkeypatch.setattr(
+        train_module,
+        "build_detector",
+        lambda *a, **k: InfiniteGradient(build(*a, **k), bad_step=2),
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*but its gradient is not finite"):
+        train(tiny(tmp_path, train__checkpoint_every=1))
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["position"]["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_an_empty_training_set_is_refused(tmp_path: Path) -> None:
+    from hardmine.errors import DataError
+
+    (tmp_path / "images").mkdir()
+    empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(empty))
+    coco = {
+        "data.kind": "coco",
+        "data.train_images": str(tmp_path / "images"),
+        "data.train_ann": str(tmp_path / "ann.json"),
+        "data.val_images": str(tmp_path / "images"),
+        "data.val_ann": str(tmp_path / "ann.json"),
+    }
+    with pytest.raises(DataError, match=r"ann.json\) has no images"):
+        train(tiny(tmp_path, **{k.replace(".", "__"): v for k, v in coco.items()}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_read_back_on_data_of_other_categories_is_refused(tmp_path: Path) -> None:
+    """Issue 12: ``mine --data`` with other categories gave a state-dict size mismatch."""
+    from hardmine.engine.rundir import load_run
+    from hardmine.errors import CheckpointError, RunError
+
+    train(tiny(tmp_path, train__max_steps=1))
+    write_coco(SceneDataset(2, seed=3, image_size=64, num_classes=1), tmp_path / "one")
+    one = [str(tmp_path / "one" / "images"), str(tmp_path / "one" / "annotations.json")]
+    other = {"data.kind": "coco"} | {
+        f"data.{k}": v
+        for k, v in zip(
+            ("train_images", "train_ann", "val_images", "val_ann"), one * 2, strict=True
+        )
+    }
+    with pytest.raises(
+        RunError, match=r"trained on the categories \['ring', 'cross', 'triangle'\]"
+    ):
+        load_run(tmp_path / "run", overrides=other)
+    # A checkpoint of an older version, without its categories: the weights do not fit.
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["categories"]
+    checkpoint.save_atomic(state, path)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: its weights do not fit") as error:
+        load_run(tmp_path / "run", overrides=other)
+    assert "\n" not in str(error.value)

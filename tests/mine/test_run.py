@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
 
 from hardmine.boxes import box_iou
+from hardmine.config import ComponentConfig
 from hardmine.data import (
     HardNegativeDataset,
     SceneDataset,
     load_hard_negatives,
     save_hard_negatives,
 )
-from hardmine.mine import detect, mine
+from hardmine.mine import detect, mine, mine_run
 from hardmine.models import build
 from hardmine.sample import MinedNegativeSampler, RandomSampler
 
@@ -117,6 +118,25 @@ def test_bootstrap_round_trip(tmp_path):
     assert "| 1 |" in (tmp_path / "bootstrap.md").read_text()
     # A rerun skips the finished rounds and reports the same numbers.
     assert bootstrap(config, rounds=2, output_dir=tmp_path, top_k=4) == results
+
+    # Issue 12: a rerun with other settings kept round 1's training but overwrote the file it
+    # was trained with. It is refused, by name, and nothing is written.
+    from hardmine.errors import RunError
+
+    consumed = tmp_path / "round0" / "hard_negatives.json"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match=r"mined with other settings \(--top-k: 4 -> 2\)"):
+        bootstrap(config, rounds=2, output_dir=tmp_path, top_k=2)
+    with pytest.raises(RunError, match=r"round1 was trained with other settings .*share"):
+        bootstrap(config, rounds=2, output_dir=tmp_path, top_k=4, share=0.5)
+    with pytest.raises(RunError, match=r"round0 was trained with other settings .*sampler.num"):
+        bootstrap(replace(config, sampler=ComponentConfig("random", {"num": 32})), rounds=3,
+                  output_dir=tmp_path, top_k=4)  # fmt: skip
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # `hardmine mine` will not overwrite it with other settings either.
+    with pytest.raises(RunError, match="mined with other settings"):
+        mine_run(tmp_path / "round0", top_k=1, device="cpu")
+    assert consumed.read_bytes() == before[consumed]
 
     # `hardmine mine` on the finished round 0, with both strategies.
     from hardmine.cli import main

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
@@ -58,7 +60,10 @@ def test_sampler_and_assigner_are_attached():
 def test_score_dtype_reaches_the_heads():
     model = build("faster_rcnn_tiny", 3, sampler=OHEMSampler(num=64), score_dtype="bfloat16")
     assert model.roi_heads.score_dtype is torch.bfloat16
-    assert build("faster_rcnn_tiny", 3, sampler=OHEMSampler()).roi_heads.score_dtype is None
+    # Issue 14: bfloat16 where the hardware has it, by default ("auto"); None is the model's own.
+    assert build("faster_rcnn_tiny", 3, sampler=OHEMSampler()).roi_heads.score_dtype == "auto"
+    model = build("faster_rcnn_tiny", 3, sampler=OHEMSampler(), score_dtype=None)
+    assert model.roi_heads.score_dtype is None
     with pytest.raises(ValueError, match="score_dtype must be"):
         build("faster_rcnn_tiny", 3, sampler=OHEMSampler(), score_dtype="float64")
     with pytest.raises(ValueError, match="no read-only pass"):
@@ -72,3 +77,31 @@ def test_build_errors():
         build("faster_rcnn_tiny", 3, weights="DEFAULT")
     with pytest.raises(ValueError, match="takes no sampler"):
         build("atss_tiny", 3, sampler=RandomSampler())
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_every_builder_states_its_settings(name):
+    """No ``**kwargs`` left in a builder's signature: torchvision's settings are listed, typed."""
+    params = inspect.signature(DETECTORS[name]).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert {"weights", "min_size", "max_size", "size_divisible"} <= set(params)
+    assert params["max_size"].annotation is int
+    rcnn = "rcnn" in name
+    assert ("box_detections_per_img" in params) == rcnn
+    assert ("detections_per_img" in params) == (not rcnn)
+    if name.endswith("r50_fpn"):
+        assert params["weights_backbone"].default is None
+    if name.startswith("atss") and "fcos" not in name:  # set by the builder itself
+        assert "anchor_generator" not in params and "head" not in params
+
+
+def test_build_refuses_settings_torchvision_would_swallow():
+    # GeneralizedRCNNTransform takes **kwargs: a mistyped key was silently ignored.
+    with pytest.raises(TypeError, match=r"faster_rcnn_tiny got unknown setting\(s\) bogus; valid:"):
+        build("faster_rcnn_tiny", 3, bogus=1)
+    with pytest.raises(TypeError, match=r"box_detections_per_imgs"):
+        build("mask_rcnn_r50_fpn", 3, box_detections_per_imgs=10)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) anchor_generator"):
+        build("atss_tiny", 3, anchor_generator=None)
+    model = build("fcos_tiny", 3, min_size=64, detections_per_img=7, size_divisible=64)
+    assert model.detections_per_img == 7 and model.transform.size_divisible == 64

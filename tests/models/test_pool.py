@@ -90,3 +90,16 @@ def test_one_thread_pools_in_the_calling_thread(monkeypatch):
         torch.set_num_threads(before)
     assert calls == [1]  # only torchvision's setting up of the scales
     assert torch.equal(got, expected)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_pooler_names_missing_from_the_features_are_left_out():
+    # MobileNetV3's FPN gives "0", "1" and "pool" to a pooler of "0" to "3": torchvision pools
+    # the names present, in the features' order (KeyError '2' before).
+    features, boxes = _inputs(3, 200)
+    present = {"0": features["0"], "1": features["1"], "pool": features["3"]}
+    for names in (["0", "1", "2", "3"], ["pool", "0"]):
+        pool = MultiScaleRoIAlign(names, 7, 2)
+        with torch.no_grad():
+            expected = pool(present, boxes, SIZES)
+            assert torch.equal(pool_flat(pool, present, to_rois(boxes), SIZES), expected)

@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torchvision.models.detection import retinanet_resnet50_fpn
 
+from hardmine.assign import ASSIGNERS
 from hardmine.assign.atss import ATSSAssigner
 from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.engine.build import CountingAssigner, PickCounter
 from hardmine.models import AssignedRetinaNet, build, with_assigner
 from hardmine.structures import Assigner, Assignment
 
@@ -80,8 +83,47 @@ def test_eval_mode_is_untouched(batch):
             assert torch.equal(a[key], e[key]), key
 
 
-def test_anchors_per_location_must_agree():
+def test_anchors_per_location_left_at_its_default_is_the_models():
+    # ATSSAssigner() used to be refused on a 9-anchor RetinaNet: the README's own example failed.
     model = build("retinanet_tiny", 3)  # 9 anchors per location
-    with pytest.raises(ValueError, match="anchors per location"):
-        with_assigner(model, ATSSAssigner())
+    assert with_assigner(model, ATSSAssigner()).assigner == ATSSAssigner(anchors_per_location=9)
     assert with_assigner(model, ATSSAssigner(anchors_per_location=9)).assigner.topk == 9
+    with pytest.raises(ValueError, match=r"anchors_per_location=3\) but the model's anchor "):
+        with_assigner(model, ATSSAssigner(anchors_per_location=3))
+    # Through a wrapper that holds the assigner in a field (the harness's counting one).
+    counted = with_assigner(model, CountingAssigner(ATSSAssigner(topk=9), PickCounter()))
+    assert counted.assigner.assigner == ATSSAssigner(topk=9, anchors_per_location=9)
+
+
+def test_readme_example_on_torchvisions_retinanet(batch):
+    """``with_assigner(retinanet, ATSSAssigner(topk=9))`` on torchvision's own RetinaNet."""
+    torch.manual_seed(0)
+    retinanet = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=96
+    )
+    model = with_assigner(retinanet, ATSSAssigner(topk=9)).train()
+    assert model.assigner.anchors_per_location == 9
+    images, targets = batch
+    losses = model(images[:1], targets[:1])
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize("name", ["retinanet_tiny", "atss_tiny", "fcos_tiny", "atss_fcos_tiny"])
+@pytest.mark.parametrize("assigner", ["max_iou", "atss"])
+@pytest.mark.parametrize("box", [[60.0, 50.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0]])
+def test_degenerate_boxes_are_refused_as_torchvision_does(name, assigner, box, batch):
+    # An xywh box given as xyxy, and an empty box: the assigner would make them background.
+    images, targets = batch
+    targets = [{**targets[0], "boxes": torch.tensor([box, [10.0, 20.0, 60.0, 80.0]])}]
+    targets[0]["labels"] = torch.tensor([1, 2])
+    model = with_assigner(build(name, 3), ASSIGNERS[assigner]()).train()
+    with pytest.raises(AssertionError, match="All bounding boxes should have positive height"):
+        model(images[:1], targets)
+
+
+def test_with_assigner_refuses_names_and_classes():
+    model = build("retinanet_tiny", 3)
+    with pytest.raises(TypeError, match=r"assigner must be .* got the name 'atss'.*ASSIGNERS"):
+        with_assigner(model, "atss")
+    with pytest.raises(TypeError, match=r"got the class ATSSAssigner; pass an instance"):
+        with_assigner(model, ATSSAssigner)

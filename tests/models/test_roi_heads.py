@@ -20,7 +20,7 @@ from hardmine.boxes import box_iof
 from hardmine.models import SamplingRoIHeads, build, with_sampler
 from hardmine.models import read_only as roi_heads
 from hardmine.models.read_only import run_read_only
-from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler
+from hardmine.sample import SAMPLERS, OHEMSampler, OverlapSampler, RandomSampler
 from hardmine.structures import Assignment, Sampler, Selection
 
 RCNNS = ["faster_rcnn_tiny", "mask_rcnn_tiny"]
@@ -98,7 +98,7 @@ def torchvision_targets(model, proposals, targets):
     return rois, labels, matched, heads.box_coder.encode(boxes, rois)
 
 
-def plain_roi_losses(model, features, rois, sizes, labels, reg_targets) -> Tensor:
+def plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=1 / 9) -> Tensor:
     """Every RoI's CE + foreground smooth-L1, the plain way (with autograd, no batching tricks)."""
     heads = model.roi_heads
     logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
@@ -106,7 +106,7 @@ def plain_roi_losses(model, features, rois, sizes, labels, reg_targets) -> Tenso
     loss = F.cross_entropy(logits, labels, reduction="none")
     fg = torch.where(labels > 0)[0]
     deltas = deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
-    box = F.smooth_l1_loss(deltas, reg_targets[fg], beta=1 / 9, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, reg_targets[fg], beta=beta, reduction="none").sum(1)
     return loss.index_add(0, fg, box)
 
 
@@ -134,6 +134,24 @@ def test_images_without_ground_truth(name, batch):
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_mask"].item() == 0.0
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("name", RCNNS)
+def test_random_sampler_is_torchvision_s_own_draw(name, batch):
+    """On the CPU, RandomSampler draws as torchvision's sampler does: from the same global RNG
+    state, the RPN and the heads pick the same anchors and RoIs, so the losses are torchvision's."""
+    torch.manual_seed(0)
+    model = build(name, 3)
+    wrapped = with_sampler(model, RandomSampler(128, 0.25), rpn_sampler=RandomSampler(256, 0.5))
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*batch)
+    torch.manual_seed(1)
+    actual = wrapped(*batch)
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
 
 
 @pytest.mark.parametrize("name", RCNNS)
@@ -187,7 +205,9 @@ def test_ohem_picks_equal_brute_force(batch):
     model = build("faster_rcnn_tiny", 3)
     features, proposals, sizes, targets = head_inputs(model, *batch)
     spy = Spy(OHEMSampler(num=num))
-    SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+    # Scored in float32 (score_dtype None), against plain float32 losses.
+    heads = SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=None).train()
+    heads(features, proposals, sizes, targets)
 
     rois, labels, _, reg_targets = torchvision_targets(model, proposals, targets)
     with torch.no_grad():
@@ -199,6 +219,29 @@ def test_ohem_picks_equal_brute_force(batch):
         expected[nms(r, loss, 0.7)[:num]] = True
         assert torch.equal(selection.mask, expected)
         assert int(selection.mask.sum()) == min(num, len(nms(r, loss, 0.7)))
+
+
+@pytest.mark.parametrize("beta", [1 / 9, 1.0])
+def test_ohem_ranks_by_the_loss_it_trains_with(beta, batch):
+    """The read-only pass's loss is the training loss, smooth-L1 beta included: torchvision's 1/9
+    by default, Fast R-CNN's 1 (the OHEM paper's detector) by ``box_loss_beta``."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    spy = Spy(OHEMSampler(num=32))
+    heads = SamplingRoIHeads(model.roi_heads, sampler=spy, box_loss_beta=beta).train()
+    _, out = heads(features, proposals, sizes, targets)
+    rois, labels, _, reg_targets = torchvision_targets(model, proposals, targets)
+    with torch.no_grad():
+        plain = plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=beta)
+        other = plain_roi_losses(model, features, rois, sizes, labels, reg_targets, beta=1.5 - beta)
+    torch.testing.assert_close(torch.cat(spy.losses), plain)
+    assert not torch.allclose(plain, other)  # the beta matters for foreground RoIs
+    # The training pass's losses on the picks, the same beta: their mean is the total.
+    picked = torch.cat([s.mask for s in spy.selections])
+    total = out["loss_classifier"] + out["loss_box_reg"]
+    torch.testing.assert_close(total, plain[picked].mean(), rtol=1e-4, atol=1e-6)
+    assert build("faster_rcnn_tiny", 3, box_loss_beta=beta).roi_heads.box_loss_beta == beta
 
 
 def test_read_only_pass_holds_no_graph(batch):
@@ -361,7 +404,8 @@ def test_read_only_pass_in_slices_gives_the_same_losses(batch, monkeypatch):
     for slice_bytes in (roi_heads.READ_ONLY_SLICE_BYTES, 100 * 64 * 7 * 7 * 4):  # 100 RoIs
         monkeypatch.setattr(roi_heads, "READ_ONLY_SLICE_BYTES", slice_bytes)
         spy = Spy(OHEMSampler(num=16))
-        SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+        heads = SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=None).train()
+        heads(features, proposals, sizes, targets)
         losses.append(torch.cat(spy.losses))
     assert losses[0].numel() > 300  # several slices of 100
     torch.testing.assert_close(losses[1], losses[0])
@@ -383,3 +427,91 @@ def test_read_only_pass_in_bfloat16_ranks_nearly_alike(batch):
     torch.testing.assert_close(losses[1], losses[0], rtol=0.05, atol=0.02)
     shared = int((picks[0] & picks[1]).sum()) / int(picks[0].sum())
     assert shared >= 0.8, shared
+
+
+def test_keypoint_rcnn_reproduces_torchvision(keypoint_rcnn, keypoint_batch):
+    """Fed torchvision's own picks, Keypoint R-CNN's losses (the keypoint loss too) are its own."""
+    torch.manual_seed(0)
+    model = keypoint_rcnn(3)
+    wrapped = with_sampler(model, TorchvisionSampler(128, 0.25))
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*keypoint_batch)
+    torch.manual_seed(1)
+    actual = wrapped(*keypoint_batch)
+    assert "loss_keypoint" in expected and set(actual) == set(expected)
+    assert expected["loss_keypoint"].item() > 0
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
+
+
+def test_keypoint_loss_is_weighted_per_picked_positive(keypoint_rcnn, keypoint_batch):
+    """sum(weight of the RoI * loss of each counted keypoint) / counted keypoints."""
+    torch.manual_seed(0)
+    model = keypoint_rcnn(3)
+    features, proposals, sizes, targets = head_inputs(model, *keypoint_batch)
+    spy = Spy(EveryThirdSampler())
+    _, losses = SamplingRoIHeads(model.roi_heads, sampler=spy).train()(
+        features, proposals, sizes, targets
+    )
+    rois, labels, matched, _ = torchvision_targets(model, proposals, targets)
+    picks = [
+        torch.where(s.mask & (lb > 0))[0] for s, lb in zip(spy.selections, labels, strict=True)
+    ]
+    pos_rois = [r[i] for r, i in zip(rois, picks, strict=True)]
+    weight = torch.cat([s.weight[i] for s, i in zip(spy.selections, picks, strict=True)])
+    assert len(set(weight.tolist())) > 1
+    heads = model.roi_heads
+    logits = heads.keypoint_predictor(
+        heads.keypoint_head(heads.keypoint_roi_pool(features, pos_rois, sizes))
+    )  # [P, K, S, S]
+    total, counted = torch.zeros(()), 0
+    for n, (image, index) in enumerate((image, int(i)) for image, p in enumerate(picks) for i in p):
+        roi = rois[image][index]
+        for k, (x, y, v) in enumerate(targets[image]["keypoints"][matched[image][index]].tolist()):
+            side = logits.shape[-1]
+            cx = side - 1 if x == roi[2] else math.floor((x - roi[0]) * side / (roi[2] - roi[0]))
+            cy = side - 1 if y == roi[3] else math.floor((y - roi[1]) * side / (roi[3] - roi[1]))
+            if v > 0 and 0 <= cx < side and 0 <= cy < side:
+                ce = F.cross_entropy(logits[n, k].reshape(1, -1), torch.tensor([cy * side + cx]))
+                total, counted = total + weight[n] * ce, counted + 1
+    assert counted > 0
+    torch.testing.assert_close(losses["loss_keypoint"], total / counted)
+
+
+def test_with_sampler_says_what_to_pass(batch):
+    model = build("faster_rcnn_tiny", 3)
+    with pytest.raises(TypeError, match=r"got RetinaNet, .*with_assigner\(model, ATSSAssigner"):
+        with_sampler(build("retinanet_tiny", 3), OHEMSampler())
+    with pytest.raises(
+        TypeError, match=r"sampler must be .* got the name 'ohem'.*SAMPLERS\['ohem'\]"
+    ):
+        with_sampler(model, "ohem")
+    with pytest.raises(TypeError, match=r"got the class OHEMSampler; pass an instance"):
+        with_sampler(model, OHEMSampler)
+    with pytest.raises(TypeError, match=r"rpn_sampler must be"):
+        with_sampler(model, OHEMSampler(), rpn_sampler="random")
+    with pytest.raises(TypeError, match=r"assigner must be .* got the name 'max_iou'"):
+        with_sampler(model, OHEMSampler(), assigner="max_iou")
+    with pytest.raises(TypeError, match=r"Keypoint R-CNN .*, got Linear"):
+        with_sampler(nn.Linear(2, 2), OHEMSampler())
+
+
+def test_read_only_pass_is_bfloat16_by_default_where_the_cpu_has_it(batch):
+    # score_dtype "auto": bfloat16 exactly where the hardware computes it natively.
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    losses = {}
+    for dtype in ("auto", None, torch.bfloat16):
+        spy = Spy(OHEMSampler(num=64))
+        SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=dtype).train()(
+            features, proposals, sizes, targets
+        )
+        losses[dtype] = torch.cat(spy.losses)
+    native = roi_heads.native_bfloat16(torch.device("cpu"))
+    assert torch.equal(losses["auto"], losses[torch.bfloat16 if native else None])
+    assert roi_heads.resolve_score_dtype("auto", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="score_dtype must be"):
+        roi_heads.resolve_score_dtype("float32", torch.device("cpu"))

@@ -2,11 +2,14 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hardmine.config import save_config
 from hardmine.engine.rundir import read_metrics
+from hardmine.errors import ConfigError
+from hardmine.report import compare as compare_module
 from hardmine.report.compare import (
     ERROR_NAME,
     Method,
@@ -85,18 +88,52 @@ def test_failed_runs_are_counted_not_averaged(tmp_path: Path) -> None:
     assert (tmp_path / "ap.png").exists() and (tmp_path / "losses.png").exists()
 
 
-def test_a_crashing_method_does_not_stop_the_others(tmp_path: Path) -> None:
-    """The first method fails when it is configured, the other is read from its finished run."""
+def test_a_crashing_method_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first method crashes in training, the other is read from its finished run."""
+
+    def crash(config: Any, *, resume: bool) -> None:
+        raise RuntimeError(f"boom in {config.sampler.name}")
+
+    monkeypatch.setattr(compare_module, "train", crash)
     base = default_compare_base()
-    methods = (Method("broken", RCNN, {"name": "no_such_sampler"}), METHODS[0])
+    methods = (Method("broken", RCNN, {"name": "ohem"}), METHODS[0])
     done = tmp_path / "random" / "seed0"
     done.mkdir(parents=True)
     results = {"metrics": {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}, "steps": 1, "seconds": 1.0}
     (done / "results.json").write_text(json.dumps(results))
     broken, finished = run_comparison(base, methods, [0], tmp_path)
-    assert broken.error is not None and "no_such_sampler" in broken.error
-    assert "ConfigError" in (tmp_path / "broken" / "seed0" / ERROR_NAME).read_text()
+    assert broken.error is not None and "boom in ohem" in broken.error
+    assert "RuntimeError" in (tmp_path / "broken" / "seed0" / ERROR_NAME).read_text()
     assert finished.error is None and finished.metrics["AP"] == 0.1
+
+
+def test_a_misconfigured_method_is_refused_before_any_run(tmp_path: Path) -> None:
+    """Issue 12: a setting is refused where it is read, before any work (it was a failed run,
+    recorded after the runs before it had trained)."""
+    base = default_compare_base()
+    methods = (METHODS[0], Method("broken", RCNN, {"name": "no_such_sampler"}))
+    with pytest.raises(ConfigError, match="no_such_sampler"):
+        run_comparison(base, methods, [0], tmp_path)
+    assert not (tmp_path / "random").exists()  # nothing was trained
+
+
+def test_an_all_failed_call_keeps_the_earlier_report(tmp_path: Path) -> None:
+    good = [outcome(tmp_path, "random", 0, 0.10), outcome(tmp_path, "ohem", 0, 0.2)]
+    report = write_report(tmp_path, METHODS, good, description="A test.")
+    assert report is not None
+    written = (report, tmp_path / "ap.png", tmp_path / "losses.png")
+    before = {p.name: p.read_bytes() for p in written}
+    failed = [
+        outcome(tmp_path, "random", 0, 0.1, error="RunError: x"),
+        outcome(tmp_path, "ohem", 0, 0.1, error="RunError: y"),
+    ]
+    assert write_report(tmp_path, METHODS, failed, description="A test.") is None
+    for name, content in before.items():
+        assert (tmp_path / name).read_bytes() == content
+    # Without an earlier report, the failures are reported.
+    assert write_report(tmp_path / "new", METHODS, failed, description="A test.") is not None
 
 
 def test_a_run_directory_of_another_configuration_is_not_reused(tmp_path: Path) -> None:

@@ -121,3 +121,23 @@ def test_showcase_images_have_a_crowd_group_and_a_look_alike() -> None:
         scene = scenes.scenes[k]
         assert (scene.crowd >= 0).any() and len(scene.lookalike_boxes) > 0
     assert showcase_images(scenes, 1000) is None
+
+
+def test_a_second_call_leaves_no_stale_panels(tmp_path: Path) -> None:
+    """Issue 12: panels of an earlier call (more images, other samplers) stayed in the folder."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 4)
+    scenes = SceneDataset(2, seed=0, image_size=64)
+    wide = samplers_for(model, ["random", "ohem"], num=16)
+    inspect_picks(model, scenes, wide, tmp_path, proposals="jitter", num_images=2, hist_images=2)
+    assert len(list((tmp_path / "panels").glob("*.png"))) == 4
+    (tmp_path / "panels" / "notes.png").write_bytes(b"not ours")  # not a panel: kept
+    narrow = samplers_for(model, ["random"], num=16)
+    result = inspect_picks(
+        model, scenes, narrow, tmp_path, proposals="jitter", num_images=1, hist_images=1
+    )
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == [
+        "image000_random.png",
+        "notes.png",
+    ]
+    assert [p.name for p in result.panels] == ["image000_random.png"]

@@ -136,3 +136,61 @@ def test_uniform_positives_when_not_instance_balanced():
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError):
         sample_iou_balanced([_assignment([0], [0.1])], **kwargs)
+
+
+def _many_ground_truths(counts: list[int]) -> tuple[Assignment, torch.Tensor]:
+    """Positives only: ``counts[g]`` candidates of ground truth ``g``."""
+    gt_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    n = gt_index.numel()
+    a = _assignment([1] * n, [0.7] * n, gt_index.tolist())
+    return a, gt_index
+
+
+def test_quota_below_the_ground_truths_spreads_one_pick_each_at_random():
+    """40 ground truths, one with 200 candidates and 39 with 2; 32 picks. MMDetection's
+    InstanceBalancedPosSampler covers 26 ground truths on average and a uniform draw 10, with 23
+    picks from the large one. Here every pick is a different ground truth, each chosen with
+    probability 32 / 40, the large one included."""
+    a, gt_index = _many_ground_truths([200] + [2] * 39)
+    flat = flatten([a])
+    eligible = flat.label == 1
+    large, covered, chosen = [], [], torch.zeros(40)
+    for seed in range(400):
+        gen = torch.Generator().manual_seed(seed)
+        mask = sample_instance_balanced(flat, eligible, torch.tensor([32]), generator=gen)
+        per_gt = torch.bincount(gt_index[mask], minlength=40)
+        assert int(mask.sum()) == 32 and int(per_gt.max()) == 1
+        large.append(int(per_gt[0]))
+        covered.append(int((per_gt > 0).sum()))
+        chosen += per_gt
+    assert covered == [32] * 400
+    assert sum(large) / 400 == pytest.approx(0.8, abs=0.06)  # 400 Bernoulli(0.8): std 0.02
+    # Every ground truth, large or small, is chosen about 0.8 of the time.
+    assert (chosen / 400 - 0.8).abs().max() < 0.1
+
+
+def test_full_even_shares_and_the_unused_share_goes_round():
+    gen = torch.Generator().manual_seed(0)
+    a, gt_index = _many_ground_truths([100, 3, 3, 3, 3])
+    flat = flatten([a])
+    mask = sample_instance_balanced(flat, flat.label == 1, torch.tensor([20]), generator=gen)
+    # Even share 4; the small ones have 3, so the large one takes 20 - 12 = 8.
+    assert torch.bincount(gt_index[mask]).tolist() == [8, 3, 3, 3, 3]
+    a, gt_index = _many_ground_truths([10, 10, 10])
+    flat = flatten([a])
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        mask = sample_instance_balanced(flat, flat.label == 1, torch.tensor([20]), generator=gen)
+        assert sorted(torch.bincount(gt_index[mask]).tolist()) == [6, 7, 7]
+
+
+def test_instance_balancing_is_per_image_in_a_batch():
+    a, gt_index = _many_ground_truths([50, 1, 1])
+    b, _ = _many_ground_truths([5])
+    flat = flatten([a, b, a])
+    gen = torch.Generator().manual_seed(0)
+    mask = sample_instance_balanced(flat, flat.label == 1, torch.tensor([3, 2, 60]), generator=gen)
+    first, second, third = mask.split(flat.sizes)
+    assert torch.bincount(gt_index[first]).tolist() == [1, 1, 1]
+    assert int(second.sum()) == 2
+    assert bool(third.all())  # more wanted than eligible: all

@@ -157,3 +157,20 @@ def test_nms_first_nothing_to_do():
     assert empty.shape == (0,)
     # Zero-area boxes overlap nothing: all survive.
     assert nms_first(boxes, scores, torch.zeros(3, dtype=torch.int64), 1, 0.7, 5).all()
+
+
+def test_defaults_are_the_papers():
+    """B = 128 RoIs over N = 2 images: 64 per image (Sec. 3.1, 4.2); NMS 0.7 (Sec. 4.1); no fg:bg
+    ratio (Sec. 4.1: "does not need a fg-bg ratio")."""
+    s = OHEMSampler()
+    assert (s.num, s.nms_iou, s.pos_fraction) == (64, 0.7, None)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("num", 0), ("nms_iou", 1.5), ("pos_fraction", -0.5)]
+)
+def test_bad_settings_name_the_setting(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        OHEMSampler(**{setting: value})
+    with pytest.raises(ValueError, match=setting):
+        sample_ohem([BOXES], [_assignment(LABELS)], [LOSSES], **{setting: value})

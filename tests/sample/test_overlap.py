@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hardmine.boxes import box_iou
-from hardmine.sample import overlap_with_positives, sample_overlap
+from hardmine.sample import OverlapSampler, overlap_with_positives, sample_overlap
 from hardmine.sample.quota import flatten
 from hardmine.structures import Assignment
 
@@ -149,3 +149,208 @@ def test_large_batch_is_fast_and_bounded():
     sels = sample_overlap(boxes, assignments, generator=gen)
     assert time.perf_counter() - start < 5.0
     assert all(s.num_picked == 512 for s in sels)
+
+
+def test_defaults_are_the_papers_best_setting():
+    """Table 2(f), last column: soft negatives with K = 2, soft positives, ε = 2; the text's
+    readings of every open choice."""
+    s = OverlapSampler()
+    assert (s.strategy, s.pos_strategy, s.num_bins, s.epsilon) == ("soft", "soft", 2, 2.0)
+    assert (s.upper, s.hard_thr, s.bins, s.linear_top_up) == (0.7, 0.5, "fixed", False)
+    assert (s.epsilon_on, s.gt_copies_in_pe) == ("best_proposal", False)
+
+
+def _copy_scene():
+    """Two ground truths, their copies appended (5, 6). Positive 0 overlaps only its ground truth
+    (IoU 0.6) and negative 2 (IoU 0.05); positive 1 (IoU 0.82 with its ground truth) overlaps
+    negative 3 by 0.5; negative 4 is far from everything."""
+    gts = torch.tensor([POSITIVE_BOX, [500.0, 0.0, 600.0, 100.0]])
+    boxes = torch.tensor(
+        [
+            [25.0, 0.0, 125.0, 100.0],
+            [500.0, 10.0, 600.0, 110.0],
+            [115.0, 0.0, 215.0, 100.0],
+            [500.0, 10 + 100 / 3, 600.0, 110 + 100 / 3],
+            [300.0, 300.0, 330.0, 330.0],
+        ]
+    )
+    boxes = torch.cat([boxes, gts])
+    best, index = box_iou(gts, boxes).max(0)
+    label = torch.where(best >= 0.5, 1, 0).to(torch.int8)
+    assert label.tolist() == [1, 1, 0, 0, 0, 1, 1]
+    return boxes, Assignment(label, index, best, label.long())
+
+
+def test_iou_pe_leaves_the_ground_truth_copies_out():
+    boxes, a = _copy_scene()
+    flat = flatten([a])
+    pos = flat.label == 1
+    copy = pos & (flat.max_iou >= 1)
+    assert copy.tolist() == [False] * 5 + [True, True]
+    _, with_copies = overlap_with_positives(boxes, flat, pos)
+    _, without = overlap_with_positives(boxes, flat, pos, examples=~copy)
+    assert with_copies[0] == pytest.approx(0.6) and with_copies[1] == pytest.approx(9 / 11)
+    assert without[0] == pytest.approx(10 / 190, abs=1e-4) and without[1] == pytest.approx(0.5)
+    # A copy's own IoU(p,e): its largest with another proposal, its positive.
+    assert without[5] == pytest.approx(0.6) and without[6] == pytest.approx(9 / 11)
+
+
+def test_positive_sampling_sees_the_overlap_among_examples():
+    """One positive pick among the two proposals by hard sampling (θ 0.5): by default only
+    positive 1 overlaps another example by >= θ; counting the copy, both do."""
+    boxes, a = _copy_scene()
+    a = Assignment(a.label.clone(), a.gt_index, a.max_iou, a.gt_class)
+    a.label[5:] = -1  # the copies ignored (still copies: IoU 1), so the one pick is a proposal
+    picks = {True: 0, False: 0}
+    for gt_copies_in_pe in (False, True):
+        for seed in range(100):
+            gen = torch.Generator().manual_seed(seed)
+            (s,) = sample_overlap(
+                [boxes], [a], num=2, pos_fraction=0.5, pos_strategy="hard",
+                gt_copies_in_pe=gt_copies_in_pe, generator=gen,
+            )  # fmt: skip
+            picks[gt_copies_in_pe] += int(s.mask[0])
+    assert picks[False] == 0  # never the isolated positive
+    assert 30 < picks[True] < 70  # IoU(p,e) 0.6 with the copy: a hard one too
+
+
+def test_epsilon_goes_to_the_best_proposal_not_the_copy():
+    boxes, a = _copy_scene()
+    (s,) = sample_overlap([boxes], [a], num=7, pos_fraction=0.6)
+    assert s.mask.all()
+    assert s.weight.tolist() == [2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # each one's proposal
+    (s,) = sample_overlap([boxes], [a], num=7, pos_fraction=0.6, epsilon_on="any_positive")
+    assert s.weight.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # the copies: IoU 1
+    # Without a picked proposal of its ground truth, no ε at all (never the copy).
+    label = a.label.clone()
+    label[1] = -1
+    (s,) = sample_overlap(
+        [boxes], [Assignment(label, a.gt_index, a.max_iou, a.gt_class)], num=7, pos_fraction=0.6
+    )
+    assert s.mask[6] and s.weight.tolist() == [2.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_epsilon_on_many_ground_truths_never_lands_on_a_copy():
+    gen = torch.Generator().manual_seed(0)
+    gts = torch.rand(8, 2, generator=gen) * 400
+    gts = torch.cat([gts, gts + 30 + torch.rand(8, 2, generator=gen) * 100], 1)
+    jitter = gts.repeat(10, 1) + torch.randn(80, 4, generator=gen) * 8
+    boxes = torch.cat([jitter, torch.rand(200, 4, generator=gen).sort(1).values * 500, gts])
+    best, index = box_iou(gts, boxes).max(0)
+    label = torch.where(best >= 0.5, 1, 0).to(torch.int8)
+    a = Assignment(label, index, best, label.long())
+    for epsilon_on, on_copies in (("best_proposal", 0), ("any_positive", 8)):
+        (s,) = sample_overlap([boxes], [a], epsilon_on=epsilon_on, generator=gen)
+        heavy = torch.nonzero(s.weight == 2).flatten()
+        assert len(heavy) == 8  # one per ground truth
+        assert int((heavy >= 280).sum()) == on_copies
+        for i in heavy.tolist():  # the best-matched picked positive of its ground truth
+            same = s.mask & (a.gt_index == a.gt_index[i]) & (a.label == 1)
+            if epsilon_on == "best_proposal":
+                same[280:] = False
+            assert a.max_iou[i] == a.max_iou[same].max()
+
+
+def _authors_ovsampler(iou_n2p: torch.Tensor, num_neg: int, gen: torch.Generator) -> torch.Tensor:
+    """The negative draw of the authors' ``OvSampler`` (ChenJoya/sampling-free), transcribed."""
+    iou_split = 0.5 * (iou_n2p.min() + iou_n2p.max())
+    probs = torch.zeros_like(iou_n2p)
+    mask = iou_n2p <= iou_split
+    numel_neg, numel_mask = iou_n2p.numel(), int(mask.sum())
+    probs[mask] = 1 / max(numel_mask, 1)
+    probs[~mask] = 1 / max(numel_neg - numel_mask, 1)
+    return probs.multinomial(num_neg, generator=gen)
+
+
+def test_observed_bins_draw_as_the_authors_ovsampler():
+    # IoU(p,n) from 0.1 to 0.5: the observed midpoint (about 0.3) splits the low 20 or 24 from
+    # the high 10 or 6; 8 negatives drawn.
+    ious = [0.1] * 12 + [0.2] * 8 + [0.3] * 4 + [0.45] * 3 + [0.5] * 3
+    boxes, a = _scene(ious)
+    trials = 3000
+    gen = torch.Generator().manual_seed(0)
+    sels = sample_overlap(
+        [boxes] * trials, [a] * trials, num=9, pos_fraction=1 / 9, strategy="soft",
+        bins="observed", generator=gen,
+    )  # fmt: skip
+    ours = torch.stack([s.mask[1:] for s in sels]).float().mean(0)  # [30]
+    iou_n2p = box_iou(boxes[:1], boxes[1:])[0]
+    theirs = torch.zeros(30)
+    for _ in range(trials):
+        theirs[_authors_ovsampler(iou_n2p, 8, gen)] += 1
+    theirs /= trials
+    torch.testing.assert_close(ours, theirs, atol=0.04, rtol=0)
+    assert ours[24:].mean() > 0.5 and ours[:20].mean() < 0.2  # the high bin is favoured
+
+
+def test_observed_bins_put_the_midpoint_in_the_lower_bin():
+    """Exact IoUs 0, 0.25 (twenty) and 0.5 with the positive: the midpoint 0.25 is low, as the
+    authors' "iou <= split". So the bins are {0, twenty 0.25} and {0.5}: two draws take the 0.5
+    one with probability 1/2 + 1/2 * 21/41, the far one rarely."""
+    boxes = torch.tensor(
+        [POSITIVE_BOX, [300.0, 300.0, 310.0, 310.0]]
+        + [[0.0, 0.0, 100.0, 25.0]] * 20
+        + [[0.0, 0.0, 100.0, 50.0]]
+    )
+    label = torch.tensor([1] + [0] * 22, dtype=torch.int8)
+    ious = box_iou(boxes[:1], boxes)[0]
+    assert ious[1:].unique().tolist() == [0.0, 0.25, 0.5]
+    a = Assignment(label, torch.zeros(23, dtype=torch.long), ious, label.long())
+    gen = torch.Generator().manual_seed(0)
+    sels = sample_overlap(
+        [boxes] * 2000, [a] * 2000, num=3, pos_fraction=1 / 3, bins="observed", generator=gen
+    )
+    freq = torch.stack([s.mask for s in sels]).float().mean(0)
+    assert float(freq[22]) == pytest.approx(0.5 + 0.5 * 21 / 41, abs=0.03)
+    assert float(freq[1]) < 0.1
+
+
+def test_fixed_and_observed_bins_differ_where_the_range_is_narrow():
+    """IoU(p,n) all below 0.35: one fixed bin holds them all (uniform); observed bins split
+    them at their own midpoint."""
+    ious = [0.05] * 40 + [0.3] * 4
+    boxes, a = _scene(ious)
+    counts = {}
+    for bins in ("fixed", "observed"):
+        gen = torch.Generator().manual_seed(0)
+        sels = sample_overlap(
+            [boxes] * 500, [a] * 500, num=9, pos_fraction=1 / 9, bins=bins, generator=gen
+        )
+        counts[bins] = torch.stack([s.mask[41:] for s in sels]).float().sum(1).mean()
+    assert counts["fixed"] == pytest.approx(8 * 4 / 44, abs=0.15)  # uniform over 44
+    assert counts["observed"] > 2.5  # the 4 high ones weigh as much as the 40 low ones
+
+
+def test_linear_never_tops_up_with_zero_overlap_by_default():
+    ious = [0.0] * 20 + [0.2, 0.4, 0.6]
+    boxes, a = _scene(ious)
+    gen = torch.Generator().manual_seed(0)
+    (s,) = sample_overlap([boxes], [a], num=9, pos_fraction=1 / 9, strategy="linear",
+                          generator=gen)  # fmt: skip
+    assert s.mask[21:].all() and not s.mask[1:21].any()  # 3 negatives, not the quota of 8
+    (s,) = sample_overlap([boxes], [a], num=9, pos_fraction=1 / 9, strategy="linear",
+                          linear_top_up=True, generator=gen)  # fmt: skip
+    assert s.mask[21:].all() and int(s.mask[1:21].sum()) == 5
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("num", 0),
+        ("pos_fraction", 1.5),
+        ("strategy", "bogus"),
+        ("pos_strategy", "bogus"),
+        ("num_bins", 0),
+        ("hard_thr", -0.1),
+        ("upper", 0.0),
+        ("bins", "adaptive"),
+        ("epsilon", 0.0),
+        ("epsilon_on", "copy"),
+    ],
+)
+def test_bad_settings_name_the_setting(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        OverlapSampler(**{setting: value})
+    boxes, a = _scene([0.1])
+    with pytest.raises(ValueError, match=setting):
+        sample_overlap([boxes], [a], **{setting: value})

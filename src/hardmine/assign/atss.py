@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_centers, box_iou
 from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
 
@@ -93,6 +93,9 @@ class ATSSAssigner:
     center_margin: float = 0.01
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
+    def __post_init__(self) -> None:
+        check_atss_settings(**settings(self))
+
     def __call__(
         self,
         candidates: Sequence[Tensor],
@@ -117,6 +120,29 @@ class ATSSAssigner:
             ignore_boxes=ignore_boxes,
             **settings(self),
         )
+
+
+def check_atss_settings(
+    *,
+    topk: int,
+    anchors_per_location: int,
+    scale_topk: bool,
+    ignore_iof_thr: float,
+    center_margin: float,
+    chunk_size: int,
+) -> None:
+    """Raise ``ValueError`` naming the first setting of ``assign_atss`` out of its range."""
+    for name, value in (
+        ("topk", topk),
+        ("anchors_per_location", anchors_per_location),
+        ("chunk_size", chunk_size),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= ignore_iof_thr <= 1.0:
+        raise ValueError(f"ignore_iof_thr must be in [0, 1], got {ignore_iof_thr}")
+    if not 0.0 <= center_margin < float("inf"):
+        raise ValueError(f"center_margin must be finite and >= 0, got {center_margin}")
 
 
 def assign_atss(
@@ -192,11 +218,14 @@ def assign_atss(
         >>> a.label.tolist()
         [1, 0, 0, 0]
     """
-    if topk < 1 or anchors_per_location < 1 or chunk_size < 1:
-        raise ValueError(
-            "topk, anchors_per_location and chunk_size must be positive, got "
-            f"{topk}, {anchors_per_location}, {chunk_size}"
-        )
+    check_atss_settings(
+        topk=topk,
+        anchors_per_location=anchors_per_location,
+        scale_topk=scale_topk,
+        ignore_iof_thr=ignore_iof_thr,
+        center_margin=center_margin,
+        chunk_size=chunk_size,
+    )
     if any(n < 0 for n in num_per_level):
         raise ValueError(f"num_per_level must be non-negative, got {list(num_per_level)}")
     if len(anchors) == 0:
@@ -251,7 +280,9 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
         iou = box_iou(chunk, anc)  # [B, C, N]
-        value, index = iou.max(dim=1)  # [B, N]
+        # The threshold and the centre test need only the K candidates of each ground truth.
+        cand_iou = iou.gather(2, candidate)  # [B, C, K]
+        value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
@@ -259,8 +290,6 @@ def _assign_block(
             best_iou = torch.where(better, value, best_iou)
             best_gt = torch.where(better, index + start, best_gt)
 
-        # The threshold and the centre test need only the K candidates of each ground truth.
-        cand_iou = iou.gather(2, candidate)  # [B, C, K]
         flat = candidate.flatten(1)  # [B, C * K]
         cx = centers[:, 0].gather(1, flat).view_as(candidate)
         cy = centers[:, 1].gather(1, flat).view_as(candidate)

@@ -14,6 +14,10 @@ A dataset is a ``torch.utils.data.Dataset`` of ``(image, target)``:
 
 and it has ``categories: list[str]`` (label ``i + 1`` is ``categories[i]``) and ``coco_gt``, a
 COCO instances dict whose ``category_id`` is the label, built once and used for AP.
+
+Image files are read by ``read_image`` (``hardmine.data.images``): EXIF orientation applied,
+16-bit greyscale scaled, transparency composited over ``TRANSPARENT_BACKGROUND``, anything that
+cannot be decoded faithfully refused by name (``ImageFileError``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from hardmine.data.hard_negatives import (
     save_hard_negatives,
     with_hard_negatives,
 )
+from hardmine.data.images import TRANSPARENT_BACKGROUND, ImageFileError, read_image
 from hardmine.data.scenes import (
     CLASS_NAMES,
     SPLIT_SEEDS,
@@ -61,11 +66,13 @@ __all__ = [
     "CLASS_NAMES",
     "HARD_NEGATIVES_KEY",
     "SPLIT_SEEDS",
+    "TRANSPARENT_BACKGROUND",
     "CocoDataset",
     "CocoFormatError",
     "HardNegativeDataset",
     "HardNegatives",
     "HardNegativesFormatError",
+    "ImageFileError",
     "MinedBoxes",
     "Scene",
     "SceneDataset",
@@ -75,6 +82,7 @@ __all__ = [
     "load_hard_negatives",
     "make_scenes",
     "pennfudan_split",
+    "read_image",
     "save_hard_negatives",
     "with_hard_negatives",
     "write_coco",

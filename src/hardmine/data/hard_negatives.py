@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from hardmine._atomic import write_atomic
 from hardmine.data.coco import coco_gt_of
+from hardmine.errors import DataError
 
 FORMAT = "hardmine-hard-negatives"
 VERSION = 1
@@ -43,7 +44,7 @@ VERSION = 1
 HARD_NEGATIVES_KEY = "hard_negatives"
 
 
-class HardNegativesFormatError(ValueError):
+class HardNegativesFormatError(DataError):
     """A hard-negatives file is unreadable or malformed; the message names the file and entry."""
 
 
@@ -219,21 +220,32 @@ class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
     Args:
         dataset: a dataset of the common interface (``hardmine.data``).
         hard_negatives: the mined boxes, by image id.
+        path: the file they were read from, for the error message.
 
     Raises:
-        ValueError: the file names image ids that ``dataset``'s ``coco_gt`` does not have (it
-            was mined on another dataset).
+        HardNegativesFormatError: the file names image ids that ``dataset``'s ``coco_gt`` does
+            not have, or labels beyond its categories (it was mined on another dataset).
     """
 
-    def __init__(self, dataset: Dataset, hard_negatives: HardNegatives) -> None:
+    def __init__(
+        self, dataset: Dataset, hard_negatives: HardNegatives, *, path: str | Path | None = None
+    ) -> None:
         coco_gt = coco_gt_of(dataset)
         if coco_gt is not None:
+            where = f"{path}: hard negatives" if path is not None else "hard negatives"
+            where += f" mined from {hard_negatives.source or 'an unnamed source'}"
             unknown = sorted(set(hard_negatives.images) - {im["id"] for im in coco_gt["images"]})
             if unknown:
-                raise ValueError(
-                    f"hard negatives mined from {hard_negatives.source or 'an unnamed source'} "
-                    f"name {len(unknown)} image ids this dataset lacks (first: {unknown[:5]}); "
-                    "were they mined on another dataset?"
+                raise HardNegativesFormatError(
+                    f"{where} name {len(unknown)} image ids this dataset lacks (first: "
+                    f"{unknown[:5]}); were they mined on another dataset?"
+                )
+            classes = {c["id"] for c in coco_gt["categories"]}
+            labels = {int(v) for m in hard_negatives.images.values() for v in m.labels.tolist()}
+            if labels - classes:
+                raise HardNegativesFormatError(
+                    f"{where} carry labels {sorted(labels - classes)} this dataset's categories "
+                    f"lack ({sorted(classes)}); were they mined on another dataset?"
                 )
         self.dataset = dataset
         self.hard_negatives = hard_negatives
@@ -252,7 +264,9 @@ def with_hard_negatives(dataset: Dataset, path: str | Path | None) -> Dataset:
     """``dataset`` with the hard negatives of the file at ``path``; ``dataset`` itself for None.
 
     Raises:
-        HardNegativesFormatError: the file is unreadable or malformed.
-        ValueError: it was mined on another dataset.
+        HardNegativesFormatError: the file is unreadable or malformed, or was mined on another
+            dataset.
     """
-    return dataset if path is None else HardNegativeDataset(dataset, load_hard_negatives(path))
+    if path is None:
+        return dataset
+    return HardNegativeDataset(dataset, load_hard_negatives(path), path=path)

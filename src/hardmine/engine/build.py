@@ -8,6 +8,7 @@ turn a ``RunConfig`` into the objects a run trains and evaluates. ``PickCounter`
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +17,82 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from torchvision.models.detection import FCOS, RetinaNet
 
 from hardmine.config import REGISTRIES, ConfigError, Registries, RunConfig, load_config
-from hardmine.data import CocoDataset, make_scenes, pennfudan_split, with_hard_negatives
+from hardmine.data import (
+    CLASS_NAMES,
+    CocoDataset,
+    CocoFormatError,
+    make_scenes,
+    pennfudan_split,
+    with_hard_negatives,
+)
+from hardmine.errors import DataError
 from hardmine.models import DETECTORS, build
+from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
 
-#: Every component section's registry: the core's and the detectors.
-RUN_REGISTRIES: Registries = {**REGISTRIES, "model": DETECTORS}
+#: Every component section's registry: the core's and the detectors' (each name's settings are
+#: its builder's and ``build``'s own, ``score_dtype``: ``run_settings``).
+RUN_REGISTRIES: Registries = {
+    **REGISTRIES,
+    "model": {name: run_settings(name) for name in DETECTORS},
+}
 
 
 def load_run_config(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    dropped: list[str] | None = None,
 ) -> RunConfig:
     """``hardmine.config.load_config`` with the detectors' registry too (``RUN_REGISTRIES``).
+
+    ``dropped`` receives the settings an override of a component's class dropped (the section
+    starts afresh from the new class's defaults; ``hardmine.config.apply_overrides``).
 
     Raises:
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
-    return load_config(path, overrides, registries=RUN_REGISTRIES)
+    config = load_config(path, overrides, registries=RUN_REGISTRIES, dropped=dropped)
+    if config.sampler.name is not None and _trains_on_every_anchor(config.model.name):
+        raise ConfigError(
+            f"sampler: {config.model.name} trains on every anchor (focal loss) and takes no "
+            "sampler; pass --sampler null (its choice is the assigner: --assigner.name ...)"
+        )
+    if config.hard_negatives is not None and config.sampler.name is None:
+        raise ConfigError(
+            f"hard_negatives: {config.model.name} has no sampler; hard negatives join an "
+            "R-CNN's RoIs, for a sampler to pick from"
+        )
+    data = config.data
+    if data.kind == "scenes" and data.num_classes > len(CLASS_NAMES):
+        raise ConfigError(
+            f"data.num_classes: the scenes have {len(CLASS_NAMES)} classes at most, "
+            f"got {data.num_classes}"
+        )
+    if data.kind == "coco" and data.root is None:
+        keys = ("train_images", "train_ann", "val_images", "val_ann")
+        missing = [f"data.{k}" for k in keys if getattr(data, k) is None]
+        if missing:
+            raise ConfigError(
+                f"data.kind 'coco' needs data.root, or all of data.train_images, data.train_ann, "
+                f"data.val_images and data.val_ann (missing: {', '.join(missing)})"
+            )
+    return config
+
+
+def _trains_on_every_anchor(name: str | None) -> bool:
+    """Whether the detector ``name`` is a dense one (RetinaNet, FCOS), by its builder's return
+    annotation: it has no RoIs for a sampler. False when that cannot be told without building."""
+    builder = DETECTORS.get(name or "")
+    try:
+        returns = typing.get_type_hints(builder).get("return") if builder else None
+    except (NameError, TypeError):
+        return False
+    return isinstance(returns, type) and issubclass(returns, RetinaNet | FCOS)
 
 
 def check_model(config: RunConfig) -> None:
@@ -70,6 +127,14 @@ class PickCounter:
         pos, neg = (self._sum / self._images).tolist()
         self._sum, self._images = None, 0
         return {"positive": pos, "negative": neg}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts since the last ``take``, for a checkpoint taken between two log rows."""
+        return {"sum": None if self._sum is None else self._sum.cpu(), "images": self._images}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self._sum = None if state["sum"] is None else state["sum"].to(device)
+        self._images = int(state["images"])
 
 
 @dataclass(frozen=True)
@@ -136,6 +201,11 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
 
     Masks are loaded for Mask R-CNN models only. The training set is the plain one, without the
     hard negatives of ``config.hard_negatives`` (``training_set`` adds them).
+
+    Raises:
+        ConfigError: ``data.kind`` ``"coco"`` without its files.
+        CocoFormatError: an annotation file, or a file it names, is missing or unusable (named
+            with the image or annotation id), or the two sets' categories differ.
     """
     data = config.data
     with_masks = has_masks(config)
@@ -152,18 +222,30 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
         )
         categories = train_set.categories
     elif data.root is not None:
-        train_set, val_set, categories = pennfudan_split(data.root, with_masks=with_masks)
+        if not Path(data.root).is_dir():
+            raise DataError(
+                f"data.root {data.root}: no such folder (a folder in the PennFudan layout: "
+                "PNGImages/ and annotations.json)"
+            )
+        train_set, val_set, categories = pennfudan_split(
+            data.root, with_masks=with_masks, **_coco_options(config)
+        )
     else:
         paths = [data.train_images, data.train_ann, data.val_images, data.val_ann]
         if any(p is None for p in paths):
-            raise ValueError(
+            raise ConfigError(
                 "data.kind 'coco' needs data.root, or data.train_images, data.train_ann, "
                 "data.val_images and data.val_ann"
             )
-        train_set = CocoDataset(data.train_images, data.train_ann, with_masks=with_masks)
-        val_set = CocoDataset(data.val_images, data.val_ann, with_masks=with_masks)
+        train_set, val_set = (
+            CocoDataset(images, ann, with_masks=with_masks, **_coco_options(config))
+            for images, ann in (
+                (data.train_images, data.train_ann),
+                (data.val_images, data.val_ann),
+            )
+        )
         if val_set.categories != train_set.categories:
-            raise ValueError(
+            raise CocoFormatError(
                 f"{data.train_ann} and {data.val_ann} have different categories: "
                 f"{train_set.categories} and {val_set.categories}"
             )
@@ -171,17 +253,31 @@ def build_datasets(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
     return train_set, val_set, categories
 
 
+def _coco_options(config: RunConfig) -> dict[str, Any]:
+    """``CocoDataset``'s settings in ``config.data``."""
+    data = config.data
+    return {
+        "on_bad_box": data.on_bad_box,
+        "box_tolerance": data.box_tolerance,
+        "check_images": data.check_images,
+    }
+
+
 def training_set(config: RunConfig, train_set: Dataset) -> Dataset:
     """``train_set`` with the hard negatives of ``config.hard_negatives``, if any.
 
     Raises:
-        ValueError: hard negatives without a sampler, or mined on another dataset.
-        HardNegativesFormatError: the file is unreadable or malformed.
+        ConfigError: hard negatives without a sampler.
+        HardNegativesFormatError: the file is unreadable or malformed, or was mined on another
+            dataset.
     """
     if config.hard_negatives is None:
         return train_set
     if config.sampler.name is None:
-        raise ValueError("hard_negatives need a sampler: they join an R-CNN's RoIs")
+        raise ConfigError(
+            f"hard_negatives: {config.model.name} has no sampler (sampler: null); hard negatives "
+            "join an R-CNN's RoIs, for a sampler to pick from"
+        )
     return with_hard_negatives(train_set, config.hard_negatives)
 
 

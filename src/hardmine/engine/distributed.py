@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from hardmine.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Process:
@@ -42,10 +44,19 @@ class Process:
 
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> CUDA when available, else the CPU; ``"cuda"`` -> this process's GPU."""
+    """``"auto"`` -> CUDA when available, else the CPU; ``"cuda"`` -> this process's GPU.
+
+    Raises:
+        ConfigError: a name torch does not know, or CUDA asked for where there is none.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this machine has no CUDA device; use cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -77,9 +88,11 @@ def process_group(device: str) -> Iterator[Process]:
             dist.destroy_process_group()
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed for ``rank``'s generators, well mixed so that no two (seed, rank) pairs collide."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def rank_seed(seed: int, rank: int, *streams: int) -> int:
+    """A seed for ``rank``'s generators, well mixed so that no two (seed, rank) pairs collide;
+    ``streams`` (an epoch) give further independent seeds for the same pair."""
+    entropy = [seed, rank, *streams]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def mean_over_processes(values: Tensor) -> Tensor:

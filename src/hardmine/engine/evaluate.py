@@ -9,7 +9,7 @@ that for a run directory's checkpoint.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +20,11 @@ from faster_coco_eval.core import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hardmine.config import RunConfig
+from hardmine.config import ConfigError, RunConfig
 from hardmine.data import coco_gt_of, collate_fn
 from hardmine.engine.build import has_masks
 from hardmine.engine.distributed import resolve_device
+from hardmine.engine.progress import progress
 from hardmine.engine.rundir import EVAL_NAME, load_run, write_json
 
 IouType = Literal["bbox", "segm"]
@@ -49,7 +50,7 @@ def coco_ap(
     *,
     iou_type: IouType = "bbox",
     image_ids: Collection[int] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """COCO average precision of ``detections`` against ``coco_gt``.
 
     Args:
@@ -64,7 +65,8 @@ def coco_ap(
     Returns:
         ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (small < 32², medium,
         large > 96² px of ``area``), prefixed ``mask_`` for ``segm``. No detections give 0; a
-        number with no ground truth to measure (no large objects, say) is -1, as in COCO.
+        number with no ground truth to measure (no large objects, say), which COCO writes as -1,
+        is None (``null`` in JSON, ``n/a`` where printed).
     """
     if iou_type not in _PREFIX:
         raise ValueError(f"iou_type must be one of {sorted(_PREFIX)}, got {iou_type!r}")
@@ -76,7 +78,11 @@ def coco_ap(
         evaluator.params.imgIds = sorted(image_ids)
     evaluator.run()
     stats = evaluator.stats_as_dict
-    return {_PREFIX[iou_type] + name: stats[key] for name, key in _STATS.items()}
+    # COCO's -1 means "nothing to measure"; as a number it would average into tables as -100%.
+    return {
+        _PREFIX[iou_type] + name: None if stats[key] < 0 else float(stats[key])
+        for name, key in _STATS.items()
+    }
 
 
 def _coco_gt_of(dataset: Dataset) -> dict[str, Any]:
@@ -115,6 +121,7 @@ def detect(
     *,
     device: torch.device | str,
     batch_size: int = 4,
+    desc: str | None = None,
 ) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """Run a torchvision detector in eval mode over a dataset: per image, target and detections.
 
@@ -127,6 +134,7 @@ def detect(
             ``(images, targets)`` lists (``hardmine.data.collate_fn``).
         device: where the model runs.
         batch_size: images per forward pass when ``data`` is a dataset.
+        desc: show the loop's progress (``hardmine.engine.progress``) under this name.
 
     Yields:
         ``(target, output)`` per image in data order: the dataset's target, and the model's
@@ -139,8 +147,9 @@ def detect(
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
+    batches = loader if desc is None else progress(loader, total=len(loader), desc=desc)
     try:
-        for images, targets in loader:
+        for images, targets in batches:
             outputs = model([image.to(device) for image in images])
             yield from zip(targets, outputs, strict=True)
     finally:
@@ -156,7 +165,7 @@ def evaluate(
     batch_size: int = 4,
     coco_gt: dict[str, Any] | None = None,
     detections_out: list[dict[str, Any]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Run a torchvision detector over a dataset and return its COCO AP.
 
     The model is put in eval mode for the run and back in its previous mode after. Only images
@@ -183,13 +192,15 @@ def evaluate(
     with_masks = "segm" in iou_types
     detections: list[dict[str, Any]] = []
     image_ids: set[int] = set()
-    for target, output in detect(model, data, device=device, batch_size=batch_size):
+    for target, output in detect(
+        model, data, device=device, batch_size=batch_size, desc="evaluating"
+    ):
         image_id = int(target["image_id"])
         image_ids.add(image_id)
         detections.extend(to_coco_results(output, image_id, with_masks=with_masks))
     if detections_out is not None:
         detections_out.extend(detections)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     for iou_type in iou_types:
         metrics.update(coco_ap(coco_gt, detections, iou_type=iou_type, image_ids=image_ids))
     return metrics
@@ -200,15 +211,64 @@ def iou_types_of(config: RunConfig) -> tuple[IouType, ...]:
     return ("bbox", "segm") if has_masks(config) else ("bbox",)
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
-    """COCO AP of a run's latest checkpoint on its validation set, also written to ``eval.json``.
+#: The sections ``evaluate_run`` takes overrides of: what inference and its data read.
+EVAL_SECTIONS = ("model", "data")
+
+
+def check_eval_overrides(overrides: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` for an override that evaluation does not read, or that would change
+    the trained detector (``model.name``): it takes ``model.*`` inference settings (e.g.
+    ``model.box_nms_thresh``) and ``data.*``."""
+    for key in overrides:
+        section = key.split(".")[0]
+        if section not in EVAL_SECTIONS or key in ("model", "model.name", "data"):
+            raise ConfigError(
+                f"unrecognised arguments: --{key} (eval takes inference overrides only: "
+                "model.* other than model.name, e.g. --model.box_nms_thresh 0.55, and data.*)"
+            )
+
+
+def eval_file_name(overrides: Mapping[str, Any] | None = None) -> str:
+    """``eval.json``, or for an evaluation with overrides a name that spells them:
+    ``eval_model.box_nms_thresh=0.55.json``, so that a sweep keeps every result."""
+    if not overrides:
+        return EVAL_NAME
+    spelled = "_".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    safe = "".join(c if c.isalnum() or c in "._=-" else "-" for c in spelled)
+    return f"eval_{safe}.json"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    device: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, float | None]:
+    """COCO AP of a run's latest checkpoint on its validation set, also written to a JSON file.
+
+    Inference settings can differ from the training run's without retraining: the Overlap
+    Sampler paper's Table 2(c) sweeps the inference NMS threshold θ of one trained detector
+    (``overrides={"model.box_nms_thresh": 0.55}``).
 
     Args:
         run_dir: a run directory with ``config.yaml`` and ``checkpoint.pt``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        overrides: dotted ``model.*`` (not ``model.name``) and ``data.*`` keys.
+
+    Returns:
+        The metrics, also written to ``run_dir / eval_file_name(overrides)`` with the step and
+        the overrides.
+
+    Raises:
+        ConfigError: an override of another section, or an invalid one.
     """
+    overrides = dict(overrides or {})
+    check_eval_overrides(overrides)
     resolved = resolve_device(device)
-    run = load_run(run_dir, device=resolved)
+    run = load_run(run_dir, device=resolved, overrides=overrides)
     metrics = evaluate(run.model, run.val_set, device=resolved, iou_types=iou_types_of(run.config))
-    write_json(run.run_dir / EVAL_NAME, {"step": run.step, "metrics": metrics})
+    document = {"step": run.step, "metrics": metrics}
+    if overrides:
+        document["overrides"] = overrides
+    write_json(run.run_dir / eval_file_name(overrides), document)
     return metrics

@@ -1,9 +1,25 @@
 """The loss of every RoI, not only the picked ones: OHEM's sampler-independent training measure.
 
-Shrivastava et al. (CVPR 2016, Sec. 5.5, Fig. 3) compare sampling methods by the mean loss per RoI
-over *all* RoIs of the training set: a sampler that trains only on easy examples lowers its own
-loss but not this one. Every RoI means every proposal of the RPN in its training setting, with the
-ground-truth boxes appended, exactly the candidates the samplers choose from during training.
+Shrivastava et al. (CVPR 2016, Sec. 5.5, Fig. 3): "It's important to measure training loss in a
+way that does not depend on the sampling procedure and thus results in a valid comparison
+between methods. To achieve this goal, we take model snapshots from each method ... and run them
+over the entire VOC07 trainval set to compute the average loss over all RoIs." A sampler that
+trains only on easy examples lowers its own loss but not this one.
+
+The same RoIs, labelled the same way, for every run, whatever its sampler and assigner:
+
+* the RoIs are every proposal of the run's RPN in its training setting, with the ground-truth
+  boxes appended (the candidates the samplers choose from in training), of the first
+  ``max_images`` training images (``train.roi_loss_images`` in a run);
+* each is labelled by ``ALL_ROIS_ASSIGNER``, max-IoU with the paper's foreground rule (IoU >= 0.5,
+  Sec. 3.1) and every other RoI background: bg_lo = 0, as OHEM has it, so no RoI is ignored, and
+  a run whose own assigner ignores some (Fast R-CNN's bg_lo = 0.1) is still measured on all;
+* each RoI's loss is the training loss of the run's RoI heads (classification log loss plus the
+  smooth-L1 box loss of foreground RoIs), as OHEM's read-only pass computes it.
+
+One difference from the paper remains, which a Faster R-CNN cannot avoid: the paper's Fast R-CNN
+reads fixed selective-search proposals, where each run here has its own RPN, trained with it, so
+the proposals differ between runs (the images and the labelling rule do not).
 
 The pass is read-only (``hardmine.models.read_only``): no gradient, the detector in eval mode
 (normalisation layers use their running statistics, so the measure does not depend on the batch).
@@ -15,9 +31,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hardmine.assign import MaxIoUAssigner
 from hardmine.data import collate_fn
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
-from hardmine.structures import IGNORE
+
+#: The labelling of "all RoIs", the same for every run: foreground at IoU >= 0.5 with a ground
+#: truth, background below (bg_lo = 0), nothing ignored.
+ALL_ROIS_ASSIGNER = MaxIoUAssigner(pos_thr=0.5, neg_thr=0.5, low_quality=False)
 
 
 def mean_loss_all_rois(
@@ -30,9 +50,8 @@ def mean_loss_all_rois(
 ) -> float | None:
     """Mean loss per RoI over all RoIs of ``data`` (Shrivastava et al., CVPR 2016, Fig. 3).
 
-    All RoIs: the RPN's training proposals plus the ground truths, every one the assigner does not
-    ignore, whichever a sampler would pick. Each RoI's loss is OHEM's: softmax log loss plus the
-    smooth-L1 box loss of foreground RoIs.
+    All RoIs: the RPN's training proposals plus the ground truths, every one, labelled by
+    ``ALL_ROIS_ASSIGNER`` whatever the run's own assigner (see the module docstring).
 
     Args:
         model: the detector, unwrapped from DDP, on ``device``; its mode is restored afterwards.
@@ -52,7 +71,7 @@ def mean_loss_all_rois(
         else DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
     )
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     seen = 0
     for images, targets in loader:
         take = len(images) if max_images is None else min(len(images), max_images - seen)
@@ -62,10 +81,11 @@ def mean_loss_all_rois(
             model,
             [i.to(device) for i in images[:take]],
             [{k: t[k].to(device) for k in ("boxes", "labels")} for t in targets[:take]],
+            assigner=ALL_ROIS_ASSIGNER,
         )
-        losses = torch.cat(roi_losses(model, batch))
-        counted = torch.cat([a.label for a in batch.assignments]) != IGNORE
-        total += losses[counted].sum()
-        count += counted.sum()
+        # A measurement: in the model's own precision, whatever OHEM's scoring uses.
+        losses = torch.cat(roi_losses(model, batch, score_dtype=None))
+        total += losses.sum()
+        count += losses.numel()
         seen += take
-    return float(total / count) if int(count) else float("nan")
+    return float(total / count) if count else float("nan")

@@ -19,6 +19,8 @@ Every file but the append-only metrics log is written atomically (``write_atomic
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from hardmine._atomic import write_atomic
 from hardmine.config import RunConfig
 from hardmine.engine import checkpoint
 from hardmine.engine.build import build_datasets, build_detector, load_run_config
+from hardmine.errors import CheckpointError, DataError, RunError
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -41,11 +44,26 @@ RESULTS_NAME = "results.json"
 EVAL_NAME = "eval.json"
 DETECTIONS_NAME = "detections.json"
 LOSS_PLOT = Path("plots") / "losses.png"
+log = logging.getLogger(__name__)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by None, recursively: JSON has no NaN
+    (``json.dumps`` would write ``NaN``, which no strict JSON reader accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def write_json(path: str | Path, document: Any) -> Path:
-    """``document`` as indented JSON, written atomically."""
-    return write_atomic(path, json.dumps(document, indent=2) + "\n")
+    """``document`` as indented JSON, written atomically (non-finite numbers as null)."""
+    return write_atomic(
+        path, json.dumps(finite_or_none(document), indent=2, allow_nan=False) + "\n"
+    )
 
 
 def write_detections(path: str | Path, detections: Sequence[Mapping[str, Any]]) -> Path:
@@ -72,23 +90,43 @@ def read_detections(path: str | Path) -> list[dict[str, Any]] | None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (empty if the file does not exist)."""
+    """The rows of a ``metrics.jsonl`` (empty if the file does not exist).
+
+    A last line that is not valid JSON is the row of a run killed while writing it: it is left
+    out (with a warning). Any other bad line is a damaged file.
+
+    Raises:
+        DataError: a line other than the last is not valid JSON; the message names the file and
+            the line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise DataError(f"{path}: line {number} is not valid JSON") from None
+            log.warning("%s: left out its last line, half-written by a killed run", path)
+    return rows
 
 
 def loss_curve(rows: Sequence[Mapping[str, Any]], key: str = "loss") -> dict[int, float]:
-    """Step -> ``key`` of the training rows of a metrics log."""
-    return {r["step"]: r[key] for r in rows if key in r}
+    """Step -> ``key`` of the training rows of a metrics log (rows where it is null left out)."""
+    return {r["step"]: r[key] for r in rows if r.get(key) is not None}
 
 
 class MetricsLog:
     """``metrics.jsonl`` and TensorBoard scalars of the main process.
 
     On resume, rows after the checkpoint's step are dropped (the killed run may have logged steps
-    that the resumed run takes again).
+    that the resumed run takes again), and so are evaluation rows at the checkpoint's step: the
+    resumed run evaluates there again if that evaluation is due, so it is in the log once.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None) -> None:
@@ -98,20 +136,27 @@ class MetricsLog:
         if resume_step is None:
             write_atomic(self.path, "")
         elif self.path.exists():
-            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            rows = [
+                r
+                for r in read_metrics(self.path)
+                if r["step"] < resume_step or (r["step"] == resume_step and "eval" not in r)
+            ]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=resume_step)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        """Append ``row`` (flat numbers, or dicts of numbers) to both."""
+        """Append ``row`` (flat numbers, or dicts of numbers) to both; a non-finite number is
+        written as null to the log and left out of TensorBoard."""
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
         for key, value in row.items():
-            if isinstance(value, Mapping):
-                for sub, v in value.items():
-                    self.tensorboard.add_scalar(f"{key}/{sub}", v, row["step"])
-            elif key not in ("step", "epoch"):
-                self.tensorboard.add_scalar(key, value, row["step"])
+            scalars = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for sub, v in scalars:
+                if key in ("step", "epoch") or not isinstance(v, int | float):
+                    continue
+                if math.isfinite(v):
+                    tag = key if sub is None else f"{key}/{sub}"
+                    self.tensorboard.add_scalar(tag, v, row["step"])
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -205,11 +250,41 @@ def load_run(
         overrides: dotted configuration overrides, e.g. other ``data.*`` to mine on.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: a file, not a run directory")
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunError(
+            f"{run_dir}: not a run directory (no {CONFIG_NAME}; hardmine train makes one)"
+        )
+    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
+    if not ckpt_path.exists():
+        raise RunError(
+            f"{run_dir}: the run has no {checkpoint.CHECKPOINT_NAME} yet (it saves one at the end "
+            f"of each epoch; to train it on: hardmine train --config {run_dir / CONFIG_NAME} "
+            "--resume)"
+        )
     config = load_run_config(run_dir / CONFIG_NAME, overrides)
+    state = checkpoint.load(ckpt_path, map_location=device)
+    if "model" not in state:
+        raise CheckpointError(f"{ckpt_path}: not a checkpoint of hardmine train (no weights)")
     train_set, val_set, categories = build_datasets(config)
+    trained_on = state.get("categories")
+    if trained_on is not None and list(trained_on) != list(categories):
+        raise RunError(
+            f"{run_dir} was trained on the categories {list(trained_on)}; the data given has "
+            f"{list(categories)}: a detector reads only data with its own categories"
+        )
     model = build_detector(config, len(categories))
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME, map_location=device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # load_state_dict's mismatch report runs to hundreds of lines
+        raise CheckpointError(
+            f"{ckpt_path}: its weights do not fit {config.model.name} with {len(categories)} "
+            f"classes ({str(error).splitlines()[0].rstrip(':.')}); was the data or the model "
+            "changed?"
+        ) from error
     return LoadedRun(
         run_dir=run_dir,
         config=config,

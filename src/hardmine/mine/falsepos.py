@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from hardmine.boxes import box_iof, box_iou, check_boxes, check_finite
+from hardmine.boxes import box_iof, box_iou, check_boxes, check_finite, upcast
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ def _max_over_image(flat: Tensor, image: Tensor, others: Sequence[Tensor], *, io
     """
     if flat.shape[0] == 0 or max((o.shape[0] for o in others), default=0) == 0:
         return flat.new_zeros(flat.shape[0])
-    padded = pad_sequence([o.to(flat.dtype) for o in others], batch_first=True)  # [B, M_max, 4]
+    # Padded in float32 at least: half-precision detections must not round the ground truths.
+    dtype = upcast(flat[:0]).dtype
+    padded = pad_sequence([upcast(o).to(dtype) for o in others], batch_first=True)  # [B, M_max, 4]
     overlap = box_iof if iof else box_iou
     return overlap(flat[:, None], padded[image])[:, 0].amax(1)  # [N, 1, M_max] -> [N]
 
@@ -151,12 +153,12 @@ def _match_image(im: ImageDetections, *, iou_thr: float, ignore_iof_thr: float) 
     overlaps most, if by at least ``iou_thr``.
     """
     order = torch.argsort(im.scores, descending=True, stable=True)
-    iou = box_iou(im.boxes[order], im.gt_boxes.to(im.boxes.dtype)).cpu().numpy()  # [D, G]
+    iou = box_iou(im.boxes[order], im.gt_boxes).cpu().numpy()  # [D, G], float32 at least
     same = (im.labels[order, None] == im.gt_labels[None, :]).cpu().numpy()  # [D, G]
     candidate = np.where(same & (iou >= iou_thr), iou, -1.0)
     ignored = np.zeros(len(order), dtype=bool)
     if im.ignore_boxes.shape[0]:
-        iof = box_iof(im.boxes[order], im.ignore_boxes.to(im.boxes.dtype))
+        iof = box_iof(im.boxes[order], im.ignore_boxes)
         ignored = (iof.amax(1) > ignore_iof_thr).cpu().numpy()
     outcome = np.zeros(len(order), dtype=np.int8)
     taken = np.zeros(iou.shape[1], dtype=bool)

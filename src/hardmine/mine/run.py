@@ -9,7 +9,10 @@ stays the size of one mining. Retraining from the same seed (initial weights, da
 than fine-tuning keeps the rounds comparable: they differ in the mined negatives, and in the
 sampler's random draws, which the mined boxes shift.
 
-Reruns skip finished rounds and resume interrupted ones, as ``hardmine compare`` does.
+Reruns skip finished rounds and resume interrupted ones, as ``hardmine compare`` does. A rerun with
+other settings is refused before any work, naming them: a round's training settings (checked
+against the ``config.yaml`` it was trained with), and the mining settings of a hard-negatives file
+that a later round has started training on (that file is never written again).
 """
 
 from __future__ import annotations
@@ -25,14 +28,29 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hardmine._atomic import write_atomic
-from hardmine.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
-from hardmine.data import HardNegatives, MinedBoxes, coco_gt_of, save_hard_negatives
-from hardmine.engine.build import RUN_REGISTRIES
+from hardmine.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    describe_differences,
+    differences,
+)
+from hardmine.data import (
+    HardNegatives,
+    HardNegativesFormatError,
+    MinedBoxes,
+    coco_gt_of,
+    load_hard_negatives,
+    save_hard_negatives,
+)
+from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.evaluate import coco_ap, to_coco_results
 from hardmine.engine.evaluate import detect as detect_outputs
-from hardmine.engine.rundir import RESULTS_NAME, load_run, write_json
+from hardmine.engine.rundir import CONFIG_NAME, load_run, write_json
 from hardmine.engine.train import train
+from hardmine.errors import ConfigError, RunError
 from hardmine.mine.falsepos import ImageDetections, false_positives, fp_per_image_at_recall
 
 HARD_NEGATIVES_NAME = "hard_negatives.json"
@@ -40,7 +58,12 @@ REPORT_NAME = "bootstrap.md"
 
 
 def detect(
-    model: nn.Module, dataset: Dataset, *, device: torch.device | str, batch_size: int = 4
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device | str,
+    batch_size: int = 4,
+    desc: str | None = None,
 ) -> list[ImageDetections]:
     """Run a torchvision detector over ``dataset`` in eval mode; detections beside ground truth.
 
@@ -51,6 +74,7 @@ def detect(
         dataset: a dataset of the common interface (``hardmine.data``).
         device: where the model runs.
         batch_size: images per forward pass.
+        desc: show the loop's progress under this name.
 
     Returns:
         One ``ImageDetections`` per image, on the CPU, in dataset order.
@@ -65,7 +89,9 @@ def detect(
             gt_labels=target["labels"],
             ignore_boxes=target.get("ignore_boxes", torch.zeros(0, 4)),
         )
-        for target, output in detect_outputs(model, dataset, device=device, batch_size=batch_size)
+        for target, output in detect_outputs(
+            model, dataset, device=device, batch_size=batch_size, desc=desc
+        )
     ]
 
 
@@ -113,7 +139,7 @@ def mine(
         batch_size: images per forward pass.
         source: recorded in the file (the run directory).
     """
-    detections = detect(model, dataset, device=device, batch_size=batch_size)
+    detections = detect(model, dataset, device=device, batch_size=batch_size, desc="mining")
     return mine_detections(
         detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr, source=source
     )
@@ -144,7 +170,13 @@ def mine_run(
 
     Returns:
         The file's path and its contents.
+
+    Raises:
+        RunError: ``output`` exists and holds hard negatives mined with other settings (a run
+            may have trained on it), or is not a hard-negatives file: it is not overwritten.
     """
+    path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
+    _check_overwrite(path, {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr})
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
     hard = mine(
@@ -157,8 +189,29 @@ def mine_run(
         batch_size=batch_size,
         source=str(run_dir),
     )
-    path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
     return save_hard_negatives(hard, path), hard
+
+
+def _check_overwrite(path: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse to replace ``path`` unless it is a hard-negatives file mined with ``settings``
+    (mining again with the same settings gives the same file)."""
+    if not path.exists():
+        return
+    try:
+        old = dict(load_hard_negatives(path).settings)
+    except HardNegativesFormatError:
+        raise RunError(f"{path} exists and is not a hard-negatives file; not overwritten") from None
+    if old != dict(settings):
+        changed = [
+            (f"--{k.replace('_', '-')}", old.get(k), v)
+            for k, v in settings.items()
+            if old.get(k) != v
+        ]
+        raise RunError(
+            f"{path} holds hard negatives mined with other settings "
+            f"({describe_differences(changed)}), which a run may have trained on; choose another "
+            "--output, or delete it"
+        )
 
 
 @dataclass(frozen=True)
@@ -169,8 +222,8 @@ class RoundResult:
         round: 0-based.
         run_dir: its run directory.
         trained_with: hard negatives in its training set (0 in round 0).
-        ap: COCO AP on the validation set.
-        ap50: AP at IoU 0.5.
+        ap: COCO AP on the validation set (None: no ground truth to measure it on).
+        ap50: AP at IoU 0.5 (likewise).
         fp_per_image: false positives per validation image at the fixed recall (``inf``: the
             recall is never reached).
         mined: hard negatives it yields for the next round (None after the last round).
@@ -179,8 +232,8 @@ class RoundResult:
     round: int
     run_dir: str
     trained_with: int
-    ap: float
-    ap50: float
+    ap: float | None
+    ap50: float | None
     fp_per_image: float
     mined: int | None
 
@@ -211,27 +264,33 @@ def bootstrap(
 
     Returns:
         One ``RoundResult`` per round.
+
+    Raises:
+        ConfigError: a setting out of range.
+        RunError: a rerun whose settings differ from those a round in ``output_dir`` was trained
+            with, or from those of a hard-negatives file a later round trained on (named).
     """
     if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+        raise ConfigError(f"rounds must be at least 1, got {rounds}")
+    if not 0 <= share <= 1:
+        raise ConfigError(f"share must be in [0, 1], got {share}")
+    if not 0 < recall <= 1:
+        raise ConfigError(f"recall must be in (0, 1], got {recall}")
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
+    mining = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}
+    configs = _round_configs(config, rounds, output_dir, share)
+    _check_rerun(configs, mining)  # before any work
     results: list[RoundResult] = []
-    previous: Path | None = None
     trained_with = 0
-    for r in range(rounds):
-        run_dir = output_dir / f"round{r}"
-        overrides: dict[str, Any] = {"output_dir": str(run_dir)}
-        if previous is not None:
-            overrides |= {"hard_negatives": str(previous), "hard_negative_share": share}
-        round_config = config_from_dict(
-            apply_overrides(config_to_dict(config), overrides), registries=RUN_REGISTRIES
-        )
-        if not (run_dir / RESULTS_NAME).exists():
-            train(round_config, resume=True)
+    for r, round_config in enumerate(configs):
+        run_dir = Path(round_config.output_dir)
+        train(round_config, resume=True)  # a finished round returns at once
         run = load_run(run_dir, device=device)
         model, train_set, val_set = run.model, run.train_set, run.val_set
-        val = detect(model, val_set, device=device, batch_size=config.data.batch_size)
+        val = detect(
+            model, val_set, device=device, batch_size=config.data.batch_size, desc="evaluating"
+        )
         coco_gt = coco_gt_of(val_set)
         if coco_gt is None:
             raise TypeError(f"{type(val_set).__name__} has no coco_gt to measure AP against")
@@ -246,22 +305,83 @@ def bootstrap(
         fp = fp_per_image_at_recall(val, recall=recall, iou_thr=0.5)
         mined = None
         if r + 1 < rounds:
-            hard = mine(
-                model,
-                train_set,
-                device=device,
-                iou_thr=iou_thr,
-                top_k=top_k,
-                score_thr=score_thr,
-                batch_size=config.data.batch_size,
-                source=str(run_dir),
-            )
-            previous = save_hard_negatives(hard, run_dir / HARD_NEGATIVES_NAME)
+            path = run_dir / HARD_NEGATIVES_NAME
+            hard = load_hard_negatives(path) if path.exists() else None
+            if hard is None or dict(hard.settings) != mining:  # (re)mined only if unconsumed
+                hard = mine(
+                    model,
+                    train_set,
+                    device=device,
+                    batch_size=config.data.batch_size,
+                    source=str(run_dir),
+                    **mining,
+                )
+                save_hard_negatives(hard, path)
             mined = hard.num_boxes
         results.append(RoundResult(r, str(run_dir), trained_with, ap["AP"], ap["AP50"], fp, mined))
         trained_with = mined or 0
         write_report(output_dir, results, recall=recall)
     return results
+
+
+def _round_configs(
+    config: RunConfig, rounds: int, output_dir: Path, share: float
+) -> list[RunConfig]:
+    """Each round's configuration: ``config`` in ``OUTPUT/round<r>``, after round 0 with the
+    previous round's hard negatives."""
+    configs = []
+    for r in range(rounds):
+        overrides: dict[str, Any] = {"output_dir": str(output_dir / f"round{r}")}
+        if r > 0:
+            previous = output_dir / f"round{r - 1}" / HARD_NEGATIVES_NAME
+            overrides |= {"hard_negatives": str(previous), "hard_negative_share": share}
+        configs.append(
+            config_from_dict(
+                apply_overrides(config_to_dict(config), overrides), registries=RUN_REGISTRIES
+            )
+        )
+    return configs
+
+
+def _check_rerun(configs: Sequence[RunConfig], mining: Mapping[str, Any]) -> None:
+    """Refuse a rerun whose settings differ from what the rounds on disk were made with.
+
+    A round that has started (its ``config.yaml`` exists) must have the same training settings
+    (``hardmine.config.differences``); the hard-negatives file it trains on must have been mined
+    with ``mining``, since it is never mined again once a round has trained on it.
+
+    Raises:
+        RunError: naming the round or file and the settings that differ.
+    """
+    for r, config in enumerate(configs):
+        run_dir = Path(config.output_dir)
+        if not (run_dir / CONFIG_NAME).exists():
+            continue
+        changes = differences(load_run_config(run_dir / CONFIG_NAME), config)
+        if changes:
+            raise RunError(
+                f"{run_dir} was trained with other settings ({describe_differences(changes)}); "
+                "rerun with those, or choose another --output"
+            )
+        if r == 0:
+            continue
+        consumed = Path(configs[r - 1].output_dir) / HARD_NEGATIVES_NAME
+        if not consumed.exists():
+            raise RunError(
+                f"round {r} ({run_dir}) trained on {consumed}, which is gone; delete {run_dir} "
+                "to train it again, or choose another --output"
+            )
+        settings = dict(load_hard_negatives(consumed).settings)
+        if settings != dict(mining):
+            changed = [
+                (f"--{k.replace('_', '-')}", settings.get(k), v)
+                for k, v in mining.items()
+                if settings.get(k) != v
+            ]
+            raise RunError(
+                f"{consumed} was mined with other settings ({describe_differences(changed)}) and "
+                f"round {r} trained on it; rerun with those, or choose another --output"
+            )
 
 
 def format_rounds(results: Sequence[RoundResult], *, recall: float) -> str:
@@ -275,10 +395,13 @@ def format_rounds(results: Sequence[RoundResult], *, recall: float) -> str:
         fp = "not reached" if math.isinf(r.fp_per_image) else f"{r.fp_per_image:.2f}"
         mined = "-" if r.mined is None else str(r.mined)
         lines.append(
-            f"| {r.round} | {r.trained_with} | {100 * r.ap:.1f} | {100 * r.ap50:.1f} | {fp} "
-            f"| {mined} |"
+            f"| {r.round} | {r.trained_with} | {_pct(r.ap)} | {_pct(r.ap50)} | {fp} | {mined} |"
         )
     return "\n".join(lines)
+
+
+def _pct(ap: float | None) -> str:
+    return "n/a" if ap is None else f"{100 * ap:.1f}"
 
 
 def write_report(output_dir: Path, results: Sequence[RoundResult], *, recall: float) -> Path:

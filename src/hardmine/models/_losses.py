@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.models.detection.roi_heads import keypoints_to_heatmap, project_masks_on_boxes
 
 from hardmine.structures import Assignment
 
-# torchvision's Faster R-CNN uses smooth-L1 with beta 1/9 in both the RPN and the RoI heads.
-_SMOOTH_L1_BETA = 1 / 9
+# torchvision's Faster R-CNN uses smooth-L1 with beta 1/9 in both the RPN and the RoI heads
+# (Detectron's value); Fast R-CNN's smooth-L1 (Girshick, ICCV 2015, Eq. 3), the loss of the OHEM
+# paper's detector, has beta 1.
+TORCHVISION_BOX_BETA = 1 / 9
+FAST_RCNN_BOX_BETA = 1.0
 
 
 def matched_boxes(candidates: Tensor, gt_boxes: Tensor, assignment: Assignment) -> Tensor:
@@ -41,7 +44,12 @@ def matched_boxes(candidates: Tensor, gt_boxes: Tensor, assignment: Assignment) 
 
 
 def fastrcnn_roi_losses(
-    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+    class_logits: Tensor,
+    box_regression: Tensor,
+    labels: Tensor,
+    regression_targets: Tensor,
+    *,
+    beta: float = TORCHVISION_BOX_BETA,
 ) -> tuple[Tensor, Tensor]:
     """Fast R-CNN losses of every RoI, unreduced: the terms of torchvision's ``fastrcnn_loss``.
 
@@ -50,18 +58,21 @@ def fastrcnn_roi_losses(
         box_regression: ``[R, K * 4]``, class-specific deltas.
         labels: ``int64 [R]``, 0 for background.
         regression_targets: ``[R, 4]``, meaningful where ``labels > 0``.
+        beta: the smooth-L1's beta (torchvision: 1/9; Fast R-CNN: 1).
 
     Returns:
-        ``(classification [R], box [R])``: softmax log loss, and smooth-L1 (beta 1/9) summed over
-        the four deltas of the labelled class, 0 for background RoIs.
+        ``(classification [R], box [R])``: softmax log loss, and smooth-L1 summed over the four
+        deltas of the labelled class, 0 for background RoIs.
     """
     num_rois = class_logits.shape[0]
     cls = F.cross_entropy(class_logits, labels, reduction="none")
-    deltas = box_regression.reshape(num_rois, -1, 4)  # [R, K, 4]
+    # The class count from the width, not -1: with no RoIs (every candidate ignored) -1 is
+    # ambiguous and reshape raises.
+    deltas = box_regression.reshape(num_rois, box_regression.shape[-1] // 4, 4)  # [R, K, 4]
     deltas = deltas[torch.arange(num_rois, device=labels.device), labels]  # [R, 4]
     foreground = labels > 0
     targets = torch.where(foreground[:, None], regression_targets, deltas.detach())
-    box = F.smooth_l1_loss(deltas, targets, beta=_SMOOTH_L1_BETA, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="none").sum(1)
     return cls, torch.where(foreground, box, 0.0)
 
 
@@ -83,7 +94,7 @@ def rpn_anchor_losses(
     obj = F.binary_cross_entropy_with_logits(objectness, labels, reduction="none")
     foreground = labels > 0
     targets = torch.where(foreground[:, None], regression_targets, deltas.detach())
-    box = F.smooth_l1_loss(deltas, targets, beta=_SMOOTH_L1_BETA, reduction="none").sum(1)
+    box = F.smooth_l1_loss(deltas, targets, beta=TORCHVISION_BOX_BETA, reduction="none").sum(1)
     return obj, torch.where(foreground, box, 0.0)
 
 
@@ -128,3 +139,43 @@ def weighted_mask_loss(
     logits = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]  # [P, M, M]
     per_roi = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
     return weighted_mean(per_roi, weight, labels.numel())
+
+
+def weighted_keypoint_loss(
+    keypoint_logits: Tensor,
+    proposals: list[Tensor],
+    gt_keypoints: list[Tensor],
+    gt_index: list[Tensor],
+    weight: Tensor,
+) -> Tensor:
+    """torchvision's ``keypointrcnn_loss`` with a weight per positive RoI.
+
+    Each visible keypoint that falls inside its RoI is a softmax log loss over the ``S x S``
+    heatmap cells; the result is ``sum(weight of its RoI * loss) / number of such keypoints``,
+    torchvision's mean when the weights are 1.
+
+    Args:
+        keypoint_logits: ``[P, K, S, S]`` for the ``P`` positive RoIs of the batch.
+        proposals: per image, the positive RoIs ``[P_i, 4]``.
+        gt_keypoints: per image, ``[G_i, K, 3]`` (x, y, visibility).
+        gt_index: per image, ``int64 [P_i]``, the matched ground truth.
+        weight: ``float [P]``.
+
+    Returns:
+        A scalar; ``0 * keypoint_logits.sum()`` (still in the graph) when no keypoint counts.
+    """
+    num_rois, num_keypoints, height, width = keypoint_logits.shape
+    if height != width:
+        raise ValueError(f"keypoint heatmaps must be square, got {height}x{width}")
+    targets, valid = [], []
+    for boxes, keypoints, index in zip(proposals, gt_keypoints, gt_index, strict=True):
+        heatmap, visible = keypoints_to_heatmap(keypoints[index], boxes, height)  # [P_i, K] each
+        targets.append(heatmap.reshape(-1))
+        valid.append(visible.reshape(-1) > 0)
+    counted = torch.where(torch.cat(valid))[0] if valid else torch.zeros(0, dtype=torch.int64)
+    if counted.numel() == 0:
+        return keypoint_logits.sum() * 0
+    logits = keypoint_logits.reshape(num_rois * num_keypoints, height * width)
+    per_keypoint = F.cross_entropy(logits[counted], torch.cat(targets)[counted], reduction="none")
+    per_keypoint_weight = weight.repeat_interleave(num_keypoints)[counted]
+    return weighted_mean(per_keypoint, per_keypoint_weight, counted.numel())

@@ -72,16 +72,48 @@ def pool_flat(
     Returns:
         ``[R, C, h, w]`` in ``rois``' order, equal to ``pool``'s output.
     """
+    parts = pool_parts(pool, features, rois, image_shapes)
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    shape = (rois.shape[0], *parts[0][1].shape[1:])
+    if buffer is not None and buffer.shape[0] >= shape[0] and buffer.shape[1:] == shape[1:]:
+        out = buffer[: shape[0]]
+    else:
+        out = parts[0][1].new_empty(shape)
+    # Every row is written below (each RoI is in one part): no need to zero it first.
+    for index, pooled in parts:
+        out.index_copy_(0, index, pooled)
+    return out
+
+
+def pool_parts(
+    pool: nn.Module,
+    features: dict[str, Tensor],
+    rois: Tensor,
+    image_shapes: list[tuple[int, int]],
+) -> list[tuple[Tensor | None, Tensor]]:
+    """``pool_flat``'s output in parts, as the pooling produced them, without assembling them.
+
+    Returns:
+        ``(index, pooled)`` pairs: ``pooled: [r, C, h, w]`` holds the RoIs ``rois[index]``; every
+        RoI is in exactly one part. ``index`` is None for a single part in ``rois``' order (the
+        pooler's own interface: with gradients, or a pooler that is not torchvision's).
+        A caller that reduces each RoI to a few numbers (OHEM's losses) spares itself the copy
+        of every pooled feature into one tensor.
+    """
     if type(pool) is not MultiScaleRoIAlign or torch.is_grad_enabled():
         # Through the pooler's own interface (see the module docstring for autograd).
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
         order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order
         out = pool(features, boxes, image_shapes)
-        return out.index_select(0, torch.argsort(order))
+        return [(None, out.index_select(0, torch.argsort(order)))]
     if pool.scales is None or pool.map_levels is None:
         empty = [rois.new_zeros((0, 4)) for _ in image_shapes]
         pool(features, empty, image_shapes)  # torchvision sets scales and levels on first use
-    maps = [features[name] for name in pool.featmap_names]
+    # The maps the pooler uses: those of its names that ``features`` has, in ``features``' order,
+    # as torchvision's ``_filter_input`` takes them (MobileNetV3's FPN gives "0", "1", "pool"
+    # to a pooler of "0" to "3").
+    maps = [f for name, f in features.items() if name in pool.featmap_names]
     total = rois.shape[0]
     if len(maps) > 1:
         levels = pool.map_levels([rois[:, 1:]])
@@ -93,7 +125,15 @@ def pool_flat(
 
     def align(feature: Tensor, part: Tensor, scale: float) -> Tensor:
         with torch.no_grad():  # grad mode is per thread
-            return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
+            if feature.dtype == part.dtype:
+                return roi_align(feature, part, pool.output_size, scale, pool.sampling_ratio)
+            # Half-precision features (autocast) with float32 RoIs: what torchvision's autocast
+            # rule for roi_align does, pooling in float32 and returning the features' type.
+            # Autocast is per thread, so the workers would not apply it themselves.
+            out = roi_align(
+                feature.float(), part.float(), pool.output_size, scale, pool.sampling_ratio
+            )
+            return out.to(feature.dtype)
 
     # Every job's inputs are cut before the first starts, so the main thread does not compete
     # with the workers for the cores. Each job pools its RoIs in raster order (image, band of
@@ -107,21 +147,16 @@ def pool_flat(
         for part in index.tensor_split(chunks):
             if part.numel():
                 tasks.append((part, feature, rois[part], scale))
+    if not tasks:  # no RoIs: one empty part of the output's shape
+        empty = maps[0].new_empty((0, maps[0].shape[1], *pool.output_size))
+        return [(rois.new_zeros(0, dtype=torch.int64), empty)]
     if threaded:
         executor = _threads(width)
         futures = [executor.submit(align, f, r, scale) for _, f, r, scale in tasks]
         results = [future.result() for future in futures]
     else:
         results = [align(f, r, scale) for _, f, r, scale in tasks]
-    # Every row is written below (each RoI is in one level's parts): no need to zero it first.
-    shape = (total, maps[0].shape[1], *pool.output_size)
-    if buffer is not None and buffer.shape[0] >= total and buffer.shape[1:] == shape[1:]:
-        out = buffer[:total]
-    else:
-        out = maps[0].new_empty(shape)
-    for (part, *_), result in zip(tasks, results, strict=True):
-        out.index_copy_(0, part, result)
-    return out
+    return [(part, result) for (part, *_), result in zip(tasks, results, strict=True)]
 
 
 def raster_order(rois: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from hardmine.boxes import upcast
 from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY
 
 #: Target entries holding ``[M, 4]`` boxes in image pixels besides ``boxes``: ignore regions
@@ -51,8 +52,10 @@ def with_box_keys(transform: GeneralizedRCNNTransform) -> BoxKeysTransform:
 
 
 def target_boxes(targets: list[dict[str, Tensor]], key: str, like: Tensor) -> list[Tensor]:
-    """``targets[i][key]`` per image, ``[0, 4]`` where an image has none: ``float [M_i, 4]``."""
-    return [t.get(key, like.new_zeros(0, 4)).to(like.dtype) for t in targets]
+    """``targets[i][key]`` per image, ``[0, 4]`` where an image has none: ``float [M_i, 4]`` in
+    ``like``'s dtype, ``float32`` for a half-precision one (boxes are never rounded to half)."""
+    dtype = upcast(like[:0]).dtype
+    return [t.get(key, like.new_zeros(0, 4)).to(dtype) for t in targets]
 
 
 def append_hard_negatives(

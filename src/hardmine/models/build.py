@@ -1,19 +1,24 @@
 """Named detector configurations: tiny ones that train from scratch on a CPU, and the standard ones.
 
-``DETECTORS`` maps each name to a plain builder function ``(num_classes, *, weights, **kwargs)``;
-``build`` looks the name up and attaches a sampler or assigner. ``weights=None`` never downloads
-anything (nor does any backbone: ``weights_backbone`` defaults to ``None`` too).
+``DETECTORS`` maps each name to a plain builder function ``(num_classes, *, weights, **kwargs)``
+whose signature lists every setting it takes, those it forwards to torchvision's constructors too
+(``forwards_to``); ``build`` looks the name up, refuses settings the builder does not take and
+attaches a sampler or assigner. ``run_settings`` gives what a run configuration may set.
+``weights=None`` never downloads anything (nor does any backbone: ``weights_backbone`` defaults
+to ``None`` too).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.models._api import WeightsEnum
 from torchvision.models.detection import (
     FCOS,
     FasterRCNN,
@@ -30,10 +35,13 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
+from hardmine.models._losses import TORCHVISION_BOX_BETA
+from hardmine.models._settings import check_settings, forwards_to
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
 from hardmine.models.roi_heads import with_sampler
@@ -100,12 +108,14 @@ def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
     }
 
 
+@forwards_to(FasterRCNN, GeneralizedRCNNTransform)
 def faster_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FasterRCNN:
     """Faster R-CNN on ``TinyBackbone`` (three FPN levels, 64 channels, 256-d box head)."""
     _no_weights("faster_rcnn_tiny", weights)
     return FasterRCNN(TinyBackbone(), **(_tiny_rcnn_kwargs(num_classes) | kwargs))
 
 
+@forwards_to(MaskRCNN, GeneralizedRCNNTransform)
 def mask_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN on ``TinyBackbone``, with a two-conv 14x14 mask head."""
     _no_weights("mask_rcnn_tiny", weights)
@@ -118,6 +128,7 @@ def mask_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> M
     return MaskRCNN(TinyBackbone(), **(_tiny_rcnn_kwargs(num_classes) | mask | kwargs))
 
 
+@forwards_to(RetinaNet, GeneralizedRCNNTransform)
 def retinanet_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> RetinaNet:
     """RetinaNet on ``TinyBackbone``: RetinaNet's 3 scales x 3 ratios anchors from 2x the stride."""
     _no_weights("retinanet_tiny", weights)
@@ -145,6 +156,7 @@ def _square_anchors(strides: tuple[int, ...], scale: int) -> AnchorGenerator:
     return AnchorGenerator(tuple((scale * s,) for s in strides), ((1.0,),) * len(strides))
 
 
+@forwards_to(RetinaNet, GeneralizedRCNNTransform, exclude=("anchor_generator", "head"))
 def atss_tiny(
     num_classes: int, *, weights: Any = None, anchor_scale: int = 4, **kwargs: Any
 ) -> AssignedRetinaNet:
@@ -164,6 +176,7 @@ def atss_tiny(
     return with_assigner(model, ATSSAssigner(topk=9))
 
 
+@forwards_to(FCOS, GeneralizedRCNNTransform)
 def fcos_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FCOS:
     """FCOS on ``TinyBackbone``: a location per cell of P3-P5, anchors one stride wide (FCOS's)."""
     _no_weights("fcos_tiny", weights)
@@ -176,6 +189,7 @@ def fcos_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FCOS:
     return FCOS(TinyBackbone(), num_classes, **(settings | kwargs))
 
 
+@forwards_to(fcos_tiny)
 def atss_fcos_tiny(
     num_classes: int, *, weights: Any = None, anchor_scale: float = 4.0, **kwargs: Any
 ) -> AssignedFCOS:
@@ -189,32 +203,68 @@ def atss_fcos_tiny(
     return with_assigner(model, ATSSAssigner(topk=9), anchor_scale=anchor_scale)
 
 
-def faster_rcnn_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FasterRCNN:
+@forwards_to(fasterrcnn_resnet50_fpn, FasterRCNN, GeneralizedRCNNTransform)
+def faster_rcnn_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    weights_backbone: str | WeightsEnum | None = None,
+    **kwargs: Any,
+) -> FasterRCNN:
     """torchvision's ``fasterrcnn_resnet50_fpn``, without a pretrained backbone unless asked."""
-    kwargs.setdefault("weights_backbone", None)
-    return fasterrcnn_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+    return fasterrcnn_resnet50_fpn(
+        weights=weights, weights_backbone=weights_backbone, num_classes=num_classes, **kwargs
+    )
 
 
-def mask_rcnn_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> MaskRCNN:
+@forwards_to(maskrcnn_resnet50_fpn, MaskRCNN, GeneralizedRCNNTransform)
+def mask_rcnn_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    weights_backbone: str | WeightsEnum | None = None,
+    **kwargs: Any,
+) -> MaskRCNN:
     """torchvision's ``maskrcnn_resnet50_fpn``, without a pretrained backbone unless asked."""
-    kwargs.setdefault("weights_backbone", None)
-    return maskrcnn_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+    return maskrcnn_resnet50_fpn(
+        weights=weights, weights_backbone=weights_backbone, num_classes=num_classes, **kwargs
+    )
 
 
-def retinanet_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> RetinaNet:
+@forwards_to(retinanet_resnet50_fpn, RetinaNet, GeneralizedRCNNTransform)
+def retinanet_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    weights_backbone: str | WeightsEnum | None = None,
+    **kwargs: Any,
+) -> RetinaNet:
     """torchvision's ``retinanet_resnet50_fpn``, without a pretrained backbone unless asked."""
-    kwargs.setdefault("weights_backbone", None)
-    return retinanet_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+    return retinanet_resnet50_fpn(
+        weights=weights, weights_backbone=weights_backbone, num_classes=num_classes, **kwargs
+    )
 
 
-def atss_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> AssignedRetinaNet:
+@forwards_to(
+    retinanet_resnet50_fpn,
+    RetinaNet,
+    GeneralizedRCNNTransform,
+    exclude=("anchor_generator", "head"),
+)
+def atss_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    weights_backbone: str | WeightsEnum | None = None,
+    **kwargs: Any,
+) -> AssignedRetinaNet:
     """ATSS R-50-FPN as in the paper (without its centerness branch): one square anchor of scale 8
     per location on P3-P7, group-norm head, GIoU box loss, ATSS assignment with top 9 per level.
     """
     _no_weights("atss_r50_fpn", weights)
-    kwargs.setdefault("weights_backbone", None)
     model = retinanet_resnet50_fpn(
         weights=None,
+        weights_backbone=weights_backbone,
         num_classes=num_classes,
         anchor_generator=_square_anchors(_R50_STRIDES, 8),
         head=_atss_head(256, num_classes),
@@ -223,12 +273,21 @@ def atss_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> Ass
     return with_assigner(model, ATSSAssigner(topk=9))
 
 
-def fcos_r50_fpn(num_classes: int, *, weights: Any = None, **kwargs: Any) -> FCOS:
+@forwards_to(fcos_resnet50_fpn, FCOS, GeneralizedRCNNTransform)
+def fcos_r50_fpn(
+    num_classes: int,
+    *,
+    weights: Any = None,
+    weights_backbone: str | WeightsEnum | None = None,
+    **kwargs: Any,
+) -> FCOS:
     """torchvision's ``fcos_resnet50_fpn``, without a pretrained backbone unless asked."""
-    kwargs.setdefault("weights_backbone", None)
-    return fcos_resnet50_fpn(weights=weights, num_classes=num_classes, **kwargs)
+    return fcos_resnet50_fpn(
+        weights=weights, weights_backbone=weights_backbone, num_classes=num_classes, **kwargs
+    )
 
 
+@forwards_to(fcos_r50_fpn)
 def atss_fcos_r50_fpn(
     num_classes: int,
     *,
@@ -269,7 +328,8 @@ def build(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     weights: Any = None,
-    score_dtype: str | torch.dtype | None = None,
+    score_dtype: str | torch.dtype | None = "auto",
+    box_loss_beta: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """The detector ``name`` from ``DETECTORS``, trained with ``sampler`` / ``assigner``.
@@ -288,36 +348,95 @@ def build(
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
         score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
-            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
+            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype;
+            ``"auto"`` (default): bfloat16 where the hardware has it, ``None``: the model's own.
+        box_loss_beta: R-CNN: the smooth-L1 beta of the RoI heads' box loss, in training and in
+            OHEM's ranking alike (``SamplingRoIHeads``); None: torchvision's 1/9. ``1.0`` is Fast
+            R-CNN's, the loss of the OHEM paper's detector.
         **kwargs: passed to the builder, e.g. torchvision's ``min_size`` or
-            ``box_batch_size_per_image``.
+            ``box_batch_size_per_image``; ``inspect.signature(DETECTORS[name])`` lists them.
+
+    Raises:
+        ValueError: an unknown name, or a setting that does not apply to the detector.
+        TypeError: a setting the builder does not take (torchvision would swallow it).
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
+    check_settings(name, DETECTORS[name], kwargs)
     dtype = _score_dtype(score_dtype)
     model = DETECTORS[name](num_classes, weights=weights, **kwargs)
     if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
-        if dtype is not None:
+        if dtype not in (None, "auto"):
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
+        if box_loss_beta is not None:
+            raise ValueError(f"{name} has no RoI heads; box_loss_beta is for R-CNN")
         return model if assigner is None else with_assigner(model, assigner)
-    if sampler is None and assigner is None and dtype is None and generator is None:
+    if (
+        sampler is None
+        and assigner is None
+        and dtype in (None, "auto")
+        and generator is None
+        and box_loss_beta is None
+    ):
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
         sampler = RandomSampler(
             num=fg_bg.batch_size_per_image, pos_fraction=fg_bg.positive_fraction
         )
-    return with_sampler(model, sampler, assigner=assigner, generator=generator, score_dtype=dtype)
+    return with_sampler(
+        model,
+        sampler,
+        assigner=assigner,
+        generator=generator,
+        score_dtype=dtype,
+        box_loss_beta=TORCHVISION_BOX_BETA if box_loss_beta is None else box_loss_beta,
+    )
 
 
-def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``score_dtype`` as a torch dtype: ``None``, a half-precision dtype, or its name."""
+def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``score_dtype`` as a torch dtype: ``None``, ``"auto"``, a half-precision dtype, or its
+    name."""
+    if value == "auto":
+        return value
     if value is None or isinstance(value, torch.dtype):
         dtype = value
     else:
         dtype = getattr(torch, str(value), None)
     if value is not None and dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"score_dtype must be 'bfloat16' or 'float16' (or None), got {value!r}")
+        raise ValueError(
+            f"score_dtype must be 'bfloat16', 'float16', 'auto' (or None), got {value!r}"
+        )
     return dtype
+
+
+#: ``build``'s own settings that a run configuration may give beside the builder's.
+BUILD_SETTINGS: dict[str, Any] = {
+    "score_dtype": Literal["auto", "bfloat16", "float16"] | None,
+    "box_loss_beta": float | None,
+}
+
+
+def run_settings(name: str) -> Callable[..., nn.Module]:
+    """``build(name, num_classes, **settings)`` with a signature of every setting a run
+    configuration's ``model`` section may give: the builder's and ``BUILD_SETTINGS``.
+
+    ``hardmine.config.settings_of`` reads the keys and their types from it.
+    """
+    builder = DETECTORS[name]
+
+    def build_named(num_classes: int, **settings: Any) -> nn.Module:
+        return build(name, num_classes, **settings)
+
+    own = inspect.signature(builder)
+    params = list(own.parameters.values())
+    params += [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint)
+        for key, hint in BUILD_SETTINGS.items()
+    ]
+    build_named.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    build_named.__annotations__ = {p.name: p.annotation for p in params}
+    build_named.__name__ = build_named.__qualname__ = name
+    return build_named

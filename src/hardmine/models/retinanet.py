@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from typing import overload
+import dataclasses
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 
+from hardmine.models._checks import require_component
 from hardmine.models._dense import dense_forward
 from hardmine.models._transform import target_boxes, with_box_keys
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
@@ -84,6 +86,36 @@ def _torchvision_matches(assignment: Assignment) -> Tensor:
     return torch.where(assignment.positive, assignment.gt_index, codes)
 
 
+def fit_anchors_per_location(assigner: Any, expected: int) -> Any:
+    """``assigner`` with ``anchors_per_location = expected`` if it left that field at its default.
+
+    Looks through wrappers that hold the assigner in a dataclass field ``assigner`` (such as the
+    harness's counting one). An assigner without the field is returned as it is.
+
+    Raises:
+        ValueError: the field was set to another count than ``expected``.
+    """
+    if not dataclasses.is_dataclass(assigner) or isinstance(assigner, type):
+        return assigner
+    fields = {f.name: f for f in dataclasses.fields(assigner)}
+    if "anchors_per_location" in fields:
+        given = assigner.anchors_per_location
+        if given == expected:
+            return assigner
+        if given == fields["anchors_per_location"].default:
+            return dataclasses.replace(assigner, anchors_per_location=expected)
+        raise ValueError(
+            f"{type(assigner).__name__}(anchors_per_location={given}) but the model's anchor "
+            f"generator has {expected} anchors per location; pass anchors_per_location={expected} "
+            "or leave it out"
+        )
+    if "assigner" in fields:
+        inner = fit_anchors_per_location(assigner.assigner, expected)
+        if inner is not assigner.assigner:
+            return dataclasses.replace(assigner, assigner=inner)
+    return assigner
+
+
 @overload
 def with_assigner(
     model: RetinaNet, assigner: Assigner, *, anchor_scale: float | None = None
@@ -103,8 +135,11 @@ def with_assigner(
 
     The returned model (``AssignedRetinaNet`` or ``AssignedFCOS``) shares every submodule with
     ``model`` (training one trains the other); ``model`` itself is left as it was. ATSS's own
-    setting is one square anchor per location (``hardmine.models.build("atss_r50_fpn", ...)``);
-    with RetinaNet's 9 anchors per location pass ``ATSSAssigner(anchors_per_location=9)``.
+    setting is one square anchor per location (``hardmine.models.build("atss_r50_fpn", ...)``).
+    An assigner that counts the anchors per location (``ATSSAssigner.anchors_per_location``)
+    gets the model's count when it left the setting at its default: on torchvision's RetinaNet
+    (9 anchors per location) ``ATSSAssigner(topk=9)`` becomes
+    ``ATSSAssigner(topk=9, anchors_per_location=9)``.
 
     Args:
         model: a torchvision ``RetinaNet`` or ``FCOS`` (or one already wrapped).
@@ -115,9 +150,11 @@ def with_assigner(
 
     Raises:
         TypeError: ``model`` is neither a RetinaNet nor an FCOS (Faster / Mask R-CNN take their
-            assigner through ``with_sampler(model, sampler, assigner=...)``).
-        ValueError: when the assigner's ``anchors_per_location`` (if it has one) disagrees with the
-            model's anchor generator, or ``anchor_scale`` is given for a RetinaNet.
+            assigner through ``with_sampler(model, sampler, assigner=...)``), or ``assigner`` is
+            not an assigner object (a name such as ``"atss"``, or a class).
+        ValueError: when the assigner's ``anchors_per_location``, set to other than its default,
+            disagrees with the model's anchor generator, or ``anchor_scale`` is given for a
+            RetinaNet.
     """
     if not isinstance(model, RetinaNet | FCOS):
         raise TypeError(
@@ -125,12 +162,10 @@ def with_assigner(
             "Faster / Mask R-CNN take an assigner through with_sampler(model, sampler, "
             "assigner=...)"
         )
-    expected = model.anchor_generator.num_anchors_per_location()[0]
-    per_location = getattr(assigner, "anchors_per_location", expected)
-    if per_location != expected:
-        raise ValueError(
-            f"the assigner expects {per_location} anchors per location, the model has {expected}"
-        )
+    require_component(assigner, "assigner")
+    assigner = fit_anchors_per_location(
+        assigner, model.anchor_generator.num_anchors_per_location()[0]
+    )
     if isinstance(model, FCOS):
         if anchor_scale is None:
             anchor_scale = (

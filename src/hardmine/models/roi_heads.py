@@ -10,8 +10,9 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 3. for samplers that need losses (OHEM, Shrivastava et al., CVPR 2016): a read-only pass of the
    box head over *all* proposals under ``torch.no_grad()`` gives every RoI's loss
    (``hardmine.models.read_only.score_rois``);
-4. the sampler picks; the training pass runs RoI-align and the box (and mask) head on the picks
-   only, with the picks' weights in the losses (``hardmine.models._losses``).
+4. the sampler picks; the training pass runs RoI-align and the box head on the picks only, and
+   the mask or keypoint head on the picked positives, with the picks' weights in the losses
+   (``hardmine.models._losses``).
 
 """
 
@@ -24,9 +25,13 @@ from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from hardmine.boxes import upcast
+from hardmine.models._checks import require_component, require_rcnn
 from hardmine.models._losses import (
+    TORCHVISION_BOX_BETA,
     fastrcnn_roi_losses,
     matched_boxes,
+    weighted_keypoint_loss,
     weighted_mask_loss,
     weighted_mean,
 )
@@ -42,7 +47,8 @@ class SamplingRoIHeads(RoIHeads):
     Overrides ``forward`` in training mode only (eval mode calls ``RoIHeads.forward``). Of the
     parent, it uses ``add_gt_proposals``, ``check_targets``, ``box_coder`` and the box / mask
     modules; its ``proposal_matcher`` and ``fg_bg_sampler`` are replaced by ``assigner`` and
-    ``sampler``. Keypoint heads are not supported.
+    ``sampler``. Mask and keypoint heads (Mask / Keypoint R-CNN) train on the picked positives,
+    as torchvision's do on its sampled positives, each RoI's loss weighted by its pick's weight.
 
     Args:
         heads: the torchvision heads whose modules and settings to share (not copied).
@@ -53,9 +59,17 @@ class SamplingRoIHeads(RoIHeads):
         generator: passed to the sampler on every step.
         score_dtype: the precision of the read-only pass's box head (``torch.bfloat16`` or
             ``torch.float16``, by autocast); the losses themselves are computed in float32.
-            ``None`` (default): the model's own precision, under whatever autocast the caller
-            set (e.g. AMP on CUDA). The loss ranking is then nearly, not exactly, the float32
-            one; on a CPU with bfloat16 units the read-only box head is about 3x faster.
+            ``"auto"`` (default): bfloat16 where the device computes it natively (a CPU with
+            AVX512-BF16 or AMX, a CUDA GPU with bfloat16 units), else as ``None``: the model's
+            own precision, under whatever autocast the caller set (e.g. AMP on CUDA). In
+            bfloat16 the loss ranking is nearly, not exactly, the float32 one (OHEM picks 99.7%
+            of the same RoIs on a trained tiny Faster R-CNN, ``benchmarks/score_dtype.py``),
+            and the read-only box head is about twice as fast on such a CPU.
+        box_loss_beta: the smooth-L1 beta of the box loss, in training and in the read-only
+            pass alike: OHEM ranks by the loss the network trains with (the read-only network is
+            a copy of the trained one, Shrivastava et al., Sec. 4.2). Default: torchvision's
+            1/9 (Detectron's), the detector's own loss; 1 is Fast R-CNN's (Girshick, ICCV 2015,
+            Eq. 3), the loss of the OHEM paper's detector.
     """
 
     def __init__(
@@ -65,10 +79,11 @@ class SamplingRoIHeads(RoIHeads):
         sampler: Sampler,
         assigner: Assigner | None = None,
         generator: torch.Generator | None = None,
-        score_dtype: torch.dtype | None = None,
+        score_dtype: torch.dtype | str | None = "auto",
+        box_loss_beta: float = TORCHVISION_BOX_BETA,
     ) -> None:
-        if heads.has_keypoint():
-            raise ValueError("SamplingRoIHeads does not support keypoint heads")
+        if not box_loss_beta > 0:
+            raise ValueError(f"box_loss_beta must be > 0, got {box_loss_beta}")
         matcher, fg_bg = heads.proposal_matcher, heads.fg_bg_sampler
         super().__init__(
             heads.box_roi_pool,
@@ -85,12 +100,16 @@ class SamplingRoIHeads(RoIHeads):
             mask_roi_pool=heads.mask_roi_pool,
             mask_head=heads.mask_head,
             mask_predictor=heads.mask_predictor,
+            keypoint_roi_pool=heads.keypoint_roi_pool,
+            keypoint_head=heads.keypoint_head,
+            keypoint_predictor=heads.keypoint_predictor,
         )
         self.box_coder = heads.box_coder
         self.sampler = sampler
         self.assigner = assigner or heads_assigner(heads)
         self.generator = generator
         self.score_dtype = score_dtype
+        self.box_loss_beta = box_loss_beta
 
     def forward(
         self,
@@ -105,12 +124,17 @@ class SamplingRoIHeads(RoIHeads):
             features: feature maps by name, ``[B, C, H, W]`` each.
             proposals: per image, ``[N_i, 4]``.
             image_shapes: per image, ``(H, W)`` after the transform.
-            targets: per image, ``boxes [G_i, 4]``, ``labels int64 [G_i]`` (and ``masks``).
+            targets: per image, ``boxes [G_i, 4]``, ``labels int64 [G_i]`` (and ``masks`` or
+                ``keypoints [G_i, K, 3]``).
         """
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
         self.check_targets(targets)
         assert targets is not None  # check_targets raised otherwise
+        # Under autocast the RPN decodes its proposals in float16; the assignment, the
+        # samplers' geometry and the regression targets are computed in float32 (DESIGN.md,
+        # "Errors, faults and precision"), and the ground truths are never rounded to half.
+        proposals = [upcast(p) for p in proposals]
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
@@ -140,13 +164,19 @@ class SamplingRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(
             self.box_head(self.box_roi_pool(features, rois, image_shapes))
         )
-        cls, box = fastrcnn_roi_losses(class_logits, box_regression, labels, torch.cat(targets_reg))
+        cls, box = fastrcnn_roi_losses(
+            class_logits, box_regression, labels, torch.cat(targets_reg), beta=self.box_loss_beta
+        )
         out = {
             "loss_classifier": weighted_mean(cls, weight, labels.numel()),
             "loss_box_reg": weighted_mean(box, weight, labels.numel()),
         }
         if self.has_mask():
             out["loss_mask"] = self.mask_loss(features, rois, image_shapes, targets, picked, weight)
+        if self.has_keypoint():
+            out["loss_keypoint"] = self.keypoint_loss(
+                features, rois, image_shapes, targets, picked, weight
+            )
         return [], out
 
     def roi_losses(
@@ -170,6 +200,7 @@ class SamplingRoIHeads(RoIHeads):
             gt_boxes,
             assignments,
             score_dtype=self.score_dtype,
+            box_loss_beta=self.box_loss_beta,
         )
 
     def mask_loss(
@@ -196,6 +227,29 @@ class SamplingRoIHeads(RoIHeads):
             weight[torch.cat(positive)],
         )
 
+    def keypoint_loss(
+        self,
+        features: dict[str, Tensor],
+        rois: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        picked: list[Assignment],
+        weight: Tensor,
+    ) -> Tensor:
+        """Weighted keypoint loss of the picked positives (``weight: [R]`` over all picks)."""
+        positive = [a.positive for a in picked]
+        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
+        keypoint_logits = self.keypoint_predictor(
+            self.keypoint_head(self.keypoint_roi_pool(features, pos_rois, image_shapes))
+        )
+        return weighted_keypoint_loss(
+            keypoint_logits,
+            pos_rois,
+            [t["keypoints"] for t in targets],
+            [a.gt_index[p] for a, p in zip(picked, positive, strict=True)],
+            weight[torch.cat(positive)],
+        )
+
 
 def _index(assignment: Assignment, index: Tensor) -> Assignment:
     """The assignment of the candidates at ``index: int64 [R]``."""
@@ -214,9 +268,10 @@ def with_sampler(
     rpn_sampler: Sampler | None = None,
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
-    score_dtype: torch.dtype | None = None,
+    score_dtype: torch.dtype | str | None = "auto",
+    box_loss_beta: float = TORCHVISION_BOX_BETA,
 ) -> GeneralizedRCNN:
-    """Faster / Mask R-CNN whose RoI heads (and optionally RPN) train on a hardmine sampler's picks.
+    """Faster / Mask / Keypoint R-CNN whose RoI heads (and optionally RPN) train on sampler picks.
 
     The returned model is a shallow copy of ``model``: same class, every submodule and weight shared
     (training one trains the other), with ``roi_heads`` replaced by ``SamplingRoIHeads`` and, when
@@ -226,13 +281,27 @@ def with_sampler(
     the two can be compared; inference is identical.
 
     Args:
-        model: a torchvision ``FasterRCNN`` or ``MaskRCNN``.
-        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=128)``.
+        model: a torchvision ``FasterRCNN``, ``MaskRCNN`` or ``KeypointRCNN`` (any
+            ``GeneralizedRCNN`` with torchvision ``RoIHeads``).
+        sampler: picks the RoIs, e.g. ``RandomSampler(num=512)``, ``OHEMSampler(num=64)``.
         rpn_sampler: picks the RPN's anchors; torchvision's random sampler when ``None``.
         assigner: labels the proposals; max-IoU with torchvision's thresholds when ``None``.
         generator: makes the samplers' picks reproducible.
         score_dtype: the precision of OHEM's read-only pass (see ``SamplingRoIHeads``).
+        box_loss_beta: the box loss's smooth-L1 beta, trained and ranked by (see
+            ``SamplingRoIHeads``).
+
+    Raises:
+        TypeError: ``model`` is not an R-CNN (RetinaNet and FCOS take an assigner through
+            ``with_assigner``), or a sampler / assigner is not an instance of one (a name such
+            as ``"ohem"``, or a class).
     """
+    require_rcnn(model)
+    require_component(sampler, "sampler")
+    if rpn_sampler is not None:
+        require_component(rpn_sampler, "rpn_sampler")
+    if assigner is not None:
+        require_component(assigner, "assigner")
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
     wrapped.transform = with_box_keys(model.transform)
@@ -242,6 +311,7 @@ def with_sampler(
         assigner=assigner,
         generator=generator,
         score_dtype=score_dtype,
+        box_loss_beta=box_loss_beta,
     )
     if rpn_sampler is not None:
         wrapped.rpn = SamplingRPN(model.rpn, sampler=rpn_sampler, generator=generator)

@@ -8,6 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from hardmine.assign.max_iou import MaxIoUAssigner
+from hardmine.boxes import upcast
 from hardmine.models._losses import matched_boxes, rpn_anchor_losses, weighted_mean
 from hardmine.models._transform import target_boxes
 from hardmine.structures import Assigner, Sampler
@@ -113,7 +114,9 @@ class SamplingRPN(RegionProposalNetwork):
         if targets is None:
             raise ValueError("targets should not be None in training mode")
         boxes, objectness, deltas, anchors = propose(self, images, features)
-
+        # The anchor generator works in the features' dtype (float16 under autocast); the
+        # assignment and the regression targets are computed in float32.
+        anchors = [upcast(a) for a in anchors]
         gt_boxes = [t["boxes"].to(anchors[0].dtype) for t in targets]
         ignore = target_boxes(targets, "ignore_boxes", anchors[0])
         labels = [t["labels"] for t in targets]

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from hardmine._atomic import write_atomic
-from hardmine.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
+from hardmine.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    describe_differences,
+    differences,
+)
 from hardmine.engine.build import RUN_REGISTRIES, load_run_config
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.rundir import (
@@ -35,6 +42,7 @@ from hardmine.engine.rundir import (
     read_metrics,
 )
 from hardmine.engine.train import train
+from hardmine.errors import RunError
 from hardmine.report.draw import MIN_IOU_PN
 from hardmine.report.inspect import inspect_run
 from hardmine.report.plots import AP_KEYS, mean_curve, plot_curves, plot_results
@@ -67,6 +75,9 @@ class Method:
         epochs_scale: trains this many times the base configuration's epochs (a detector whose
             steps are cheap can learn longer within the same budget; compared only with methods
             of the same scale).
+        overrides: dotted keys set last, over the sections and the comparison's own overrides:
+            a variant's settings (``sampler.strategy``, ``model.box_nms_thresh``, ``train.lr``;
+            ``hardmine.report.methods.parse_method``).
     """
 
     name: str
@@ -75,6 +86,7 @@ class Method:
     assigner: Mapping[str, Any] | None = None
     baseline: str | None = None
     epochs_scale: int = 1
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def config(
         self,
@@ -92,7 +104,8 @@ class Method:
             output_dir: the run directory.
             overrides: dotted keys in the component sections (``model.min_size``,
                 ``sampler.num``) set on top of the method's sections; those in a section the
-                method leaves empty (a sampler for RetinaNet) do not apply to it.
+                method leaves empty (a sampler for RetinaNet) do not apply to it. The method's
+                own ``overrides`` come after them.
         """
         sections = {"model": self.model, "sampler": self.sampler, "assigner": self.assigner}
         applicable = {
@@ -104,7 +117,8 @@ class Method:
         if self.epochs_scale != 1:
             own["train.epochs"] = base.train.epochs * self.epochs_scale
         raw = apply_overrides(config_to_dict(base), own)
-        return config_from_dict(apply_overrides(raw, applicable), registries=RUN_REGISTRIES)
+        raw = apply_overrides(apply_overrides(raw, applicable), self.overrides)
+        return config_from_dict(raw, registries=RUN_REGISTRIES)
 
 
 # The same RoI budget (128 per image, torchvision's tiny Faster R-CNN setting) for every sampler.
@@ -182,7 +196,7 @@ class Outcome:
     method: str
     seed: int
     run_dir: Path
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
 
@@ -197,9 +211,11 @@ def run_comparison(
 ) -> list[Outcome]:
     """Train every method with every seed, each in its own run directory under ``out_dir``.
 
-    Finished runs are read, not trained again; interrupted ones resume. A run whose directory
-    holds a different configuration, or that raises, is recorded as failed (with the traceback in
-    its ``error.txt``) and the comparison goes on.
+    Every run's configuration is made first, so that a bad setting is refused before any
+    training. Finished runs are read, not trained again; interrupted ones resume. A run whose
+    directory holds a different configuration (``hardmine.config.differences``, named in the
+    error), or that raises, is recorded as failed (with the traceback in its ``error.txt``) and the
+    comparison goes on.
 
     Args:
         base: the configuration every method starts from.
@@ -208,15 +224,28 @@ def run_comparison(
         out_dir: the comparison's folder.
         overrides: dotted keys of the model / sampler / assigner sections for every method that
             has that section (``Method.config``).
+
+    Raises:
+        ConfigError: a method's configuration is invalid (an override out of range for it).
     """
     out_dir = Path(out_dir)
+    configs = {
+        (method.name, seed): method.config(
+            base,
+            seed=seed,
+            output_dir=out_dir / method.name / f"seed{seed}",
+            overrides=overrides,
+        )
+        for method in methods
+        for seed in seeds
+    }
     outcomes = []
     for method in methods:
         for seed in seeds:
             run_dir = out_dir / method.name / f"seed{seed}"
             outcome = Outcome(method.name, seed, run_dir)
             try:
-                config = method.config(base, seed=seed, output_dir=run_dir, overrides=overrides)
+                config = configs[method.name, seed]
                 _check_same_run(config, run_dir)
                 if (run_dir / RESULTS_NAME).exists():
                     log.info(
@@ -228,9 +257,13 @@ def run_comparison(
                     train(config, resume=True)
                 results = json.loads((run_dir / RESULTS_NAME).read_text())
                 outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
-                ap = 100 * outcome.metrics.get("AP", float("nan"))
+                ap = outcome.metrics.get("AP")
                 log.info(
-                    "%s, seed %d: AP %.1f, %.1f min", method.name, seed, ap, outcome.seconds / 60
+                    "%s, seed %d: AP %s, %.1f min",
+                    method.name,
+                    seed,
+                    "n/a" if ap is None else f"{100 * ap:.1f}",
+                    outcome.seconds / 60,
                 )
             except Exception as error:  # one method's failure must not stop the others
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,10 +276,13 @@ def run_comparison(
 
 def _check_same_run(config: RunConfig, run_dir: Path) -> None:
     saved = run_dir / CONFIG_NAME
-    if saved.exists() and load_run_config(saved) != config:
-        raise FileExistsError(
-            f"{run_dir} holds a run with another configuration; delete it or choose another "
-            "output folder"
+    if not saved.exists():
+        return
+    changes = differences(load_run_config(saved), config)
+    if changes:
+        raise RunError(
+            f"{run_dir} holds a run of another configuration ({describe_differences(changes)}); "
+            "delete it or choose another output folder"
         )
 
 
@@ -293,13 +329,19 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
     summaries = []
     for method in methods:
         done = by_method.get(method.name, {})
-        ap = {k: t_interval([o.metrics[k] for o in done.values()]) for k in AP_KEYS} if done else {}
+        # An AP with nothing to measure (None, COCO's -1) is left out: of the interval, or of the
+        # table.
+        measured = {
+            k: {s: o.metrics[k] for s, o in done.items() if o.metrics.get(k) is not None}
+            for k in AP_KEYS
+        }
+        ap = {k: t_interval(list(v.values())) for k, v in measured.items() if v}
         base = by_method.get(method.baseline or "", {})
         delta: dict[str, Interval] = {}
         for k in AP_KEYS:
             diff = paired_difference(
-                {s: o.metrics[k] for s, o in done.items()},
-                {s: o.metrics[k] for s, o in base.items()},
+                measured[k],
+                {s: o.metrics[k] for s, o in base.items() if o.metrics.get(k) is not None},
             )
             if diff is not None:
                 delta[k] = diff
@@ -480,13 +522,16 @@ def write_report(
     outcomes: Sequence[Outcome],
     *,
     description: str,
-) -> Path:
+) -> Path | None:
     """Write ``report.md`` and its figures in ``out_dir``.
 
     Figures: ``ap.png`` (AP per method, the paired differences with their intervals, and the
     error breakdown beside them), ``losses.png`` (training loss), ``roi_loss.png`` (the mean
     loss over all RoIs at every epoch), ``ap_curves.png`` (AP50 at each evaluation) and the
     pictures of what each sampler picks (``inspect/``).
+
+    When every run failed and ``out_dir`` holds a report already (of an earlier call), nothing is
+    written: a report of failures only must not replace one with results.
 
     Args:
         out_dir: the comparison's folder.
@@ -495,9 +540,12 @@ def write_report(
         description: a paragraph on the setting (data, schedule, seeds) for the report's head.
 
     Returns:
-        The report's path.
+        The report's path; None when it was left as it was.
     """
     out_dir = Path(out_dir)
+    if all(o.error is not None for o in outcomes) and (out_dir / REPORT_NAME).exists():
+        log.warning("every run failed: %s, of an earlier call, was left as it was", out_dir)
+        return None
     summaries = summarize(methods, outcomes)
     finished = [o for o in outcomes if o.error is None and o.metrics]
     errors = method_errors(

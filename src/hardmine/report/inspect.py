@@ -16,6 +16,9 @@ the output folder:
 - ``iou_histograms.png`` / ``.csv``: the picked negatives' IoU with the ground truth and with the
   positives, over more images (``report.picks``).
 
+Panels of an earlier call to the same folder that this one did not draw (other samplers, more
+images) are removed, so the folder shows one call's pictures.
+
 An untrained detector's RPN proposes nearly random boxes, so without a trained run the proposals
 are made by jittering the ground truths instead (``jitter_proposals``); the RoI losses then still
 come from the (untrained) detector.
@@ -34,7 +37,9 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from hardmine.data import CocoDataset, SceneDataset, make_scenes
+from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
+from hardmine.errors import ConfigError
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses
 from hardmine.report.draw import (
     OverlapPanel,
@@ -133,14 +138,14 @@ def samplers_for(
     128, torchvision's 512), so that every sampler picks as many as training would.
 
     Raises:
-        ValueError: an unknown name, or a detector without RoI heads.
+        ConfigError: an unknown name, or a detector without RoI heads (a ``ValueError``).
     """
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise ValueError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
+        raise ConfigError(f"unknown samplers {unknown}; choose from {sorted(SAMPLERS)}")
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if num is None:
@@ -202,22 +207,22 @@ def inspect_picks(
         images: the dataset indices to draw, instead of the first ``num_images``.
 
     Raises:
-        ValueError: ``model`` has no RoI heads, or a setting is out of range.
+        ConfigError: ``model`` has no RoI heads, or a setting is out of range (a ``ValueError``).
     """
     heads = rcnn_heads(model)
     if heads is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no RoI heads; inspect needs Faster / Mask R-CNN"
         )
     if proposals not in ("rpn", "jitter"):
-        raise ValueError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
+        raise ConfigError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
     if num_images < 1 or not samplers:
-        raise ValueError("inspect needs at least one image and one sampler")
+        raise ConfigError("inspect needs at least one image and one sampler")
     out_dir = Path(out_dir)
     count = min(len(dataset), max(hist_images, num_images if images is None else 0))
     drawn = list(images) if images is not None else list(range(min(num_images, len(dataset))))
     if not drawn or not all(0 <= k < len(dataset) for k in drawn):
-        raise ValueError(f"images to draw must be indices of the dataset, got {drawn}")
+        raise ConfigError(f"images to draw must be indices of the dataset, got {drawn}")
     order = sorted(set(range(count)) | set(drawn))  # the histograms' images and the drawn ones
     # torchvision keeps the RPN's training setting only in this private dict.
     num_proposals = model.rpn._post_nms_top_n["training"]
@@ -225,7 +230,8 @@ def inspect_picks(
     boxes: dict[int, Tensor] = {}
     assignments: dict[int, Assignment] = {}
     picks: dict[str, dict[int, Selection]] = {name: {} for name in samplers}
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, total=len(starts), desc="inspect"):
         indices = order[start : start + batch_size]
         items = [dataset[i] for i in indices]
         batch_images = [image.to(device) for image, _ in items]
@@ -300,6 +306,8 @@ def inspect_picks(
         for k, row in zip(drawn, grid, strict=True)
         for panel in row
     ]
+    for stale in set((out_dir / "panels").glob("image*_*.png")) - set(panel_paths):
+        stale.unlink()
     labels = [f"image {k}" for k in drawn]
     sheet = where_sheet(where, out_dir / SHEET_NAME, row_labels=labels)
     overlap_path = overlap_sheet(overlaps, out_dir / OVERLAPS_NAME, row_labels=labels)

@@ -10,16 +10,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hardmine.boxes import check_finite
+from hardmine._segments import segment_rank
+from hardmine.boxes import check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
-    count_per_segment,
     draw,
     fill_shortfall,
     flatten,
     random_keys,
     segment_by_key,
-    take_top_in_segments,
 )
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
@@ -36,6 +35,9 @@ class IoUBalancedSampler:
     floor_fraction: float = 0.0
     instance_balanced: bool = True
     needs_losses: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_iou_balanced_settings(**settings(self))
 
     def __call__(
         self,
@@ -54,22 +56,34 @@ def sample_instance_balanced(
     eligible: Tensor,
     target: Tensor,
     *,
-    max_quota: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick ``target`` candidates per image, spread evenly over the ground truths they match.
 
-    Each ground truth present among an image's ``eligible`` candidates gets
-    ``target // num_gts`` of them; the shortfall is filled uniformly from the rest. MMDetection's
-    ``InstanceBalancedPosSampler`` gives ``round(target / num_gts) + 1`` each and then trims the
-    surplus at random; the floor never overshoots, so no trim is needed and every ground truth
-    keeps its full even share.
+    Libra R-CNN's instance-balanced positives (Pang et al., CVPR 2019; the paper's text is not in
+    ``papers/``, MMDetection's sampler is its reference): an equal number of positives for each
+    ground truth, so that large objects, which match many more proposals, do not take the
+    batch. The picks go round the ground truths:
+    each one's eligible candidates in a random order, the ground truths in a random order, and
+    every round takes the next candidate of each ground truth that has one left, until the image
+    has ``target``. So
+
+    * every ground truth gets ``target // G`` or one more (``G`` ground truths), or all its
+      candidates when it has fewer, their unused share going round the others: every ground
+      truth keeps its full even share;
+    * with ``target < G``, ``target`` of the ``G`` ground truths, chosen uniformly at random,
+      get one pick each, and none gets two.
+
+    MMDetection's ``InstanceBalancedPosSampler`` gives each ground truth up to
+    ``round(target / G) + 1`` and then trims the surplus uniformly over the picks, which favours
+    ground truths with more candidates: with 40 ground truths (one with 200 candidates, the others
+    with 2) and 32 picks, it covers 26 ground truths on average where this covers 32, and the
+    large one keeps 0.8 picks on average in both (``tests/sample/test_iou_balanced.py``).
 
     Args:
         flat: the batch; ``flat.gt_index`` names each candidate's ground truth.
         eligible: ``bool [N]``, usually the positives.
-        target: ``int64 [B]``, picks wanted per image (at most the eligible count).
-        max_quota: a host bound on ``target`` (see ``quota.take_top``).
+        target: ``int64 [B]``, picks wanted per image (more than the eligible takes them all).
         generator: makes the picks reproducible.
 
     Returns:
@@ -91,19 +105,45 @@ def sample_instance_balanced(
         (1, True)
     """
     n = eligible.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=flat.device)
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
-    # Which image each segment lies in; every member writes the same value. Slot n is overflow.
-    slot = torch.where(segment >= 0, segment, n)
-    seg_image = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
-    seg_image.scatter_(0, slot, flat.image)
-    seg_used = torch.zeros(n + 1, dtype=torch.bool, device=flat.device)
-    seg_used[slot] = True
-    num_gts = count_per_segment(seg_used[:n], seg_image[:n], flat.num_images)  # [B]
-    share = target // num_gts.clamp(min=1)  # [B]
-    quota = torch.where(seg_used[:n], share[seg_image[:n]], 0)  # [N] segments
-    keys = random_keys(None, like=flat.max_iou, generator=generator)
-    picked = take_top_in_segments(keys, segment, quota)
-    return fill_shortfall(flat, picked, eligible, target, max_quota=max_quota, generator=generator)
+    seg = torch.where(segment >= 0, segment, n)  # slot n: the ineligible
+    # Each candidate's round: its rank among its ground truth's candidates in a random order.
+    shuffle = random_keys(None, like=flat.max_iou, generator=generator)
+    order, sorted_rank, _ = segment_rank(seg, n + 1, shuffle)
+    round_ = torch.empty_like(sorted_rank).index_copy_(0, order, sorted_rank)  # [N]
+    # Within a round, the ground truths in a random order: a priority in [0, 1) per segment.
+    priority = torch.rand(n + 1, generator=generator, device=flat.device, dtype=torch.float64)
+    key = torch.where(segment >= 0, -(round_ + priority[seg]), float("-inf"))  # float64 [N]
+    order, sorted_rank, _ = segment_rank(flat.image, flat.num_images, key)
+    rank = torch.empty_like(sorted_rank).index_copy_(0, order, sorted_rank)  # [N] within image
+    return (segment >= 0) & (rank < flat.per_image(target))
+
+
+def check_iou_balanced_settings(
+    *,
+    num: int,
+    pos_fraction: float,
+    num_bins: int,
+    neg_thr: float,
+    floor_thr: float,
+    floor_fraction: float,
+    instance_balanced: bool,
+) -> None:
+    """Raise ``ValueError`` naming the first setting of ``sample_iou_balanced`` out of its range."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if not 0.0 < neg_thr <= 1.0:
+        raise ValueError(f"neg_thr must be in (0, 1], got {neg_thr}")
+    if not floor_thr < neg_thr:
+        raise ValueError(f"floor_thr ({floor_thr}) must be below neg_thr ({neg_thr})")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
 
 
 def sample_iou_balanced(
@@ -173,12 +213,15 @@ def sample_iou_balanced(
         >>> mask[[0, 3, 4]].tolist(), int(mask[1:3].sum())
         ([True, True, True], 1)
     """
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    if not 0.0 <= floor_fraction <= 1.0:
-        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
-    if floor_thr >= neg_thr:
-        raise ValueError(f"floor_thr ({floor_thr}) must be below neg_thr ({neg_thr})")
+    check_iou_balanced_settings(
+        num=num,
+        pos_fraction=pos_fraction,
+        num_bins=num_bins,
+        neg_thr=neg_thr,
+        floor_thr=floor_thr,
+        floor_fraction=floor_fraction,
+        instance_balanced=instance_balanced,
+    )
     flat = flatten(assignments)
     check_finite(flat.max_iou, "max_iou")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
@@ -188,13 +231,11 @@ def sample_iou_balanced(
     fill = partial(fill_shortfall, flat, max_quota=num, generator=generator)
 
     if instance_balanced:
-        pos_mask = sample_instance_balanced(
-            flat, pos, num_pos, max_quota=int(num * pos_fraction), generator=generator
-        )
+        pos_mask = sample_instance_balanced(flat, pos, num_pos, generator=generator)
     else:
         pos_mask = fill(nothing, pos, num_pos)
 
-    iou = flat.max_iou
+    iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     if floor_thr > 0:
         floor = neg & (iou < floor_thr)
     elif floor_thr == 0:

@@ -18,6 +18,12 @@ from hardmine.sample.quota import fill_shortfall, flatten
 from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection
 
 
+def check_mined_settings(*, share: float) -> None:
+    """Raise ``ValueError`` unless ``share`` (of ``sample_with_mined``) lies in ``[0, 1]``."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+
+
 def sample_with_mined(
     base: Sampler,
     boxes: Sequence[Tensor],
@@ -73,8 +79,7 @@ def sample_with_mined(
         >>> int(s.mask.sum()), bool(s.mask[0]), int(s.mask[4:].sum())
         (4, True, 1)
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share}")
+    check_mined_settings(share=share)
     flat = flatten(assignments)
     is_mined = flat.cat(mined, "mined")
     hidden = is_mined & (flat.label == NEGATIVE)  # [N]
@@ -116,8 +121,7 @@ class MinedNegativeSampler:
     share: float = 0.25
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.share <= 1.0:
-            raise ValueError(f"share must be in [0, 1], got {self.share}")
+        check_mined_settings(share=self.share)
 
     @property
     def needs_losses(self) -> bool:

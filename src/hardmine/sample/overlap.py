@@ -1,8 +1,11 @@
 """The Overlap Sampler: pick by the overlap among examples (Chen et al., "Overlap Sampler for
-Region-Based Object Detection", WACV 2020).
+Region-Based Object Detection", WACV 2020; ``papers/overlap_sampler_chen_wacv2020.txt``).
 
-No reference implementation is public, so every choice the paper leaves open is written down in
-``sample_overlap``'s docstring.
+The paper links its code (github.com/ChenJoya/overlap-sampler), since folded into the authors'
+``sampling-free`` repository, whose ``OvSampler`` implements the soft negative sampler only, with
+bins split at the midpoint of each image's observed IoU(p,n) range. Every choice the paper's text
+leaves open, or that its code makes differently, is written down in ``sample_overlap``'s
+docstring, the text's reading as the default and the others by name.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from hardmine.boxes import box_iou, check_boxes, check_finite
+from hardmine.boxes import box_iou, check_boxes, check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
+    count_per_segment,
     draw,
     fill_shortfall,
     flatten,
@@ -27,21 +31,74 @@ from hardmine.sample.quota import (
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
 Strategy = Literal["uniform", "hard", "soft", "linear"]
+Bins = Literal["fixed", "observed"]
+EpsilonOn = Literal["best_proposal", "any_positive"]
+
+
+def check_overlap_settings(
+    *,
+    num: int,
+    pos_fraction: float,
+    strategy: str,
+    pos_strategy: str,
+    num_bins: int,
+    hard_thr: float,
+    upper: float,
+    bins: str,
+    linear_top_up: bool,
+    epsilon: float,
+    epsilon_on: str,
+    gt_copies_in_pe: bool,
+) -> None:
+    """Raise ``ValueError`` naming the first setting of ``sample_overlap`` out of its range."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    for name, value, valid in (
+        ("strategy", strategy, Strategy),
+        ("pos_strategy", pos_strategy, Strategy),
+        ("bins", bins, Bins),
+        ("epsilon_on", epsilon_on, EpsilonOn),
+    ):
+        if value not in get_args(valid):
+            raise ValueError(f"{name} must be one of {get_args(valid)}, got {value!r}")
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if not 0.0 <= hard_thr <= 1.0:
+        raise ValueError(f"hard_thr must be in [0, 1], got {hard_thr}")
+    if not 0.0 < upper <= 1.0:
+        raise ValueError(f"upper must be in (0, 1], got {upper}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
 
 
 @dataclass(frozen=True)
 class OverlapSampler:
-    """``sample_overlap`` as a ``Sampler``; its fields are the settings (see there)."""
+    """``sample_overlap`` as a ``Sampler``; its fields are the settings (see there).
+
+    The defaults are the paper's best setting, Table 2(f)'s last column: soft negatives with
+    K = 2, soft positives, ε = 2; that column also sets the detector's inference NMS threshold to
+    θ = 0.55 (Table 2(c)), a model setting: ``box_nms_thresh=0.55`` in torchvision
+    (``hardmine compare --methods overlap_table2f`` sets both).
+    """
 
     num: int = 512
     pos_fraction: float = 0.25
     strategy: Strategy = "soft"
-    pos_strategy: Strategy = "uniform"
+    pos_strategy: Strategy = "soft"
     num_bins: int = 2
     hard_thr: float = 0.5
     upper: float = 0.7
+    bins: Bins = "fixed"
+    linear_top_up: bool = False
     epsilon: float = 2.0
+    epsilon_on: EpsilonOn = "best_proposal"
+    gt_copies_in_pe: bool = False
     needs_losses: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_overlap_settings(**settings(self))
 
     def __call__(
         self,
@@ -61,6 +118,7 @@ def overlap_with_positives(
     positive: Tensor,
     *,
     with_pe: bool = True,
+    examples: Tensor | None = None,
     budget: int = 1 << 20,
 ) -> tuple[Tensor, Tensor]:
     """Each candidate's largest IoU with a positive of its image, and each positive's with another.
@@ -76,13 +134,17 @@ def overlap_with_positives(
         flat: the batch.
         positive: ``bool [N]``.
         with_pe: also compute ``iou_pe`` (else it is all 0).
+        examples: ``bool [N]``, the candidates that count as the *other* candidates of
+            ``iou_pe``; all when None.
         budget: IoUs per block.
 
     Returns:
         ``iou_pn: float [N]``: max IoU with any positive of the same image (a positive's own IoU
         of 1 included; 0 in an image without positives), and ``iou_pe: float [N]``: for
-        positives, max IoU with any *other* candidate of the image, 0 elsewhere.
+        positives, max IoU with any *other* candidate of the image among ``examples``, 0
+        elsewhere. ``float32`` for half-precision boxes.
     """
+    boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n, b = boxes.shape[0], flat.num_images
     pos_count = flat.count(positive)  # [B]
     # The one host read: P_max sizes the padded positives. It follows input validation, which
@@ -100,6 +162,10 @@ def overlap_with_positives(
     pos_row = torch.zeros((b, p_max + 1), dtype=torch.int64, device=boxes.device)
     pos_row[flat.image, col] = row
     pos_boxes, pos_row = pos_boxes[:, :p_max], pos_row[:, :p_max]  # [B, P_max, 4], [B, P_max]
+    outside = None  # [B, N_max, 1]: rows that are no example of iou_pe
+    if with_pe and examples is not None:
+        outside = torch.ones(b, flat.max_size, 1, dtype=torch.bool, device=boxes.device)
+        outside[flat.image, row, 0] = ~examples
 
     chunk = max(1, budget // (b * flat.max_size))
     best_pn = boxes.new_zeros(b, flat.max_size)  # [B, N_max]
@@ -111,7 +177,10 @@ def overlap_with_positives(
             # A positive's own IoU (1) would always win: zero that one cell per positive. Padded
             # positives point at row 0, where their IoU is 0 anyway.
             own = pos_row[:, None, start : start + chunk]  # [B, 1, c]
-            best_pe[:, start : start + chunk] = iou.scatter_(1, own, 0).amax(1)
+            iou.scatter_(1, own, 0)
+            if outside is not None:
+                iou.masked_fill_(outside, 0)
+            best_pe[:, start : start + chunk] = iou.amax(1)
     iou_pn = best_pn[flat.image, row]
     iou_pe = torch.where(positive, best_pe[flat.image, rank.clamp(min=0)], 0)
     return iou_pn, iou_pe
@@ -127,35 +196,69 @@ def _pick(
     num_bins: int,
     hard_thr: float,
     upper: float,
+    bins: Bins,
+    linear_top_up: bool,
     max_quota: int,
     generator: torch.Generator | None,
 ) -> Tensor:
     """``target: [B]`` picks per image from ``eligible: [N]`` by ``overlap: [N]`` -> ``bool [N]``.
 
-    Every strategy ends with a uniform top-up from the eligible not yet picked.
+    See ``sample_overlap`` for the strategies and the top-up.
     """
     nothing = torch.zeros_like(eligible)
     fill = partial(fill_shortfall, flat, max_quota=max_quota, generator=generator)
     if strategy == "hard":
         picked = fill(nothing, eligible & (overlap >= hard_thr), target)
+    elif strategy == "soft" and bins == "observed":
+        return _soft_observed(flat, eligible, overlap, target, num_bins, max_quota, generator)
     elif strategy == "soft":
         bin_index = (overlap / (upper / num_bins)).floor().long().clamp(0, num_bins - 1)
         quota = (target // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
         group = torch.where(eligible, bin_index, -1)
         picked = draw(
-            flat,
-            None,
-            group,
-            quota,
-            max_quota=max_quota // num_bins,
-            generator=generator,
+            flat, None, group, quota, max_quota=max_quota // num_bins, generator=generator
         )
     elif strategy == "linear":
-        # Weight 0 is never drawn, so zero-overlap candidates only come in with the top-up.
-        picked = fill(nothing, eligible, target, weight=overlap)
+        picked = fill(nothing, eligible, target, weight=overlap)  # weight 0: never drawn
+        if not linear_top_up:
+            return picked
     else:  # uniform: the top-up is the whole draw
         picked = nothing
     return fill(picked, eligible, target)
+
+
+def _soft_observed(
+    flat: FlatBatch,
+    eligible: Tensor,
+    overlap: Tensor,
+    target: Tensor,
+    num_bins: int,
+    max_quota: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The authors' ``OvSampler`` (``sampling-free``), for any ``num_bins`` K.
+
+    Per image, the eligible candidates' observed overlap range ``[lo, hi]`` is cut into K equal
+    bins at ``((K - k) * lo + k * hi) / K`` (K = 2: the midpoint ``(lo + hi) / 2``, as
+    ``0.5 * (min + max)`` there); a value on an edge belongs to the lower bin (their
+    ``iou <= split``). Each candidate weighs ``1 / N_k``, so every non-empty bin has the same total
+    weight, and ``target`` are drawn without replacement with probability proportional to the
+    weights, as their ``sampled_probs.multinomial(num_neg)`` draws.
+    """
+    b = flat.num_images
+    lo = torch.full((b,), float("inf"), device=flat.device)
+    lo = lo.scatter_reduce(0, flat.image, torch.where(eligible, overlap, float("inf")), "amin")
+    hi = torch.full((b,), float("-inf"), device=flat.device)
+    hi = hi.scatter_reduce(0, flat.image, torch.where(eligible, overlap, float("-inf")), "amax")
+    lo, hi = flat.per_image(lo), flat.per_image(hi)  # [N]; infinite where nothing is eligible
+    bin_index = torch.zeros_like(flat.image)
+    for k in range(1, num_bins):
+        bin_index += overlap > ((num_bins - k) * lo + k * hi) / num_bins
+    segment = torch.where(eligible, flat.image * num_bins + bin_index, -1)  # [N]
+    per_bin = count_per_segment(eligible, segment, b * num_bins)  # [B * K]
+    weight = torch.where(eligible, 1.0 / per_bin[segment.clamp(min=0)].clamp(min=1), 0.0)
+    group = torch.where(eligible, 0, -1)
+    return draw(flat, weight, group, target[:, None], max_quota=max_quota, generator=generator)
 
 
 def sample_overlap(
@@ -169,42 +272,82 @@ def sample_overlap(
     num_bins: int = OverlapSampler.num_bins,
     hard_thr: float = OverlapSampler.hard_thr,
     upper: float = OverlapSampler.upper,
+    bins: Bins = OverlapSampler.bins,
+    linear_top_up: bool = OverlapSampler.linear_top_up,
     epsilon: float = OverlapSampler.epsilon,
+    epsilon_on: EpsilonOn = OverlapSampler.epsilon_on,
+    gt_copies_in_pe: bool = OverlapSampler.gt_copies_in_pe,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
-    """The Overlap Sampler (Chen et al., WACV 2020): sample by IoU among the candidates.
+    """The Overlap Sampler (Chen et al., WACV 2020, Sec. 3.2): sample by IoU among the examples.
 
-    Quotas per image are those of ``sample_random``: ``int(num * pos_fraction)`` positives at
-    most, negatives fill the rest of ``num``; ignored candidates are never picked. The defaults
-    are the paper's best setting: soft sampling with 2 bins and ε = 2.
+    Quotas per image are those of ``sample_random``, as the paper's baseline (Sec. 3.2: "sample
+    512 proposals in an image ... positive and negative anchors have a ratio of up to 1:3"):
+    ``int(num * pos_fraction)`` positives at most, negatives fill the rest of ``num``; ignored
+    candidates are never picked. The defaults are the paper's best setting, Table 2(f): soft
+    negatives with K = 2, soft positives, ε = 2 (its θ = 0.55 is the detector's inference NMS,
+    see ``OverlapSampler``).
 
-    Choices made here, since the paper has no public code:
+    **Ground-truth copies.** The model integration appends the ground truths to the proposals,
+    as the paper's maskrcnn-benchmark does. A copy is recognised by its IoU of exactly 1 with its
+    ground truth (a proposal identical to a ground truth is one in every way that matters here).
 
-    * **IoU(p,n)** of a negative is its largest IoU with any positive candidate (assignment label
-      1) of the same image. The candidates include ground-truth copies when the model integration
-      appends them, and those copies are positives, so then IoU(p,n) >= the negative's
-      ``max_iou``. In an image without positives every IoU(p,n) is 0 and all strategies are uniform.
-    * **IoU(p,e)** of a positive is its largest IoU with any *other* candidate of the image
-      (positive, negative or ignored; itself excluded).
-    * **uniform**: a uniform draw. **hard**: the candidates with overlap >= ``hard_thr`` (θ)
-      first, uniformly among them when they exceed the quota; the rest uniformly.
-      **soft**: ``num_bins`` (K) equal bins over ``[0, upper)``, each with quota
-      ``target // K``; an overlap >= ``upper`` counts in the top bin rather than being dropped,
-      since such a near-duplicate of a positive is the hardest negative of all. ``upper``
-      defaults to 0.7, the RPN's NMS threshold, above which proposals are rare.
-      **linear**: a draw without replacement with weight = overlap (each successive draw picks
-      a candidate with probability proportional to its overlap among those left); zero-overlap
-      candidates are only drawn to fill the shortfall.
-    * Every strategy fills its shortfall (empty bins, too few hard ones) uniformly from the
-      remaining eligible candidates, so the quota is met whenever enough candidates exist.
-    * **Positives** use ``pos_strategy`` on IoU(p,e) when they exceed their quota (otherwise all
-      are taken, whatever the strategy). It defaults to ``uniform``: in a two-stage detector the
-      positives rarely fill their quota, the paper's gains are attributed to the negatives and
-      ε, and uniform positives keep that side equal to the random baseline.
-    * **ε**: after picking, in every image each ground truth's best-matched picked positive
-      (largest ``max_iou`` among the picked positives of that ground truth; ties go to the lower
-      candidate index) gets loss weight ``epsilon``; all other picks weigh 1. ``epsilon=1``
-      disables it.
+    **IoU(p,n)** of a negative is its largest IoU with any positive of the same image, the
+    ground-truth copies included: the paper defines it over "positives (IoU(g,p) >= 0.5)" (Fig.
+    4), which the copies are, and the authors' ``OvSampler`` takes the IoU with every positive
+    proposal, copies included. In an image without positives every IoU(p,n) is 0, and every
+    strategy is uniform (the authors' code: random when there is no positive).
+
+    **IoU(p,e)** of a positive is "the overlap between positives and all examples" (Sec. 3.2):
+    its largest IoU with any *other* proposal of the image (positive, negative or ignored),
+    the ground-truth copies left out by default (``gt_copies_in_pe=False``). The paper's point is
+    "the overlaps among examples themselves", as against "the overlaps between ground-truths and
+    examples" that other samplers use (Sec. 1, Fig. 1); a positive's IoU with its ground truth's
+    copy is the latter (at least 0.5 by definition), and counting it puts 98% of the positives in
+    the top soft bin, so that soft and hard positive sampling reduce to uniform. The IoU
+    interval [0, 0.7) of footnote 3 ("As the RPN uses the NMS of 0.7 thresholds, the IoU interval
+    in the per-region stage is [0, 0.7)") also holds among proposals only. Ignored proposals
+    stay in: they are among the detections that the inference NMS, the paper's motivation,
+    compares. ``gt_copies_in_pe=True`` counts the copies too.
+
+    **Strategies** (Sec. 3.2 and 4.2, "we use the same probability sampling methods" for
+    positives):
+
+    * ``uniform``: "completely the same as random sampling".
+    * ``hard``: "sample all IoU(p,n) >= θ examples ... where θ is the NMS threshold", uniformly
+      among them when they exceed the quota, then "a uniform probability sampling to sample the
+      N - U negatives with IoU(p,n) < θ". ``hard_thr`` is θ (the paper's default NMS 0.5).
+    * ``soft``: "evenly split the sampling interval into K bins according to IoU(p,n). Then,
+      we select samples from them uniformly" (Eq. 2, p_i = N/K · 1/N_k); ``num_bins`` is K.
+      ``bins="fixed"`` (default): the interval of footnote 3, K equal bins over ``[0, upper)``
+      with ``upper`` 0.7, each with quota ``target // K``; an overlap >= ``upper`` (proposals of
+      different pyramid levels escape the RPN's per-level NMS) counts in the top bin. The paper
+      does not say what fills a bin's shortfall (or the remainder of ``target / K``); it is a
+      uniform draw from the other candidates, as in IoU-balanced sampling's reference.
+      ``bins="observed"``: the authors' ``OvSampler``, K equal bins over each image's observed
+      ``[min, max]`` of the overlaps (K = 2: split at the midpoint, a value on it in the lower
+      bin), every candidate weighted ``1 / N_k`` and ``target`` drawn without replacement in
+      proportion (their ``multinomial``), so that a short bin's share passes to the others.
+    * ``linear``: "the normalized IoU(p,n) as the sampled probability" (Eq. 3), a draw without
+      replacement with weight = overlap. The paper: "this sampling method would not select the
+      negatives with IoU(p,n) = 0", so by default (``linear_top_up=False``) zero-overlap
+      candidates are never picked, and an image may get fewer than its quota.
+      ``linear_top_up=True`` fills the shortfall uniformly from them.
+
+    ``hard`` and fixed-bin ``soft`` fill any shortfall (too few hard ones, short bins) uniformly
+    from the remaining eligible candidates, so their quota is met whenever enough candidates
+    exist. **Positives** use ``pos_strategy`` on IoU(p,e) when they exceed their quota; otherwise
+    all are taken, whatever the strategy ("it is common to sample all positives").
+
+    **ε** (Sec. 3.2): "For each ground-truth, we find its best matched positive example, and
+    multiple their weights by a factor ε during loss computing." After picking, in every image,
+    each ground truth's picked positive proposal with the largest IoU with it (ties: the lower
+    index) weighs ``epsilon``; every other pick weighs 1. With ``epsilon_on="best_proposal"``
+    (default) the ground-truth copies are no candidates for it: the copy is not a matched
+    *example* but the ground truth itself, and with it every ε lands on the copy (IoU 1), whose
+    box loss is 0 (its regression target is 0), leaving only its classification loss reweighted.
+    A ground truth none of whose proposals is picked gets no ε. ``epsilon_on="any_positive"``
+    lets the copies win. ``epsilon=1`` disables it.
 
     Args:
         boxes: ``float [N_i, 4]`` candidates per image, in the assignments' order.
@@ -215,8 +358,12 @@ def sample_overlap(
         pos_strategy: how positives are drawn by IoU(p,e) when they exceed their quota.
         num_bins: K for ``soft``.
         hard_thr: θ for ``hard``.
-        upper: top of the ``soft`` bins.
+        upper: top of the fixed ``soft`` bins.
+        bins: ``"fixed"`` (the paper's ``[0, upper)``) or ``"observed"`` (the authors' code).
+        linear_top_up: let ``linear`` fill its shortfall with zero-overlap candidates.
         epsilon: loss weight of each ground truth's best-matched picked positive.
+        epsilon_on: ``"best_proposal"`` (ground-truth copies excluded) or ``"any_positive"``.
+        gt_copies_in_pe: count the ground-truth copies in IoU(p,e).
         generator: makes the picks reproducible.
 
     Returns:
@@ -226,50 +373,76 @@ def sample_overlap(
         ValueError: on non-finite boxes or ``max_iou``, mismatched sizes, or bad settings.
 
     Example:
-        A positive, a negative overlapping it by IoU 0.4 and three far ones; two negative picks,
-        one per soft bin ([0, 0.35) and [0.35, 0.7)), so the overlapping one is always picked; the
-        ground truth's best positive weighs ε = 2.
+        A positive proposal (IoU 0.91 with the ground truth), a negative overlapping it by
+        IoU 0.37, two far ones and the ground truth's copy. Both positives are taken; two
+        negatives, one per soft bin ([0, 0.35) and [0.35, 0.7)), so the overlapping one always
+        and one of the far ones; the positive proposal, not the copy, weighs ε = 2.
 
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-        >>> boxes = [[0, 0, 10, 10], [0, 0, 10, 25], [20, 20, 30, 30]]
-        >>> boxes += [[40, 40, 50, 50], [60, 0, 70, 9]]
+        >>> boxes = [[0, 0, 10, 11], [0, 0, 10, 30], [20, 20, 30, 30], [40, 40, 50, 50]]
         >>> boxes = torch.tensor(boxes, dtype=torch.float32)
+        >>> boxes = torch.cat([boxes, gt])  # the copy, as the model integration appends it
         >>> (a,) = assign_max_iou([boxes], [gt], [torch.tensor([1])])
-        >>> (s,) = sample_overlap([boxes], [a], num=3, pos_fraction=1 / 3)
-        >>> s.mask[:2].tolist(), int(s.mask[2:].sum()), s.weight[:2].tolist()
-        ([True, True], 1, [2.0, 1.0])
+        >>> a.label.tolist()
+        [1, 0, 0, 0, 1]
+        >>> (s,) = sample_overlap([boxes], [a], num=4, pos_fraction=0.5)
+        >>> s.mask[[0, 1, 4]].tolist(), int(s.mask[2:4].sum()), s.weight[[0, 1, 4]].tolist()
+        ([True, True, True], 1, [2.0, 1.0, 1.0])
     """
-    for name, value in (("strategy", strategy), ("pos_strategy", pos_strategy)):
-        if value not in get_args(Strategy):
-            raise ValueError(f"{name} must be one of {get_args(Strategy)}, got {value!r}")
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    if upper <= 0:
-        raise ValueError(f"upper must be positive, got {upper}")
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    check_overlap_settings(
+        num=num,
+        pos_fraction=pos_fraction,
+        strategy=strategy,
+        pos_strategy=pos_strategy,
+        num_bins=num_bins,
+        hard_thr=hard_thr,
+        upper=upper,
+        bins=bins,
+        linear_top_up=linear_top_up,
+        epsilon=epsilon,
+        epsilon_on=epsilon_on,
+        gt_copies_in_pe=gt_copies_in_pe,
+    )
     flat = flatten(assignments)
     flat_boxes = flat.cat(boxes, "boxes")
     check_boxes(flat_boxes, "boxes")
     check_finite(flat.max_iou, "max_iou")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
+    gt_copy = flat.max_iou >= 1  # positive, or ignored where an ignore region covers it
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
     # Uniform strategies never look at the overlaps: skip what neither side needs.
     if strategy == "uniform" and pos_strategy == "uniform":
-        iou_pn = iou_pe = torch.zeros_like(flat.max_iou)
+        iou_pn = iou_pe = torch.zeros_like(upcast(flat.max_iou))
     else:
-        with_pe = pos_strategy != "uniform"
-        iou_pn, iou_pe = overlap_with_positives(flat_boxes, flat, pos, with_pe=with_pe)
-    pick = partial(_pick, num_bins=num_bins, hard_thr=hard_thr, upper=upper, generator=generator)
+        # IoU(p,e) only matters where an image has more positives than its quota ("it is common
+        # to sample all positives"); overlap_with_positives synchronises with the host anyway.
+        over_quota = bool((flat.count(pos) > int(num * pos_fraction)).any())
+        iou_pn, iou_pe = overlap_with_positives(
+            flat_boxes,
+            flat,
+            pos,
+            with_pe=pos_strategy != "uniform" and over_quota,
+            examples=None if gt_copies_in_pe else ~gt_copy,
+        )
+    pick = partial(
+        _pick,
+        num_bins=num_bins,
+        hard_thr=hard_thr,
+        upper=upper,
+        bins=bins,
+        linear_top_up=linear_top_up,
+        generator=generator,
+    )
     pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
     neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num)
     mask = pos_mask | neg_mask
-    weight = mask.to(flat.max_iou.dtype)
+    weight = mask.to(upcast(flat.max_iou).dtype)
     if epsilon != 1.0:
-        keys = torch.where(pos_mask, flat.max_iou, float("-inf"))
-        per_gt = segment_by_key(flat.image, flat.gt_index, pos_mask)
+        matched = pos_mask if epsilon_on == "any_positive" else pos_mask & ~gt_copy
+        keys = torch.where(matched, flat.max_iou, float("-inf"))
+        per_gt = segment_by_key(flat.image, flat.gt_index, matched)
         best = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
         weight = torch.where(best, epsilon, weight)
     return flat.split(mask, weight)

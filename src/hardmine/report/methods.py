@@ -1,0 +1,220 @@
+"""The methods a comparison can run, by name: the default ones, the papers' presets, and variants.
+
+``hardmine compare --methods`` takes a comma-separated list of *method specs*. A spec is a name,
+from ``DEFAULT_METHODS`` or ``PRESETS``, optionally followed by settings,
+``NAME:KEY=VALUE[:KEY=VALUE...]``: ``overlap:strategy=hard``, ``overlap_pos:epsilon=2``,
+``ohem_paper:data.batch_size=1``. A bare key is a setting of the method's sampler (or, for a
+method without one, its assigner; a method with both takes the one whose class has the key); a
+dotted key addresses any section of the run configuration (``model.box_nms_thresh``,
+``assigner.neg_thr``, ``train.lr``). Values are read as YAML. Each spec is its own method, named by
+the spec, trained in its own run directories and paired by seed with its base method's baseline
+(a variant of a baseline with that baseline).
+
+The presets reproduce the structure of the papers' ablations on the tiny detectors of the default
+comparison (README, "The papers' ablations"). Budgets are per image. The OHEM presets take the
+OHEM paper's 64 RoIs per image (B = 128 over N = 2 images, Shrivastava et al., Sec. 3.1); the
+Overlap presets take the default comparison's 128, as its ``random`` baseline does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hardmine.assign import ASSIGNERS
+from hardmine.config import COMPONENT_SECTIONS, ConfigError, RunConfig, settings_of
+from hardmine.engine.build import build_assigner, build_sampler
+from hardmine.report.compare import DEFAULT_METHODS, Method
+from hardmine.sample import SAMPLERS
+
+_RCNN = {"name": "faster_rcnn_tiny"}
+# Fast R-CNN's labels: foreground at IoU >= 0.5, background in [bg_lo, 0.5), with bg_lo = 0.1, and
+# without it, bg_lo = 0 (OHEM paper, Sec. 3.1).
+_BG_LO = {"name": "max_iou", "pos_thr": 0.5, "neg_thr": [0.1, 0.5]}
+_BG_0 = {"name": "max_iou", "pos_thr": 0.5, "neg_thr": 0.5}
+_FRCN = {"name": "random", "num": 64, "pos_fraction": 0.25}
+# The Overlap paper's inference NMS threshold θ = 0.55 (Table 2(c), Table 2(f)).
+_THETA = {"model.box_nms_thresh": 0.55}
+
+PRESETS: tuple[Method, ...] = (
+    # OHEM paper, Table 1 (Shrivastava et al., CVPR 2016): Fast R-CNN's sampling (rows 1-2:
+    # 25% foreground, bg_lo 0.1), the hard-mining heuristic removed (rows 3-4: bg_lo 0), the
+    # fg:bg ratio removed (Sec. 3.1, "randomly sampling RoIs"), and OHEM (rows 11-13).
+    Method("frcn", _RCNN, _FRCN, assigner=_BG_LO),
+    Method("frcn_bg0", _RCNN, _FRCN, assigner=_BG_0, baseline="frcn"),
+    Method("frcn_no_ratio", _RCNN, _FRCN | {"pos_fraction": None}, _BG_LO, baseline="frcn"),
+    Method("ohem_paper", _RCNN, {"name": "ohem", "num": 64}, _BG_0, baseline="frcn"),
+    # Overlap Sampler paper, Table 2 (Chen et al., WACV 2020). Its ablation defaults: soft
+    # sampling with K = 2, ε = 1, θ = 0.5. The negative sampler alone (Table 2(a)-(c)), the
+    # positive sampler alone (2(d)-(e)), and the three columns of 2(f).
+    Method(
+        "overlap_neg",
+        _RCNN,
+        {"name": "overlap", "num": 128, "pos_strategy": "uniform", "epsilon": 1.0},
+        baseline="random",
+    ),
+    Method(
+        "overlap_pos",
+        _RCNN,
+        {"name": "overlap", "num": 128, "strategy": "uniform", "epsilon": 1.0},
+        baseline="random",
+    ),
+    Method(
+        "overlap_neg_best",
+        _RCNN,
+        {"name": "overlap", "num": 128, "pos_strategy": "uniform", "epsilon": 1.0},
+        baseline="random",
+        overrides=_THETA,
+    ),
+    Method(
+        "overlap_pos_best",
+        _RCNN,
+        {"name": "overlap", "num": 128, "strategy": "uniform", "epsilon": 2.0},
+        baseline="random",
+    ),
+    Method(
+        "overlap_best",
+        _RCNN,
+        {"name": "overlap", "num": 128, "strategy": "soft", "pos_strategy": "soft", "epsilon": 2.0},
+        baseline="random",
+        overrides=_THETA,
+    ),
+)
+
+
+def known_methods() -> dict[str, Method]:
+    """Every method a spec may name: the default comparison's and the presets, by name."""
+    return {m.name: m for m in (*DEFAULT_METHODS, *PRESETS)}
+
+
+def split_specs(text: str) -> list[str]:
+    """``--methods`` cut at the commas outside brackets: ``a,b:neg_thr=[0.1, 0.5]`` -> two specs.
+
+    Raises:
+        ConfigError: an empty spec or unbalanced brackets.
+    """
+    specs, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"--methods: unbalanced brackets in {text!r}")
+        elif char == "," and depth == 0:
+            specs.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise ConfigError(f"--methods: unbalanced brackets in {text!r}")
+    specs.append(text[start:].strip())
+    if not all(specs):
+        raise ConfigError(f"--methods: empty method name in {text!r}")
+    return specs
+
+
+def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method:
+    """The method a spec names: ``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (module docstring).
+
+    Args:
+        spec: the spec.
+        known: the methods a spec may name; ``known_methods()`` when None.
+
+    Returns:
+        ``known[NAME]`` for a bare name; otherwise a method named ``spec`` with the base's
+        sections, the settings as dotted ``overrides`` (after the base's own), and the base's
+        baseline (the base itself when it is a baseline).
+
+    Raises:
+        ConfigError: an unknown name, a setting without ``=``, a bare key that neither the
+            method's sampler nor its assigner has, or a key of a section the method lacks.
+    """
+    known = known_methods() if known is None else known
+    name, *pairs = (part.strip() for part in spec.split(":"))
+    if name not in known:
+        raise ConfigError(
+            f"--methods: unknown method {name!r}; valid names: {', '.join(sorted(known))}"
+        )
+    base = known[name]
+    if not pairs:
+        return base
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--methods {spec}: expected KEY=VALUE, got {pair!r}")
+        overrides[_dotted(key, base, spec)] = yaml.safe_load(text) if text.strip() else ""
+    return Method(
+        spec,
+        base.model,
+        base.sampler,
+        base.assigner,
+        baseline=base.baseline or base.name,
+        overrides={**base.overrides, **overrides},
+    )
+
+
+def _dotted(key: str, base: Method, spec: str) -> str:
+    """``key`` as a dotted configuration key for ``base`` (see the module docstring)."""
+    if "." in key:
+        section = key.split(".")[0]
+        if section in COMPONENT_SECTIONS and getattr(base, section) is None:
+            raise ConfigError(f"--methods {spec}: {base.name} has no {section}")
+        return key
+    registries = {"sampler": SAMPLERS, "assigner": ASSIGNERS}
+    valid: list[str] = []
+    for section in ("sampler", "assigner"):
+        component = getattr(base, section)
+        if component is None:
+            continue
+        fields, _ = settings_of(registries[section][component["name"]])
+        if key in fields:
+            return f"{section}.{key}"
+        valid += list(fields)
+    if not valid:
+        raise ConfigError(f"--methods {spec}: {base.name} has neither sampler nor assigner")
+    raise ConfigError(
+        f"--methods {spec}: unknown setting {key!r} of {base.name}; valid: "
+        f"{', '.join(sorted(valid))} (or a dotted key such as model.box_nms_thresh)"
+    )
+
+
+def parse_methods(text: str | None) -> list[Method]:
+    """The methods of ``--methods`` (all of ``DEFAULT_METHODS`` when None or empty).
+
+    Raises:
+        ConfigError: a bad spec (``parse_method``), or the same spec twice.
+    """
+    if not text:
+        return list(DEFAULT_METHODS)
+    known = known_methods()
+    methods = [parse_method(spec, known) for spec in split_specs(text)]
+    names = [m.name for m in methods]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--methods: {', '.join(twice)} given more than once")
+    return methods
+
+
+def check_method(
+    method: Method, base: RunConfig, *, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """``method``'s configuration on ``base``, its sampler and assigner made once, so that a bad
+    variant is refused before any training.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or out of range, naming the
+            method.
+    """
+    try:
+        config = method.config(
+            base, seed=base.seed, output_dir=Path(base.output_dir), overrides=overrides
+        )
+        build_sampler(config)
+        build_assigner(config)
+    except (ConfigError, ValueError, TypeError) as error:
+        raise ConfigError(f"--methods {method.name}: {error}") from None
+    return config

@@ -1,0 +1,167 @@
+"""``--methods``: names, the papers' presets and variants named by their settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hardmine.config import ConfigError
+from hardmine.report.compare import (
+    DEFAULT_METHODS,
+    default_compare_base,
+    format_table,
+    run_comparison,
+    summarize,
+)
+from hardmine.report.methods import (
+    PRESETS,
+    check_method,
+    known_methods,
+    parse_method,
+    parse_methods,
+    split_specs,
+)
+
+
+def _config(spec: str, **overrides):
+    return check_method(parse_method(spec), default_compare_base(), overrides=overrides)
+
+
+def test_the_issues_list_of_variants():
+    text = "random,ohem,overlap,overlap:strategy=hard,overlap:pos_strategy=soft:epsilon=2"
+    methods = parse_methods(text)
+    assert [m.name for m in methods] == text.split(",")
+    by_name = {m.name: m for m in methods}
+    assert by_name["random"] is known_methods()["random"]
+    hard = by_name["overlap:strategy=hard"]
+    assert hard.baseline == "random"  # the base method's baseline: paired with it by seed
+    config = check_method(hard, default_compare_base())
+    assert config.sampler.name == "overlap"
+    assert config.sampler.settings == {"num": 128, "strategy": "hard"}
+    config = check_method(by_name["overlap:pos_strategy=soft:epsilon=2"], default_compare_base())
+    assert config.sampler.settings == {"num": 128, "pos_strategy": "soft", "epsilon": 2}
+
+
+def test_a_variant_of_a_baseline_is_paired_with_it():
+    m = parse_method("random:pos_fraction=null")
+    assert m.baseline == "random" and m.overrides == {"sampler.pos_fraction": None}
+    assert _config("random:pos_fraction=null").sampler.settings["pos_fraction"] is None
+    atss = parse_method("retinanet_atss:topk=7")
+    assert atss.baseline == "retinanet_max_iou"
+    assert _config("retinanet_atss:topk=7").assigner.settings == {"topk": 7}
+
+
+def test_dotted_keys_reach_any_section_and_win_over_the_comparisons_overrides():
+    config = _config(
+        "overlap:model.box_nms_thresh=0.45:train.lr=0.01:num=64", **{"sampler.num": 256}
+    )
+    assert config.model.settings == {"box_nms_thresh": 0.45}
+    assert config.train.lr == 0.01
+    assert config.sampler.settings["num"] == 64  # the variant's own setting is the last word
+    assert _config("overlap", **{"sampler.num": 256}).sampler.settings["num"] == 256
+
+
+def test_bare_keys_go_to_the_component_that_has_them():
+    # frcn has a sampler (random) and an assigner (max_iou): num is the sampler's, neg_thr the
+    # assigner's.
+    config = _config("frcn:num=32:neg_thr=[0.2, 0.5]")
+    assert config.sampler.settings["num"] == 32
+    assert config.assigner.settings["neg_thr"] == (0.2, 0.5)
+
+
+def test_lists_in_values_survive_the_comma_split():
+    assert split_specs("random, frcn:neg_thr=[0.2, 0.5] ,ohem") == [
+        "random",
+        "frcn:neg_thr=[0.2, 0.5]",
+        "ohem",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("randm", r"unknown method 'randm'.*valid names: .*overlap_best"),
+        ("overlap:strategy", r"expected KEY=VALUE"),
+        ("overlap:stratgy=hard", r"unknown setting 'stratgy' of overlap; valid: .*strategy"),
+        ("retinanet_atss:sampler.num=3", r"retinanet_atss has no sampler"),
+        ("overlap,overlap", r"overlap given more than once"),
+        ("random,,ohem", r"empty method name"),
+        ("frcn:neg_thr=[0.2, 0.5", r"unbalanced brackets"),
+    ],
+)
+def test_bad_specs_are_config_errors(text: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        parse_methods(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("overlap:strategy=sometimes", r"--methods overlap:strategy=sometimes: .*expected one of"),
+        ("overlap:epsilon=-1", r"--methods overlap:epsilon=-1: sampler.epsilon: must be > 0"),
+        ("ohem:train.epoch=3", r"unknown key 'train.epoch'"),
+    ],
+)
+def test_bad_values_are_refused_before_training(spec: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        _config(spec)
+
+
+def test_presets_resolve_and_state_the_papers_settings():
+    base = default_compare_base()
+    names = set(known_methods())
+    for m in PRESETS:
+        config = check_method(m, base)
+        assert m.baseline is None or m.baseline in names
+        assert config.model.name == "faster_rcnn_tiny"
+    by_name = {m.name: m for m in PRESETS}
+    # OHEM, Table 1: 64 RoIs per image (B = 128, N = 2); Fast R-CNN's bg_lo 0.1; no ratio.
+    assert check_method(by_name["ohem_paper"], base).sampler.settings == {"num": 64}
+    frcn = check_method(by_name["frcn"], base)
+    assert frcn.assigner.settings["neg_thr"] == (0.1, 0.5)
+    assert frcn.sampler.settings == {"num": 64, "pos_fraction": 0.25}
+    assert check_method(by_name["frcn_no_ratio"], base).sampler.settings["pos_fraction"] is None
+    # Overlap, Table 2(f)'s last column: soft K = 2 negatives, soft positives, ε = 2, θ = 0.55.
+    best = check_method(by_name["overlap_best"], base)
+    assert best.model.settings == {"box_nms_thresh": 0.55}
+    settings = best.sampler.settings
+    assert (settings["strategy"], settings["pos_strategy"], settings["epsilon"]) == (
+        "soft",
+        "soft",
+        2.0,
+    )
+    assert check_method(by_name["overlap_neg"], base).model.settings == {}  # θ = 0.5
+
+
+def test_methods_default_to_the_default_comparison():
+    assert parse_methods(None) == list(DEFAULT_METHODS)
+    assert parse_methods("") == list(DEFAULT_METHODS)
+
+
+def test_variant_runs_get_their_own_directories(tmp_path: Path):
+    base = default_compare_base()
+    m = parse_method("overlap:strategy=hard")
+    config = m.config(base, seed=1, output_dir=tmp_path / m.name / "seed1")
+    assert config.output_dir.endswith("overlap:strategy=hard/seed1")
+
+
+def test_variants_are_rows_paired_with_the_baseline_by_seed(tmp_path: Path):
+    """Finished runs are read back: each variant is a row of its own, with the difference to its
+    base method's baseline, seed by seed."""
+    methods = parse_methods("random,overlap:strategy=hard,overlap:strategy=linear")
+    for name, ap in (("random", 0.10), ("overlap:strategy=hard", 0.13)):
+        for seed, extra in ((0, 0.0), (1, 0.02)):
+            done = tmp_path / name / f"seed{seed}"
+            done.mkdir(parents=True)
+            metrics = {"AP": ap + extra, "AP50": 0.2, "AP75": 0.05}
+            (done / "results.json").write_text(
+                json.dumps({"metrics": metrics, "steps": 1, "seconds": 1.0})
+            )
+    outcomes = run_comparison(default_compare_base(), methods[:2], [0, 1], tmp_path)
+    assert all(o.error is None for o in outcomes)
+    random, hard, linear = summarize(methods, outcomes)
+    assert hard.delta["AP"] == pytest.approx((0.03, 0.0), abs=1e-9)
+    assert linear.runs == 0 and linear.method.baseline == "random"
+    assert "| overlap:strategy=hard | faster_rcnn_tiny | overlap |" in format_table([random, hard])

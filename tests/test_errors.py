@@ -1,0 +1,306 @@
+"""Every user error of the command line: one line on stderr naming the file / key / id, exit
+status 2, no traceback (issue 12; DESIGN.md "Errors, faults and precision").
+
+Each case runs the command in a process of its own. Starting Python and importing torch for each
+would cost seconds a case, so one driver process imports hardmine once and forks a child per case
+(``_DRIVER``); the child runs ``hardmine.cli.main`` as ``python -m hardmine.cli`` would (an
+uncaught exception prints its traceback, exit status 1) with its stderr captured whole. A few
+cases also run through the real entry point (``test_entry_point``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC}
+ENV.pop("HARDMINE_DEBUG", None)
+
+# Four 64-px scenes, two per step: a run of two steps takes seconds.
+TINY = [
+    "--model.min_size", "64", "--model.max_size", "64",
+    "--data.num_train", "4", "--data.num_val", "2", "--data.image_size", "64",
+    "--data.batch_size", "2", "--train.epochs", "1", "--train.warmup_steps", "1",
+    "--train.log_every", "1000", "--train.eval_every", "0", "--device", "cpu",
+]  # fmt: skip
+
+ATSS_TOPK_0 = [
+    "train", "--model.name", "atss_tiny", "--sampler", "null",
+    "--assigner.name", "atss", "--assigner.topk", "0",
+]  # fmt: skip
+
+_DRIVER = r"""
+import json, os, sys, traceback
+import torch  # imported once, before the forks
+import hardmine.cli, hardmine.engine.train, hardmine.mine, hardmine.report.compare
+
+results = {}
+for name, argv in json.load(sys.stdin).items():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.dup2(write, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        try:
+            status = hardmine.cli.main(argv)
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else (exit_.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        err = pipe.read()
+    _, wait_status = os.waitpid(pid, 0)
+    results[name] = {"status": os.waitstatus_to_exitcode(wait_status), "stderr": err}
+print(json.dumps(results))
+"""
+
+
+def _world(root: Path) -> dict[str, str]:
+    """The files the cases need: a finished tiny run, damaged copies of it, bad inputs."""
+    import shutil
+
+    from hardmine.config import load_config
+    from hardmine.data import SceneDataset, write_coco
+    from hardmine.engine.train import train
+
+    run = root / "run"
+    overrides = {
+        "model.min_size": 64,
+        "model.max_size": 64,
+        "sampler.num": 16,
+        "data.num_train": 4,
+        "data.num_val": 2,
+        "data.image_size": 64,
+        "data.batch_size": 2,
+        "train.epochs": 1,
+        "train.warmup_steps": 1,
+        "train.eval_every": 0,
+        "device": "cpu",
+        "output_dir": str(run),
+    }
+    train(load_config(None, overrides))
+    for name in ("corrupt", "empty", "nockpt"):
+        shutil.copytree(run, root / name)
+    data = (run / "checkpoint.pt").read_bytes()
+    (root / "corrupt" / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    (root / "empty" / "checkpoint.pt").write_bytes(b"")
+    (root / "nockpt" / "checkpoint.pt").unlink()
+    (root / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    (root / "not_negatives.json").write_text('{"images": []}\n')
+    other_ids = {
+        "format": "hardmine-hard-negatives",
+        "version": 1,
+        "source": "elsewhere",
+        "settings": {},
+        "images": [{"image_id": 9999, "boxes": [], "scores": [], "labels": []}],
+    }
+    (root / "other_negatives.json").write_text(json.dumps(other_ids))
+    # COCO data with one category: the run was trained on three.
+    write_coco(SceneDataset(2, seed=5, image_size=64, num_classes=1), root / "one_class")
+    # COCO data without images.
+    (root / "no_images").mkdir()
+    empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "ring"}]}
+    (root / "no_images" / "annotations.json").write_text(json.dumps(empty))
+    return {"root": str(root)}
+
+
+def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
+    """name -> (argv, exit status, text the one line must contain)."""
+    r = str(root)
+    coco = [f"{r}/one_class/images", f"{r}/one_class/annotations.json"] * 2
+    no_images = [
+        "--data.kind", "coco", "--data.train_images", f"{r}/no_images",
+        "--data.train_ann", f"{r}/no_images/annotations.json",
+        "--data.val_images", f"{r}/no_images", "--data.val_ann", f"{r}/no_images/annotations.json",
+    ]  # fmt: skip
+    out = ["--output_dir", f"{r}/new"]
+    cases: dict[str, tuple[list[str], int, str]] = {
+        "config missing": (["train", "--config", f"{r}/nope.yaml"], 2, "nope.yaml: no such"),
+        "config yaml syntax": (["train", "--config", f"{r}/bad.yaml"], 2, "bad.yaml: not valid"),
+        "epochs 0": (["train", "--train.epochs", "0"], 2, "train.epochs: must be at least 1"),
+        "epochs -1": (["train", "--train.epochs", "-1"], 2, "train.epochs: must be at least 1"),
+        "sampler num -5": (["train", "--sampler.num", "-5"], 2, "sampler.num"),
+        "ohem num 0": (
+            ["train", "--sampler.name", "ohem", "--sampler.num", "0"],
+            2,
+            "sampler.num",
+        ),
+        "pos_fraction 2": (["train", "--sampler.pos_fraction", "2"], 2, "sampler.pos_fraction"),
+        "ohem nms_iou 5": (
+            ["train", "--sampler.name", "ohem", "--sampler.nms_iou", "5"],
+            2,
+            "sampler.nms_iou",
+        ),
+        "iou_balanced num_bins 0": (
+            ["train", "--sampler.name", "iou_balanced", "--sampler.num_bins", "0"],
+            2,
+            "sampler.num_bins",
+        ),
+        "atss topk 0": (
+            ATSS_TOPK_0,
+            2,
+            "assigner.topk",
+        ),
+        "device typo": (["train", "--device", "cude"], 2, "device"),
+        "resum": (["train", "--resum"], 2, "did you mean --resume?"),
+        "eval typo": (["eval", "--run", r, "--devcie", "cpu"], 2, "did you mean --device?"),
+        "eval missing run": (["eval", "--run", f"{r}/missing"], 2, "missing: no such run"),
+        "eval without checkpoint": (["eval", "--run", f"{r}/nockpt"], 2, "no checkpoint.pt"),
+        "eval corrupt checkpoint": (
+            ["eval", "--run", f"{r}/corrupt", "--device", "cpu"],
+            2,
+            "corrupt/checkpoint.pt: not a readable checkpoint",
+        ),
+        "eval 0-byte checkpoint": (
+            ["eval", "--run", f"{r}/empty", "--device", "cpu"],
+            2,
+            "empty/checkpoint.pt: the checkpoint is empty",
+        ),
+        "not hard negatives": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/not_negatives.json"],
+            2,
+            "not_negatives.json: not a hard-negatives file",
+        ),
+        "hard negatives of another dataset": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/other_negatives.json"],
+            2,
+            "other_negatives.json: hard negatives mined from elsewhere name 1 image ids",
+        ),
+        "mine other categories": (
+            ["mine", "--run", f"{r}/run", "--data", *coco, "--output", f"{r}/x.json"],
+            2,
+            "was trained on the categories",
+        ),
+        "empty training set": (["train", *TINY, *out, *no_images], 2, "has no images"),
+        "data.root missing": (
+            ["train", *TINY, *out, "--data.kind", "coco", "--data.root", f"{r}/nowhere"],
+            2,
+            "nowhere: no such folder",
+        ),
+        "run exists": (["train", "--config", f"{r}/run/config.yaml"], 2, "pass --resume"),
+        "output_dir is a file": (
+            ["train", *TINY, "--output_dir", f"{r}/bad.yaml/run"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "sampler on a dense detector": (
+            ["train", *TINY, *out, "--model.name", "retinanet_tiny"],
+            2,
+            "sampler: retinanet_tiny trains on every anchor",
+        ),
+        "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
+        "resume changed": (
+            ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],
+            2,
+            "sampler.name: 'random' -> 'ohem'",
+        ),
+        "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
+        "compare methods twice": (
+            ["compare", "--methods", "random,ohem,random"],
+            2,
+            "random given more than once",
+        ),
+        "compare unknown method": (["compare", "--methods", "rando"], 2, "unknown method 'rando'"),
+        "bootstrap share 2": (["bootstrap", "--share", "2"], 2, "--share: must be in [0, 1]"),
+        "bootstrap recall 2": (["bootstrap", "--recall", "2"], 2, "--recall: must be in (0, 1]"),
+        "inspect images 0": (["inspect", "--images", "0"], 2, "--images: must be at least 1"),
+        "inspect samplers twice": (
+            ["inspect", "--samplers", "ohem,ohem"],
+            2,
+            "ohem given more than once",
+        ),
+    }
+    # A diverging run: the documented one-line stop (exit status 1: the input was valid), for
+    # every sampler; no checkpoint was written before step 4 (the end of epoch 1), and it says so.
+    for sampler in ("random", "ohem", "iou_balanced", "overlap"):
+        argv = ["train", *TINY, "--data.num_train", "8", "--train.epochs", "2"]
+        argv += ["--train.lr", "20", "--train.warmup_steps", "0", "--sampler.name", sampler]
+        argv += ["--output_dir", f"{r}/diverge_{sampler}"]
+        cases[f"diverges with {sampler}"] = (argv, 1, "non-finite loss at step 4 (epoch 1)")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("cli_errors")
+    _world(root)
+    cases = _cases(root)
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER],
+        input=json.dumps({name: argv for name, (argv, _, _) in cases.items()}),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=root,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    return {name: (results[name], cases[name]) for name in cases}
+
+
+CASE_NAMES = list(_cases(Path("/x")))
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
+    result, (_, status, text) = outcomes[name]
+    lines = result["stderr"].splitlines()
+    assert "Traceback" not in result["stderr"], result["stderr"]
+    assert len(lines) == 1, result["stderr"]
+    assert result["status"] == status, result["stderr"]
+    assert text in lines[0], lines[0]
+
+
+def test_a_diverged_run_claims_no_checkpoint_it_did_not_write(outcomes: dict[str, Any]) -> None:
+    for sampler in ("random", "ohem", "iou_balanced", "overlap"):
+        result, _ = outcomes[f"diverges with {sampler}"]
+        assert "no checkpoint was written" in result["stderr"]
+        assert "last checkpoint" not in result["stderr"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "text"),
+    [
+        (["train", "--config", "nope.yaml"], "nope.yaml: no such configuration file"),
+        (["train", "--resum"], "did you mean --resume?"),
+        (["compare", "--methods", ""], "--methods"),
+    ],
+)
+def test_entry_point(argv: list[str], text: str, tmp_path: Path) -> None:
+    """The real ``python -m hardmine.cli``: one line, exit status 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hardmine.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and text in done.stderr
+
+
+def test_hardmine_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hardmine.cli", "train", "--config", "nope.yaml"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "HARDMINE_DEBUG": "1"},
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "ConfigError: nope.yaml" in done.stderr
