@@ -8,19 +8,27 @@ proposals (70% jittered around the ground truths, 30% anywhere); ATSS sees five 
 - torchvision: ``box_iou`` + ``Matcher`` + ``BalancedPositiveNegativeSampler`` (the detector's own
   random sampling), for the max-IoU assigner, the random sampler, and the two together (what a
   detector runs each step);
+- MMDetection 3.x's own classes (``ATSSAssigner``, ``MaxIoUAssigner``, ``CombinedSampler`` of
+  ``InstanceBalancedPosSampler`` + ``IoUBalancedNegSampler``, ``RandomSampler``), one image a call
+  as MMDetection runs them, when ``import mmdet`` works (``benchmarks/_mmdet.py`` says how to
+  install it beside hardmine, never as its dependency);
 - loop: a plain per-image version of the same algorithm, written the way MMDetection writes it
   (one image at a time, a Python loop over IoU bins, ground truths or pyramid levels,
-  ``randperm`` per group).
+  ``randperm`` per group), which needs nothing but torch.
 
-Timings interleave the contenders round by round and report medians, so machine noise hits both
-sides of a ratio alike. Ratios above 1 mean hardmine is faster.
+Timings interleave the contenders round by round, in a fresh random order each round, and report
+medians, so machine noise hits both sides of a ratio alike. Ratios above 1 mean hardmine is faster.
+The target column is issue 14's. ``--clock thread`` times CPU time of the calling thread instead of
+wall time: on a loaded machine it leaves out the time the process waits for a core (use it with
+``--threads 1`` only).
 
-    python benchmarks/samplers.py [--threads 1] [--rounds 15] [--device cpu]
+    python benchmarks/samplers.py [--threads 1] [--rounds 15] [--device cpu] [--clock wall]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +39,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import box_iou, nms
 
+import _mmdet
 from hardmine.assign import assign_atss, assign_max_iou
 from hardmine.sample import sample_iou_balanced, sample_ohem, sample_overlap, sample_random
 from hardmine.structures import Assignment
@@ -172,7 +181,7 @@ def loop_atss(b: Batch, *, topk: int = 9) -> None:
             candidates.append(idx + start)
             start += n
         cand = torch.cat(candidates)  # [K * L, G]
-        cand_iou = overlaps[cand, torch.arange(len(gt))]
+        cand_iou = overlaps[cand, torch.arange(len(gt), device=gt.device)]
         is_pos = cand_iou >= cand_iou.mean(0) + cand_iou.std(0)
         cx, cy = centers[cand, 0], centers[cand, 1]
         inside = (
@@ -180,7 +189,9 @@ def loop_atss(b: Batch, *, topk: int = 9) -> None:
         )
         is_pos &= inside
         masked = torch.full_like(overlaps, float("-inf")).t().flatten()
-        flat = (cand + torch.arange(len(gt)) * len(b.anchors)).flatten()[is_pos.flatten()]
+        flat = (cand + torch.arange(len(gt), device=gt.device) * len(b.anchors)).flatten()[
+            is_pos.flatten()
+        ]
         masked[flat] = overlaps.t().flatten()[flat]
         masked.view(len(gt), -1).max(0)
 
@@ -198,23 +209,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def race(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device):
+def race(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median seconds per call for each contender, timed in interleaved rounds."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for fn in contenders.values():  # warm-up
         fn()
+    order, names = random.Random(0), list(contenders)
     for _ in range(rounds):
-        for name, fn in contenders.items():
+        order.shuffle(names)
+        for name in names:
             _sync(device)
-            start = time.perf_counter()
-            fn()
+            start = clock()
+            contenders[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def contenders_for(b: Batch, device: torch.device) -> list[tuple[str, dict, str]]:
-    """Rows of the table for one batch: (method, {name: call}, the baseline's name)."""
+@dataclass
+class Row:
+    """One method of the table: hardmine's call and its baselines (name -> call, target)."""
+
+    name: str
+    ours: Callable[[], object]
+    baselines: dict[str, tuple[Callable[[], object], str]]
+    absolute_target: str = ""
+
+
+def contenders_for(b: Batch, device: torch.device, mm: _mmdet.MMDet | None) -> list[Row]:
+    """Rows of the table for one batch."""
     size = len(b.gt_boxes)
     gen = torch.Generator(device=device).manual_seed(0)
     assigned = assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels)
@@ -223,72 +251,76 @@ def contenders_for(b: Batch, device: torch.device) -> list[tuple[str, dict, str]
         assign_max_iou([p], [g], [lab])
         for p, g, lab in zip(b.proposals, b.gt_boxes, b.gt_labels, strict=True)
     ]
+    anchors = [b.anchors] * size
+    ref = {} if mm is None else _mmdet.contenders(mm, b, anchors)
+    random_target = ">= 1.0x" if size >= 16 else ">= 0.8x"
 
     def overlap_one_by_one(bb: Batch, i: int) -> object:
         return sample_overlap([bb.proposals[i]], single[i], generator=gen)
 
+    def with_mmdet(baselines: dict, name: str, key: str, target: str = "") -> dict:
+        if key in ref:
+            baselines[f"MMDetection {name}"] = (ref[key], target)
+        return baselines
+
     return [
-        (
-            "max-IoU assign",
-            {
-                "ours": lambda: assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels),
-                "torchvision Matcher": lambda: torchvision_assign(b),
-            },
-            "torchvision Matcher",
-        ),
-        (
-            "random sample",
-            {
-                "ours": lambda: sample_random(assigned, generator=gen),
-                "torchvision BPNS": lambda: torchvision_sample(tv_labels),
-            },
-            "torchvision BPNS",
-        ),
-        (
-            "assign + random sample",
-            {
-                "ours": lambda: sample_random(
-                    assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels), generator=gen
-                ),
-                "torchvision Matcher+BPNS": lambda: torchvision_sample(
-                    torchvision_labels(b, torchvision_assign(b))
-                ),
-            },
-            "torchvision Matcher+BPNS",
-        ),
-        (
-            "IoU-balanced sample",
-            {
-                "ours": lambda: sample_iou_balanced(assigned, generator=gen),
-                "per-image loop": lambda: loop_iou_balanced(assigned),
-            },
-            "per-image loop",
-        ),
-        (
-            "overlap sample (soft)",
-            {
-                "ours": lambda: sample_overlap(b.proposals, assigned, generator=gen),
-                "ours, one image a call": per_image(overlap_one_by_one, b),
-            },
-            "ours, one image a call",
-        ),
-        (
-            "OHEM (NMS 0.7, top 128)",
-            {
-                "ours": lambda: sample_ohem(b.proposals, assigned, b.losses),
-                "per-image loop": lambda: loop_ohem(b),
-            },
-            "per-image loop",
-        ),
-        (
+        Row(
             "ATSS assign (22k anchors)",
+            lambda: assign_atss(anchors, b.gt_boxes, b.gt_labels, num_per_level=b.num_per_level),
+            with_mmdet(
+                {"per-image loop": (lambda: loop_atss(b), "")}, "ATSSAssigner", "atss", ">= 10x"
+            ),
+        ),
+        Row(
+            "IoU-balanced sample",
+            lambda: sample_iou_balanced(assigned, generator=gen),
+            with_mmdet(
+                {"per-image loop": (lambda: loop_iou_balanced(assigned), "")},
+                "CombinedSampler",
+                "combined",
+                ">= 10x",
+            ),
+        ),
+        Row(
+            "random sample",
+            lambda: sample_random(assigned, generator=gen),
+            with_mmdet(
+                {"torchvision BPNS": (lambda: torchvision_sample(tv_labels), random_target)},
+                "RandomSampler",
+                "random",
+            ),
+        ),
+        Row(
+            "max-IoU assign",
+            lambda: assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels),
+            with_mmdet(
+                {"torchvision Matcher": (lambda: torchvision_assign(b), ">= 2x")},
+                "MaxIoUAssigner",
+                "max_iou",
+            ),
+        ),
+        Row(
+            "assign + random sample",
+            lambda: sample_random(
+                assign_max_iou(b.proposals, b.gt_boxes, b.gt_labels), generator=gen
+            ),
             {
-                "ours": lambda: assign_atss(
-                    [b.anchors] * size, b.gt_boxes, b.gt_labels, num_per_level=b.num_per_level
-                ),
-                "per-image loop": lambda: loop_atss(b),
+                "torchvision Matcher+BPNS": (
+                    lambda: torchvision_sample(torchvision_labels(b, torchvision_assign(b))),
+                    "",
+                )
             },
-            "per-image loop",
+        ),
+        Row(
+            "overlap sample (soft)",
+            lambda: sample_overlap(b.proposals, assigned, generator=gen),
+            {"ours, one image a call": (per_image(overlap_one_by_one, b), "")},
+            absolute_target="<= 2 ms",
+        ),
+        Row(
+            "OHEM (NMS 0.7, top 128)",
+            lambda: sample_ohem(b.proposals, assigned, b.losses),
+            {"per-image loop": (lambda: loop_ohem(b), "")},
         ),
     ]
 
@@ -299,23 +331,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per contender")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
+    parser.add_argument("--no-mmdet", action="store_true", help="leave MMDetection out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    mm, why = (None, "MMDetection left out (--no-mmdet)") if args.no_mmdet else _mmdet.load()
+    if mm is not None and device.type != "cpu":
+        mm, why = None, "MMDetection left out: its classes are timed on the CPU only"
     print(
-        f"torch {torch.__version__}, device {device}, {args.threads} thread(s), medians of "
-        f"{args.rounds} interleaved rounds; ms per image; ratio = baseline / hardmine"
+        f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.clock} "
+        f"clock, medians of {args.rounds} interleaved rounds; ms per image; "
+        "ratio = baseline / hardmine"
     )
-    header = f"{'method':<28}{'B':>4}{'hardmine':>10}  {'baseline':<24}{'ms':>9}{'ratio':>8}"
+    print(why)
+    header = (
+        f"{'method':<28}{'B':>4}{'hardmine':>10}  {'baseline':<32}{'ms':>9}{'ratio':>8}  target"
+    )
     print(header)
     print("-" * len(header))
     for size in args.batches:
         b = to_device(make_batch(size), device)
-        for name, contenders, baseline in contenders_for(b, device):
-            t = race(contenders, args.rounds, device)
-            ours, base = t["ours"] * 1e3 / size, t[baseline] * 1e3 / size
-            ratio = base / ours
-            print(f"{name:<28}{size:>4}{ours:>10.3f}  {baseline:<24}{base:>9.3f}{ratio:>7.2f}x")
+        for row in contenders_for(b, device, mm):
+            calls = {"ours": row.ours} | {name: fn for name, (fn, _) in row.baselines.items()}
+            t = race(calls, args.rounds, device, clock)
+            ours = t["ours"] * 1e3 / size
+            for name, (_, target) in row.baselines.items():
+                base = t[name] * 1e3 / size
+                print(
+                    f"{row.name:<28}{size:>4}{ours:>10.3f}  {name:<32}{base:>9.3f}"
+                    f"{base / ours:>7.2f}x  {target}"
+                )
+            if row.absolute_target:
+                print(
+                    f"{row.name:<28}{size:>4}{ours:>10.3f}  {'(absolute)':<32}{'':>17}  "
+                    f"{row.absolute_target}"
+                )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ every sampler's training pass then costs the same, and what is measured is each 
 overhead, for OHEM the read-only pass of the box head over all proposals (``--proposals`` per
 image). ``torchvision`` is the unwrapped model with torchvision's own sampler at the same ``num``,
 and ``random@512`` random sampling at torchvision's default 512 RoIs per image, for reference;
-``ohem@bf16`` is OHEM with its read-only pass in bfloat16 (``score_dtype``). The read-only pass is
+``ohem`` scores in its default precision (``score_dtype="auto"``: bfloat16 where the hardware has
+it, printed) and ``ohem@f32`` in float32 (``score_dtype=None``). The read-only pass is
 also timed inside OHEM's steps and printed as a fraction of random sampling's step: OHEM's own
 cost measured directly, steadier than the ratio of two medians.
 No optimiser step is taken, so every sampler sees the same weights.
@@ -24,7 +25,7 @@ The absolute peak RSS is printed too; its ratios are diluted by the ~0.3-0.5 GB 
 Example::
 
     python benchmarks/train_step.py --model faster_rcnn_tiny --steps 20
-    python benchmarks/train_step.py --device cuda --model faster_rcnn_r50_fpn --image-size 800
+    python benchmarks/train_step.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --amp
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from hardmine.models import SamplingRoIHeads, build, with_sampler
+from hardmine.models.read_only import resolve_score_dtype
 from hardmine.sample import SAMPLERS, RandomSampler
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
@@ -82,9 +84,9 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     models = {"torchvision": base}
     for name, cls in SAMPLERS.items():
         models[name] = with_sampler(base, cls(num=args.num)).train()
-    # OHEM with its read-only pass in bfloat16 (``score_dtype``): an opt-in, ranks nearly alike.
-    models["ohem@bf16"] = with_sampler(
-        base, SAMPLERS["ohem"](num=args.num), score_dtype=torch.bfloat16
+    # OHEM with its read-only pass in float32 (``score_dtype=None``), beside the default "auto".
+    models["ohem@f32"] = with_sampler(
+        base, SAMPLERS["ohem"](num=args.num), score_dtype=None
     ).train()
     # torchvision's default 512 RoIs per image: what OHEM at 128 replaces in practice.
     models["random@512"] = with_sampler(base, RandomSampler(num=512)).train()
@@ -93,9 +95,15 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     return models
 
 
+AMP = False  # --amp: forward passes under float16 autocast (CUDA), as in mixed-precision training
+
+
 def step(model: nn.Module, batch: Batch) -> None:
     model.zero_grad(set_to_none=True)
-    sum(model(*batch).values()).backward()
+    device = batch[0][0].device.type
+    with torch.autocast(device, dtype=torch.float16, enabled=AMP):
+        losses = model(*batch)
+    sum(losses.values()).backward()
 
 
 def sync(device: str) -> None:
@@ -211,10 +219,13 @@ def main() -> None:
         "--samplers",
         nargs="+",
         help="only these rows besides random (torchvision, iou_balanced, overlap, ohem, "
-        "ohem@bf16, random@512); default: all",
+        "ohem@f32, random@512); default: all",
     )
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA's AMP)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global AMP
+    AMP = args.amp
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -223,9 +234,11 @@ def main() -> None:
 
     times, read_only = measure_time(args)
     memory = measure_memory(args, list(times))
+    auto = resolve_score_dtype("auto", torch.device(args.device))
     print(
         f"{args.model} on {args.device}: batch {args.batch} x {args.image_size} px, "
-        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps"
+        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps; "
+        f"ohem scores in {auto or 'float32'}{'; AMP' if args.amp else ''}"
     )
     print(
         f"{'sampler':<14}{'s/step':>9}{'time':>8}{'peak MB':>10}{'peak':>7}{'added MB':>10}"

@@ -306,3 +306,25 @@ def test_rcnn_under_autocast_computes_its_geometry_in_float32(dtype: torch.dtype
         copies = slice(b.shape[0] - g.shape[0], None)  # the ground truths, appended
         assert (a.max_iou[copies] == 1).all() and (a.label[copies] != 0).all()
         assert a.positive[copies].any()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("score_dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_trains_under_autocast(
+    name: str, score_dtype: torch.dtype | None, dtype: torch.dtype
+) -> None:
+    """A training step under AMP's autocast, for every sampler and every scoring precision (also
+    one other than the step's: OHEM's float16 AMP on CUDA with bfloat16 scoring crashed on the
+    read-only pass's float16 loss buffer, then on autocast's cast cache)."""
+    scenes = SceneDataset(2, seed=0, image_size=64)
+    images, targets = collate_fn([scenes[i] for i in range(2)])
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 4, sampler=SAMPLERS[name]()).train()
+    if hasattr(model.roi_heads, "score_dtype"):
+        model.roi_heads.score_dtype = score_dtype
+    with torch.autocast("cpu", dtype=dtype):
+        losses = model(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()

@@ -268,3 +268,107 @@ def test_assigner_interface() -> None:
     assert isinstance(assigner, Assigner)
     (a,) = assigner([CANDIDATES], [GT], labels(1), num_per_level=[5])
     assert a.label.tolist() == [1, 1, 0, -1, -1]
+
+
+def reference_max_iou(
+    cands: Tensor,
+    gt: Tensor,
+    gt_labels: Tensor,
+    *,
+    pos_thr: float,
+    neg_lo: float,
+    neg_hi: float,
+    low_quality: bool,
+    ignore: Tensor | None,
+) -> Assignment:
+    """The rule of ``assign_max_iou`` for one image, written plainly: ``max`` over the full
+    ``[G, N]`` IoU matrix and ``masked_fill`` (the computation before the fast path)."""
+    n = cands.shape[0]
+    ignored = torch.zeros(n, dtype=torch.bool)
+    if ignore is not None and len(ignore):
+        from hardmine.boxes import box_iof
+
+        ignored = box_iof(cands, ignore).amax(dim=1) > 0.5
+    if gt.shape[0] == 0 or n == 0:
+        label = torch.zeros(n, dtype=torch.int8).masked_fill_(ignored, -1)
+        zeros = torch.zeros(n, dtype=torch.int64)
+        return Assignment(label, zeros, torch.zeros(n, dtype=torch.float32), zeros)
+    iou = box_iou(gt, cands)  # [G, N]
+    best, best_gt = iou.max(dim=0)
+    label = torch.full((n,), -1, dtype=torch.int8)
+    label.masked_fill_((best >= neg_lo) & (best < neg_hi), 0)
+    positive = best >= pos_thr
+    if low_quality:
+        masked = iou.masked_fill(ignored[None], -1.0)
+        gt_best = masked.amax(dim=1, keepdim=True)
+        positive |= ((masked == gt_best) & (gt_best > 0)).any(dim=0)
+    label.masked_fill_(positive, 1)
+    label.masked_fill_(ignored, -1)
+    gt_class = torch.where(label == 1, gt_labels[best_gt], 0)
+    return Assignment(label, best_gt, best, gt_class)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_equals_the_plain_rule_on_random_input_with_ties(dtype: torch.dtype) -> None:
+    # Integer boxes give many equal IoUs (ties across ground truths, and with the thresholds);
+    # some images have no ground truth, no candidates, or ignore regions.
+    g = torch.Generator().manual_seed(11)
+    for trial in range(12):
+        sizes = torch.randint(0, 120, (4,), generator=g).tolist()
+        num_gt = torch.randint(0, 9, (4,), generator=g).tolist()
+        cands = [random_boxes(n, g).round() for n in sizes]
+        gts = [random_boxes(k, g).round() for k in num_gt]
+        gts[0] = torch.cat([gts[0], gts[0]])  # duplicated ground truths: the first must win
+        gt_labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+        ignore = [random_boxes(int(k), g) for k in torch.randint(0, 2, (4,), generator=g)]
+        settings = {"pos_thr": 0.5, "neg_lo": 0.1 * (trial % 2), "neg_hi": 0.4 + 0.1 * (trial % 2)}
+        low_quality = trial % 3 == 0
+        use_ignore = trial % 4 < 2
+        got = assign_max_iou(
+            [c.to(dtype) for c in cands],
+            [b.to(dtype) for b in gts],
+            gt_labels,
+            pos_thr=settings["pos_thr"],
+            neg_thr=(settings["neg_lo"], settings["neg_hi"]),
+            low_quality=low_quality,
+            ignore_boxes=[i.to(dtype) for i in ignore] if use_ignore else None,
+            chunk_size=3,
+        )
+        for i, a in enumerate(got):
+            ref = reference_max_iou(
+                cands[i].to(dtype),
+                gts[i].to(dtype),
+                gt_labels[i],
+                **settings,
+                low_quality=low_quality,
+                ignore=ignore[i].to(dtype) if use_ignore else None,
+            )
+            assert torch.equal(a.label, ref.label), (trial, i)
+            assert torch.equal(a.gt_index, ref.gt_index), (trial, i)
+            assert torch.equal(a.max_iou.to(ref.max_iou.dtype), ref.max_iou), (trial, i)
+            assert torch.equal(a.gt_class, ref.gt_class), (trial, i)
+
+
+def test_best_of_chunk_is_max_with_the_first_index() -> None:
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 1, 5), (3, 7, 40), (2, 64, 100)]:
+        iou = (torch.rand(shape, generator=g) * 4).floor() / 4  # many exact ties, zeros, ones
+        for dtype in (torch.float32, torch.float64):
+            expected_value, expected_index = iou.to(dtype).max(dim=1)
+            value, index = _batch.best_of_chunk(iou.to(dtype, copy=True))  # overwrites its input
+            assert torch.equal(value, expected_value) and torch.equal(index, expected_index)
+
+
+def test_finiteness_is_checked_per_image_and_huge_finite_boxes_pass() -> None:
+    # The batch check sums the boxes: a non-finite sum names the image; one that overflows from
+    # huge finite coordinates is checked box by box and passes.
+    bad = CANDIDATES.clone()
+    bad[1, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"candidates\[2\]"):
+        assign_max_iou([CANDIDATES, CANDIDATES, bad], [GT] * 3, labels(1, 1, 1))
+    huge = torch.full((3, 4), 3e38)
+    (a,) = assign_max_iou([huge], [GT], labels(1))
+    assert a.label.tolist() == [0, 0, 0]
+    half = CANDIDATES.half() * 1000  # a float16 sum would overflow; the check sums in float32
+    (a,) = assign_max_iou([half], [GT.half()], labels(1))
+    assert a.label.shape == (5,)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hardmine.data import CLASS_NAMES, SceneDataset, collate_fn, make_scenes
+from hardmine.data import CLASS_NAMES, SceneDataset, SceneDesign, collate_fn, make_scenes
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,60 @@ def test_masks_are_the_visible_pixels_inside_their_boxes(scenes: SceneDataset) -
     assert target["masks"].sum(0).max() <= 1
 
 
-def test_classes_and_look_alike_distractors_present(scenes: SceneDataset) -> None:
+def test_classes_present_and_look_alikes_recorded(scenes: SceneDataset) -> None:
     labels = torch.cat([t["labels"] for _, t in scenes])
     assert set(labels.tolist()) == {1, 2, 3}
     assert scenes.categories == list(CLASS_NAMES[:3])
-    mimics = np.concatenate([s.distractor_mimics for s in scenes.scenes])
-    assert set(mimics.tolist()) == {1, 2, 3}
-    assert all(len(s.distractor_boxes) == len(s.distractor_mimics) for s in scenes.scenes)
+    for scene in scenes.scenes:
+        assert len(scene.lookalike_boxes) == len(scene.lookalike_mimics)
+        assert set(scene.lookalike_mimics.tolist()) <= {1, 2, 3}
+        assert scene.crowd.shape == scene.labels.shape
+
+
+def test_look_alikes_are_rare_by_default() -> None:
+    facts = SceneDataset(64, seed=5, image_size=64).facts()
+    # Design: no look-alike in 70 % of the images, one in 25 %, two in 5 %; 1-3 isolated objects
+    # plus a crowd group of 2-3 in half of the images.
+    assert 0.15 <= facts["images_with_lookalikes"] / 64 <= 0.45
+    assert facts["lookalikes"] / 64 < 0.6 < 2 < facts["objects"] / 64
+
+
+def test_every_image_gets_the_look_alikes_its_design_asks_for() -> None:
+    always_two = SceneDesign(lookalikes=(0.0, 0.0, 1.0))
+    scenes = SceneDataset(8, seed=2, image_size=64, design=always_two)
+    assert [len(s.lookalike_boxes) for s in scenes.scenes] == [2] * 8
+    none = SceneDataset(8, seed=2, image_size=64, design=SceneDesign(lookalikes=(1.0,)))
+    assert sum(len(s.lookalike_boxes) for s in none.scenes) == 0
+
+
+def test_crowd_groups_are_overlapping_instances_of_one_class() -> None:
+    from hardmine.boxes import box_iou
+
+    scenes = SceneDataset(8, seed=4, design=SceneDesign(p_crowd=1.0, crowd_size=(3, 3)))
+    for scene in scenes.scenes:
+        group = scene.crowd >= 0
+        assert group.sum() >= 2  # three placed; one may end up less than half visible
+        assert len(set(scene.labels[group].tolist())) == 1
+        boxes = torch.from_numpy(scene.boxes[group])
+        assert box_iou(boxes, boxes).fill_diagonal_(0).max() > 0.05
+    alone = SceneDataset(8, seed=4, image_size=64, design=SceneDesign(p_crowd=0.0))
+    assert all((s.crowd == -1).all() for s in alone.scenes)
+    assert alone.facts()["crowd_groups"] == 0
+
+
+def test_facts_count_what_the_scenes_hold() -> None:
+    scenes = SceneDataset(40, seed=6)
+    facts = scenes.facts()
+    boxes = np.concatenate([s.boxes for s in scenes.scenes])
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+    assert facts["objects"] == len(boxes) == facts["small"] + facts["medium"] + facts["large"]
+    # COCO's three size ranges all occur at 128 px.
+    assert min(facts["small"], facts["medium"], facts["large"]) > 0
+    assert facts["large"] == int((areas >= 96**2).sum())
+    assert facts["crowded_objects"] == sum(int((s.crowd >= 0).sum()) for s in scenes.scenes)
+    assert facts["crowd_groups"] == sum(bool((s.crowd >= 0).any()) for s in scenes.scenes)
+    assert facts["lookalikes"] == sum(len(s.lookalike_boxes) for s in scenes.scenes)
+    assert facts["clutter"] == sum(len(s.clutter_boxes) for s in scenes.scenes) > 0
 
 
 def test_objects_overlap_somewhere(scenes: SceneDataset) -> None:

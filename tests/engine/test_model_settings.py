@@ -19,7 +19,10 @@ from hardmine.engine.build import load_run_config
         ({"model.min_size": "abc"}, r"model\.min_size: expected int \| list\[int\] \| None"),
         ({"model.max_size": 1.5}, r"model\.max_size: expected int, got 1\.5"),
         ({"model.rpn_head": "x"}, r"model\.rpn_head: expected Module \| None, got 'x'"),
-        ({"model.score_dtype": "float64"}, r"score_dtype: expected 'bfloat16' \| 'float16' \|"),
+        (
+            {"model.score_dtype": "float64"},
+            r"score_dtype: expected 'auto' \| 'bfloat16' \| 'float16' \|",
+        ),
         ({"model.name": "fcos_tiny", "model.box_nms_thresh": 0.5}, r"did you mean 'nms_thresh'"),
         ({"model.name": "atss_tiny", "model.head": None}, r"unknown key 'model\.head'"),
     ],

@@ -219,6 +219,19 @@ def test_pennfudan_layout_split(tmp_path: Path) -> None:
     assert max(train_names) < min(val_names)
 
 
+def test_roi_loss_every_epoch_and_detections_of_the_final_evaluation(tmp_path: Path) -> None:
+    """Three epochs, one evaluation at the end: the mean loss over all RoIs has a point per
+    epoch, and the final evaluation's detections are kept for the error breakdown."""
+    config = tiny(tmp_path, train__epochs=3, train__eval_every=3)
+    train(config)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "roi_loss" in r] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if "eval" in r] == [3]
+    detections = json.loads((tmp_path / "run" / "detections.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} == d.keys() for d in detections)
+    assert {d["image_id"] for d in detections} <= {1, 2}
+
+
 class PoisonAfter(nn.Module):
     """A detector whose weights turn NaN in its ``bad_step``-th training forward: what a diverged
     run's next step sees (every value downstream non-finite, inside the samplers too)."""

@@ -60,7 +60,10 @@ def test_sampler_and_assigner_are_attached():
 def test_score_dtype_reaches_the_heads():
     model = build("faster_rcnn_tiny", 3, sampler=OHEMSampler(num=64), score_dtype="bfloat16")
     assert model.roi_heads.score_dtype is torch.bfloat16
-    assert build("faster_rcnn_tiny", 3, sampler=OHEMSampler()).roi_heads.score_dtype is None
+    # Issue 14: bfloat16 where the hardware has it, by default ("auto"); None is the model's own.
+    assert build("faster_rcnn_tiny", 3, sampler=OHEMSampler()).roi_heads.score_dtype == "auto"
+    model = build("faster_rcnn_tiny", 3, sampler=OHEMSampler(), score_dtype=None)
+    assert model.roi_heads.score_dtype is None
     with pytest.raises(ValueError, match="score_dtype must be"):
         build("faster_rcnn_tiny", 3, sampler=OHEMSampler(), score_dtype="float64")
     with pytest.raises(ValueError, match="no read-only pass"):

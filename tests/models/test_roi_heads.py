@@ -139,6 +139,24 @@ def test_images_without_ground_truth(name, batch):
 
 
 @pytest.mark.parametrize("name", RCNNS)
+def test_random_sampler_is_torchvision_s_own_draw(name, batch):
+    """On the CPU, RandomSampler draws as torchvision's sampler does: from the same global RNG
+    state, the RPN and the heads pick the same anchors and RoIs, so the losses are torchvision's."""
+    torch.manual_seed(0)
+    model = build(name, 3)
+    wrapped = with_sampler(model, RandomSampler(128, 0.25), rpn_sampler=RandomSampler(256, 0.5))
+    model.train()
+    wrapped.train()
+    torch.manual_seed(1)
+    expected = model(*batch)
+    torch.manual_seed(1)
+    actual = wrapped(*batch)
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, msg=key)
+
+
+@pytest.mark.parametrize("name", RCNNS)
 def test_random_sampling_reproduces_torchvision(name, batch):
     """Fed torchvision's own picks, the sampling RPN and heads give torchvision's losses."""
     torch.manual_seed(0)
@@ -189,7 +207,9 @@ def test_ohem_picks_equal_brute_force(batch):
     model = build("faster_rcnn_tiny", 3)
     features, proposals, sizes, targets = head_inputs(model, *batch)
     spy = Spy(OHEMSampler(num=num))
-    SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+    # Scored in float32 (score_dtype None), against plain float32 losses.
+    heads = SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=None).train()
+    heads(features, proposals, sizes, targets)
 
     rois, labels, _, reg_targets = torchvision_targets(model, proposals, targets)
     with torch.no_grad():
@@ -386,7 +406,8 @@ def test_read_only_pass_in_slices_gives_the_same_losses(batch, monkeypatch):
     for slice_bytes in (roi_heads.READ_ONLY_SLICE_BYTES, 100 * 64 * 7 * 7 * 4):  # 100 RoIs
         monkeypatch.setattr(roi_heads, "READ_ONLY_SLICE_BYTES", slice_bytes)
         spy = Spy(OHEMSampler(num=16))
-        SamplingRoIHeads(model.roi_heads, sampler=spy).train()(features, proposals, sizes, targets)
+        heads = SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=None).train()
+        heads(features, proposals, sizes, targets)
         losses.append(torch.cat(spy.losses))
     assert losses[0].numel() > 300  # several slices of 100
     torch.testing.assert_close(losses[1], losses[0])
@@ -477,3 +498,22 @@ def test_with_sampler_says_what_to_pass(batch):
         with_sampler(model, OHEMSampler(), assigner="max_iou")
     with pytest.raises(TypeError, match=r"Keypoint R-CNN .*, got Linear"):
         with_sampler(nn.Linear(2, 2), OHEMSampler())
+
+
+def test_read_only_pass_is_bfloat16_by_default_where_the_cpu_has_it(batch):
+    # score_dtype "auto": bfloat16 exactly where the hardware computes it natively.
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    losses = {}
+    for dtype in ("auto", None, torch.bfloat16):
+        spy = Spy(OHEMSampler(num=64))
+        SamplingRoIHeads(model.roi_heads, sampler=spy, score_dtype=dtype).train()(
+            features, proposals, sizes, targets
+        )
+        losses[dtype] = torch.cat(spy.losses)
+    native = roi_heads.native_bfloat16(torch.device("cpu"))
+    assert torch.equal(losses["auto"], losses[torch.bfloat16 if native else None])
+    assert roi_heads.resolve_score_dtype("auto", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="score_dtype must be"):
+        roi_heads.resolve_score_dtype("float32", torch.device("cpu"))

@@ -15,6 +15,7 @@ from hardmine.report.compare import (
     Method,
     Outcome,
     default_compare_base,
+    describe,
     format_table,
     run_comparison,
     summarize,
@@ -46,14 +47,32 @@ def test_mean_std_and_paired_difference(tmp_path: Path) -> None:
     ]
     random, ohem = summarize(METHODS, outcomes)
     assert random.runs == 2 and random.failed == 0
-    assert random.ap["AP"] == pytest.approx((0.15, 0.0707107), rel=1e-5)
-    assert random.delta == {}  # a baseline
-    # Per seed +0.03 and +0.01: mean +0.02, std 0.01414.
-    assert ohem.delta["AP"] == pytest.approx((0.02, 0.0141421), rel=1e-5)
+    assert (random.ap["AP"].mean, random.ap["AP"].std) == pytest.approx((0.15, 0.0707107), rel=1e-5)
+    assert random.delta == {} and random.verdict is None  # a baseline
+    # Per seed +0.03 and +0.01: mean +0.02, std 0.01414, t(0.975, 1) = 12.706: ± 0.127.
+    delta = ohem.delta["AP"]
+    assert (delta.mean, delta.std) == pytest.approx((0.02, 0.0141421), rel=1e-5)
+    assert (delta.low, delta.high) == pytest.approx((0.02 - 0.12706, 0.02 + 0.12706), abs=1e-4)
+    assert ohem.verdict == "no detectable difference"
     assert ohem.picks == (10.0, 100.0) and ohem.minutes == pytest.approx(1.0)
     table = format_table([random, ohem])
     assert "| random | faster_rcnn_tiny | random | — | 15.0 ± 7.1 |" in table
-    assert "| +2.0 ± 1.4 |" in table and "| random |" in table
+    assert "| random | +2.0 [-10.7, +14.7] | +4.0 [" in table
+    assert "| no detectable difference |" in table
+
+
+def test_verdicts_and_intervals_in_the_report(tmp_path: Path) -> None:
+    """Three seeds where OHEM is ahead by 1.0-1.2 points on every one: better, with an interval
+    that excludes 0; the report carries the interval, the verdict and how they were computed."""
+    outcomes = [outcome(tmp_path, "random", s, ap) for s, ap in enumerate([0.30, 0.34, 0.32])]
+    outcomes += [outcome(tmp_path, "ohem", s, ap) for s, ap in enumerate([0.31, 0.352, 0.331])]
+    _, ohem = summarize(METHODS, outcomes)
+    assert ohem.verdict == "better" and ohem.delta["AP"].low > 0
+    report = write_report(tmp_path, METHODS, outcomes, description="A test.").read_text()
+    assert "| better |" in report and "+1.1 [+0.9, +1.3]" in report
+    assert "95 % t-interval" in report and "paired by seed" in report
+    worse = [outcome(tmp_path, "ohem", s, ap) for s, ap in enumerate([0.29, 0.33, 0.31])]
+    assert summarize(METHODS, outcomes[:3] + worse)[1].verdict == "worse"
 
 
 def test_failed_runs_are_counted_not_averaged(tmp_path: Path) -> None:
@@ -127,3 +146,39 @@ def test_a_run_directory_of_another_configuration_is_not_reused(tmp_path: Path) 
     (result,) = run_comparison(base, [method], [0], tmp_path)
     assert result.error is not None and "another configuration" in result.error
     assert read_metrics(run_dir / "metrics.jsonl") == []  # nothing was trained
+
+
+def test_description_wording() -> None:
+    base = default_compare_base()
+    base.train.epochs, base.data.num_classes, base.device = 1, 1, "cpu"
+    text = describe(base, [0, 1, 2])
+    assert "Schedule: 1 epoch," in text and "1 class)" in text and "1 epochs" not in text
+    assert "Seeds: 0, 1, 2." in text
+    assert "Device: CPU (" in text and "thread" in text and "auto" not in text
+    base.device = "auto"
+    assert "chosen by device: auto" in describe(base, [0])
+    base.train.epochs = 3
+    assert "3 epochs (384 steps)" in describe(base, [0], steps_per_epoch=128)
+
+
+def test_the_default_comparison_has_three_seeds_and_a_warm_up_that_ends_early() -> None:
+    import argparse
+
+    from hardmine.cli import compare_parser
+
+    parser = argparse.ArgumentParser()
+    compare_parser(parser.add_subparsers())
+    assert parser.parse_args(["compare"]).seeds == 3
+    base = default_compare_base()
+    steps = base.train.epochs * base.data.num_train // base.data.batch_size
+    assert base.train.warmup_steps <= steps / 5
+
+
+def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> None:
+    base = default_compare_base()
+    longer = Method("dense", {"name": "atss_tiny"}, assigner={"name": "atss"}, epochs_scale=2)
+    assert longer.config(base, seed=0, output_dir=tmp_path).train.epochs == 2 * base.train.epochs
+    assert METHODS[0].config(base, seed=0, output_dir=tmp_path).train.epochs == base.train.epochs
+    outcomes = [outcome(tmp_path, "random", 0, 0.1), outcome(tmp_path, "dense", 0, 0.1)]
+    report = write_report(tmp_path, [METHODS[0], longer], outcomes, description="A test.")
+    assert "dense (2×)" in report.read_text()

@@ -17,7 +17,12 @@ from hardmine.engine import checkpoint
 from hardmine.engine.build import PickCounter, build_datasets, build_detector
 from hardmine.engine.rundir import CONFIG_NAME
 from hardmine.models import build
-from hardmine.report.inspect import inspect_picks, jitter_proposals, samplers_for
+from hardmine.report.inspect import (
+    inspect_picks,
+    jitter_proposals,
+    samplers_for,
+    showcase_images,
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -49,7 +54,13 @@ def test_inspect_picks_writes_everything(tmp_path: Path) -> None:
         model, scenes, samplers, tmp_path, proposals="jitter", num_images=1, hist_images=3
     )
     assert len(result.panels) == 3
-    for path in [*result.panels, result.sheet, result.histogram_plot, result.histogram_csv]:
+    for path in [
+        *result.panels,
+        result.sheet,
+        result.overlaps,
+        result.histogram_plot,
+        result.histogram_csv,
+    ]:
         assert path.exists() and path.stat().st_size > 0
     assert (tmp_path / "panels" / "image000_ohem.png").exists()
     hist = result.histograms
@@ -100,6 +111,16 @@ def test_help_names_the_jitter_default() -> None:
     assert "jitter" in parser._subparsers._group_actions[0].choices["inspect"].format_help()
     args = _parse([])
     assert args.proposals is None and args.images == 4
+
+
+def test_showcase_images_have_a_crowd_group_and_a_look_alike() -> None:
+    scenes = SceneDataset(40, seed=0, image_size=64)
+    chosen = showcase_images(scenes, 3)
+    assert chosen is not None and len(chosen) == 3
+    for k in chosen:
+        scene = scenes.scenes[k]
+        assert (scene.crowd >= 0).any() and len(scene.lookalike_boxes) > 0
+    assert showcase_images(scenes, 1000) is None
 
 
 def test_a_second_call_leaves_no_stale_panels(tmp_path: Path) -> None:

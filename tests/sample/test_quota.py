@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from hardmine.sample.quota import (
+    _draw_keyed,
+    _draw_permuted,
     count_per_segment,
     draw,
+    draw_uniform,
     fill_shortfall,
     flatten,
     segment_by_key,
@@ -180,3 +183,71 @@ def test_flatten_rejects_empty_batch_and_cat_checks_sizes():
         flat.cat([torch.zeros(3, 4), torch.zeros(1, 4)], "boxes")
     with pytest.raises(ValueError, match="expected 2"):
         flat.cat([torch.zeros(2, 4)], "boxes")
+
+
+def test_count_per_image_equals_count_per_segment():
+    gen = torch.Generator().manual_seed(2)
+    for sizes in [[0, 5, 0, 17, 1], [0], [3], [0, 0, 4]]:
+        flat = _sizes(*sizes)
+        mask = torch.rand(sum(sizes), generator=gen) < 0.4
+        expected = count_per_segment(mask, flat.image, len(sizes))
+        assert torch.equal(flat.count(mask), expected)
+
+
+def test_flat_batch_builds_its_fields_on_demand_equal_to_the_concatenation():
+    assignments = [
+        Assignment(
+            label=torch.tensor([1, 0, -1], dtype=torch.int8),
+            gt_index=torch.tensor([2, 0, 1]),
+            max_iou=torch.tensor([0.7, 0.1, 0.45]),
+            gt_class=torch.tensor([3, 0, 0]),
+        ),
+        Assignment.empty(0),
+        Assignment.empty(2),
+    ]
+    flat = flatten(assignments)
+    assert "gt_index" not in vars(flat)  # not built until read
+    assert flat.gt_index.tolist() == [2, 0, 1, 0, 0]
+    assert flat.max_iou.tolist() == pytest.approx([0.7, 0.1, 0.45, 0.0, 0.0])
+    assert flat.gt_class.tolist() == [3, 0, 0, 0, 0]
+    assert flat.image.tolist() == [0, 0, 0, 2, 2]
+    assert flat.position.tolist() == [0, 1, 2, 0, 1]
+    assert flat.starts.tolist() == [0, 3, 3]
+
+
+@pytest.mark.parametrize("kernel", [_draw_permuted, _draw_keyed])
+def test_draw_uniform_fills_groups_in_order_up_to_caps_and_total(kernel):
+    # Per image: group 0 gets min(members, cap 0, total), group 1 min(members, cap 1, the rest).
+    gen = torch.Generator().manual_seed(4)
+    labels = [[], [1] * 5 + [0] * 9, [-1, -1], [1] * 2 + [0] * 3, [0] * 20, []]
+    flat = _flat(labels)
+    member = flat.label[None] == torch.tensor([[1], [0]], dtype=torch.int8)
+    for caps, total, expected in [
+        ([3, 8], 8, [(0, 0), (3, 5), (0, 0), (2, 3), (0, 8), (0, 0)]),
+        ([9, 9], 4, [(0, 0), (4, 0), (0, 0), (2, 2), (0, 4), (0, 0)]),
+        ([0, 1], 8, [(0, 0), (0, 1), (0, 0), (0, 1), (0, 1), (0, 0)]),
+    ]:
+        mask = kernel(flat, member, caps, total, gen)
+        pos, neg = flat.count(mask & member[0]), flat.count(mask & member[1])
+        got = list(zip(pos.tolist(), neg.tolist(), strict=True))
+        assert got == expected
+        assert not (mask & (flat.label == -1)).any()
+
+
+def test_draw_uniform_on_an_empty_batch_and_a_cap_per_group():
+    flat = _sizes(0, 0)
+    member = torch.zeros(1, 0, dtype=torch.bool)
+    assert draw_uniform(flat, member, caps=[3], total=3).shape == (0,)
+    with pytest.raises(ValueError, match="one cap per group"):
+        draw_uniform(_sizes(2), torch.ones(1, 2, dtype=torch.bool), caps=[1, 1], total=2)
+
+
+def test_draw_uniform_single_group_is_uniform():
+    # The label-blind case: one group, every member equally likely.
+    gen = torch.Generator().manual_seed(5)
+    flat = _flat([[0, 1, -1, 0, 1, 0]] * 3000)
+    member = (flat.label >= 0)[None]
+    mask = draw_uniform(flat, member, caps=[2], total=2, generator=gen)
+    freq = mask.view(3000, 6).float().mean(0)
+    expected = torch.tensor([0.4, 0.4, 0.0, 0.4, 0.4, 0.4])
+    torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hardmine._host import host_tensor
 from hardmine.boxes import box_iof, check_boxes, upcast
 from hardmine.errors import NonFiniteError
 from hardmine.structures import POSITIVE, Assignment
@@ -56,25 +57,26 @@ class Batch:
         """``bool [B, 1]``: which images have any ground truth."""
         return self.gt_valid.any(dim=1, keepdim=True)
 
-    def blocks(self, chunk_size: int) -> list[tuple[Batch, int]]:
+    def blocks(self, chunk_size: int, max_elements: int | None = None) -> list[tuple[Batch, int]]:
         """Consecutive groups of images, each padded only to its own largest ``N`` and ``G``, with
         the ground truths per chunk to use on each.
 
-        On the CPU a block's ``[b, C, N]`` matrices hold at most ``CPU_BLOCK_ELEMENTS`` where
-        possible: ``C`` is ``chunk_size`` or smaller, and ``b`` as many images as fit (at least
-        one). Elsewhere the batch is one block with ``chunk_size``.
+        On the CPU a block's ``[b, C, N]`` matrices hold at most ``max_elements`` (default
+        ``CPU_BLOCK_ELEMENTS``) where possible: ``C`` is ``chunk_size`` or smaller, and ``b`` as
+        many images as fit (at least one). Elsewhere the batch is one block with ``chunk_size``.
         """
         if self.candidates.device.type != "cpu":
             return [(self, chunk_size)]
+        limit = CPU_BLOCK_ELEMENTS if max_elements is None else max_elements
         blocks, start = [], 0
         while start < len(self.num_candidates):
             stop, n, g = start + 1, self.num_candidates[start], self.num_gt[start]
             while stop < len(self.num_candidates):
                 n2, g2 = max(n, self.num_candidates[stop]), max(g, self.num_gt[stop])
-                if (stop + 1 - start) * n2 * min(max(g2, 1), chunk_size) > CPU_BLOCK_ELEMENTS:
+                if (stop + 1 - start) * n2 * min(max(g2, 1), chunk_size) > limit:
                     break
                 stop, n, g = stop + 1, n2, g2
-            chunk = max(1, min(chunk_size, CPU_BLOCK_ELEMENTS // max(n, 1)))
+            chunk = max(1, min(chunk_size, limit // max(n, 1)))
             blocks.append((self._slice(start, stop, n, max(g, 1)), chunk))
             start = stop
         return blocks
@@ -96,7 +98,7 @@ class Batch:
 
         ``gt_class`` is looked up from ``gt_index`` where the label is positive.
         """
-        gt_class = torch.where(label == POSITIVE, self.gt_labels.gather(1, gt_index), 0)  # [B, N]
+        gt_class = self.gt_labels.gather(1, gt_index).mul_(label == POSITIVE)  # [B, N]
         return [
             Assignment(
                 label=label[b, :n],
@@ -108,21 +110,55 @@ class Batch:
         ]
 
 
+def best_of_chunk(iou: Tensor) -> tuple[Tensor, Tensor]:
+    """Each candidate's highest IoU over a chunk of ground truths, and the first that has it.
+
+    ``iou: float [B, C, N]`` in ``[0, 1]`` -> ``(value [B, N], index int64 [B, N])``: what
+    ``iou.max(dim=1)`` gives (the first maximum on ties), at less than half its cost on a CPU,
+    where ``max`` with indices over a middle dimension takes as long as the whole IoU matrix.
+    ``iou`` is overwritten (no matrix-sized allocation: fresh memory is slow on a CPU). The maxima
+    are found by fast float passes: ``floor(iou - max)`` is 0 exactly where ``iou`` equals the
+    maximum (IEEE subtraction is exact at 0) and -1 elsewhere; subtracting ``g / 2^k`` (exact in
+    binary) and taking the maximum gives the first such ``g``.
+    """
+    value = iou.amax(dim=1, keepdim=True)  # [B, 1, N]
+    chunk = iou.shape[1]
+    scale = 1 << max(chunk - 1, 1).bit_length()  # a power of two > every index
+    step = torch.arange(chunk, device=iou.device, dtype=iou.dtype)[:, None] / scale  # [C, 1]
+    key = iou.sub_(value).floor_().sub_(step)  # [B, C, N]: > -1 exactly at the maxima
+    index = key.amax(dim=1).mul_(-scale).long()
+    return value.squeeze(1), index
+
+
 def _check_box_batch(boxes: Sequence[Tensor], name: str) -> None:
-    """``check_boxes`` on every image, with one finiteness check (one host sync) for the batch."""
+    """``check_boxes`` on every image but for finiteness (see ``_check_finite``)."""
     for i, b in enumerate(boxes):
         # An empty slice checks type, shape and dtype without a per-image sync.
         check_boxes(b[:0] if isinstance(b, Tensor) and b.dim() else b, f"{name}[{i}]")
-    # Images often share one tensor (the anchors): each distinct one is checked once.
-    distinct = list({id(b): b for b in boxes}.values())
-    flat = distinct[0] if len(distinct) == 1 else torch.cat(distinct)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
-        bad = next(i for i, b in enumerate(boxes) if not bool(torch.isfinite(b).all()))
-        raise NonFiniteError(f"{name}[{bad}]: contains NaN or infinite coordinates")
+
+
+def _check_finite(boxes: Sequence[Tensor], padded: Tensor, name: str) -> None:
+    """Raise ``NonFiniteError`` (a ``ValueError``) naming the first image with NaN or infinity.
+
+    One host sync for the batch, on a sum of ``padded`` (the boxes, zero-padded): a sum is finite
+    when every term is, and one vectorised reduction costs a fraction of ``isfinite`` and ``all``.
+    A non-finite sum (or an overflow of huge finite values) is then checked box by box.
+    """
+    total = padded.sum(dtype=torch.promote_types(padded.dtype, torch.float32))
+    if padded.numel() and not bool(torch.isfinite(total)):
+        for i, b in enumerate(boxes):
+            if b.numel() and not bool(torch.isfinite(b).all()):
+                raise NonFiniteError(f"{name}[{i}]: contains NaN or infinite coordinates")
 
 
 def _pad(tensors: Sequence[Tensor], length: int, like: Tensor) -> Tensor:
-    """Zero-pad ``[n_i, ...]`` tensors to ``[B, length, ...]`` in ``like``'s dtype and device."""
+    """Zero-pad ``[n_i, ...]`` tensors to ``[B, length, ...]`` in ``like``'s dtype and device.
+
+    Images that share one tensor (the anchors, usually) share it here too: a broadcast view, no
+    copy.
+    """
+    if all(t is tensors[0] for t in tensors) and tensors[0].shape[0] == length:
+        return tensors[0].to(like)[None].expand(len(tensors), *tensors[0].shape)
     if all(t.shape[0] == length for t in tensors):
         return torch.stack(list(tensors)).to(like)  # one copy instead of one per image
     out = like.new_zeros((len(tensors), length, *like.shape[1:]))
@@ -182,9 +218,11 @@ def prepare_batch(
     num_candidates = [c.shape[0] for c in candidates]
     num_gt = [g.shape[0] for g in gt_boxes]
     cand = _pad(candidates, max(num_candidates), like)  # [B, N, 4]
+    _check_finite(candidates, cand[:1] if cand.stride(0) == 0 else cand, "candidates")
     gts = _pad(gt_boxes, max(max(num_gt), 1), like)  # [B, G, 4]
+    _check_finite(gt_boxes, gts, "gt_boxes")
     labels = _pad(gt_labels, gts.shape[1], like.new_zeros(1, dtype=torch.int64))  # [B, G]
-    counts = torch.tensor(num_gt, device=like.device)
+    counts = host_tensor(num_gt, like.device, torch.int64)
     gt_valid = torch.arange(gts.shape[1], device=like.device) < counts[:, None]  # [B, G]
 
     ignored = None
@@ -192,5 +230,6 @@ def prepare_batch(
         _check_box_batch(ignore_boxes, "ignore_boxes")
         # Zero-area padding covers nothing, so it never ignores a candidate.
         ign = _pad(ignore_boxes, max(max(b.shape[0] for b in ignore_boxes), 1), like)
+        _check_finite(ignore_boxes, ign, "ignore_boxes")
         ignored = box_iof(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
     return Batch(cand, gts, labels, gt_valid, ignored, num_candidates, num_gt)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, prepare_batch
+from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_centers, box_iou
 from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
 
@@ -280,7 +280,9 @@ def _assign_block(
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
         iou = box_iou(chunk, anc)  # [B, C, N]
-        value, index = iou.max(dim=1)  # [B, N]
+        # The threshold and the centre test need only the K candidates of each ground truth.
+        cand_iou = iou.gather(2, candidate)  # [B, C, K]
+        value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
@@ -288,8 +290,6 @@ def _assign_block(
             best_iou = torch.where(better, value, best_iou)
             best_gt = torch.where(better, index + start, best_gt)
 
-        # The threshold and the centre test need only the K candidates of each ground truth.
-        cand_iou = iou.gather(2, candidate)  # [B, C, K]
         flat = candidate.flatten(1)  # [B, C * K]
         cx = centers[:, 0].gather(1, flat).view_as(candidate)
         cy = centers[:, 1].gather(1, flat).view_as(candidate)

@@ -44,7 +44,14 @@ from hardmine.data.hard_negatives import (
     with_hard_negatives,
 )
 from hardmine.data.images import TRANSPARENT_BACKGROUND, ImageFileError, read_image
-from hardmine.data.scenes import CLASS_NAMES, SPLIT_SEEDS, Scene, SceneDataset, make_scenes
+from hardmine.data.scenes import (
+    CLASS_NAMES,
+    SPLIT_SEEDS,
+    Scene,
+    SceneDataset,
+    SceneDesign,
+    make_scenes,
+)
 
 
 def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
@@ -73,6 +80,7 @@ __all__ = [
     "NegativeImageMix",
     "Scene",
     "SceneDataset",
+    "SceneDesign",
     "coco_gt_of",
     "collate_fn",
     "list_images",

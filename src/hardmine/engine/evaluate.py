@@ -164,6 +164,7 @@ def evaluate(
     iou_types: Sequence[IouType] = ("bbox",),
     batch_size: int = 4,
     coco_gt: dict[str, Any] | None = None,
+    detections_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, float | None]:
     """Run a torchvision detector over a dataset and return its COCO AP.
 
@@ -179,6 +180,8 @@ def evaluate(
         iou_types: ``"bbox"`` and/or ``"segm"`` (Mask R-CNN).
         batch_size: images per forward pass when ``data`` is a dataset.
         coco_gt: ground truth; the dataset's ``coco_gt`` by default.
+        detections_out: receives the COCO results the AP was computed from (for an error
+            breakdown, ``hardmine.report.errors``), when given.
 
     Returns:
         ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` for boxes and the same prefixed
@@ -195,6 +198,8 @@ def evaluate(
         image_id = int(target["image_id"])
         image_ids.add(image_id)
         detections.extend(to_coco_results(output, image_id, with_masks=with_masks))
+    if detections_out is not None:
+        detections_out.extend(detections)
     metrics: dict[str, float | None] = {}
     for iou_type in iou_types:
         metrics.update(coco_ap(coco_gt, detections, iou_type=iou_type, image_ids=image_ids))

@@ -83,7 +83,8 @@ def mean_loss_all_rois(
             [{k: t[k].to(device) for k in ("boxes", "labels")} for t in targets[:take]],
             assigner=ALL_ROIS_ASSIGNER,
         )
-        losses = torch.cat(roi_losses(model, batch))
+        # A measurement: in the model's own precision, whatever OHEM's scoring uses.
+        losses = torch.cat(roi_losses(model, batch, score_dtype=None))
         total += losses.sum()
         count += losses.numel()
         seen += take

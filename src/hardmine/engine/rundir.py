@@ -7,6 +7,8 @@ A run directory holds::
                      evaluation (COCO AP)
     checkpoint.pt    the latest checkpoint
     results.json     the final evaluation; its presence marks the run finished
+    detections.json  the final evaluation's detections (COCO results, boxes only), for an error
+                     breakdown
     eval.json        the latest ``hardmine eval`` of the checkpoint
     plots/           losses.png
     tensorboard/     the same scalars for TensorBoard
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -39,6 +42,7 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 EVAL_NAME = "eval.json"
+DETECTIONS_NAME = "detections.json"
 LOSS_PLOT = Path("plots") / "losses.png"
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,29 @@ def write_json(path: str | Path, document: Any) -> Path:
     return write_atomic(
         path, json.dumps(finite_or_none(document), indent=2, allow_nan=False) + "\n"
     )
+
+
+def write_detections(path: str | Path, detections: Sequence[Mapping[str, Any]]) -> Path:
+    """COCO box results as compact JSON (boxes to 0.01 px, scores to 5 digits), atomically.
+
+    Mask results keep their boxes only: the error breakdown is about boxes.
+    """
+    rows = [
+        {
+            "image_id": int(d["image_id"]),
+            "category_id": int(d["category_id"]),
+            "bbox": [round(float(v), 2) for v in d["bbox"]],
+            "score": round(float(d["score"]), 5),
+        }
+        for d in detections
+    ]
+    return write_atomic(path, json.dumps(rows, separators=(",", ":")) + "\n")
+
+
+def read_detections(path: str | Path) -> list[dict[str, Any]] | None:
+    """The detections ``write_detections`` wrote; None if the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -162,7 +189,14 @@ def plot_loss_curves(
         ax.plot(steps, [curve[s] for s in steps], label=label, marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_yscale("log")
+    values = [v for curve in curves.values() for v in curve.values() if v > 0]
+    # A log scale only where the values span a range worth it, with plain numbers at 1, 2 and 5
+    # times the powers of ten (0.2, 0.5, 1, 2), not "2×10⁰"; linear otherwise.
+    if values and max(values) / min(values) >= 4:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize="small")

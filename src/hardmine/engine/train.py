@@ -66,11 +66,13 @@ from hardmine.engine.evaluate import evaluate, iou_types_of
 from hardmine.engine.roi_loss import mean_loss_all_rois
 from hardmine.engine.rundir import (
     CONFIG_NAME,
+    DETECTIONS_NAME,
     LOSS_PLOT,
     METRICS_NAME,
     RESULTS_NAME,
     MetricsLog,
     plot_run,
+    write_detections,
     write_json,
 )
 from hardmine.errors import (
@@ -415,39 +417,68 @@ def _random_state_kept(session: Session) -> Iterator[None]:
     session.generator.set_state(generator)
 
 
-def _evaluate(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float | None]:
+def _evaluate(
+    session: Session, val: Dataset, train_set: Dataset, *, final: bool = False
+) -> dict[str, float | None]:
     """COCO AP on ``val`` in the main process (the others wait), logged.
 
-    The log row also gets ``roi_loss``, the OHEM paper's sampler-independent measure: the mean
-    loss over all RoIs of the first ``train.roi_loss_images`` images of the training set, for
-    detectors with RoI heads (null when none of them has an RoI). It stays out of the returned
-    metrics, which are the AP table's. The random states are left as they were.
+    The log row also gets ``roi_loss`` (``_roi_loss``). It stays out of the returned metrics,
+    which are the AP table's. The ``final`` evaluation's detections are kept in the run
+    directory (``detections.json``) for an error breakdown. The random states are left as they
+    were.
     """
     metrics: dict[str, float | None] = {}
     if session.process.is_main:
         with _random_state_kept(session):
-            metrics = _evaluate_main(session, val, train_set)
+            metrics = _evaluate_main(session, val, train_set, final=final)
     barrier()
     return metrics
 
 
-def _evaluate_main(session: Session, val: Dataset, train_set: Dataset) -> dict[str, float | None]:
+def _roi_loss(session: Session, train_set: Dataset) -> float | None:
+    """The OHEM paper's sampler-independent measure: the mean loss over all RoIs of the first
+    ``train.roi_loss_images`` images of the training set; None for detectors without RoI heads,
+    or with ``roi_loss_images`` 0."""
+    images = session.config.train.roi_loss_images
+    if images <= 0:
+        return None
     model, device = unwrap(session.model), session.process.device
-    metrics = evaluate(model, val, device=device, iou_types=iou_types_of(session.config))
+    return mean_loss_all_rois(model, train_set, device=device, max_images=images)
+
+
+def _evaluate_main(
+    session: Session, val: Dataset, train_set: Dataset, *, final: bool
+) -> dict[str, float | None]:
+    model, device = unwrap(session.model), session.process.device
+    detections: list[dict[str, Any]] = []
+    iou_types = iou_types_of(session.config)
+    metrics = evaluate(model, val, device=device, iou_types=iou_types, detections_out=detections)
+    if final:
+        write_detections(session.run_dir / DETECTIONS_NAME, detections)
     if session.log is not None:
         pos = session.position
         row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1, "eval": metrics}
-        images = session.config.train.roi_loss_images
-        if images > 0:
-            roi_loss = mean_loss_all_rois(model, train_set, device=device, max_images=images)
-            if roi_loss is not None:
-                row["roi_loss"] = roi_loss
+        roi_loss = _roi_loss(session, train_set)
+        if roi_loss is not None:
+            row["roi_loss"] = roi_loss
         session.log.write(row)
     return metrics
 
 
+def _log_roi_loss(session: Session, train_set: Dataset) -> None:
+    """A log row with ``roi_loss`` alone, at the end of an epoch without an evaluation, so that
+    the measure has a point per epoch (main process; the others wait; random states kept)."""
+    if session.process.is_main and session.log is not None:
+        with _random_state_kept(session):
+            roi_loss = _roi_loss(session, train_set)
+        if roi_loss is not None:
+            pos = session.position
+            session.log.write({"step": pos.step, "epoch": pos.epoch + 1, "roi_loss": roi_loss})
+    barrier()
+
+
 #: The files ``train`` writes atomically in a run directory (a killed write leaves a temporary).
-_WRITTEN = (checkpoint.CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME)
+_WRITTEN = (checkpoint.CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME, DETECTIONS_NAME)
 
 
 def check_resumable(state: Mapping[str, Any], config: RunConfig, path: Path) -> None:
@@ -630,28 +661,39 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
         return TrainResult(model=model, metrics=metrics, run_dir=run_dir)
 
 
+def _at_epoch_end(session: Session) -> bool:
+    """Whether the run stands at the end of an epoch, before its last step."""
+    pos = session.position
+    return pos.epoch_step >= session.steps_per_epoch and pos.step < session.last_step
+
+
 def _eval_due(session: Session) -> bool:
     """Whether the run stands at the end of an epoch that evaluates, before its last step."""
-    pos, every = session.position, session.config.train.eval_every
-    return bool(
-        every
-        and pos.epoch_step >= session.steps_per_epoch
-        and pos.step < session.last_step
-        and (pos.epoch + 1) % every == 0
-    )
+    every = session.config.train.eval_every
+    return bool(every and _at_epoch_end(session) and (session.position.epoch + 1) % every == 0)
+
+
+def _end_epoch(session: Session, train_set: Dataset, val_set: Dataset) -> None:
+    """At an epoch's end: evaluate when due, else log the mean loss over all RoIs (neither
+    without evaluations, ``eval_every`` 0)."""
+    if _eval_due(session):
+        _evaluate(session, val_set, train_set)
+    elif session.config.train.eval_every and _at_epoch_end(session):
+        _log_roi_loss(session, train_set)
 
 
 def _train_epochs(
     session: Session, train_set: Dataset, val_set: Dataset, *, resumed: bool
 ) -> dict[str, float | None]:
-    """The epoch loop of ``train``: train, checkpoint and evaluate until the last step.
+    """The epoch loop of ``train``: train, checkpoint and evaluate until the last step; the mean
+    loss over all RoIs is logged at every epoch's end.
 
-    A resumed run first evaluates if its checkpoint is at the end of an epoch that evaluates: the
-    killed run may have died during that evaluation (``MetricsLog`` dropped any row of it).
+    A resumed run first ends its epoch if its checkpoint is at one: the killed run may have died
+    during that evaluation (``MetricsLog`` dropped any row of it).
     """
     config, pos = session.config, session.position
-    if resumed and _eval_due(session):
-        _evaluate(session, val_set, train_set)
+    if resumed:
+        _end_epoch(session, train_set, val_set)
     while pos.step < session.last_step:
         if pos.epoch_step >= session.steps_per_epoch:
             pos.epoch, pos.epoch_step = pos.epoch + 1, 0
@@ -660,6 +702,5 @@ def _train_epochs(
         )
         train_one_epoch(session, loader)
         session.save_checkpoint()
-        if _eval_due(session):
-            _evaluate(session, val_set, train_set)
-    return _evaluate(session, val_set, train_set) if config.train.eval_every else {}
+        _end_epoch(session, train_set, val_set)
+    return _evaluate(session, val_set, train_set, final=True) if config.train.eval_every else {}

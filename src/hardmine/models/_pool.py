@@ -72,12 +72,41 @@ def pool_flat(
     Returns:
         ``[R, C, h, w]`` in ``rois``' order, equal to ``pool``'s output.
     """
+    parts = pool_parts(pool, features, rois, image_shapes)
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    shape = (rois.shape[0], *parts[0][1].shape[1:])
+    if buffer is not None and buffer.shape[0] >= shape[0] and buffer.shape[1:] == shape[1:]:
+        out = buffer[: shape[0]]
+    else:
+        out = parts[0][1].new_empty(shape)
+    # Every row is written below (each RoI is in one part): no need to zero it first.
+    for index, pooled in parts:
+        out.index_copy_(0, index, pooled)
+    return out
+
+
+def pool_parts(
+    pool: nn.Module,
+    features: dict[str, Tensor],
+    rois: Tensor,
+    image_shapes: list[tuple[int, int]],
+) -> list[tuple[Tensor | None, Tensor]]:
+    """``pool_flat``'s output in parts, as the pooling produced them, without assembling them.
+
+    Returns:
+        ``(index, pooled)`` pairs: ``pooled: [r, C, h, w]`` holds the RoIs ``rois[index]``; every
+        RoI is in exactly one part. ``index`` is None for a single part in ``rois``' order (the
+        pooler's own interface: with gradients, or a pooler that is not torchvision's).
+        A caller that reduces each RoI to a few numbers (OHEM's losses) spares itself the copy
+        of every pooled feature into one tensor.
+    """
     if type(pool) is not MultiScaleRoIAlign or torch.is_grad_enabled():
         # Through the pooler's own interface (see the module docstring for autograd).
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
         order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order
         out = pool(features, boxes, image_shapes)
-        return out.index_select(0, torch.argsort(order))
+        return [(None, out.index_select(0, torch.argsort(order)))]
     if pool.scales is None or pool.map_levels is None:
         empty = [rois.new_zeros((0, 4)) for _ in image_shapes]
         pool(features, empty, image_shapes)  # torchvision sets scales and levels on first use
@@ -118,21 +147,16 @@ def pool_flat(
         for part in index.tensor_split(chunks):
             if part.numel():
                 tasks.append((part, feature, rois[part], scale))
+    if not tasks:  # no RoIs: one empty part of the output's shape
+        empty = maps[0].new_empty((0, maps[0].shape[1], *pool.output_size))
+        return [(rois.new_zeros(0, dtype=torch.int64), empty)]
     if threaded:
         executor = _threads(width)
         futures = [executor.submit(align, f, r, scale) for _, f, r, scale in tasks]
         results = [future.result() for future in futures]
     else:
         results = [align(f, r, scale) for _, f, r, scale in tasks]
-    # Every row is written below (each RoI is in one level's parts): no need to zero it first.
-    shape = (total, maps[0].shape[1], *pool.output_size)
-    if buffer is not None and buffer.shape[0] >= total and buffer.shape[1:] == shape[1:]:
-        out = buffer[:total]
-    else:
-        out = maps[0].new_empty(shape)
-    for (part, *_), result in zip(tasks, results, strict=True):
-        out.index_copy_(0, part, result)
-    return out
+    return [(part, result) for (part, *_), result in zip(tasks, results, strict=True)]
 
 
 def raster_order(rois: Tensor) -> Tensor:

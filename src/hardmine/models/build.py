@@ -94,14 +94,14 @@ def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
         "min_size": 128,
         "max_size": 256,
         "rpn_anchor_generator": AnchorGenerator(
-            tuple((2 * s,) for s in _TINY_STRIDES), ((0.5, 1.0, 2.0),) * len(_TINY_STRIDES)
+            tuple((2 * s, 4 * s) for s in _TINY_STRIDES), ((0.5, 1.0, 2.0),) * len(_TINY_STRIDES)
         ),
-        "rpn_head": RPNHead(64, 3),
+        "rpn_head": RPNHead(64, 6),
         "rpn_pre_nms_top_n_train": 1000,
         "rpn_post_nms_top_n_train": 500,
         "rpn_pre_nms_top_n_test": 500,
         "rpn_post_nms_top_n_test": 300,
-        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 2),
+        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 1),
         "box_head": TwoMLPHead(64 * 7 * 7, 256),
         "box_predictor": FastRCNNPredictor(256, num_classes),
         "box_batch_size_per_image": 128,
@@ -157,17 +157,19 @@ def _square_anchors(strides: tuple[int, ...], scale: int) -> AnchorGenerator:
 
 
 @forwards_to(RetinaNet, GeneralizedRCNNTransform, exclude=("anchor_generator", "head"))
-def atss_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> AssignedRetinaNet:
+def atss_tiny(
+    num_classes: int, *, weights: Any = None, anchor_scale: int = 4, **kwargs: Any
+) -> AssignedRetinaNet:
     """ATSS on ``TinyBackbone``: RetinaNet with one square anchor per location and ATSS (top 9).
 
-    Anchor scale 4 instead of the paper's 8: the tiny images are 128-256 px, where scale 8 would
-    make the P5 anchor (256 px) larger than the image.
+    Anchor scale 4 (``anchor_scale`` strides) instead of the paper's 8: the tiny images are
+    128-256 px, where scale 8 would make the P5 anchor (256 px) larger than the image.
     """
     _no_weights("atss_tiny", weights)
     settings = {
         "min_size": 128,
         "max_size": 256,
-        "anchor_generator": _square_anchors(_TINY_STRIDES, 4),
+        "anchor_generator": _square_anchors(_TINY_STRIDES, anchor_scale),
         "head": _atss_head(64, num_classes),
     }
     model = RetinaNet(TinyBackbone(), num_classes, **(settings | kwargs))
@@ -326,7 +328,7 @@ def build(
     assigner: Assigner | None = None,
     generator: torch.Generator | None = None,
     weights: Any = None,
-    score_dtype: str | torch.dtype | None = None,
+    score_dtype: str | torch.dtype | None = "auto",
     box_loss_beta: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -346,7 +348,8 @@ def build(
             torchvision's FCOS); ``None`` (random init, nothing downloaded) is the only value the
             tiny ones and ``atss_r50_fpn`` accept.
         score_dtype: R-CNN with a loss-ranking sampler (OHEM): the precision of the read-only
-            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype.
+            pass (``with_sampler``), ``"bfloat16"`` / ``"float16"`` or the torch dtype;
+            ``"auto"`` (default): bfloat16 where the hardware has it, ``None``: the model's own.
         box_loss_beta: R-CNN: the smooth-L1 beta of the RoI heads' box loss, in training and in
             OHEM's ranking alike (``SamplingRoIHeads``); None: torchvision's 1/9. ``1.0`` is Fast
             R-CNN's, the loss of the OHEM paper's detector.
@@ -365,13 +368,18 @@ def build(
     if isinstance(model, RetinaNet | FCOS):
         if sampler is not None:
             raise ValueError(f"{name} trains on all anchors (focal loss); it takes no sampler")
-        if dtype is not None:
+        if dtype not in (None, "auto"):
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         if box_loss_beta is not None:
             raise ValueError(f"{name} has no RoI heads; box_loss_beta is for R-CNN")
         return model if assigner is None else with_assigner(model, assigner)
-    wrap = (sampler, assigner, dtype, generator, box_loss_beta)
-    if all(x is None for x in wrap):
+    if (
+        sampler is None
+        and assigner is None
+        and dtype in (None, "auto")
+        and generator is None
+        and box_loss_beta is None
+    ):
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler
@@ -388,20 +396,25 @@ def build(
     )
 
 
-def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``score_dtype`` as a torch dtype: ``None``, a half-precision dtype, or its name."""
+def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """``score_dtype`` as a torch dtype: ``None``, ``"auto"``, a half-precision dtype, or its
+    name."""
+    if value == "auto":
+        return value
     if value is None or isinstance(value, torch.dtype):
         dtype = value
     else:
         dtype = getattr(torch, str(value), None)
     if value is not None and dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"score_dtype must be 'bfloat16' or 'float16' (or None), got {value!r}")
+        raise ValueError(
+            f"score_dtype must be 'bfloat16', 'float16', 'auto' (or None), got {value!r}"
+        )
     return dtype
 
 
 #: ``build``'s own settings that a run configuration may give beside the builder's.
 BUILD_SETTINGS: dict[str, Any] = {
-    "score_dtype": Literal["bfloat16", "float16"] | None,
+    "score_dtype": Literal["auto", "bfloat16", "float16"] | None,
     "box_loss_beta": float | None,
 }
 

@@ -6,8 +6,13 @@ max-IoU assignment with the heads' thresholds, torchvision's 0.5 / 0.5), every R
 read-only OHEM pass, and then every sampler picks from the same RoIs with the same seed. Written to
 the output folder:
 
-- ``panels/image<k>_<sampler>.png``: one drawing per image and sampler (``report.draw``);
-- ``overview.png``: all of them, one row per image, one column per sampler;
+- ``overview.png``: where each sampler's picked negatives lie, one row per image, one column per
+  sampler: random's share of negatives covering each pixel, and for every other sampler the
+  difference to random's (``report.draw.where_sheet``), with the look-alikes of the built-in
+  scenes dashed;
+- ``overlaps.png``: each sampler's picked negatives that overlap a positive much (IoU(p,n) >=
+  0.35), coloured by IoU(p,n) (``report.draw.overlap_sheet``);
+- ``panels/image<k>_<sampler>.png``: every pick of one sampler on one image (``report.draw``);
 - ``iou_histograms.png`` / ``.csv``: the picked negatives' IoU with the ground truth and with the
   positives, over more images (``report.picks``).
 
@@ -31,16 +36,25 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
-from hardmine.data import CocoDataset, make_scenes
+from hardmine.data import CocoDataset, SceneDataset, make_scenes
 from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
 from hardmine.errors import ConfigError
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, roi_predictions
-from hardmine.report.draw import Panel, overview_sheet, write_panel
+from hardmine.report.draw import (
+    OverlapPanel,
+    Panel,
+    WherePanel,
+    coverage,
+    overlap_sheet,
+    where_sheet,
+    write_panel,
+)
 from hardmine.report.picks import (
     Histograms,
     collect_picks,
     iou_histograms,
+    overlap_of_candidates,
     plot_histograms,
     write_histograms_csv,
 )
@@ -50,6 +64,9 @@ from hardmine.structures import Assignment, Sampler, Selection
 ProposalSource = Literal["rpn", "jitter"]
 DEFAULT_MODEL = "faster_rcnn_tiny"
 SHEET_NAME = "overview.png"
+OVERLAPS_NAME = "overlaps.png"
+#: The sampler the overview's other columns are compared with.
+REFERENCE = "random"
 HISTOGRAM_NAME = "iou_histograms"
 
 
@@ -142,7 +159,8 @@ class InspectResult:
 
     Attributes:
         panels: the per-image, per-sampler PNGs.
-        sheet: the overview PNG.
+        sheet: the overview PNG (where each sampler's negatives lie).
+        overlaps: the PNG of the picked negatives that overlap a positive.
         histogram_plot: the histograms' PNG.
         histogram_csv: their counts.
         histograms: the counts themselves.
@@ -150,6 +168,7 @@ class InspectResult:
 
     panels: list[Path]
     sheet: Path
+    overlaps: Path
     histogram_plot: Path
     histogram_csv: Path
     histograms: Histograms
@@ -167,9 +186,11 @@ def inspect_picks(
     batch_size: int = 4,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    images: Sequence[int] | None = None,
 ) -> InspectResult:
-    """Draw each sampler's picks on the first ``num_images`` images and histogram its negatives
-    over the first ``hist_images`` (see the module docstring for the files).
+    """Draw each sampler's picks on the first ``num_images`` images (or on ``images``) and
+    histogram its negatives over the first ``hist_images`` (see the module docstring for the
+    files).
 
     Args:
         model: a Faster / Mask R-CNN on ``device``; left in the mode it was in.
@@ -183,6 +204,7 @@ def inspect_picks(
         batch_size: images per forward pass.
         seed: seeds the jittered proposals and the samplers (the same for every sampler).
         device: where ``model`` is.
+        images: the dataset indices to draw, instead of the first ``num_images``.
 
     Raises:
         ConfigError: ``model`` has no RoI heads, or a setting is out of range (a ``ValueError``).
@@ -197,19 +219,24 @@ def inspect_picks(
     if num_images < 1 or not samplers:
         raise ConfigError("inspect needs at least one image and one sampler")
     out_dir = Path(out_dir)
-    count = min(len(dataset), max(num_images, hist_images))
+    count = min(len(dataset), max(hist_images, num_images if images is None else 0))
+    drawn = list(images) if images is not None else list(range(min(num_images, len(dataset))))
+    if not drawn or not all(0 <= k < len(dataset) for k in drawn):
+        raise ConfigError(f"images to draw must be indices of the dataset, got {drawn}")
+    order = sorted(set(range(count)) | set(drawn))  # the histograms' images and the drawn ones
     # torchvision keeps the RPN's training setting only in this private dict.
     num_proposals = model.rpn._post_nms_top_n["training"]
 
-    boxes: list[Tensor] = []
-    assignments: list[Assignment] = []
-    picks: dict[str, list[Selection]] = {name: [] for name in samplers}
-    starts = range(0, count, batch_size)
+    boxes: dict[int, Tensor] = {}
+    assignments: dict[int, Assignment] = {}
+    picks: dict[str, dict[int, Selection]] = {name: {} for name in samplers}
+    starts = range(0, len(order), batch_size)
     for start in progress(starts, total=len(starts), desc="inspect"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        indices = order[start : start + batch_size]
+        items = [dataset[i] for i in indices]
         batch_images = [image.to(device) for image, _ in items]
         targets = [{k: t[k].to(device) for k in ("boxes", "labels")} for _, t in items]
-        generator = torch.Generator().manual_seed(seed + start)
+        generator = torch.Generator().manual_seed(seed + indices[0])
         given = None
         if proposals == "jitter":
             given = [
@@ -225,7 +252,7 @@ def inspect_picks(
         losses = None
         if any(s.needs_losses for s in samplers.values()):
             losses = [s.loss for s in scores] if scores else roi_losses(model, batch)
-        generator = torch.Generator(device).manual_seed(seed + start)
+        generator = torch.Generator(device).manual_seed(seed + indices[0])
         selections = collect_picks(
             batch.proposals,
             batch.assignments,
@@ -235,14 +262,18 @@ def inspect_picks(
             generator=generator,
         )
         # Everything drawn and counted is in the original images' pixels (IoUs do not change).
-        boxes += [b.cpu() for b in batch.to_original(batch.proposals)]
-        assignments += [_cpu(a) for a in batch.assignments]
+        for k, b, a in zip(
+            indices, batch.to_original(batch.proposals), batch.assignments, strict=True
+        ):
+            boxes[k], assignments[k] = b.cpu(), _cpu(a)
         for name, per_image in selections.items():
-            picks[name] += [Selection(s.mask.cpu(), s.weight.cpu()) for s in per_image]
+            for k, sel in zip(indices, per_image, strict=True):
+                picks[name][k] = Selection(sel.mask.cpu(), sel.weight.cpu())
 
-    drawn = min(num_images, count)
-    grid = []
-    for k in range(drawn):
+    grid, where, overlaps = [], [], []
+    reference = REFERENCE if REFERENCE in samplers else next(iter(samplers))
+    lookalikes = dataset.scenes if isinstance(dataset, SceneDataset) else None
+    for k in drawn:
         image, target = dataset[k]
         grid.append(
             [
@@ -250,24 +281,71 @@ def inspect_picks(
                 for name in samplers
             ]
         )
+        shape = tuple(image.shape[-2:])
+        negative = assignments[k].negative
+        density = {
+            name: coverage(boxes[k][picks[name][k].mask & negative], shape) for name in samplers
+        }
+        (iou_pn,) = overlap_of_candidates([boxes[k]], [assignments[k]])
+        look = lookalikes[k].lookalike_boxes if lookalikes is not None else None
+        where.append(
+            [
+                WherePanel(
+                    image,
+                    target["boxes"],
+                    density[name],
+                    None if name == reference else density[reference],
+                    name if name == reference else f"{name} − {reference}",
+                    lookalikes=look,
+                )
+                for name in samplers
+            ]
+        )
+        overlaps.append(
+            [
+                OverlapPanel(
+                    image, target["boxes"], boxes[k], iou_pn, negative, picks[name][k], name
+                )
+                for name in samplers
+            ]
+        )
     panel_paths = [
         write_panel(panel, out_dir / "panels" / f"image{k:03d}_{panel.title}.png")
-        for k, row in enumerate(grid)
+        for k, row in zip(drawn, grid, strict=True)
         for panel in row
     ]
     for stale in set((out_dir / "panels").glob("image*_*.png")) - set(panel_paths):
         stale.unlink()
-    sheet = overview_sheet(
-        grid, out_dir / SHEET_NAME, row_labels=[f"image {k}" for k in range(drawn)]
+    labels = [f"image {k}" for k in drawn]
+    sheet = where_sheet(where, out_dir / SHEET_NAME, row_labels=labels)
+    overlap_path = overlap_sheet(overlaps, out_dir / OVERLAPS_NAME, row_labels=labels)
+    counted = list(range(count)) or drawn
+    histograms = iou_histograms(
+        [boxes[k] for k in counted],
+        [assignments[k] for k in counted],
+        {name: [picks[name][k] for k in counted] for name in samplers},
     )
-    histograms = iou_histograms(boxes, assignments, picks)
     return InspectResult(
         panels=panel_paths,
         sheet=sheet,
+        overlaps=overlap_path,
         histogram_plot=plot_histograms(histograms, out_dir / f"{HISTOGRAM_NAME}.png"),
         histogram_csv=write_histograms_csv(histograms, out_dir / f"{HISTOGRAM_NAME}.csv"),
         histograms=histograms,
     )
+
+
+def showcase_images(dataset: Dataset, num: int) -> list[int] | None:
+    """On the built-in scenes, the first ``num`` images with both a crowd group and a look-alike
+    (each sampler then has its case in the picture); None for other data, or too few such."""
+    if not isinstance(dataset, SceneDataset):
+        return None
+    both = [
+        k
+        for k, scene in enumerate(dataset.scenes)
+        if (scene.crowd >= 0).any() and len(scene.lookalike_boxes)
+    ]
+    return both[:num] if len(both) >= num else None
 
 
 def _cpu(assignment: Assignment) -> Assignment:
@@ -290,7 +368,8 @@ def inspect_run(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> InspectResult:
-    """``inspect_picks`` with a run's trained detector on the run's training set (for reports).
+    """``inspect_picks`` with a run's trained detector on the run's training set (for reports);
+    on the built-in scenes, drawn on images with a crowd group and a look-alike.
 
     Args:
         run_dir: a run directory of ``hardmine train``.
@@ -311,6 +390,7 @@ def inspect_run(
         hist_images=hist_images,
         seed=seed,
         device=device,
+        images=showcase_images(run.train_set, num_images),
     )
 
 

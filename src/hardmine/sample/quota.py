@@ -13,18 +13,24 @@ candidate may not be picked at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
-from hardmine._segments import count_per_segment, segment_rank
+from hardmine._host import host_tensor
+from hardmine._segments import count_per_segment, segment_rank  # noqa: F401 (the samplers' import)
 from hardmine.structures import Assignment, Selection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FlatBatch:
     """The assignments of a batch concatenated, with each candidate's image index.
+
+    Only ``label`` is concatenated up front; the other fields are built on first use, so a sampler
+    pays for what it reads (random sampling reads the labels only).
 
     Attributes:
         label, gt_index, max_iou, gt_class: the ``Assignment`` fields, concatenated, ``[N]``.
@@ -35,13 +41,48 @@ class FlatBatch:
     """
 
     label: Tensor
-    gt_index: Tensor
-    max_iou: Tensor
-    gt_class: Tensor
-    image: Tensor
-    position: Tensor
-    starts: Tensor
     sizes: list[int]
+    assignments: tuple[Assignment, ...] = field(repr=False)
+
+    @cached_property
+    def gt_index(self) -> Tensor:
+        return torch.cat([a.gt_index for a in self.assignments])
+
+    @cached_property
+    def max_iou(self) -> Tensor:
+        return torch.cat([a.max_iou for a in self.assignments])
+
+    @cached_property
+    def gt_class(self) -> Tensor:
+        return torch.cat([a.gt_class for a in self.assignments])
+
+    @cached_property
+    def bounds(self) -> Tensor:
+        """``int64 [B + 1]``: where each image's candidates begin, then the total."""
+        return host_tensor([0, *accumulate(self.sizes)], self.device, torch.int64)
+
+    @property
+    def starts(self) -> Tensor:
+        return self.bounds[:-1]
+
+    @cached_property
+    def image(self) -> Tensor:
+        counts = self.bounds.diff()
+        # output_size spares CUDA the sync that sizing the result from a device tensor would need.
+        return torch.repeat_interleave(
+            torch.arange(self.num_images, device=self.device), counts, output_size=self.total
+        )
+
+    @cached_property
+    def position(self) -> Tensor:
+        counts = self.bounds.diff()
+        start_of = torch.repeat_interleave(self.starts, counts, output_size=self.total)
+        return torch.arange(self.total, device=self.device) - start_of
+
+    @property
+    def total(self) -> int:
+        """Candidates in the batch."""
+        return self.label.shape[0]
 
     @property
     def max_size(self) -> int:
@@ -61,8 +102,12 @@ class FlatBatch:
         return torch.where(group >= 0, self.image * num_groups + group, -1)
 
     def count(self, mask: Tensor) -> Tensor:
-        """``mask`` entries per image: ``int64 [B]``."""
-        return count_per_segment(mask, self.image, self.num_images)
+        """``mask`` entries per image: ``int64 [B]``.
+
+        A running count read at the image bounds: two cheap passes, where a ``scatter_add`` by
+        image costs the CPU several times more.
+        """
+        return _count_between(mask[None], self.bounds)[0]
 
     def per_image(self, values: Tensor) -> Tensor:
         """Broadcast a per-image ``[B]`` tensor to the candidates: ``[N]``."""
@@ -84,7 +129,7 @@ class FlatBatch:
     def split(self, mask: Tensor, weight: Tensor | None = None) -> list[Selection]:
         """Cut flat ``mask`` / ``weight`` back into one ``Selection`` per image."""
         if weight is None:
-            weight = mask.to(self.max_iou.dtype)
+            weight = mask.to(self.assignments[0].max_iou.dtype)
         return [
             Selection(mask=m, weight=w)
             for m, w in zip(mask.split(self.sizes), weight.split(self.sizes), strict=True)
@@ -95,26 +140,25 @@ def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
     """Concatenate per-image assignments into a ``FlatBatch``."""
     if len(assignments) == 0:
         raise ValueError("expected at least one image's assignment, got an empty batch")
-    sizes = [a.num_candidates for a in assignments]
-    device = assignments[0].label.device
-    total = sum(sizes)
-    counts = torch.tensor(sizes, device=device)
-    starts = counts.cumsum(0) - counts  # [B]
-    # output_size spares CUDA the sync that sizing the result from a device tensor would need.
-    image = torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), counts, output_size=total
-    )
-    start_of = torch.repeat_interleave(starts, counts, output_size=total)
     return FlatBatch(
         label=torch.cat([a.label for a in assignments]),
-        gt_index=torch.cat([a.gt_index for a in assignments]),
-        max_iou=torch.cat([a.max_iou for a in assignments]),
-        gt_class=torch.cat([a.gt_class for a in assignments]),
-        image=image,
-        position=torch.arange(total, device=device) - start_of,
-        starts=starts,
-        sizes=sizes,
+        sizes=[a.num_candidates for a in assignments],
+        assignments=tuple(assignments),
     )
+
+
+def _count_between(member: Tensor, bounds: Tensor) -> Tensor:
+    """``member: bool [G, N]`` -> ``int64 [G, B]`` members between consecutive ``bounds``."""
+    return _counts_from_running(member.cumsum(1), bounds)
+
+
+def _counts_from_running(running: Tensor, bounds: Tensor) -> Tensor:
+    """Running counts ``int64 [G, N]`` (inclusive) -> members per image ``int64 [G, B]``."""
+    if running.shape[1] == 0:
+        return running.new_zeros(running.shape[0], bounds.shape[0] - 1)
+    # The running count before bounds[b] is the inclusive count at bounds[b] - 1 (0 before 0).
+    at = running.index_select(1, (bounds - 1).clamp(min=0)) * (bounds > 0)  # [G, B + 1]
+    return at.diff(dim=1)
 
 
 _NEVER = torch.iinfo(torch.int64).min
@@ -174,6 +218,10 @@ def _take_ranked(
     num_groups = quota.shape[1]
     n, length = ranked.numel(), flat.max_size
     k = length if max_quota is None else min(max_quota, length)
+    if ranked.device.type == "cpu" and quota.numel():
+        # Where a sync is free, the largest quota bounds k tighter than the caller's bound: a
+        # narrower table and a smaller topk, the same picks (a shortfall top-up is often 0).
+        k = min(k, int(quota.max()))
     if n == 0 or k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=ranked.device)
     rows, width = flat.num_images * num_groups, length + k
@@ -251,6 +299,106 @@ def draw(
         return _take_ranked(flat, torch.where(group >= 0, ranked, _NEVER), group, quota, max_quota)
     keys = random_keys(weight, like=flat.max_iou, generator=generator)
     return take_top(flat, keys, group, quota, max_quota=max_quota)
+
+
+def draw_uniform(
+    flat: FlatBatch,
+    member: Tensor,
+    *,
+    caps: Sequence[int],
+    total: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw uniformly without replacement from each image's groups, in order, up to ``total``.
+
+    Group ``g`` of every image gets ``min(its members, caps[g], total - the earlier groups'
+    draws)``: torchvision's ``BalancedPositiveNegativeSampler`` with groups (positive, negative)
+    and caps ``(num * pos_fraction, num)``.
+
+    On the CPU the draw is torchvision's too: for each image, for each group in order, one
+    ``randperm`` over the group's members (in index order), of which the first quota are drawn;
+    from the same generator state, the same picks. The permutations cost little where ranking
+    random keys over the batch (``draw``) costs a sort-like selection per group; the loop over
+    images and groups needs the counts on the host, a sync that is free on a CPU. Elsewhere
+    (CUDA) it is ``draw`` with random keys: the same distribution, no host synchronisation.
+
+    Args:
+        flat: the batch.
+        member: ``bool [G, N]``: the groups, disjoint.
+        caps: ``G`` host ints, the most each group may get per image.
+        total: the most all groups together may get per image.
+        generator: makes the draw reproducible; must live on the batch's device.
+
+    Returns:
+        ``bool [N]``.
+    """
+    num_groups, n = member.shape
+    if len(caps) != num_groups:
+        raise ValueError(f"expected one cap per group ({num_groups}), got {len(caps)}")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=member.device)
+    if flat.device.type == "cpu":
+        return _draw_permuted(flat, member, caps, total, generator)
+    return _draw_keyed(flat, member, caps, total, generator)
+
+
+def _draw_keyed(
+    flat: FlatBatch,
+    member: Tensor,
+    caps: Sequence[int],
+    total: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``draw_uniform`` without host synchronisation: ``draw`` with random keys."""
+    num_groups = member.shape[0]
+    counts = _count_between(member, flat.bounds)  # [G, B]
+    left, quota = torch.full_like(counts[0], total), []
+    for g, cap in enumerate(caps):
+        quota.append(counts[g].clamp(max=cap).minimum(left))
+        left = left - quota[-1]
+    number = torch.arange(1, num_groups + 1, device=member.device)[:, None]  # [G, 1]
+    group = (member * number).sum(0) - 1  # [N], -1 outside every group
+    max_quota = min(total, max(caps))
+    return draw(flat, None, group, torch.stack(quota, 1), max_quota=max_quota, generator=generator)
+
+
+def _draw_permuted(
+    flat: FlatBatch,
+    member: Tensor,
+    caps: Sequence[int],
+    total: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``draw_uniform`` on the CPU: one ``randperm`` per image and group (torchvision's)."""
+    num_groups, n = member.shape
+    running = member.cumsum(1)  # [G, N]: each member's number in its group (1-based)
+    ends = list(accumulate(flat.sizes))
+    at_end = running.index_select(1, torch.tensor([max(e - 1, 0) for e in ends])).tolist()
+    # A table of flags per group, a slot per member by its number (slot 0 is never drawn): the
+    # drawn members are flagged, then every candidate reads its own flag.
+    width = max(row[-1] for row in at_end) + 1
+    drawn, before = [], [0] * num_groups
+    for b, end in enumerate(ends):
+        left = total
+        for g in range(num_groups):
+            count = at_end[g][b] - before[g] if end else 0
+            quota = max(min(count, caps[g], left), 0)
+            # randperm even where nothing is drawn, so the stream stays torchvision's.
+            perm = torch.randperm(count, generator=generator)
+            if quota:
+                drawn.append(perm[:quota].add_(g * width + before[g] + 1))
+            before[g] += count
+            left -= quota
+    table = torch.zeros(num_groups * width, dtype=torch.bool)
+    if drawn:
+        table.index_fill_(0, torch.cat(drawn), True)
+    for g in range(1, num_groups):
+        running[g] += g * width
+    flags = table.index_select(0, running.view(-1)).view(num_groups, n) & member
+    mask = flags[0]
+    for g in range(1, num_groups):  # cheaper than any(0) over a few rows
+        mask = mask | flags[g]
+    return mask
 
 
 def take_top_in_segments(keys: Tensor, segment: Tensor, quota: Tensor) -> Tensor:

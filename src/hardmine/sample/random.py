@@ -10,8 +10,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hardmine.sample.quota import draw, flatten
-from hardmine.structures import Assignment, Selection, settings
+from hardmine._host import host_tensor
+from hardmine.sample.quota import draw_uniform, flatten
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ def sample_random(
 
     As torchvision's ``BalancedPositiveNegativeSampler``: ``int(num * pos_fraction)`` positives at
     most; negatives make up the rest of ``num`` (so they pad when positives are short); ignored
-    candidates are never drawn. One draw over the whole batch.
+    candidates are never drawn. On the CPU the draw is torchvision's own too (one ``randperm`` per
+    image and group, ``quota.draw_uniform``): from the same generator state, the same picks. On
+    CUDA it is one draw over the whole batch by random keys, without host synchronisation: the
+    same distribution, another stream.
 
     ``pos_fraction=None`` draws ``num`` uniformly from the positives and negatives together,
     whatever their labels: the OHEM paper's "Removing this ratio (i.e. randomly sampling RoIs)
@@ -89,14 +93,10 @@ def sample_random(
     """
     check_random_settings(num=num, pos_fraction=pos_fraction)
     flat = flatten(assignments)
-    pos, neg = flat.label == 1, flat.label == 0
-    if pos_fraction is None:  # label-blind: one group
-        quota = flat.count(pos | neg).clamp(max=num)[:, None]  # [B, 1]
-        group = torch.where(pos | neg, 0, -1)
-        return flat.split(draw(flat, None, group, quota, max_quota=num, generator=generator))
-    num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
-    num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
-    group = torch.where(pos, 0, torch.where(neg, 1, -1))
-    quota = torch.stack([num_pos, num_neg], dim=1)  # [B, 2]
-    mask = draw(flat, None, group, quota, max_quota=num, generator=generator)
-    return flat.split(mask)
+    if pos_fraction is None:  # label-blind: one group of every candidate not ignored
+        member = (flat.label >= 0)[None]  # [1, N]
+        return flat.split(draw_uniform(flat, member, caps=[num], total=num, generator=generator))
+    labels = host_tensor([[POSITIVE], [NEGATIVE]], flat.device, torch.int8)
+    member = flat.label[None] == labels  # [2, N]: positives, negatives
+    caps = [int(num * pos_fraction), num]
+    return flat.split(draw_uniform(flat, member, caps=caps, total=num, generator=generator))
