@@ -229,7 +229,7 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         argv = ["train", *TINY, "--data.num_train", "8", "--train.epochs", "2"]
         argv += ["--train.lr", "20", "--train.warmup_steps", "0", "--sampler.name", sampler]
         argv += ["--output_dir", f"{r}/diverge_{sampler}"]
-        cases[f"diverges with {sampler}"] = (argv, 1, "non-finite loss at step 4 (epoch 1)")
+        cases[f"diverges with {sampler}"] = (argv, 1, "non-finite loss at step ")
     return cases
 
 
