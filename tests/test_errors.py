@@ -201,6 +201,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "sampler: retinanet_tiny trains on every anchor",
         ),
+        # Defect D5: ATSS needs pyramid levels; an R-CNN's proposals have none.
+        "atss on an R-CNN": (
+            ["train", *TINY, *out, "--assigner.name", "atss"],
+            2,
+            "assigner.name: atss labels anchors on a feature pyramid; faster_rcnn_tiny",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -83,7 +84,8 @@ def _center_inside(cx: Tensor, cy: Tensor, gt_boxes: Tensor, margin: float) -> T
 class ATSSAssigner:
     """``assign_atss`` as an ``Assigner``; its fields are the settings (see there).
 
-    Needs ``num_per_level``.
+    Needs ``num_per_level``: it labels anchors on a feature pyramid (RetinaNet, FCOS, ATSS), not an
+    R-CNN's proposals, which have no levels (``needs_levels``).
     """
 
     topk: int = 9
@@ -92,6 +94,7 @@ class ATSSAssigner:
     ignore_iof_thr: float = 0.5
     center_margin: float = 0.01
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    needs_levels: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_atss_settings(**settings(self))

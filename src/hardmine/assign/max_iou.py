@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -57,6 +58,7 @@ class MaxIoUAssigner:
     low_quality: bool = False
     ignore_iof_thr: float = 0.5
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    needs_levels: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_max_iou_settings(**settings(self))

@@ -62,6 +62,14 @@ def load_run_config(
             f"sampler: {config.model.name} trains on every anchor (focal loss) and takes no "
             "sampler; pass --sampler null (its choice is the assigner: --assigner.name ...)"
         )
+    assigner = REGISTRIES["assigner"].get(config.assigner.name or "")
+    if getattr(assigner, "needs_levels", False) and not _trains_on_every_anchor(config.model.name):
+        dense = ", ".join(sorted(n for n in DETECTORS if _trains_on_every_anchor(n)))
+        raise ConfigError(
+            f"assigner.name: {config.assigner.name} labels anchors on a feature pyramid; "
+            f"{config.model.name} labels an RPN's proposals, which have no levels (models that "
+            f"take it: {dense}; for an R-CNN: --assigner.name max_iou)"
+        )
     if config.hard_negatives is not None and config.sampler.name is None:
         raise ConfigError(
             f"hard_negatives: {config.model.name} has no sampler; hard negatives join an "
