@@ -207,6 +207,18 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "assigner.name: atss labels anchors on a feature pyramid; faster_rcnn_tiny",
         ),
+        # Defect D10: settings are type- and finiteness-checked where the class is made.
+        "overlap epsilon inf": (
+            ["train", "--sampler.name", "overlap", "--sampler.epsilon", "inf"],
+            2,
+            "sampler.epsilon: must be finite, got inf",
+        ),
+        "sampler num 2.5": (["train", "--sampler.num", "2.5"], 2, "sampler.num: expected int"),
+        "bool as a string": (
+            ["train", "--sampler.name", "overlap", "--sampler.linear_top_up", "'yes'"],
+            2,
+            "sampler.linear_top_up: expected bool, got 'yes'",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

@@ -510,8 +510,9 @@ def apply_overrides(
     ratio the OHEM paper removes; ATSS's ``topk`` is no max-IoU setting at all). The settings
     dropped that way are logged as a warning on the ``hardmine`` logger and, when ``dropped`` is
     given, appended to it as ``"section.key=value"``; a setting that ``overrides`` give again
-    (``--sampler.name ohem --sampler.num 64``) is kept, so it is not listed. Setting the name a section already has
-    changes nothing; a whole section given as a mapping replaces the old one, as any value does.
+    (``--sampler.name ohem --sampler.num 64``) is kept, so it is not listed. Setting the name a
+    section already has changes nothing; a whole section given as a mapping replaces the old one,
+    as any value does.
 
     Args:
         raw: nested plain data (as read from YAML).

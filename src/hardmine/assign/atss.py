@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_centers, box_iou
-from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
+from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
@@ -97,6 +97,7 @@ class ATSSAssigner:
     needs_levels: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_atss_settings(**settings(self))
 
     def __call__(

@@ -18,7 +18,7 @@ from torch import Tensor
 from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_iou
-from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
+from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, check_fields, settings
 
 
 def check_max_iou_settings(
@@ -61,6 +61,7 @@ class MaxIoUAssigner:
     needs_levels: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_max_iou_settings(**settings(self))
 
     def __call__(

@@ -20,7 +20,7 @@ from hardmine.sample.quota import (
     random_keys,
     segment_by_key,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class IoUBalancedSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_iou_balanced_settings(**settings(self))
 
     def __call__(

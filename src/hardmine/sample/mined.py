@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hardmine.sample.quota import fill_shortfall, flatten
-from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection
+from hardmine.structures import IGNORE, NEGATIVE, Assignment, Sampler, Selection, check_fields
 
 
 def check_mined_settings(*, share: float) -> None:
@@ -121,6 +121,7 @@ class MinedNegativeSampler:
     share: float = 0.25
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_mined_settings(share=self.share)
 
     @property

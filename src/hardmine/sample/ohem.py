@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hardmine.boxes import check_boxes, check_finite, nms_first
 from hardmine.sample.quota import flatten, take_top
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class OHEMSampler:
     needs_losses: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_ohem_settings(num=self.num, nms_iou=self.nms_iou, pos_fraction=self.pos_fraction)
 
     def __call__(

@@ -28,7 +28,7 @@ from hardmine.sample.quota import (
     segment_by_key,
     take_top_in_segments,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 Strategy = Literal["uniform", "hard", "soft", "linear"]
 Bins = Literal["fixed", "observed"]
@@ -98,6 +98,7 @@ class OverlapSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_overlap_settings(**settings(self))
 
     def __call__(

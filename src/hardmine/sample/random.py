@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hardmine._host import host_tensor
 from hardmine.sample.quota import draw_uniform, flatten
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class RandomSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_random_settings(num=self.num, pos_fraction=self.pos_fraction)
 
     def __call__(
