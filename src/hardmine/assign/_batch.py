@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hardmine._host import host_tensor
-from hardmine.boxes import box_iof, check_boxes, upcast
+from hardmine.boxes import check_boxes, iof_matrix, upcast
 from hardmine.errors import NonFiniteError
 from hardmine.structures import POSITIVE, Assignment
 
@@ -231,5 +231,5 @@ def prepare_batch(
         # Zero-area padding covers nothing, so it never ignores a candidate.
         ign = _pad(ignore_boxes, max(max(b.shape[0] for b in ignore_boxes), 1), like)
         _check_finite(ignore_boxes, ign, "ignore_boxes")
-        ignored = box_iof(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
+        ignored = iof_matrix(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
     return Batch(cand, gts, labels, gt_valid, ignored, num_candidates, num_gt)

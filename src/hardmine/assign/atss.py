@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
-from hardmine.boxes import box_centers, box_iou
+from hardmine.boxes import box_centers, iou_matrix
 from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
 
 _INF = float("inf")
@@ -283,7 +283,7 @@ def _assign_block(
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
-        iou = box_iou(chunk, anc)  # [B, C, N]
+        iou = iou_matrix(chunk, anc)  # [B, C, N]
         # The threshold and the centre test need only the K candidates of each ground truth.
         cand_iou = iou.gather(2, candidate)  # [B, C, K]
         value, index = best_of_chunk(iou)  # [B, N]; overwrites iou

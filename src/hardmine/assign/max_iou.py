@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
-from hardmine.boxes import box_iou
+from hardmine.boxes import iou_matrix
 from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, check_fields, settings
 
 
@@ -188,7 +188,7 @@ def _assign_block(
     for start in range(0, gts.shape[1], chunk_size):
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.
-        iou = box_iou(gts[:, start : start + chunk_size], cand)  # [B, C, N]
+        iou = iou_matrix(gts[:, start : start + chunk_size], cand)  # [B, C, N]
         if low_quality and cand.shape[1]:
             if batch.ignored is not None:
                 masked = iou.masked_fill(batch.ignored[:, None, :], -1.0)

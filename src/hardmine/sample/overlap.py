@@ -18,7 +18,7 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from hardmine.boxes import box_iou, check_boxes, check_finite, upcast
+from hardmine.boxes import check_boxes, check_finite, iou_matrix, upcast
 from hardmine.sample.quota import (
     FlatBatch,
     count_per_segment,
@@ -172,7 +172,7 @@ def overlap_with_positives(
     best_pn = boxes.new_zeros(b, flat.max_size)  # [B, N_max]
     best_pe = boxes.new_zeros(b, p_max)  # [B, P_max]
     for start in range(0, p_max, chunk):
-        iou = box_iou(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
+        iou = iou_matrix(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
         torch.maximum(best_pn, iou.amax(2), out=best_pn)
         if with_pe:
             # A positive's own IoU (1) would always win: zero that one cell per positive. Padded
