@@ -219,6 +219,24 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "sampler.linear_top_up: expected bool, got 'yes'",
         ),
+        # Defect D8: every model setting is range-checked where the configuration is read.
+        "model min_size 0": (["train", "--model.min_size", "0"], 2, "model.min_size: must be"),
+        "model size_divisible 0": (
+            ["train", "--model.size_divisible", "0"],
+            2,
+            "model.size_divisible: must be at least 1, got 0",
+        ),
+        "model weights foo": (["train", "--model.weights", "foo"], 2, "model.weights: must be"),
+        "model box_nms_thresh 2": (
+            ["train", "--model.box_nms_thresh", "2"],
+            2,
+            "model.box_nms_thresh: must be in [0, 1], got 2",
+        ),
+        "eval box_nms_thresh 2": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_nms_thresh", "2"],
+            2,
+            "model.box_nms_thresh: must be in [0, 1], got 2",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

@@ -30,6 +30,7 @@ from hardmine.data import (
 )
 from hardmine.errors import DataError
 from hardmine.models import DETECTORS, build
+from hardmine.models._ranges import SettingError, check_model_settings
 from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, Sampler, Selection
@@ -57,6 +58,10 @@ def load_run_config(
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
     config = load_config(path, overrides, registries=RUN_REGISTRIES, dropped=dropped)
+    try:
+        check_model_settings(config.model.name or "", config.model.settings)
+    except SettingError as error:
+        raise ConfigError(f"model.{error.key}: {error.rule}") from None
     if config.sampler.name is not None and _trains_on_every_anchor(config.model.name):
         raise ConfigError(
             f"sampler: {config.model.name} trains on every anchor (focal loss) and takes no "
