@@ -237,6 +237,22 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "model.box_nms_thresh: must be in [0, 1], got 2",
         ),
+        # Defect D9: eval refuses overrides that inference does not read.
+        "eval box_loss_beta": (
+            ["eval", "--run", f"{r}/run", "--model.box_loss_beta", "1.0"],
+            2,
+            "--model.box_loss_beta: a training setting, which evaluation does not read",
+        ),
+        "eval score_dtype": (
+            ["eval", "--run", f"{r}/run", "--model.score_dtype", "float16"],
+            2,
+            "--model.score_dtype: a training setting",
+        ),
+        "eval num_train": (
+            ["eval", "--run", f"{r}/run", "--data.num_train", "8"],
+            2,
+            "--data.num_train: a training setting",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

@@ -220,7 +220,9 @@ def eval_parser(subparsers: Subparsers) -> None:
         epilog="inference overrides:\n"
         "  Inference settings of the model (model.* other than model.name) and the data\n"
         "  (data.*) can follow as --section.key VALUE, without retraining; the result goes to\n"
-        "  eval_<key>=<value>.json beside eval.json. The Overlap Sampler paper's Table 2(c):\n"
+        "  eval_<key>=<value>.json beside eval.json. Training settings (model.box_loss_beta,\n"
+        "  model.score_dtype, model.*_train, data.num_train, ...) are refused: evaluation does\n"
+        "  not read them. The Overlap Sampler paper's Table 2(c):\n"
         "    hardmine eval --run DIR --model.box_nms_thresh 0.55\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
