@@ -253,6 +253,33 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "--data.num_train: a training setting",
         ),
+        # Defect D6: a variant may not change the detector or the data.
+        "variant data.kind": (
+            ["compare", "--methods", "random:data.kind=coco"],
+            2,
+            "--methods random:data.kind=coco: a variant may not set data.kind",
+        ),
+        "variant model.name": (
+            ["compare", "--methods", "overlap:model.name=retinanet_tiny"],
+            2,
+            "a variant may not set model.name",
+        ),
+        "variant num_classes": (
+            ["compare", "--methods", "random:data.num_classes=9"],
+            2,
+            "a variant may not set data.num_classes",
+        ),
+        # Defect D18: a key once per variant; a component's settings need its name.
+        "variant key twice": (
+            ["compare", "--methods", "random:sampler.num=1:num=2"],
+            2,
+            "sampler.num given more than once",
+        ),
+        "assigner settings without a name": (
+            ["train", "--assigner.pos_thr", "0.4"],
+            2,
+            "give assigner.name too (valid names: atss, max_iou)",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

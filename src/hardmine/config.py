@@ -295,7 +295,12 @@ def _component_from_dict(section: str, raw: Any, registries: Registries) -> Comp
     name = raw.get("name")
     if name is None:
         if settings:
-            raise ConfigError(f"{section}: settings {sorted(settings)} given without a name")
+            names = sorted(registries.get(section) or {})
+            valid = f" (valid names: {', '.join(names)})" if names else ""
+            raise ConfigError(
+                f"{section}: settings {sorted(settings)} given without a name; give "
+                f"{section}.name too{valid}"
+            )
         return ComponentConfig()
     if not isinstance(name, str):
         raise ConfigError(f"{section}.name: expected a name, got {name!r}")
