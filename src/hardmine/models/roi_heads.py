@@ -304,7 +304,8 @@ def with_sampler(
         require_component(assigner, "assigner")
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
-    wrapped.transform = with_box_keys(model.transform)
+    predictor = getattr(model.roi_heads.box_predictor, "cls_score", None)
+    wrapped.transform = with_box_keys(model.transform, getattr(predictor, "out_features", None))
     wrapped.roi_heads = SamplingRoIHeads(
         model.roi_heads,
         sampler=sampler,
