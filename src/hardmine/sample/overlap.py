@@ -80,7 +80,7 @@ class OverlapSampler:
     The defaults are the paper's best setting, Table 2(f)'s last column: soft negatives with
     K = 2, soft positives, ε = 2; that column also sets the detector's inference NMS threshold to
     θ = 0.55 (Table 2(c)), a model setting: ``box_nms_thresh=0.55`` in torchvision
-    (``hardmine compare --methods overlap_table2f`` sets both).
+    (``hardmine compare --methods overlap_best`` sets both).
     """
 
     num: int = 512
