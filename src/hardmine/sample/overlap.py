@@ -201,10 +201,13 @@ def _pick(
     linear_top_up: bool,
     max_quota: int,
     generator: torch.Generator | None,
+    uniform_here: Tensor | None = None,
 ) -> Tensor:
     """``target: [B]`` picks per image from ``eligible: [N]`` by ``overlap: [N]`` -> ``bool [N]``.
 
-    See ``sample_overlap`` for the strategies and the top-up.
+    See ``sample_overlap`` for the strategies and the top-up. ``uniform_here: bool [N]`` marks
+    the candidates of images where the draw is uniform whatever the strategy (the negatives of an
+    image without positives, whose IoU(p,n) are all 0).
     """
     nothing = torch.zeros_like(eligible)
     fill = partial(fill_shortfall, flat, max_quota=max_quota, generator=generator)
@@ -222,7 +225,10 @@ def _pick(
     elif strategy == "linear":
         picked = fill(nothing, eligible, target, weight=overlap)  # weight 0: never drawn
         if not linear_top_up:
-            return picked
+            if uniform_here is None:
+                return picked
+            # Without positives there is no IoU(p,n) to weigh by: uniform, as the others are.
+            return fill(picked, eligible & uniform_here, target)
     else:  # uniform: the top-up is the whole draw
         picked = nothing
     return fill(picked, eligible, target)
@@ -332,7 +338,8 @@ def sample_overlap(
     * ``linear``: "the normalized IoU(p,n) as the sampled probability" (Eq. 3), a draw without
       replacement with weight = overlap. The paper: "this sampling method would not select the
       negatives with IoU(p,n) = 0", so by default (``linear_top_up=False``) zero-overlap
-      candidates are never picked, and an image may get fewer than its quota.
+      candidates are never picked, and an image may get fewer than its quota (except in an
+      image without positives, where every IoU(p,n) is 0 and the draw is uniform, as above).
       ``linear_top_up=True`` fills the shortfall uniformly from them.
 
     ``hard`` and fixed-bin ``soft`` fill any shortfall (too few hard ones, short bins) uniformly
@@ -437,7 +444,8 @@ def sample_overlap(
         generator=generator,
     )
     pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
-    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num)
+    no_positives = flat.per_image(flat.count(pos) == 0)  # [N]
+    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num, uniform_here=no_positives)
     mask = pos_mask | neg_mask
     weight = mask.to(upcast(flat.max_iou).dtype)
     if epsilon != 1.0:
