@@ -1,6 +1,6 @@
 """Box geometry: IoU, IoF, areas, centres, greedy NMS and input validation.
 
-Boxes are ``xyxy`` in absolute pixels, floating point (DESIGN.md). Quality matrices are ``[G, N]``:
+Boxes are ``xyxy`` in absolute pixels, floating point. Quality matrices are ``[G, N]``:
 the first argument's boxes by the second's. Half-precision boxes (``float16`` / ``bfloat16``, as
 autocast hands them over) are computed in ``float32``, as ``torchvision.ops.box_iou`` does: in
 ``float16`` the area of a 400 px box overflows to ``inf`` and its IoU with itself is NaN.
@@ -48,7 +48,7 @@ def upcast(boxes: Tensor) -> Tensor:
 
     Areas of boxes a few hundred pixels wide overflow ``float16`` (max 65504) and lose whole
     pixels in ``bfloat16`` (8 bits of mantissa); geometry is computed in ``float32`` or the
-    input's higher precision (DESIGN.md, "Errors, faults and precision").
+    input's higher precision.
     """
     if boxes.is_floating_point() and torch.finfo(boxes.dtype).bits < 32:
         return boxes.float()

@@ -1,7 +1,7 @@
 """The two records that flow from assigners to samplers to losses, and the interfaces between them.
 
 Both are per image and hold tensors only (no index lists), so the CUDA path needs no host
-synchronisation. See DESIGN.md, "Conventions".
+synchronisation. Boxes are ``xyxy`` in absolute pixels; quality matrices are ``[G, N]``.
 """
 
 from __future__ import annotations

@@ -202,8 +202,9 @@ def assign_atss(
             with many ground truths, the result is the same.
 
     Returns:
-        One ``Assignment`` per image (DESIGN.md conventions). ``gt_index`` and ``max_iou`` give the
-        matched ground truth for positives and the best-overlapping one elsewhere.
+        One ``Assignment`` per image (``hardmine.structures.Assignment``). ``gt_index`` and
+        ``max_iou`` give the matched ground truth for positives and the best-overlapping one
+        elsewhere.
 
     Raises:
         ValueError: on non-finite boxes, anchor counts that differ from ``sum(num_per_level)`` or
@@ -214,6 +215,8 @@ def assign_atss(
         candidates (IoUs 0.69, 0.09, 0.09), the threshold is their mean plus standard deviation
         (0.29 + 0.35), and only the first anchor reaches it.
 
+        >>> import torch
+        >>> from hardmine.assign.atss import assign_atss
         >>> anchors = [[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]]
         >>> anchors = torch.tensor(anchors, dtype=torch.float32)
         >>> gt = torch.tensor([[0.0, 0.0, 12.0, 12.0]])

@@ -129,8 +129,8 @@ def assign_max_iou(
             with many ground truths, the result is the same.
 
     Returns:
-        One ``Assignment`` per image (DESIGN.md conventions); ``max_iou`` has the candidates'
-        dtype, ``float32`` for half-precision candidates.
+        One ``Assignment`` per image (``hardmine.structures.Assignment``); ``max_iou`` has the
+        candidates' dtype, ``float32`` for half-precision candidates.
 
     Raises:
         ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.
@@ -139,6 +139,8 @@ def assign_max_iou(
         IoUs 1, 0 and 0.45 with the one ground truth: positive, negative, and ignored between
         Fast R-CNN's thresholds (negatives in [0.1, 0.5) would take it; [0, 0.4) does not).
 
+        >>> import torch
+        >>> from hardmine.assign.max_iou import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 22]]
         >>> boxes = torch.tensor(boxes, dtype=torch.float32)

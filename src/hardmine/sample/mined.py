@@ -69,6 +69,8 @@ def sample_with_mined(
         A positive, three negatives and two mined boxes; random sampling picks the positive and
         three negatives, and half the negative quota (one pick) goes to a mined box.
 
+        >>> import torch
+        >>> from hardmine.sample.mined import sample_with_mined
         >>> from hardmine import RandomSampler, assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10]] + [[20 * k, 20, 20 * k + 10, 30] for k in range(5)]

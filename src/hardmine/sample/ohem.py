@@ -118,6 +118,8 @@ def sample_ohem(
         Two near-duplicate hard negatives (IoU 0.91), the ground-truth copy and an easy
         negative; two picks: the hardest, not its duplicate, then the next hardest.
 
+        >>> import torch
+        >>> from hardmine.sample.ohem import sample_ohem
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[20, 20, 30, 30], [20, 20, 30, 31], [0, 0, 10, 10], [40, 40, 50, 50]]

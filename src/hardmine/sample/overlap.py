@@ -386,6 +386,8 @@ def sample_overlap(
         negatives, one per soft bin ([0, 0.35) and [0.35, 0.7)), so the overlapping one always
         and one of the far ones; the positive proposal, not the copy, weighs ε = 2.
 
+        >>> import torch
+        >>> from hardmine.sample.overlap import sample_overlap
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 11], [0, 0, 10, 30], [20, 20, 30, 30], [40, 40, 50, 50]]

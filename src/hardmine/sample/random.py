@@ -82,6 +82,8 @@ def sample_random(
         One positive, two negatives and an ignored candidate; four picks, a quarter positive:
         the positive, both negatives (they pad the positives' shortfall), never the ignored one.
 
+        >>> import torch
+        >>> from hardmine.sample.random import sample_random
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 40], [0, 0, 10, 22]]
