@@ -23,7 +23,8 @@ MODULES = [
 @pytest.mark.parametrize("name", MODULES)
 def test_examples(name: str) -> None:
     module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    # An empty namespace: each Example imports what it uses, so a reader can paste it (D17).
+    result = doctest.testmod(module, globs={}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
     assert result.attempted > 0  # the module has examples
 

@@ -201,6 +201,85 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "sampler: retinanet_tiny trains on every anchor",
         ),
+        # Defect D5: ATSS needs pyramid levels; an R-CNN's proposals have none.
+        "atss on an R-CNN": (
+            ["train", *TINY, *out, "--assigner.name", "atss"],
+            2,
+            "assigner.name: atss labels anchors on a feature pyramid; faster_rcnn_tiny",
+        ),
+        # Defect D10: settings are type- and finiteness-checked where the class is made.
+        "overlap epsilon inf": (
+            ["train", "--sampler.name", "overlap", "--sampler.epsilon", "inf"],
+            2,
+            "sampler.epsilon: must be finite, got inf",
+        ),
+        "sampler num 2.5": (["train", "--sampler.num", "2.5"], 2, "sampler.num: expected int"),
+        "bool as a string": (
+            ["train", "--sampler.name", "overlap", "--sampler.linear_top_up", "'yes'"],
+            2,
+            "sampler.linear_top_up: expected bool, got 'yes'",
+        ),
+        # Defect D8: every model setting is range-checked where the configuration is read.
+        "model min_size 0": (["train", "--model.min_size", "0"], 2, "model.min_size: must be"),
+        "model size_divisible 0": (
+            ["train", "--model.size_divisible", "0"],
+            2,
+            "model.size_divisible: must be at least 1, got 0",
+        ),
+        "model weights foo": (["train", "--model.weights", "foo"], 2, "model.weights: must be"),
+        "model box_nms_thresh 2": (
+            ["train", "--model.box_nms_thresh", "2"],
+            2,
+            "model.box_nms_thresh: must be in [0, 1], got 2",
+        ),
+        "eval box_nms_thresh 2": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_nms_thresh", "2"],
+            2,
+            "model.box_nms_thresh: must be in [0, 1], got 2",
+        ),
+        # Defect D9: eval refuses overrides that inference does not read.
+        "eval box_loss_beta": (
+            ["eval", "--run", f"{r}/run", "--model.box_loss_beta", "1.0"],
+            2,
+            "--model.box_loss_beta: a training setting, which evaluation does not read",
+        ),
+        "eval score_dtype": (
+            ["eval", "--run", f"{r}/run", "--model.score_dtype", "float16"],
+            2,
+            "--model.score_dtype: a training setting",
+        ),
+        "eval num_train": (
+            ["eval", "--run", f"{r}/run", "--data.num_train", "8"],
+            2,
+            "--data.num_train: a training setting",
+        ),
+        # Defect D6: a variant may not change the detector or the data.
+        "variant data.kind": (
+            ["compare", "--methods", "random:data.kind=coco"],
+            2,
+            "--methods random:data.kind=coco: a variant may not set data.kind",
+        ),
+        "variant model.name": (
+            ["compare", "--methods", "overlap:model.name=retinanet_tiny"],
+            2,
+            "a variant may not set model.name",
+        ),
+        "variant num_classes": (
+            ["compare", "--methods", "random:data.num_classes=9"],
+            2,
+            "a variant may not set data.num_classes",
+        ),
+        # Defect D18: a key once per variant; a component's settings need its name.
+        "variant key twice": (
+            ["compare", "--methods", "random:sampler.num=1:num=2"],
+            2,
+            "sampler.num given more than once",
+        ),
+        "assigner settings without a name": (
+            ["train", "--assigner.pos_thr", "0.4"],
+            2,
+            "give assigner.name too (valid names: atss, max_iou)",
+        ),
         "eval a file": (["eval", "--run", f"{r}/bad.yaml"], 2, "a file, not a run directory"),
         "resume changed": (
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],

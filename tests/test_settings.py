@@ -3,6 +3,8 @@ same helper in its function: a value out of range is a ValueError naming the set
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,50 @@ def test_the_functions_refuse_the_same_values() -> None:
     IoUBalancedSampler(floor_fraction=1.0, pos_fraction=0.0)
     MaxIoUAssigner(pos_thr=0.5, neg_thr=(0.5, 0.5), ignore_iof_thr=1.0)
     ATSSAssigner(center_margin=0.0)
+
+
+def _wrong_values() -> list[tuple[str, str, object, type[Exception]]]:
+    """Defect D10: per field of every component, a value of another type (TypeError) and, for a
+    float, infinity and NaN (ValueError), generated from the field's type hint."""
+    import dataclasses
+    import typing
+
+    cases: list[tuple[str, str, object, type[Exception]]] = []
+    for name, cls in COMPONENTS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            text = str(hints[f.name])
+            if hints[f.name] is bool:
+                cases += [(name, f.name, "yes", TypeError), (name, f.name, 1, TypeError)]
+            elif hints[f.name] is int:
+                cases += [(name, f.name, 2.5, TypeError), (name, f.name, True, TypeError)]
+            elif "Literal" in text:
+                cases += [(name, f.name, 3, TypeError), (name, f.name, "nope", ValueError)]
+            elif "float" in text:
+                cases += [(name, f.name, "0.5", TypeError)]
+                cases += [(name, f.name, v, ValueError) for v in (math.inf, -math.inf, math.nan)]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "setting", "value", "error"), _wrong_values())
+def test_wrong_types_and_non_finite_values_are_refused(
+    name: str, setting: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=setting):
+        COMPONENTS[name](**{setting: value})
+
+
+def test_the_type_check_covers_every_float_int_and_bool_setting() -> None:
+    """The generated cases reach the settings that D10 named, so the check above cannot be empty."""
+    cases = {(name, setting) for name, setting, _, _ in _wrong_values()}
+    assert {("random", "num"), ("overlap", "epsilon"), ("overlap", "linear_top_up")} <= cases
+    assert ("max_iou", "neg_thr") in cases and ("ohem", "nms_iou") in cases
+
+
+def test_well_typed_values_still_pass() -> None:
+    MaxIoUAssigner(neg_thr=(0.1, 0.5))
+    MaxIoUAssigner(neg_thr=[0.1, 0.5])  # the run configuration's YAML list
+    RandomSampler(num=16, pos_fraction=None)
+    IoUBalancedSampler(pos_fraction=1)  # an int where a float is meant
+    with pytest.raises(ValueError, match="neg_thr"):
+        MaxIoUAssigner(neg_thr=(0.1, math.nan))

@@ -1,6 +1,6 @@
 """Box geometry: IoU, IoF, areas, centres, greedy NMS and input validation.
 
-Boxes are ``xyxy`` in absolute pixels, floating point (DESIGN.md). Quality matrices are ``[G, N]``:
+Boxes are ``xyxy`` in absolute pixels, floating point. Quality matrices are ``[G, N]``:
 the first argument's boxes by the second's. Half-precision boxes (``float16`` / ``bfloat16``, as
 autocast hands them over) are computed in ``float32``, as ``torchvision.ops.box_iou`` does: in
 ``float16`` the area of a 400 px box overflows to ``inf`` and its IoU with itself is NaN.
@@ -48,7 +48,7 @@ def upcast(boxes: Tensor) -> Tensor:
 
     Areas of boxes a few hundred pixels wide overflow ``float16`` (max 65504) and lose whole
     pixels in ``bfloat16`` (8 bits of mantissa); geometry is computed in ``float32`` or the
-    input's higher precision (DESIGN.md, "Errors, faults and precision").
+    input's higher precision.
     """
     if boxes.is_floating_point() and torch.finfo(boxes.dtype).bits < 32:
         return boxes.float()
@@ -96,16 +96,20 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     zero-area padding) cannot poison a ``max``. Half-precision input is computed and returned in
     ``float32``.
 
+    Raises:
+        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity, whose IoU would
+            be a silent NaN or 0.
+        ValueError: a last dimension other than 4.
+
     Example:
+        >>> import torch
+        >>> from hardmine.boxes import box_iou
         >>> a = torch.tensor([[100.0, 100.0, 500.0, 500.0]], dtype=torch.float16)
         >>> box_iou(a, torch.cat([a, a + 200]))
         tensor([[1.0000, 0.1429]])
     """
-    a, b = _common_type(a, b)
-    inter = _intersection(a, b)
-    union = box_area(a)[..., :, None] + box_area(b)[..., None, :]
-    union -= inter
-    return inter.div_(union.clamp_(min=_EPS))
+    _check_pair(a, b)
+    return iou_matrix(a, b)
 
 
 def box_iof(a: Tensor, b: Tensor) -> Tensor:
@@ -114,7 +118,35 @@ def box_iof(a: Tensor, b: Tensor) -> Tensor:
     Returns ``[..., G, N]`` (``float32`` for half-precision input). Used for ignore regions:
     ``box_iof(candidates, ignore)[i, j]`` is the fraction of candidate ``i`` covered by ignore
     box ``j``.
+
+    Raises:
+        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity.
+        ValueError: a last dimension other than 4.
     """
+    _check_pair(a, b)
+    return iof_matrix(a, b)
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    for name, boxes in (("a", a), ("b", b)):
+        if boxes.shape[-1:] != (4,):
+            raise ValueError(f"{name}: expected boxes of shape [..., 4], got {list(boxes.shape)}")
+        check_finite(boxes, name)
+
+
+def iou_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """``box_iou`` without the input check, for callers that checked their boxes once already
+    (the assigners and samplers, per batch): the check reads the device, a host synchronisation
+    per call."""
+    a, b = _common_type(a, b)
+    inter = _intersection(a, b)
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :]
+    union -= inter
+    return inter.div_(union.clamp_(min=_EPS))
+
+
+def iof_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """``box_iof`` without the input check (see ``iou_matrix``)."""
     a, b = _common_type(a, b)
     return _intersection(a, b).div_(box_area(a)[..., :, None].clamp(min=_EPS))
 
@@ -206,7 +238,7 @@ def _nms_prefix(
     cand = boxes[table]  # [S, M, 4]
     earlier = torch.ones(length, length, dtype=torch.bool, device=boxes.device).tril_(-1)
     # overlaps[s, i, j]: earlier candidate j would suppress i if kept.
-    overlaps = (box_iou(cand, cand) > iou) & earlier & valid[:, None, :]
+    overlaps = (iou_matrix(cand, cand) > iou) & earlier & valid[:, None, :]
     return greedy_survivors(overlaps, valid), table
 
 

@@ -150,7 +150,10 @@ configuration overrides:
   are read as YAML. Sections: model, sampler, assigner (each a name plus that class's settings),
   data, train, and the top-level keys seed, device, output_dir. Examples:
     --sampler.name ohem --sampler.num 256 --train.epochs 3 --train.lr 0.01 --device cpu
-  An unknown key is an error that lists the valid ones.
+  A component's settings belong to its class: give its name with them where the
+  configuration names none (--assigner.name max_iou --assigner.pos_thr 0.4); another name
+  starts the section from that class's defaults. An unknown key is an error that lists the
+  valid ones.
 """
 
 
@@ -259,7 +262,9 @@ def eval_parser(subparsers: Subparsers) -> None:
         epilog="inference overrides:\n"
         "  Inference settings of the model (model.* other than model.name) and the data\n"
         "  (data.*) can follow as --section.key VALUE, without retraining; the result goes to\n"
-        "  eval_<key>=<value>.json beside eval.json. The Overlap Sampler paper's Table 2(c):\n"
+        "  eval_<key>=<value>.json beside eval.json. Training settings (model.box_loss_beta,\n"
+        "  model.score_dtype, model.*_train, data.num_train, ...) are refused: evaluation does\n"
+        "  not read them. The Overlap Sampler paper's Table 2(c):\n"
         "    hardmine eval --run DIR --model.box_nms_thresh 0.55\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -305,9 +310,12 @@ def compare_parser(subparsers: Subparsers) -> None:
         "  methods that have that section (--sampler.num 256 leaves RetinaNet alone).\n"
         "\nmethods:\n"
         "  --methods takes names and variants NAME:KEY=VALUE[:KEY=VALUE...]: a bare KEY is a\n"
-        "  setting of the method's sampler (or assigner), a dotted one any key of the run\n"
-        "  (model.box_nms_thresh, train.lr). Each variant is its own row, named as written,\n"
-        "  paired by seed with its method's baseline. For example:\n"
+        "  setting of the method's sampler (or assigner), a dotted one a key of the run that\n"
+        "  keeps the comparison fair: sampler.*, assigner.* (of a method that has one),\n"
+        "  model.* but model.name, train.*, data.batch_size, hard_negatives. Another detector\n"
+        "  or other data (model.name, data.kind, data.num_classes, ...) is refused: give it\n"
+        "  to every method as --KEY VALUE. Each key once per variant. Each variant is its own\n"
+        "  row, named as written, paired by seed with its method's baseline. For example:\n"
         "    --methods random,overlap,overlap:strategy=hard,overlap:pos_strategy=soft:epsilon=2\n"
         f"  The default methods: {names}.\n"
         "  The papers' presets (README, 'The papers' ablations'):\n"

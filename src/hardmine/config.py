@@ -304,7 +304,12 @@ def _component_from_dict(section: str, raw: Any, registries: Registries) -> Comp
     name = raw.get("name")
     if name is None:
         if settings:
-            raise ConfigError(f"{section}: settings {sorted(settings)} given without a name")
+            names = sorted(registries.get(section) or {})
+            valid = f" (valid names: {', '.join(names)})" if names else ""
+            raise ConfigError(
+                f"{section}: settings {sorted(settings)} given without a name; give "
+                f"{section}.name too{valid}"
+            )
         return ComponentConfig()
     if not isinstance(name, str):
         raise ConfigError(f"{section}.name: expected a name, got {name!r}")
@@ -523,8 +528,10 @@ def apply_overrides(
     or something else (``pos_fraction: 0.25`` of a random sampler would make OHEM keep an fg:bg
     ratio the OHEM paper removes; ATSS's ``topk`` is no max-IoU setting at all). The settings
     dropped that way are logged as a warning on the ``hardmine`` logger and, when ``dropped`` is
-    given, appended to it as ``"section.key=value"``. Setting the name a section already has
-    changes nothing; a whole section given as a mapping replaces the old one, as any value does.
+    given, appended to it as ``"section.key=value"``; a setting that ``overrides`` give again
+    (``--sampler.name ohem --sampler.num 64``) is kept, so it is not listed. Setting the name a
+    section already has changes nothing; a whole section given as a mapping replaces the old one,
+    as any value does.
 
     Args:
         raw: nested plain data (as read from YAML).
@@ -534,7 +541,12 @@ def apply_overrides(
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(raw)))  # a deep copy of plain data
     for section, name in _renamed_sections(out, overrides).items():
         old = out.get(section)
-        lost = [f"{section}.{k}={v!r}" for k, v in old.items() if k != "name"]
+        # A setting given again in the same overrides is kept, not dropped.
+        lost = [
+            f"{section}.{k}={v!r}"
+            for k, v in old.items()
+            if k != "name" and f"{section}.{k}" not in overrides
+        ]
         if lost:
             log.warning(
                 "%s: %s replaces %s and starts from its defaults; dropped %s (give them again "

@@ -5,7 +5,7 @@ a changed configuration on ``--resume``) or a documented stop (a diverging run).
 them with the context already in the message (the file, the key, the image or annotation id), so
 ``hardmine.cli.main`` prints the message as one line on stderr and exits with ``exit_status``
 (2 for a mistake), without a traceback. Anything else is a bug and keeps its traceback
-(``HARDMINE_DEBUG=1`` shows one for these too). See DESIGN.md, "Errors, faults and precision".
+(``HARDMINE_DEBUG=1`` shows one for these too).
 
 This module imports nothing: every layer may raise these.
 """

@@ -1,15 +1,20 @@
 """The two records that flow from assigners to samplers to losses, and the interfaces between them.
 
 Both are per image and hold tensors only (no index lists), so the CUDA path needs no host
-synchronisation. See DESIGN.md, "Conventions".
+synchronisation. Boxes are ``xyxy`` in absolute pixels; quality matrices are ``[G, N]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Union, get_args, get_origin, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -167,3 +172,90 @@ def settings(component: Any) -> dict[str, Any]:
     configuration reads the same fields.
     """
     return {f.name: getattr(component, f.name) for f in dataclasses.fields(component)}
+
+
+def check_fields(component: Any) -> None:
+    """Raise unless every setting of a sampler / assigner dataclass has its field's type.
+
+    The classes are frozen dataclasses whose fields are typed (``num: int``, ``epsilon: float``,
+    ``strategy: Literal[...]``); Python does not enforce the hints, and a value of another type
+    would pass the range checks or fail obscurely later (``num=2.5`` slices nothing, the string
+    ``"yes"`` is a true ``bool``). An ``int`` is refused where a ``bool`` is meant and vice
+    versa; an ``int`` is accepted where a ``float`` is; every ``float`` must be finite
+    (``epsilon=inf`` or ``nan`` makes no meaningful weight or threshold). Hints this does not
+    model (a ``Protocol`` such as ``Sampler``) are not checked.
+
+    Raises:
+        TypeError: a value of the wrong type, naming the setting.
+        ValueError: a non-finite float, or a string none of a ``Literal``'s, naming the setting.
+    """
+    hints = _hints(type(component))
+    for f in dataclasses.fields(component):
+        if not f.init:
+            continue
+        value = getattr(component, f.name)
+        hint = hints.get(f.name, Any)
+        if not _fits(value, hint):
+            # A string where one of several strings is meant is a wrong value, not a wrong type.
+            options = [a for a in _literals(hint) if type(a) is type(value)]
+            error = ValueError if options else TypeError
+            raise error(f"{f.name} must be {_hint_name(hint)}, got {value!r}")
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be finite, got {v}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, option) for option in get_args(hint))
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in get_args(hint))
+    if origin is tuple:
+        items = get_args(hint)
+        if not isinstance(value, tuple | list):
+            return False
+        if len(items) == 2 and items[1] is Ellipsis:
+            return all(_fits(v, items[0]) for v in value)
+        return len(value) == len(items) and all(map(_fits, value, items))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # a hint not modelled here (a Protocol, Any): trusted
+
+
+def _literals(hint: Any) -> list[Any]:
+    """The options of the ``Literal`` types in ``hint`` (a ``Literal`` or a union with them)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return list(get_args(hint))
+    if origin in (Union, types.UnionType):
+        return [o for a in get_args(hint) for o in _literals(a)]
+    return []
+
+
+def _hint_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin is tuple:
+        return "a tuple (" + ", ".join(_hint_name(a) for a in get_args(hint)) + ")"
+    if hint is type(None):
+        return "None"
+    return {bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )

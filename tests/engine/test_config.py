@@ -167,6 +167,24 @@ def test_settings_given_with_the_new_name_are_kept_in_any_order() -> None:
         assert config.sampler.name == "ohem" and config.sampler.settings == {"num": 64}
 
 
+def test_settings_given_again_are_not_reported_as_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Defect D12: ``--sampler.name ohem --sampler.num 64`` on a config with ``num: 128`` keeps
+    num (given again), so only ``pos_fraction`` is dropped and said so."""
+    dropped: list[str] = []
+    with caplog.at_level("WARNING", logger="hardmine"):
+        config = load_config(SCENES, {"sampler.name": "ohem", "sampler.num": 64}, dropped=dropped)
+    assert config.sampler.settings == {"num": 64}
+    assert dropped == ["sampler.pos_fraction=0.25"]
+    assert "sampler.num" not in caplog.text and "sampler.pos_fraction=0.25" in caplog.text
+    # Everything given again: nothing dropped, nothing said.
+    dropped.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hardmine"):
+        overrides = {"sampler.name": "ohem", "sampler.num": 64, "sampler.pos_fraction": 0.25}
+        load_config(SCENES, overrides, dropped=dropped)
+    assert dropped == [] and caplog.text == ""
+
+
 def test_the_atss_configs_max_iou_override_works() -> None:
     """configs/scenes_atss.yaml's own comment: ATSS's topk no longer reaches max-IoU."""
     dropped: list[str] = []

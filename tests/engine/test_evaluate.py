@@ -151,3 +151,34 @@ def test_an_oracle_scores_one_for_boxes_and_masks() -> None:
     model.forward = oracle  # type: ignore[method-assign]
     metrics = evaluate(model, scenes, device="cpu", iou_types=("bbox", "segm"), batch_size=2)
     assert metrics["AP"] == metrics["mask_AP"] == 1.0
+
+
+def test_eval_overrides_that_inference_does_not_read_are_refused() -> None:
+    """Defect D9: training settings would change nothing in an evaluation, yet name its file."""
+    from hardmine.config import ConfigError
+    from hardmine.engine.evaluate import check_eval_overrides
+
+    for key in (
+        "model.box_loss_beta",
+        "model.score_dtype",
+        "model.rpn_post_nms_top_n_train",
+        "model.box_batch_size_per_image",
+        "model.box_fg_iou_thresh",
+        "model.weights",
+        "data.num_train",
+        "data.train_ann",
+        "data.num_classes",
+    ):
+        with pytest.raises(ConfigError, match=rf"^--{key}: a training setting"):
+            check_eval_overrides({key: 1})
+    inference = {
+        "model.box_nms_thresh": 0.55,
+        "model.box_score_thresh": 0.1,
+        "model.min_size": 64,
+        "model.rpn_post_nms_top_n_test": 100,
+        "model.nms_thresh": 0.5,
+        "data.val_ann": "x.json",
+        "data.num_val": 4,
+        "data.batch_size": 1,
+    }
+    check_eval_overrides(inference)  # no error

@@ -63,6 +63,14 @@ def test_dotted_keys_reach_any_section_and_win_over_the_comparisons_overrides():
     assert _config("overlap", **{"sampler.num": 256}).sampler.settings["num"] == 256
 
 
+def test_variants_may_set_the_schedule_and_the_detector_settings():
+    """The keys ``VARIANT_KEYS`` allows still work (defect D6 refuses only the others)."""
+    config = _config("ohem_paper:data.batch_size=2:train.lr=0.01:model.box_nms_thresh=0.6")
+    assert config.data.batch_size == 2 and config.train.lr == 0.01
+    assert config.model.settings["box_nms_thresh"] == 0.6
+    assert _config("frcn:assigner.pos_thr=0.6").assigner.settings["pos_thr"] == 0.6
+
+
 def test_bare_keys_go_to_the_component_that_has_them():
     # frcn has a sampler (random) and an assigner (max_iou): num is the sampler's, neg_thr the
     # assigner's.
@@ -86,6 +94,20 @@ def test_lists_in_values_survive_the_comma_split():
         ("overlap:strategy", r"expected KEY=VALUE"),
         ("overlap:stratgy=hard", r"unknown setting 'stratgy' of overlap; valid: .*strategy"),
         ("retinanet_atss:sampler.num=3", r"retinanet_atss has no sampler"),
+        # Defect D6: a variant keeps the detector, the data and the seeds of the comparison.
+        ("random:data.kind=coco", r"a variant may not set data\.kind: .*--data\.kind VALUE"),
+        ("overlap:model.name=retinanet_tiny", r"a variant may not set model\.name"),
+        ("random:data.num_classes=9", r"a variant may not set data\.num_classes"),
+        ("random:seed=3", r"unknown setting 'seed'"),
+        ("random:data.num_train=8", r"a variant may not set data\.num_train"),
+        ("random:output_dir=x", r"unknown setting 'output_dir'"),
+        # Defect D18: a key once per variant, however it is spelled.
+        (
+            "random:sampler.num=1:sampler.num=2",
+            r"random:sampler\.num=1:sampler\.num=2: sampler\.num given more than once",
+        ),
+        ("random:num=1:sampler.num=2", r"sampler\.num given more than once"),
+        ("random:sampler.num=1,sampler.num=2", r"unknown method 'sampler\.num=2'"),
         ("overlap,overlap", r"overlap given more than once"),
         ("random,,ohem", r"empty method name"),
         ("frcn:neg_thr=[0.2, 0.5", r"unbalanced brackets"),

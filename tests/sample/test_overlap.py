@@ -354,3 +354,35 @@ def test_bad_settings_name_the_setting(setting, value):
     boxes, a = _scene([0.1])
     with pytest.raises(ValueError, match=setting):
         sample_overlap([boxes], [a], **{setting: value})
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "hard", "soft", "linear"])
+def test_an_image_without_positives_draws_its_negatives_uniformly(strategy: str) -> None:
+    """Defect D2: the docstring says every strategy is uniform without positives (every IoU(p,n)
+    is 0); linear drew nothing there (weight 0 for all). Now each strategy fills the quota, and
+    over many draws every negative is picked about equally often."""
+    n, num = 40, 10
+    boxes = torch.rand(n, 2) * 100
+    boxes = torch.cat([boxes, boxes + 10], 1)
+    assignment = Assignment.empty(n)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n)
+    trials = 400
+    for _ in range(trials):
+        (sel,) = sample_overlap([boxes], [assignment], num=num, strategy=strategy, generator=gen)
+        assert sel.num_picked == num
+        counts += sel.mask.float()
+    expected = trials * num / n  # 100 picks per negative
+    # Binomial(400, 0.25): standard deviation about 8.7; 5 of them is far beyond chance.
+    assert (counts - expected).abs().max() < 5 * (trials * 0.25 * 0.75) ** 0.5
+
+
+def test_linear_still_skips_zero_overlap_negatives_when_positives_exist() -> None:
+    """The paper's reading for an image WITH positives is unchanged: IoU(p,n) = 0 is never drawn."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    label = torch.tensor([1, 0, 0], dtype=torch.int8)
+    a = Assignment(
+        label, torch.zeros(3, dtype=torch.long), torch.tensor([1.0, 0.8, 0.0]), label.long()
+    )
+    (sel,) = sample_overlap([boxes], [a], num=3, pos_fraction=0.34, strategy="linear")
+    assert sel.mask.tolist() == [True, True, False]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hardmine._host import host_tensor
-from hardmine.boxes import box_iof, check_boxes, upcast
+from hardmine.boxes import check_boxes, iof_matrix, upcast
 from hardmine.errors import NonFiniteError
 from hardmine.structures import POSITIVE, Assignment
 
@@ -188,8 +188,8 @@ def prepare_batch(
         The padded batch, its boxes in the candidates' dtype, at least ``float32``.
 
     Raises:
-        ValueError: on mismatched lengths or shapes, non-finite boxes, non-integer labels or a
-            threshold outside ``[0, 1]``.
+        ValueError: on mismatched lengths or shapes, non-finite boxes, non-integer labels or
+            labels below 1, or a threshold outside ``[0, 1]``; naming the argument and image.
     """
     num_images = len(candidates)
     if len(gt_boxes) != num_images or len(gt_labels) != num_images:
@@ -224,6 +224,13 @@ def prepare_batch(
     labels = _pad(gt_labels, gts.shape[1], like.new_zeros(1, dtype=torch.int64))  # [B, G]
     counts = host_tensor(num_gt, like.device, torch.int64)
     gt_valid = torch.arange(gts.shape[1], device=like.device) < counts[:, None]  # [B, G]
+    bad_label = (labels < 1) & gt_valid  # 0 is the background's class: no ground truth has it
+    if bool(bad_label.any()):
+        image = int(bad_label.any(dim=1).nonzero()[0])
+        value = int(labels[image][bad_label[image]][0])
+        raise ValueError(
+            f"gt_labels[{image}]: expected object classes >= 1 (0 is the background), got {value}"
+        )
 
     ignored = None
     if ignore_boxes is not None:
@@ -231,5 +238,5 @@ def prepare_batch(
         # Zero-area padding covers nothing, so it never ignores a candidate.
         ign = _pad(ignore_boxes, max(max(b.shape[0] for b in ignore_boxes), 1), like)
         _check_finite(ignore_boxes, ign, "ignore_boxes")
-        ignored = box_iof(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
+        ignored = iof_matrix(cand, ign).amax(dim=2) > ignore_iof_thr  # [B, N]
     return Batch(cand, gts, labels, gt_valid, ignored, num_candidates, num_gt)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
-from hardmine.boxes import box_centers, box_iou
-from hardmine.structures import IGNORE, POSITIVE, Assignment, settings
+from hardmine.boxes import box_centers, iou_matrix
+from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
@@ -83,7 +84,8 @@ def _center_inside(cx: Tensor, cy: Tensor, gt_boxes: Tensor, margin: float) -> T
 class ATSSAssigner:
     """``assign_atss`` as an ``Assigner``; its fields are the settings (see there).
 
-    Needs ``num_per_level``.
+    Needs ``num_per_level``: it labels anchors on a feature pyramid (RetinaNet, FCOS, ATSS), not an
+    R-CNN's proposals, which have no levels (``needs_levels``).
     """
 
     topk: int = 9
@@ -92,8 +94,10 @@ class ATSSAssigner:
     ignore_iof_thr: float = 0.5
     center_margin: float = 0.01
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    needs_levels: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_atss_settings(**settings(self))
 
     def __call__(
@@ -198,8 +202,9 @@ def assign_atss(
             with many ground truths, the result is the same.
 
     Returns:
-        One ``Assignment`` per image (DESIGN.md conventions). ``gt_index`` and ``max_iou`` give the
-        matched ground truth for positives and the best-overlapping one elsewhere.
+        One ``Assignment`` per image (``hardmine.structures.Assignment``). ``gt_index`` and
+        ``max_iou`` give the matched ground truth for positives and the best-overlapping one
+        elsewhere.
 
     Raises:
         ValueError: on non-finite boxes, anchor counts that differ from ``sum(num_per_level)`` or
@@ -210,6 +215,8 @@ def assign_atss(
         candidates (IoUs 0.69, 0.09, 0.09), the threshold is their mean plus standard deviation
         (0.29 + 0.35), and only the first anchor reaches it.
 
+        >>> import torch
+        >>> from hardmine.assign.atss import assign_atss
         >>> anchors = [[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]]
         >>> anchors = torch.tensor(anchors, dtype=torch.float32)
         >>> gt = torch.tensor([[0.0, 0.0, 12.0, 12.0]])
@@ -279,7 +286,7 @@ def _assign_block(
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
-        iou = box_iou(chunk, anc)  # [B, C, N]
+        iou = iou_matrix(chunk, anc)  # [B, C, N]
         # The threshold and the centre test need only the K candidates of each ground truth.
         cand_iou = iou.gather(2, candidate)  # [B, C, K]
         value, index = best_of_chunk(iou)  # [B, N]; overwrites iou

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
-from hardmine.boxes import box_iou
-from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, settings
+from hardmine.boxes import iou_matrix
+from hardmine.structures import IGNORE, NEGATIVE, POSITIVE, Assignment, check_fields, settings
 
 
 def check_max_iou_settings(
@@ -57,8 +58,10 @@ class MaxIoUAssigner:
     low_quality: bool = False
     ignore_iof_thr: float = 0.5
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    needs_levels: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_max_iou_settings(**settings(self))
 
     def __call__(
@@ -126,8 +129,8 @@ def assign_max_iou(
             with many ground truths, the result is the same.
 
     Returns:
-        One ``Assignment`` per image (DESIGN.md conventions); ``max_iou`` has the candidates'
-        dtype, ``float32`` for half-precision candidates.
+        One ``Assignment`` per image (``hardmine.structures.Assignment``); ``max_iou`` has the
+        candidates' dtype, ``float32`` for half-precision candidates.
 
     Raises:
         ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.
@@ -136,6 +139,8 @@ def assign_max_iou(
         IoUs 1, 0 and 0.45 with the one ground truth: positive, negative, and ignored between
         Fast R-CNN's thresholds (negatives in [0.1, 0.5) would take it; [0, 0.4) does not).
 
+        >>> import torch
+        >>> from hardmine.assign.max_iou import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 22]]
         >>> boxes = torch.tensor(boxes, dtype=torch.float32)
@@ -185,7 +190,7 @@ def _assign_block(
     for start in range(0, gts.shape[1], chunk_size):
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.
-        iou = box_iou(gts[:, start : start + chunk_size], cand)  # [B, C, N]
+        iou = iou_matrix(gts[:, start : start + chunk_size], cand)  # [B, C, N]
         if low_quality and cand.shape[1]:
             if batch.ignored is not None:
                 masked = iou.masked_fill(batch.ignored[:, None, :], -1.0)

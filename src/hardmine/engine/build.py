@@ -34,6 +34,7 @@ from hardmine.data import (
 )
 from hardmine.errors import DataError
 from hardmine.models import DETECTORS, build
+from hardmine.models._ranges import SettingError, check_model_settings
 from hardmine.models.build import run_settings
 from hardmine.sample import MinedNegativeSampler
 from hardmine.structures import Assigner, Assignment, RoIScores, Sampler, Selection
@@ -61,10 +62,22 @@ def load_run_config(
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
     config = load_config(path, overrides, registries=RUN_REGISTRIES, dropped=dropped)
+    try:
+        check_model_settings(config.model.name or "", config.model.settings)
+    except SettingError as error:
+        raise ConfigError(f"model.{error.key}: {error.rule}") from None
     if config.sampler.name is not None and _trains_on_every_anchor(config.model.name):
         raise ConfigError(
             f"sampler: {config.model.name} trains on every anchor (focal loss) and takes no "
             "sampler; pass --sampler null (its choice is the assigner: --assigner.name ...)"
+        )
+    assigner = REGISTRIES["assigner"].get(config.assigner.name or "")
+    if getattr(assigner, "needs_levels", False) and not _trains_on_every_anchor(config.model.name):
+        dense = ", ".join(sorted(n for n in DETECTORS if _trains_on_every_anchor(n)))
+        raise ConfigError(
+            f"assigner.name: {config.assigner.name} labels anchors on a feature pyramid; "
+            f"{config.model.name} labels an RPN's proposals, which have no levels (models that "
+            f"take it: {dense}; for an R-CNN: --assigner.name max_iou)"
         )
     if config.hard_negatives is not None and config.sampler.name is None:
         raise ConfigError(

@@ -9,6 +9,7 @@ that for a run directory's checkpoint.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -215,16 +216,56 @@ def iou_types_of(config: RunConfig) -> tuple[IouType, ...]:
 EVAL_SECTIONS = ("model", "data")
 
 
+#: ``model.*`` settings that inference never reads (training, the loss, the read-only pass, the
+#: starting weights, the architecture the checkpoint fixes), by name or pattern (``re.fullmatch``).
+TRAINING_ONLY_MODEL = (
+    "box_loss_beta",
+    "score_dtype",
+    "weights",
+    "weights_backbone",
+    "trainable_backbone_layers",
+    "progress",
+    "anchor_scale",  # the ATSS assigner's anchors, in training only
+    "center_sampling_radius",
+    r".*_train",
+    r".*_batch_size_per_image",
+    r".*_positive_fraction",
+    r".*(fg|bg)_iou_thresh",
+    r".*_generator",
+    r".*_head",
+    r".*_predictor",
+    r".*_roi_pool",
+    "head",
+    "proposal_matcher",
+    "bbox_reg_weights",
+    "num_keypoints",
+)
+#: ``data.*`` settings that only the training set reads, or that the trained detector fixes.
+TRAINING_ONLY_DATA = ("num_train", "train_images", "train_ann", "num_classes")
+
+
 def check_eval_overrides(overrides: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` for an override that evaluation does not read, or that would change
     the trained detector (``model.name``): it takes ``model.*`` inference settings (e.g.
-    ``model.box_nms_thresh``) and ``data.*``."""
+    ``model.box_nms_thresh``, ``model.min_size``) and the validation data's ``data.*``.
+
+    A training setting (``model.box_loss_beta``, ``model.score_dtype``, ``data.num_train``; the
+    lists ``TRAINING_ONLY_MODEL`` and ``TRAINING_ONLY_DATA``) is refused rather than ignored: it
+    would change nothing, yet the result's file name would claim it did.
+    """
     for key in overrides:
-        section = key.split(".")[0]
+        section, _, leaf = key.partition(".")
         if section not in EVAL_SECTIONS or key in ("model", "model.name", "data"):
             raise ConfigError(
                 f"unrecognised arguments: --{key} (eval takes inference overrides only: "
                 "model.* other than model.name, e.g. --model.box_nms_thresh 0.55, and data.*)"
+            )
+        training = TRAINING_ONLY_MODEL if section == "model" else TRAINING_ONLY_DATA
+        if any(re.fullmatch(pattern, leaf) for pattern in training):
+            raise ConfigError(
+                f"--{key}: a training setting, which evaluation does not read (it would change "
+                "nothing); eval takes inference settings such as --model.box_nms_thresh, "
+                "--model.min_size, --data.val_ann"
             )
 
 

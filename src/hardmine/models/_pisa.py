@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
-from hardmine.boxes import box_iou
+from hardmine.boxes import iou_matrix
 from hardmine.sample.pisa import PISALoss, carl_weights, isr_p_weights
 
 
@@ -58,7 +58,7 @@ def isr_p_classification_weight(
         deltas = _positive_deltas(box_regression.detach(), labels, fg).float()
         predicted = box_coder.decode_single(deltas, rois[fg].float())
         # Aligned IoU: each positive's predicted box with its own ground truth.
-        iou = box_iou(predicted[:, None], matched[fg, None].float())[:, 0, 0]
+        iou = iou_matrix(predicted[:, None], matched[fg, None].float())[:, 0, 0]
         new = isr_p_weights(
             iou,
             image[fg],

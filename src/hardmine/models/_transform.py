@@ -4,6 +4,7 @@ extra boxes' way into the models: ignore regions and offline-mined hard negative
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,12 +18,76 @@ from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY
 EXTRA_BOX_KEYS = ("ignore_boxes", HARD_NEGATIVES_KEY)
 
 
+def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | None) -> None:
+    """Raise ``ValueError`` naming the entry, the image and what is expected, for training
+    targets that would otherwise fail obscurely later (a NaN ground truth reported as a NaN
+    *candidate* once it is copied among the proposals; an ``IndexError`` inside the sampler).
+
+    Per image ``i``: ``boxes`` a finite floating ``[G, 4]`` tensor; ``labels`` an integer ``[G]``
+    tensor of object classes, ``1 <= label < num_classes`` (0 is the background, and
+    ``num_classes`` counts it, as the detector's own does); ``ignore_boxes`` and
+    ``hard_negatives``, where present, finite floating ``[M, 4]``.
+
+    Args:
+        targets: per image, as the detector's ``forward`` takes them in training.
+        num_classes: the detector's classes including the background; None: not checked.
+
+    Raises:
+        ValueError: the first bad entry, e.g. ``targets[1]["labels"]: expected classes in
+            [1, 3], got 0``.
+    """
+    for i, target in enumerate(targets):
+        for key in ("boxes", *EXTRA_BOX_KEYS):
+            if key not in target and key != "boxes":
+                continue
+            boxes = target.get(key)
+            where = f'targets[{i}]["{key}"]'
+            if not isinstance(boxes, Tensor) or not boxes.is_floating_point():
+                got = boxes.dtype if isinstance(boxes, Tensor) else type(boxes).__name__
+                raise ValueError(f"{where}: expected a floating-point [M, 4] tensor, got {got}")
+            if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"{where}: expected shape [M, 4] (xyxy), got {list(boxes.shape)}")
+            if boxes.numel() and not bool(torch.isfinite(boxes).all()):
+                raise ValueError(f"{where}: contains NaN or infinite coordinates")
+        labels = target.get("labels")
+        where = f'targets[{i}]["labels"]'
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
+            got = (
+                f"shape {list(labels.shape)} {labels.dtype}"
+                if isinstance(labels, Tensor)
+                else (type(labels).__name__)
+            )
+            raise ValueError(f"{where}: expected an integer tensor of shape [G], got {got}")
+        if labels.shape[0] != target["boxes"].shape[0]:
+            raise ValueError(
+                f"{where}: {labels.shape[0]} labels for {target['boxes'].shape[0]} boxes"
+            )
+        if num_classes is not None and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < 1 or high >= num_classes:
+                bad = low if low < 1 else high
+                raise ValueError(
+                    f"{where}: expected object classes in [1, {num_classes - 1}] (0 is the "
+                    f"background; the detector has {num_classes - 1} classes), got {bad}"
+                )
+
+
 class BoxKeysTransform(GeneralizedRCNNTransform):
-    """``GeneralizedRCNNTransform`` that also resizes the ``EXTRA_BOX_KEYS`` of a target.
+    """``GeneralizedRCNNTransform`` that also resizes the ``EXTRA_BOX_KEYS`` of a target, and
+    checks the targets first (``check_targets``, against ``num_classes`` when set).
 
     torchvision resizes only ``boxes`` (and masks, keypoints), so without this an ignore region
     would stay in the original image's pixels while the proposals live in the resized image's.
     """
+
+    num_classes: int | None = None
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[Any, list[dict[str, Tensor]] | None]:
+        if targets is not None:
+            check_targets(targets, self.num_classes)
+        return super().forward(images, targets)
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
@@ -36,8 +101,11 @@ class BoxKeysTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def with_box_keys(transform: GeneralizedRCNNTransform) -> BoxKeysTransform:
-    """A ``BoxKeysTransform`` with ``transform``'s settings (it holds no weights)."""
+def with_box_keys(
+    transform: GeneralizedRCNNTransform, num_classes: int | None = None
+) -> BoxKeysTransform:
+    """A ``BoxKeysTransform`` with ``transform``'s settings (it holds no weights), checking that
+    target labels lie in ``[1, num_classes)`` (``num_classes`` counts the background)."""
     out = BoxKeysTransform(
         transform.min_size,
         transform.max_size,
@@ -47,6 +115,7 @@ def with_box_keys(transform: GeneralizedRCNNTransform) -> BoxKeysTransform:
         fixed_size=transform.fixed_size,
         _skip_resize=transform._skip_resize,
     )
+    out.num_classes = num_classes
     out.train(transform.training)
     return out
 

@@ -41,6 +41,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
 from hardmine.models._losses import TORCHVISION_BOX_BETA
+from hardmine.models._ranges import check_model_settings
 from hardmine.models._settings import check_settings, forwards_to
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
@@ -357,12 +358,16 @@ def build(
             ``box_batch_size_per_image``; ``inspect.signature(DETECTORS[name])`` lists them.
 
     Raises:
-        ValueError: an unknown name, or a setting that does not apply to the detector.
+        ValueError: an unknown name, ``num_classes`` below 2, a setting out of its range
+            (``hardmine.models._ranges.SettingError``, naming it), or a setting that does not
+            apply to the detector.
         TypeError: a setting the builder does not take (torchvision would swallow it).
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
     check_settings(name, DETECTORS[name], kwargs)
+    _check_num_classes(name, num_classes)
+    check_model_settings(name, {"weights": weights, "box_loss_beta": box_loss_beta, **kwargs})
     dtype = _score_dtype(score_dtype)
     model = DETECTORS[name](num_classes, weights=weights, **kwargs)
     if isinstance(model, RetinaNet | FCOS):
@@ -394,6 +399,19 @@ def build(
         score_dtype=dtype,
         box_loss_beta=TORCHVISION_BOX_BETA if box_loss_beta is None else box_loss_beta,
     )
+
+
+def _check_num_classes(name: str, num_classes: Any) -> None:
+    """Raise ``ValueError`` unless ``num_classes`` is an int the detector can have: at least 2
+    for an R-CNN (the objects' classes plus torchvision's background, class 0), at least 1 for a
+    dense detector (whose classes are the objects' only)."""
+    returns = DETECTORS[name].__annotations__.get("return")
+    dense = isinstance(returns, type) and issubclass(returns, RetinaNet | FCOS)
+    low, what = (1, "object classes") if dense else (2, "object classes plus the background")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < low:
+        raise ValueError(
+            f"num_classes must be an int of at least {low} for {name} ({what}), got {num_classes!r}"
+        )
 
 
 def _score_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:

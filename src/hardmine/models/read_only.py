@@ -378,7 +378,7 @@ def roi_batch(
                     proposals, original_sizes, image_list.image_sizes, strict=True
                 )
             ]
-    boxes = [upcast(b) for b in boxes]  # geometry in float32 (DESIGN.md), as in training
+    boxes = [upcast(b) for b in boxes]  # geometry in float32, never in half, as in training
     gt_boxes = [t["boxes"].to(boxes[0].dtype) for t in resized]
     gt_labels = [t["labels"] for t in resized]
     boxes = heads.add_gt_proposals(boxes, gt_boxes)

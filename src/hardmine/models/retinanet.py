@@ -49,7 +49,8 @@ class AssignedRetinaNet(RetinaNet):
             detections_per_img=model.detections_per_img,
             topk_candidates=model.topk_candidates,
         )
-        self.transform = with_box_keys(model.transform)
+        # Labels are 1-based (0: background), as the harness's num_classes + 1 has it.
+        self.transform = with_box_keys(model.transform, model.head.classification_head.num_classes)
         self.assigner = assigner
 
     def forward(

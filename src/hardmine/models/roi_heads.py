@@ -137,8 +137,8 @@ class SamplingRoIHeads(RoIHeads):
         self.check_targets(targets)
         assert targets is not None  # check_targets raised otherwise
         # Under autocast the RPN decodes its proposals in float16; the assignment, the
-        # samplers' geometry and the regression targets are computed in float32 (DESIGN.md,
-        # "Errors, faults and precision"), and the ground truths are never rounded to half.
+        # samplers' geometry and the regression targets are computed in float32
+        # (``hardmine.boxes.upcast``), and the ground truths are never rounded to half.
         proposals = [upcast(p) for p in proposals]
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
@@ -370,7 +370,8 @@ def with_sampler(
         require_component(assigner, "assigner")
     # Seeding deepcopy's memo with the children copies the model object but shares its modules.
     wrapped = copy.deepcopy(model, memo={id(m): m for m in model.children()})
-    wrapped.transform = with_box_keys(model.transform)
+    predictor = getattr(model.roi_heads.box_predictor, "cls_score", None)
+    wrapped.transform = with_box_keys(model.transform, getattr(predictor, "out_features", None))
     wrapped.roi_heads = SamplingRoIHeads(
         model.roi_heads,
         sampler=sampler,

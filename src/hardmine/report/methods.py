@@ -3,12 +3,16 @@
 ``hardmine compare --methods`` takes a comma-separated list of *method specs*. A spec is a name,
 from ``DEFAULT_METHODS`` or ``PRESETS``, optionally followed by settings,
 ``NAME:KEY=VALUE[:KEY=VALUE...]``: ``overlap:strategy=hard``, ``overlap_pos:epsilon=2``,
-``ohem_paper:data.batch_size=1``. A bare key is a setting of the method's sampler (or, for a
-method without one, its assigner; a method with both takes the one whose class has the key); a
-dotted key addresses any section of the run configuration (``model.box_nms_thresh``,
-``assigner.neg_thr``, ``train.lr``). Values are read as YAML. Each spec is its own method, named by
-the spec, trained in its own run directories and paired by seed with its base method's baseline
-(a variant of a baseline with that baseline).
+``ohem_paper:data.batch_size=1``. A bare key is a setting of the method's sampler (or, for a method
+without one, its assigner; a method with both takes the one whose class has the key); a dotted key
+addresses a key of the run configuration that a variant may set (below): ``model.box_nms_thresh``,
+``assigner.neg_thr``, ``train.lr``. Values are read as YAML. Each spec is its own method, named by
+the spec, trained in its own run directories and paired by seed with its base method's baseline (a
+variant of a baseline with that baseline). A key may be given once per spec. A variant may change
+only what keeps the pairing fair (``VARIANT_KEYS``): the sampler, the assigner, the detector's
+settings (not ``model.name``), the schedule (``train.*``, ``data.batch_size``) and hard negatives;
+another detector or other data is refused. A dotted key of a component the method does not have
+(``retinanet_atss:sampler.num=3``: RetinaNet takes no sampler) is refused too.
 
 The presets reproduce the structure of the papers' ablations on the tiny detectors of the default
 comparison (README, "The papers' ablations"). Budgets are per image. The OHEM presets take the
@@ -133,7 +137,8 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
 
     Raises:
         ConfigError: an unknown name, a setting without ``=``, a bare key that neither the
-            method's sampler nor its assigner has, or a key of a section the method lacks.
+            method's sampler nor its assigner has, a key of a section the method lacks, a key
+            given twice, or a key a variant may not set (``VARIANT_KEYS``).
     """
     known = known_methods() if known is None else known
     name, *pairs = (part.strip() for part in spec.split(":"))
@@ -150,7 +155,11 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"--methods {spec}: expected KEY=VALUE, got {pair!r}")
-        overrides[_dotted(key, base, spec)] = yaml.safe_load(text) if text.strip() else ""
+        dotted = _dotted(key, base, spec)
+        _check_fair(dotted, spec)
+        if dotted in overrides:  # num=1:sampler.num=2 too: which would win is no one's guess
+            raise ConfigError(f"--methods {spec}: {dotted} given more than once")
+        overrides[dotted] = yaml.safe_load(text) if text.strip() else ""
     return Method(
         spec,
         base.model,
@@ -161,12 +170,38 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
     )
 
 
+#: The keys a variant may set (exactly, or a section with every key under it): what is compared
+#: (the sampler, the assigner), the detector's settings and the training schedule. Everything
+#: else is fixed for all methods of a comparison: another detector (``model.name``), other data
+#: (``data.*``: another dataset, split or class count makes the AP of another task) or another
+#: seed, device or folder would pair runs by seed that do not measure the same thing; give such a
+#: key to every method instead (``hardmine compare --data.num_classes 2``).
+VARIANT_KEYS = ("sampler.", "assigner.", "model.", "train.", "data.batch_size", "hard_negatives",
+                "hard_negative_share")  # fmt: skip
+#: Keys under ``VARIANT_KEYS`` that a variant still may not set.
+VARIANT_FIXED = ("model.name",)
+
+
+def _check_fair(key: str, spec: str) -> None:
+    """Raise ``ConfigError`` unless a variant may set ``key`` (``VARIANT_KEYS``)."""
+    allowed = any(key == k or (k.endswith(".") and key.startswith(k)) for k in VARIANT_KEYS)
+    if not allowed or key in VARIANT_FIXED:
+        raise ConfigError(
+            f"--methods {spec}: a variant may not set {key}: every method of a comparison has "
+            "the same detector, data and seeds (a variant sets sampler.*, assigner.*, model.* but "
+            "model.name, train.*, data.batch_size, hard_negatives); give it to every method as "
+            f"--{key} VALUE"
+        )
+
+
 def _dotted(key: str, base: Method, spec: str) -> str:
     """``key`` as a dotted configuration key for ``base`` (see the module docstring)."""
     if "." in key:
         section = key.split(".")[0]
         if section in COMPONENT_SECTIONS and getattr(base, section) is None:
-            raise ConfigError(f"--methods {spec}: {base.name} has no {section}")
+            raise ConfigError(
+                f"--methods {spec}: {base.name} has no {section}, so it takes no {key}"
+            )
         return key
     registries = {"sampler": SAMPLERS, "assigner": ASSIGNERS}
     valid: list[str] = []

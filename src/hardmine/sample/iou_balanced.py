@@ -20,7 +20,7 @@ from hardmine.sample.quota import (
     random_keys,
     segment_by_key,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class IoUBalancedSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_iou_balanced_settings(**settings(self))
 
     def __call__(
@@ -93,6 +94,8 @@ def sample_instance_balanced(
         Ground truth 0 has three positives, ground truth 1 one; two picks: one each, so the lone
         positive of ground truth 1 is always picked.
 
+        >>> import torch
+        >>> from hardmine.sample.iou_balanced import sample_instance_balanced
         >>> from hardmine import assign_max_iou
         >>> from hardmine.sample.quota import flatten
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
@@ -203,6 +206,8 @@ def sample_iou_balanced(
         A positive and four negatives at IoU 0, 0, 0.25 and 0.4 with the ground truth: three
         negative picks, one from each of the bins [0, 1/6), [1/6, 1/3), [1/3, 1/2).
 
+        >>> import torch
+        >>> from hardmine.sample.iou_balanced import sample_iou_balanced
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]

@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 from hardmine.sample.quota import fill_shortfall, flatten
-from hardmine.structures import IGNORE, NEGATIVE, Assignment, RoIScores, Sampler, Selection
+from hardmine.structures import (
+    IGNORE,
+    NEGATIVE,
+    Assignment,
+    RoIScores,
+    Sampler,
+    Selection,
+    check_fields,
+)
 
 
 def check_mined_settings(*, share: float) -> None:
@@ -73,6 +81,8 @@ def sample_with_mined(
         A positive, three negatives and two mined boxes; random sampling picks the positive and
         three negatives, and half the negative quota (one pick) goes to a mined box.
 
+        >>> import torch
+        >>> from hardmine.sample.mined import sample_with_mined
         >>> from hardmine import RandomSampler, assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10]] + [[20 * k, 20, 20 * k + 10, 30] for k in range(5)]
@@ -126,6 +136,7 @@ class MinedNegativeSampler:
     share: float = 0.25
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_mined_settings(share=self.share)
 
     @property

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hardmine.boxes import check_boxes, check_finite, nms_first
 from hardmine.sample.quota import flatten, take_top
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class OHEMSampler:
     needs_losses: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_ohem_settings(num=self.num, nms_iou=self.nms_iou, pos_fraction=self.pos_fraction)
 
     def __call__(
@@ -117,6 +118,8 @@ def sample_ohem(
         Two near-duplicate hard negatives (IoU 0.91), the ground-truth copy and an easy
         negative; two picks: the hardest, not its duplicate, then the next hardest.
 
+        >>> import torch
+        >>> from hardmine.sample.ohem import sample_ohem
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[20, 20, 30, 30], [20, 20, 30, 31], [0, 0, 10, 10], [40, 40, 50, 50]]

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from hardmine.boxes import box_iou, check_boxes, check_finite, upcast
+from hardmine.boxes import check_boxes, check_finite, iou_matrix, upcast
 from hardmine.sample.quota import (
     FlatBatch,
     count_per_segment,
@@ -28,7 +28,7 @@ from hardmine.sample.quota import (
     segment_by_key,
     take_top_in_segments,
 )
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 Strategy = Literal["uniform", "hard", "soft", "linear"]
 Bins = Literal["fixed", "observed"]
@@ -80,7 +80,7 @@ class OverlapSampler:
     The defaults are the paper's best setting, Table 2(f)'s last column: soft negatives with
     K = 2, soft positives, ε = 2; that column also sets the detector's inference NMS threshold to
     θ = 0.55 (Table 2(c)), a model setting: ``box_nms_thresh=0.55`` in torchvision
-    (``hardmine compare --methods overlap_table2f`` sets both).
+    (``hardmine compare --methods overlap_best`` sets both).
     """
 
     num: int = 512
@@ -98,6 +98,7 @@ class OverlapSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_overlap_settings(**settings(self))
 
     def __call__(
@@ -171,7 +172,7 @@ def overlap_with_positives(
     best_pn = boxes.new_zeros(b, flat.max_size)  # [B, N_max]
     best_pe = boxes.new_zeros(b, p_max)  # [B, P_max]
     for start in range(0, p_max, chunk):
-        iou = box_iou(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
+        iou = iou_matrix(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
         torch.maximum(best_pn, iou.amax(2), out=best_pn)
         if with_pe:
             # A positive's own IoU (1) would always win: zero that one cell per positive. Padded
@@ -200,10 +201,13 @@ def _pick(
     linear_top_up: bool,
     max_quota: int,
     generator: torch.Generator | None,
+    uniform_here: Tensor | None = None,
 ) -> Tensor:
     """``target: [B]`` picks per image from ``eligible: [N]`` by ``overlap: [N]`` -> ``bool [N]``.
 
-    See ``sample_overlap`` for the strategies and the top-up.
+    See ``sample_overlap`` for the strategies and the top-up. ``uniform_here: bool [N]`` marks
+    the candidates of images where the draw is uniform whatever the strategy (the negatives of an
+    image without positives, whose IoU(p,n) are all 0).
     """
     nothing = torch.zeros_like(eligible)
     fill = partial(fill_shortfall, flat, max_quota=max_quota, generator=generator)
@@ -221,7 +225,10 @@ def _pick(
     elif strategy == "linear":
         picked = fill(nothing, eligible, target, weight=overlap)  # weight 0: never drawn
         if not linear_top_up:
-            return picked
+            if uniform_here is None:
+                return picked
+            # Without positives there is no IoU(p,n) to weigh by: uniform, as the others are.
+            return fill(picked, eligible & uniform_here, target)
     else:  # uniform: the top-up is the whole draw
         picked = nothing
     return fill(picked, eligible, target)
@@ -331,7 +338,8 @@ def sample_overlap(
     * ``linear``: "the normalized IoU(p,n) as the sampled probability" (Eq. 3), a draw without
       replacement with weight = overlap. The paper: "this sampling method would not select the
       negatives with IoU(p,n) = 0", so by default (``linear_top_up=False``) zero-overlap
-      candidates are never picked, and an image may get fewer than its quota.
+      candidates are never picked, and an image may get fewer than its quota (except in an
+      image without positives, where every IoU(p,n) is 0 and the draw is uniform, as above).
       ``linear_top_up=True`` fills the shortfall uniformly from them.
 
     ``hard`` and fixed-bin ``soft`` fill any shortfall (too few hard ones, short bins) uniformly
@@ -378,6 +386,8 @@ def sample_overlap(
         negatives, one per soft bin ([0, 0.35) and [0.35, 0.7)), so the overlapping one always
         and one of the far ones; the positive proposal, not the copy, weighs ε = 2.
 
+        >>> import torch
+        >>> from hardmine.sample.overlap import sample_overlap
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 11], [0, 0, 10, 30], [20, 20, 30, 30], [40, 40, 50, 50]]
@@ -436,7 +446,8 @@ def sample_overlap(
         generator=generator,
     )
     pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
-    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num)
+    no_positives = flat.per_image(flat.count(pos) == 0)  # [N]
+    neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num, uniform_here=no_positives)
     mask = pos_mask | neg_mask
     weight = mask.to(upcast(flat.max_iou).dtype)
     if epsilon != 1.0:

@@ -76,10 +76,10 @@ import torch
 from torch import Tensor
 
 from hardmine._segments import count_per_segment, segment_rank
-from hardmine.boxes import box_iou, check_boxes, check_finite, greedy_survivors
+from hardmine.boxes import check_boxes, check_finite, greedy_survivors, iou_matrix
 from hardmine.sample.quota import draw, flatten, segment_by_key
 from hardmine.sample.random import sample_random
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, RoIScores, Selection
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, RoIScores, Selection, check_fields
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class PISASampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_pisa_settings(
             num=self.num,
             pos_fraction=self.pos_fraction,
@@ -258,7 +259,7 @@ def nms_match(
     valid = table >= 0
     cand = boxes[table.clamp(min=0)]  # [S, M, 4]
     earlier = torch.ones(width, width, dtype=torch.bool, device=scores.device).tril_(-1)
-    overlaps = (box_iou(cand, cand) >= iou_thr) & earlier & valid[:, None, :]  # [S, M, M]
+    overlaps = (iou_matrix(cand, cand) >= iou_thr) & earlier & valid[:, None, :]  # [S, M, M]
     kept = greedy_survivors(overlaps, valid)
     # A suppressed box's group is that of the first kept box (in score order) overlapping it;
     # argmax returns the first of equal maxima.

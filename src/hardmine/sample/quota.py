@@ -2,8 +2,8 @@
 
 Every sampler in hardmine says how it splits candidates into groups, how it weights or scores them,
 and how many each group gets; this module does the picking, for all images of a batch at once, with
-no Python loop over images or groups and no host synchronisation (DESIGN.md, "One sampling
-mechanism").
+no Python loop over images or groups and no host synchronisation (a GPU step never waits for
+the host).
 
 A *flat batch* concatenates the candidates of all images. ``segment[i]`` names the group that
 candidate ``i`` belongs to (usually ``image * num_groups + group``), or is negative when the

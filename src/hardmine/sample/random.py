@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hardmine._host import host_tensor
 from hardmine.sample.quota import draw_uniform, flatten
-from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, settings
+from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class RandomSampler:
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_random_settings(num=self.num, pos_fraction=self.pos_fraction)
 
     def __call__(
@@ -81,6 +82,8 @@ def sample_random(
         One positive, two negatives and an ignored candidate; four picks, a quarter positive:
         the positive, both negatives (they pad the positives' shortfall), never the ignored one.
 
+        >>> import torch
+        >>> from hardmine.sample.random import sample_random
         >>> from hardmine import assign_max_iou
         >>> gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
         >>> boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 40], [0, 0, 10, 22]]

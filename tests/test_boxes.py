@@ -1,0 +1,47 @@
+"""The public box functions refuse non-finite input (defect D11): a NaN coordinate would give a
+NaN IoU (or a silent 0 after a clamp) instead of an error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hardmine.boxes import box_iof, box_iou, iof_matrix, iou_matrix
+from hardmine.errors import NonFiniteError
+
+GOOD = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0]])
+
+
+@pytest.mark.parametrize("function", [box_iou, box_iof])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_non_finite_boxes_are_a_value_error(function, bad: float, side: str) -> None:
+    broken = GOOD.clone()
+    broken[1, 2] = bad
+    a, b = (broken, GOOD) if side == "a" else (GOOD, broken)
+    with pytest.raises(NonFiniteError, match=rf"^{side}: contains NaN or infinite") as raised:
+        function(a, b)
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_nan_in_half_precision_and_batched_boxes_too(dtype: torch.dtype) -> None:
+    broken = GOOD.to(dtype).clone()[None].repeat(3, 1, 1)  # [B, N, 4]
+    broken[2, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        box_iou(broken, GOOD.to(dtype)[None])
+
+
+def test_a_last_dimension_other_than_4_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"b: expected boxes of shape \[\.\.\., 4\], got \[2, 3\]"):
+        box_iof(GOOD, GOOD[:, :3])
+
+
+def test_finite_input_gives_the_unchecked_matrices() -> None:
+    assert torch.equal(box_iou(GOOD, GOOD), iou_matrix(GOOD, GOOD))
+    assert torch.equal(box_iof(GOOD, GOOD), iof_matrix(GOOD, GOOD))
+    # By hand: intersection 25, union 175; IoF of a 100 px box: 0.25.
+    assert box_iou(GOOD, GOOD)[0, 1].item() == pytest.approx(25 / 175)
+    assert box_iof(GOOD, GOOD)[0, 1].item() == pytest.approx(0.25)
