@@ -238,6 +238,8 @@ def nms_match(
     Example:
         Two overlapping boxes and a third apart: two groups, the second box ranked 1 in the first.
 
+        >>> import torch
+        >>> from hardmine.sample.pisa import nms_match
         >>> boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60]])
         >>> scores = torch.tensor([0.9, 0.8, 0.7])
         >>> leader, rank = nms_match(boxes, scores, torch.zeros(3).long(), 1, 0.5)
@@ -364,7 +366,9 @@ def sample_pisa(
         not needed. Weights ``(3 - HLR) / 3``, square-rooted, scaled so that the weighted losses
         sum as the unweighted ones.
 
-        >>> from hardmine.structures import RoIScores
+        >>> import torch
+        >>> from hardmine.sample.pisa import sample_pisa
+        >>> from hardmine.structures import Assignment, RoIScores
         >>> label = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int8)
         >>> a = Assignment(label, torch.zeros(5).long(), torch.zeros(5), label.long())
         >>> pred = torch.tensor([[0.0, 0, 9, 9], [0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60],
@@ -470,6 +474,8 @@ def isr_p_weights(
         and ``n_max = 3``, so weights ``((3 - HLR) / 3) ** 2`` = 1, 1/9, 4/9 before the scaling
         (equal losses: by 3 / (14 / 9)).
 
+        >>> import torch
+        >>> from hardmine.sample.pisa import isr_p_weights
         >>> w = isr_p_weights(torch.tensor([0.9, 0.5, 0.7]), torch.zeros(3).long(),
         ...                   torch.zeros(3).long(), torch.ones(3).long(), torch.ones(3))
         >>> [round(x, 4) for x in w.tolist()]
@@ -513,6 +519,8 @@ def carl_weights(prob: Tensor, *, k: float = PISALoss.carl_k, bias: float = PISA
         ``float [P]``.
 
     Example:
+        >>> import torch
+        >>> from hardmine.sample.pisa import carl_weights
         >>> carl_weights(torch.tensor([1.0, 0.0]))  # 1 and 0.2, scaled to sum to 2
         tensor([1.6667, 0.3333])
     """
