@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -135,10 +136,11 @@ def write_panel(panel: Panel, path: str | Path, *, dpi: int = 100) -> Path:
     return path
 
 
-def sheet_figure(
-    panels: Sequence[Sequence[Panel]], *, row_labels: Sequence[str] = (), dpi: int = 100
-) -> Figure:
-    """A grid of panels, one row per image and one column per sampler, with one colour bar.
+def _grid(
+    panels: Sequence[Sequence[Any]], *, dpi: int, bar_inches: float = 1.2
+) -> tuple[Figure, np.ndarray]:
+    """A figure of one axes per panel (rows: images, columns: samplers) with room for a colour
+    bar of ``bar_inches``.
 
     Raises:
         ValueError: no panels, or rows of different lengths.
@@ -148,26 +150,41 @@ def sheet_figure(
     if rows == 0 or cols == 0 or any(len(row) != cols for row in panels):
         raise ValueError("panels must be a non-empty grid with the same number of panels per row")
     fig = Figure(
-        figsize=(cols * _PANEL_INCHES + 1.2, rows * (_PANEL_INCHES + 0.4)),
+        figsize=(cols * _PANEL_INCHES + bar_inches, rows * (_PANEL_INCHES + 0.4)),
         dpi=dpi,
         layout="constrained",
     )
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    return fig, np.asarray(fig.subplots(rows, cols, squeeze=False))
+
+
+def _label_rows(axes: np.ndarray, row_labels: Sequence[str]) -> None:
+    """Each row's label left of its first panel (set_axis_off hides the y label: text instead)."""
+    for r, label in enumerate(row_labels[: axes.shape[0]]):
+        axes[r, 0].text(
+            -0.04,
+            0.5,
+            label,
+            transform=axes[r, 0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize="small",
+        )
+
+
+def sheet_figure(
+    panels: Sequence[Sequence[Panel]], *, row_labels: Sequence[str] = (), dpi: int = 100
+) -> Figure:
+    """A grid of panels, one row per image and one column per sampler, with one colour bar.
+
+    Raises:
+        ValueError: no panels, or rows of different lengths.
+    """
+    fig, axes = _grid(panels, dpi=dpi)
     for r, row in enumerate(panels):
         for c, panel in enumerate(row):
             draw_panel(axes[r, c], panel)
-        if r < len(row_labels):
-            # set_axis_off hides the y label, so the row label goes in as text.
-            axes[r, 0].text(
-                -0.04,
-                0.5,
-                row_labels[r],
-                transform=axes[r, 0].transAxes,
-                rotation=90,
-                ha="right",
-                va="center",
-                fontsize="small",
-            )
+    _label_rows(axes, row_labels)
     _colour_bar(fig, axes)
     return fig
 
@@ -276,16 +293,7 @@ def where_sheet(
     Raises:
         ValueError: no panels, or rows of different lengths.
     """
-    rows = len(panels)
-    cols = len(panels[0]) if rows else 0
-    if rows == 0 or cols == 0 or any(len(row) != cols for row in panels):
-        raise ValueError("panels must be a non-empty grid with the same number of panels per row")
-    fig = Figure(
-        figsize=(cols * _PANEL_INCHES + 1.6, rows * (_PANEL_INCHES + 0.4)),
-        dpi=dpi,
-        layout="constrained",
-    )
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    fig, axes = _grid(panels, dpi=dpi, bar_inches=1.6)
     densest = max((float(p.density.max()) for row in panels for p in row), default=0) or 1.0
     diffs = [p.density - p.reference for row in panels for p in row if p.reference is not None]
     widest = max((float(np.abs(d).max()) for d in diffs), default=0) or 1.0
@@ -303,21 +311,11 @@ def where_sheet(
             _outline(ax, panel.lookalikes, "cyan", "--")
             ax.set_axis_off()
             ax.set_title(panel.title, fontsize="small")
-        if r < len(row_labels):
-            axes[r, 0].text(
-                -0.04,
-                0.5,
-                row_labels[r],
-                transform=axes[r, 0].transAxes,
-                rotation=90,
-                ha="right",
-                va="center",
-                fontsize="small",
-            )
+    _label_rows(axes, row_labels)
     fig.colorbar(
         ScalarMappable(density_norm, "magma"), ax=axes[:, 0], shrink=0.6, location="left"
     ).set_label("share of the reference's negatives covering a pixel")
-    if cols > 1:
+    if axes.shape[1] > 1:
         fig.colorbar(ScalarMappable(diff_norm, "RdBu_r"), ax=axes[:, 1:], shrink=0.6).set_label(
             "difference of shares to the reference (red: more, blue: fewer)"
         )
@@ -368,16 +366,7 @@ def overlap_sheet(
     Raises:
         ValueError: no panels, or rows of different lengths.
     """
-    rows = len(panels)
-    cols = len(panels[0]) if rows else 0
-    if rows == 0 or cols == 0 or any(len(row) != cols for row in panels):
-        raise ValueError("panels must be a non-empty grid with the same number of panels per row")
-    fig = Figure(
-        figsize=(cols * _PANEL_INCHES + 1.2, rows * (_PANEL_INCHES + 0.4)),
-        dpi=dpi,
-        layout="constrained",
-    )
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    fig, axes = _grid(panels, dpi=dpi)
     for r, row in enumerate(panels):
         for c, panel in enumerate(row):
             ax = axes[r, c]
@@ -406,17 +395,7 @@ def overlap_sheet(
                 f"with IoU(p,n) ≥ {MIN_IOU_PN}",
                 fontsize="small",
             )
-        if r < len(row_labels):
-            axes[r, 0].text(
-                -0.04,
-                0.5,
-                row_labels[r],
-                transform=axes[r, 0].transAxes,
-                rotation=90,
-                ha="right",
-                va="center",
-                fontsize="small",
-            )
+    _label_rows(axes, row_labels)
     fig.colorbar(ScalarMappable(_NORM, COLORMAP), ax=axes, shrink=0.8, pad=0.01).set_label(
         "IoU(p,n): the picked negative's IoU with the positives"
     )
