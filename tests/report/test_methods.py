@@ -201,3 +201,30 @@ def test_variants_are_rows_paired_with_the_baseline_by_seed(tmp_path: Path):
     assert hard.delta["AP"].std == pytest.approx(0.0, abs=1e-9)
     assert linear.runs == 0 and linear.method.baseline == "random"
     assert "| overlap:strategy=hard | faster_rcnn_tiny | overlap |" in format_table([random, hard])
+
+
+def test_table_shows_what_ran_not_the_base_method(tmp_path: Path):
+    """D7: a variant's dotted overrides change the table's columns: ``random:sampler.name=ohem``
+    trained OHEM, and its row says ohem (from the run's resolved configuration, and from the
+    method's own overrides when no run says)."""
+    methods = parse_methods("random,random:sampler.name=ohem,retinanet_atss")
+    for m in methods[:2]:
+        done = tmp_path / m.name / "seed0"
+        done.mkdir(parents=True)
+        metrics = {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}
+        (done / "results.json").write_text(
+            json.dumps({"metrics": metrics, "steps": 1, "seconds": 1.0})
+        )
+    outcomes = run_comparison(default_compare_base(), methods[:2], [0], tmp_path)
+    assert outcomes[1].components == {
+        "model": "faster_rcnn_tiny",
+        "sampler": "ohem",
+        "assigner": "—",
+    }
+    table = format_table(summarize(methods, outcomes))
+    assert "| random | faster_rcnn_tiny | random | — |" in table
+    assert "| random:sampler.name=ohem | faster_rcnn_tiny | ohem | — |" in table
+    assert "| retinanet_atss | atss_tiny | — | atss |" in table  # no run: its sections
+    # Without outcomes at all, the method's sections and overrides say it.
+    table = format_table(summarize(methods, []))
+    assert "| random:sampler.name=ohem | faster_rcnn_tiny | ohem | — |" in table
