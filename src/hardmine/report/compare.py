@@ -738,7 +738,10 @@ def write_report(
         lines += [
             "The OHEM paper's sampler-independent measure (Sec. 5.5, Fig. 3): the mean loss per "
             "RoI over *all* RoIs of the training images (the RPN's training proposals and the "
-            "ground truths) at the end of every epoch, whichever RoIs the sampler picks.",
+            "ground truths) at the end of every epoch, whichever RoIs the sampler picks; labelled "
+            "by one rule (IoU >= 0.5 foreground) and scored with smooth-L1 beta 1/9 in float32 "
+            "for every run. Each run's proposals are its own RPN's, so the RoI set is not the "
+            "same across runs (the paper's fixed proposals were).",
             "",
             "![mean loss over all RoIs](roi_loss.png)",
             "",
