@@ -159,15 +159,15 @@ def default_compare_base() -> RunConfig:
     """The default comparison's base: the built-in scenes (448 training, 256 validation images
     of 128 px), 3 epochs of 112 steps of 4 images.
 
-    Chosen so that every detector learns the scenes within the budget of ``make compare`` (about
-    15 minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the
-    epochs): the warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 2/3
-    and 11/12 of the run (Detectron's 1x shape), and the one evaluation at the end is on 256
-    images. A larger validation set narrows the intervals at the cost of evaluation time
-    (``--data.num_val 1024``: measured on 512-scene runs, the seed-to-seed standard deviation of
-    the difference to random fell from 1.4 to 0.5 AP points for IoU-balanced sampling, from 0.7
-    to 0.4 for the Overlap Sampler, from 1.4 to 1.2 for OHEM). The mean loss over all RoIs is
-    logged at every epoch's end.
+    Chosen so that every detector learns the scenes within the budget of ``make compare`` (about 15
+    minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the epochs): the
+    warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 8/12 and 11/12 of the
+    run (MMDetection's 1x shape, ``TrainConfig``'s default; Detectron's 1x, which the Overlap
+    Sampler paper uses, decays at 2/3 and 8/9), and the one evaluation at the end is on 256 images.
+    A larger validation set narrows the intervals at the cost of evaluation time (``--data.num_val
+    1024``: measured on 512-scene runs, the seed-to-seed standard deviation of the difference to
+    random fell from 1.4 to 0.5 AP points for IoU-balanced sampling, from 0.7 to 0.4 for the Overlap
+    Sampler, from 1.4 to 1.2 for OHEM). The mean loss over all RoIs is logged at every epoch's end.
     """
     return config_from_dict(
         {
