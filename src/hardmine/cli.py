@@ -319,7 +319,11 @@ def compare_parser(subparsers: Subparsers) -> None:
         "    --methods random,overlap,overlap:strategy=hard,overlap:pos_strategy=soft:epsilon=2\n"
         f"  The default methods: {names}.\n"
         "  The papers' presets (README, 'The papers' ablations'):\n"
-        f"{presets}\n",
+        f"{presets}\n"
+        "  They train on the comparison's batch size and schedule, as their baselines do; the\n"
+        "  papers' own for the whole comparison: OHEM's N = 2 images per step is\n"
+        "  --data.batch_size 2, the Overlap paper's Detectron 1x is\n"
+        "  --train.decay_at '[0.666667, 0.888889]'.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )

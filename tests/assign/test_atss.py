@@ -247,7 +247,7 @@ def test_grid_anchors_with_ties_match_reference() -> None:
     anchors = grid_anchors([8, 4], [8, 16], [1.0, 1.26, 1.59])
     gts = torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 20.0, 50.0, 60.0], [0.0, 0.0, 64.0, 64.0]])
     labels = torch.tensor([1, 2, 3])
-    for scale_topk in (False, True):
+    for topk_per in ("anchor", "location"):
         (a,) = assign_atss(
             [anchors],
             [gts],
@@ -255,9 +255,11 @@ def test_grid_anchors_with_ties_match_reference() -> None:
             num_per_level=num_per_level,
             topk=4,
             anchors_per_location=3,
-            scale_topk=scale_topk,
+            topk_per=topk_per,
         )
-        ref = reference_atss(anchors, gts, labels, num_per_level, topk=12 if scale_topk else 4)
+        ref = reference_atss(
+            anchors, gts, labels, num_per_level, topk=12 if topk_per == "location" else 4
+        )
         assert_same(a, ref)
         assert a.positive.any()
 
@@ -347,3 +349,32 @@ def test_assigner_interface() -> None:
     assert isinstance(assigner, Assigner)
     (a,) = assigner([PRIORS], [GTS], [GT_LABELS], num_per_level=[4])
     assert a.label.tolist() == [1, 0, 0, 0]
+
+
+def test_topk_counts_anchors_by_default_and_locations_by_name() -> None:
+    """D4: the paper's "k anchor boxes" per level is the default, whatever the anchors per
+    location; the authors' code's k locations (k x A anchors) is ``topk_per="location"``."""
+    assert ATSSAssigner().topk_per == "anchor"
+    # A 2 x 2 grid of locations, three square anchors each (half sizes 4, 8, 12).
+    locations = torch.tensor([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0], [24.0, 24.0]])
+    half = torch.tensor([4.0, 8.0, 12.0])  # [A]
+    centres = locations[:, None].expand(-1, 3, -1)  # [4, A, 2]
+    anchors = torch.cat([centres - half[:, None], centres + half[:, None]], -1).reshape(-1, 4)
+    gt, labels = torch.tensor([[0.0, 0.0, 10.0, 20.0]]), [torch.tensor([1])]
+    kw = {"num_per_level": [12], "topk": 3, "anchors_per_location": 3}
+    # k = 3 anchors: the nearest location's three (IoUs 0.222, 0.541, 0.347), threshold
+    # 0.530: only the middle one.
+    (by_anchor,) = assign_atss([anchors], [gt], labels, **kw)
+    assert by_anchor.label.tolist() == [0, 1] + [0] * 10
+    (same,) = ATSSAssigner(topk=3, anchors_per_location=3)(
+        [anchors], [gt], labels, num_per_level=[12]
+    )
+    assert torch.equal(same.label, by_anchor.label)
+    # k = 3 locations: nine anchors (locations 0, 2, 1 by distance), threshold 0.337: the
+    # IoU-0.347 anchor passes too. Exactly topk = 9 anchors.
+    (by_location,) = assign_atss([anchors], [gt], labels, topk_per="location", **kw)
+    assert by_location.label.tolist() == [0, 1, 1] + [0] * 9
+    (nine,) = assign_atss([anchors], [gt], labels, num_per_level=[12], topk=9)
+    assert torch.equal(by_location.label, nine.label)
+    with pytest.raises(ValueError, match="topk_per must be one of"):
+        ATSSAssigner(topk_per="locations")

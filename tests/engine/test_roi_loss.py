@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from hardmine.assign import MaxIoUAssigner
 from hardmine.data import SceneDataset, collate_fn
-from hardmine.engine.roi_loss import ALL_ROIS_ASSIGNER, mean_loss_all_rois
+from hardmine.engine.roi_loss import ALL_ROIS_ASSIGNER, ALL_ROIS_BOX_BETA, mean_loss_all_rois
 from hardmine.models import build
 from hardmine.models.read_only import rcnn_heads, roi_batch, roi_losses, train_mode_proposals
 from hardmine.sample import OHEMSampler
@@ -114,3 +114,27 @@ def test_the_same_rois_whatever_the_runs_assigner(scenes: SceneDataset, model: t
     assert not bool((torch.cat([a.label for a in fixed.assignments]) == IGNORE).any())
     losses = torch.cat(roi_losses(bg_lo, fixed, score_dtype=None))  # the measure is float32
     assert value == pytest.approx(float(losses.mean()), rel=1e-5)
+
+
+def test_the_same_settings_whatever_the_runs_beta_and_precision(
+    scenes: SceneDataset, model: torch.nn.Module
+) -> None:
+    """D13: the measure uses torchvision's beta and float32 for every run: a run trained with
+    Fast R-CNN's beta 1, a bfloat16 box head, or measured inside autocast gives the value of the
+    same weights with the defaults."""
+    value = mean_loss_all_rois(model, scenes, device="cpu")
+    other = build(
+        "faster_rcnn_tiny", 4, sampler=OHEMSampler(num=32), box_loss_beta=1.0,
+        score_dtype="bfloat16",
+    )  # fmt: skip
+    other.load_state_dict(model.state_dict())
+    assert mean_loss_all_rois(other, scenes, device="cpu") == pytest.approx(value, rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mean_loss_all_rois(model, scenes, device="cpu") == pytest.approx(value, rel=1e-6)
+    # The run's own settings would change it: the fixed ones are what keeps it equal.
+    images, targets = collate_fn([scenes[i] for i in range(len(scenes))])
+    batch = roi_batch(other, images, targets, assigner=ALL_ROIS_ASSIGNER)
+    own = float(torch.cat(roi_losses(other, batch, score_dtype=None)).mean())
+    assert own != pytest.approx(value, rel=1e-3)
+    fixed = roi_losses(other, batch, score_dtype=None, box_loss_beta=ALL_ROIS_BOX_BETA)
+    assert float(torch.cat(fixed).mean()) == pytest.approx(value, rel=1e-5)

@@ -201,3 +201,60 @@ def test_variants_are_rows_paired_with_the_baseline_by_seed(tmp_path: Path):
     assert hard.delta["AP"].std == pytest.approx(0.0, abs=1e-9)
     assert linear.runs == 0 and linear.method.baseline == "random"
     assert "| overlap:strategy=hard | faster_rcnn_tiny | overlap |" in format_table([random, hard])
+
+
+def test_table_shows_what_ran_not_the_base_method(tmp_path: Path):
+    """D7: a variant's dotted overrides change the table's columns: ``random:sampler.name=ohem``
+    trained OHEM, and its row says ohem (from the run's resolved configuration, and from the
+    method's own overrides when no run says)."""
+    methods = parse_methods("random,random:sampler.name=ohem,retinanet_atss")
+    for m in methods[:2]:
+        done = tmp_path / m.name / "seed0"
+        done.mkdir(parents=True)
+        metrics = {"AP": 0.1, "AP50": 0.2, "AP75": 0.05}
+        (done / "results.json").write_text(
+            json.dumps({"metrics": metrics, "steps": 1, "seconds": 1.0})
+        )
+    outcomes = run_comparison(default_compare_base(), methods[:2], [0], tmp_path)
+    assert outcomes[1].components == {
+        "model": "faster_rcnn_tiny",
+        "sampler": "ohem",
+        "assigner": "—",
+    }
+    table = format_table(summarize(methods, outcomes))
+    assert "| random | faster_rcnn_tiny | random | — |" in table
+    assert "| random:sampler.name=ohem | faster_rcnn_tiny | ohem | — |" in table
+    assert "| retinanet_atss | atss_tiny | — | atss |" in table  # no run: its sections
+    # Without outcomes at all, the method's sections and overrides say it.
+    table = format_table(summarize(methods, []))
+    assert "| random:sampler.name=ohem | faster_rcnn_tiny | ohem | — |" in table
+
+
+def _base_with(**dotted):
+    from hardmine.config import apply_overrides, config_from_dict, config_to_dict
+    from hardmine.engine.build import RUN_REGISTRIES
+
+    raw = apply_overrides(config_to_dict(default_compare_base()), dotted)
+    return config_from_dict(raw, registries=RUN_REGISTRIES)
+
+
+def test_presets_keep_the_comparisons_schedule_and_the_papers_is_one_override(tmp_path: Path):
+    """D14 / D15: the presets keep the comparison's batch size and learning-rate schedule, so that
+    each pairs with a baseline trained the same way (the deviation is documented with the
+    papers' quotes); the papers' own settings are one override of the whole comparison, which
+    reaches the preset and its baseline alike: OHEM's N = 2 images of B/N = 64 RoIs, the Overlap
+    paper's Detectron 1x (decays at 2/3 and 8/9)."""
+    known = known_methods()
+    plain = default_compare_base()
+    for name in ("ohem_paper", "frcn", "overlap_best", "random"):
+        config = known[name].config(plain, seed=0, output_dir=tmp_path)
+        assert config.data.batch_size == plain.data.batch_size == 4
+        assert config.train.decay_at == pytest.approx([8 / 12, 11 / 12])  # MMDetection's 1x
+    n2 = _base_with(**{"data.batch_size": 2})
+    ohem, frcn = (known[m].config(n2, seed=0, output_dir=tmp_path) for m in ("ohem_paper", "frcn"))
+    assert ohem.data.batch_size == frcn.data.batch_size == 2
+    assert ohem.sampler.settings["num"] * ohem.data.batch_size == 128  # B = 128 over N = 2
+    detectron = _base_with(**{"train.decay_at": [0.666667, 0.888889]})
+    for name in ("overlap_best", "overlap_neg", "random"):
+        config = known[name].config(detectron, seed=0, output_dir=tmp_path)
+        assert config.train.decay_at == pytest.approx([2 / 3, 8 / 9], abs=1e-6)

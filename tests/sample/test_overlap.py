@@ -158,6 +158,7 @@ def test_defaults_are_the_papers_best_setting():
     assert (s.strategy, s.pos_strategy, s.num_bins, s.epsilon) == ("soft", "soft", 2, 2.0)
     assert (s.upper, s.hard_thr, s.bins, s.linear_top_up) == (0.7, 0.5, "fixed", False)
     assert (s.epsilon_on, s.gt_copies_in_pe) == ("best_proposal", False)
+    assert s.gt_copies_in_pn is True
 
 
 def _copy_scene():
@@ -386,3 +387,51 @@ def test_linear_still_skips_zero_overlap_negatives_when_positives_exist() -> Non
     )
     (sel,) = sample_overlap([boxes], [a], num=3, pos_fraction=0.34, strategy="linear")
     assert sel.mask.tolist() == [True, True, False]
+
+
+def test_iou_pn_without_the_ground_truth_copies_by_name():
+    """D3: IoU(p,n) counts the copies by default (the paper's "positives (IoU(g,p) >= 0.5)");
+    ``gt_copies_in_pn=False`` counts the positive proposals only."""
+    gt = torch.tensor([POSITIVE_BOX])
+    proposal = [-30.0, 0.0, 70.0, 100.0]  # IoU 70/130 with the ground truth: positive
+    near_gt = [40.0, 0.0, 140.0, 100.0]  # IoU 60/140 with the copy, 30/170 with the proposal
+    far = [[300.0 + 20 * i, 300.0, 310.0 + 20 * i, 310.0] for i in range(4)]
+    boxes = torch.cat([torch.tensor([proposal, near_gt, *far]), gt])
+    best, index = box_iou(gt, boxes).max(0)
+    label = torch.where(best >= 0.5, 1, 0).to(torch.int8)
+    assert label.tolist() == [1, 0, 0, 0, 0, 0, 1]
+    a = Assignment(label, index, best, label.long())
+    picks = {True: 0, False: 0}
+    for gt_copies_in_pn in (True, False):
+        for seed in range(100):
+            gen = torch.Generator().manual_seed(seed)
+            (s,) = sample_overlap(
+                [boxes], [a], num=2, pos_fraction=0.5, strategy="hard", hard_thr=0.35,
+                gt_copies_in_pn=gt_copies_in_pn, generator=gen,
+            )  # fmt: skip
+            assert int(s.mask[1:6].sum()) == 1
+            picks[gt_copies_in_pn] += int(s.mask[1])
+    assert picks[True] == 100  # IoU(p,n) 0.43 >= θ: always the hard one
+    assert 5 < picks[False] < 40  # 0.18 with the proposal: one of five, uniformly
+
+
+def test_iou_pn_without_copies_is_uniform_where_only_copies_are_positive():
+    """With ``gt_copies_in_pn=False`` an image whose only positive is a copy has no IoU(p,n):
+    even ``linear`` draws uniformly there, as in an image without positives."""
+    gt = torch.tensor([POSITIVE_BOX])
+    boxes = torch.cat([torch.tensor([*_shifted([0.3]), [300.0, 300.0, 310.0, 310.0]]), gt])
+    best, index = box_iou(gt, boxes).max(0)
+    label = torch.where(best >= 0.5, 1, 0).to(torch.int8)
+    a = Assignment(label, index, best, label.long())
+    far = {True: 0, False: 0}
+    for gt_copies_in_pn in (True, False):
+        for seed in range(100):
+            gen = torch.Generator().manual_seed(seed)
+            (s,) = sample_overlap(
+                [boxes], [a], num=2, pos_fraction=0.5, strategy="linear",
+                gt_copies_in_pn=gt_copies_in_pn, generator=gen,
+            )  # fmt: skip
+            assert int(s.mask[:2].sum()) == 1
+            far[gt_copies_in_pn] += int(s.mask[1])
+    assert far[True] == 0  # IoU(p,n) 0 with the copy: linear never picks it
+    assert 30 < far[False] < 70

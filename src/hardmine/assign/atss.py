@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -20,6 +20,8 @@ from torch import Tensor
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import box_centers, iou_matrix
 from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
+
+TopkPer = Literal["anchor", "location"]
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
@@ -90,7 +92,7 @@ class ATSSAssigner:
 
     topk: int = 9
     anchors_per_location: int = 1
-    scale_topk: bool = False
+    topk_per: TopkPer = "anchor"
     ignore_iof_thr: float = 0.5
     center_margin: float = 0.01
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -130,7 +132,7 @@ def check_atss_settings(
     *,
     topk: int,
     anchors_per_location: int,
-    scale_topk: bool,
+    topk_per: str,
     ignore_iof_thr: float,
     center_margin: float,
     chunk_size: int,
@@ -143,6 +145,8 @@ def check_atss_settings(
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if topk_per not in get_args(TopkPer):
+        raise ValueError(f"topk_per must be one of {get_args(TopkPer)}, got {topk_per!r}")
     if not 0.0 <= ignore_iof_thr <= 1.0:
         raise ValueError(f"ignore_iof_thr must be in [0, 1], got {ignore_iof_thr}")
     if not 0.0 <= center_margin < float("inf"):
@@ -157,7 +161,7 @@ def assign_atss(
     num_per_level: Sequence[int],
     topk: int = ATSSAssigner.topk,
     anchors_per_location: int = ATSSAssigner.anchors_per_location,
-    scale_topk: bool = ATSSAssigner.scale_topk,
+    topk_per: TopkPer = ATSSAssigner.topk_per,
     ignore_boxes: Sequence[Tensor] | None = None,
     ignore_iof_thr: float = ATSSAssigner.ignore_iof_thr,
     center_margin: float = ATSSAssigner.center_margin,
@@ -171,6 +175,22 @@ def assign_atss(
     its IoU reaches the threshold and its centre lies inside the ground truth by more than
     ``center_margin`` on every side. An anchor positive for several ground truths takes the one
     with the highest IoU (the first on ties). Every other anchor is negative.
+
+    **k counts anchors** (``topk_per="anchor"``, the default). The paper (Sec. 3.1; only the
+    Papers with Code summary of it is in ``papers/summaries_ohem_atss_iou_balanced.txt``, which
+    quotes it): "on each pyramid level, we select k anchor boxes whose center are closest to the
+    center of g based on L2 distance. Supposing there are L feature pyramid levels, the
+    ground-truth box g will have k x L candidate positive samples". ATSS itself tiles one anchor
+    per location, where anchors and locations are the same count. With A anchors per location
+    (torchvision's RetinaNet: A = 9) the A anchors of a location share its centre and tie in
+    distance, so k anchor boxes are the nearest ceil(k / A) locations' anchors (ties to the lower
+    index): with k = A = 9, exactly one location's 9 anchors per level. MMDetection's
+    ``ATSSAssigner`` reads it so too (``selectable_k = min(self.topk, bboxes_per_level)``).
+    ``topk_per="location"`` is the authors' code (sfzhang15/ATSS, ``topk =
+    min(self.cfg.MODEL.ATSS.TOPK * num_anchors_per_loc, num_anchors_per_level[level])``): k
+    *locations*, ``topk * anchors_per_location`` anchors per level, so that k keeps its spatial
+    meaning on a many-anchor model. ``anchors_per_location`` matters only there; the RetinaNet
+    wrapper (``hardmine.models.with_assigner``) sets it to the model's count.
 
     Ignore regions follow MMDetection: anchors whose IoF with an ignore box (the fraction of the
     anchor covered) exceeds ``ignore_iof_thr`` are ignored, and are the last to be chosen as
@@ -190,10 +210,10 @@ def assign_atss(
         gt_labels: per image ``int [G_i]`` classes (1-based; 0 is background).
         num_per_level: anchors per pyramid level.
         topk: candidates per level and ground truth (the paper: 9, robust over 7-17).
-        anchors_per_location: anchors sharing a location (scales times aspect ratios).
-        scale_topk: take ``topk * anchors_per_location`` candidates per level, as the authors'
-            code does; MMDetection does not (its ATSS has one anchor per location, where the two
-            agree).
+        anchors_per_location: anchors sharing a location (scales times aspect ratios); used by
+            ``topk_per="location"`` only.
+        topk_per: ``"anchor"`` (the paper's text, MMDetection): ``topk`` anchors per level;
+            ``"location"`` (the authors' code): ``topk * anchors_per_location`` anchors per level.
         ignore_boxes: per image ``float [K_i, 4]`` regions (e.g. COCO crowd boxes), or ``None``.
         ignore_iof_thr: IoF above which an anchor is ignored.
         center_margin: how far inside the ground truth a positive's centre must lie (MMDetection:
@@ -228,7 +248,7 @@ def assign_atss(
     check_atss_settings(
         topk=topk,
         anchors_per_location=anchors_per_location,
-        scale_topk=scale_topk,
+        topk_per=topk_per,
         ignore_iof_thr=ignore_iof_thr,
         center_margin=center_margin,
         chunk_size=chunk_size,
@@ -243,7 +263,7 @@ def assign_atss(
         raise ValueError(
             f"anchors: expected sum(num_per_level) = {total} per image, got {batch.num_candidates}"
         )
-    k = topk * anchors_per_location if scale_topk else topk
+    k = topk * anchors_per_location if topk_per == "location" else topk
     level_k = [min(k, n) for n in num_per_level]
     return [
         a

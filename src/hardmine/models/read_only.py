@@ -416,16 +416,20 @@ def roi_predictions(model: nn.Module, batch: RoIBatch) -> list[RoIScores]:
 
 
 def roi_losses(
-    model: nn.Module, batch: RoIBatch, *, score_dtype: torch.dtype | str | None = "heads"
+    model: nn.Module,
+    batch: RoIBatch,
+    *,
+    score_dtype: torch.dtype | str | None = "heads",
+    box_loss_beta: float | None = None,
 ) -> list[Tensor]:
-    """Every RoI's loss (classification log loss + foreground smooth-L1), read-only, with the
-    heads' own ``box_loss_beta``.
+    """Every RoI's loss (classification log loss + foreground smooth-L1), read-only.
 
     Args:
         model: a Faster / Mask R-CNN.
         batch: from ``roi_batch``.
         score_dtype: the precision of the box head (``score_rois``); ``"heads"`` (default): the
             heads' own ``score_dtype`` (as OHEM scores in training), ``None`` for plain heads.
+        box_loss_beta: the smooth-L1's beta; None (default): the heads' own (as they train).
 
     Returns:
         Per image, ``float [N_i]`` for ``batch.proposals``.
@@ -445,5 +449,9 @@ def roi_losses(
             batch.gt_boxes,
             batch.assignments,
             score_dtype=score_dtype,
-            box_loss_beta=getattr(heads, "box_loss_beta", TORCHVISION_BOX_BETA),
+            box_loss_beta=(
+                getattr(heads, "box_loss_beta", TORCHVISION_BOX_BETA)
+                if box_loss_beta is None
+                else box_loss_beta
+            ),
         )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torchvision.models.detection import FCOS, RetinaNet
+
 from hardmine._atomic import write_atomic
 from hardmine.config import (
     RunConfig,
@@ -44,6 +46,7 @@ from hardmine.engine.rundir import (
 )
 from hardmine.engine.train import train
 from hardmine.errors import RunError
+from hardmine.models import DETECTORS
 from hardmine.report.draw import MIN_IOU_PN
 from hardmine.report.inspect import inspect_run
 from hardmine.report.jobs import Slot, Task, run_jobs
@@ -156,15 +159,15 @@ def default_compare_base() -> RunConfig:
     """The default comparison's base: the built-in scenes (448 training, 256 validation images
     of 128 px), 3 epochs of 112 steps of 4 images.
 
-    Chosen so that every detector learns the scenes within the budget of ``make compare`` (about
-    15 minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the
-    epochs): the warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 2/3
-    and 11/12 of the run (Detectron's 1x shape), and the one evaluation at the end is on 256
-    images. A larger validation set narrows the intervals at the cost of evaluation time
-    (``--data.num_val 1024``: measured on 512-scene runs, the seed-to-seed standard deviation of
-    the difference to random fell from 1.4 to 0.5 AP points for IoU-balanced sampling, from 0.7
-    to 0.4 for the Overlap Sampler, from 1.4 to 1.2 for OHEM). The mean loss over all RoIs is
-    logged at every epoch's end.
+    Chosen so that every detector learns the scenes within the budget of ``make compare`` (about 15
+    minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the epochs): the
+    warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 8/12 and 11/12 of the
+    run (MMDetection's 1x shape, ``TrainConfig``'s default; Detectron's 1x, which the Overlap
+    Sampler paper uses, decays at 2/3 and 8/9), and the one evaluation at the end is on 256 images.
+    A larger validation set narrows the intervals at the cost of evaluation time (``--data.num_val
+    1024``: measured on 512-scene runs, the seed-to-seed standard deviation of the difference to
+    random fell from 1.4 to 0.5 AP points for IoU-balanced sampling, from 0.7 to 0.4 for the Overlap
+    Sampler, from 1.4 to 1.2 for OHEM). The mean loss over all RoIs is logged at every epoch's end.
     """
     return config_from_dict(
         {
@@ -193,6 +196,9 @@ class Outcome:
         metrics: final COCO metrics; empty if the run failed.
         seconds: training time of the run (0 if unknown).
         error: the failure's last line, or None.
+        components: what the run's resolved configuration names, after every override:
+            ``{"model": ..., "sampler": ..., "assigner": ...}`` (``run_comparison`` fills it;
+            empty when unknown, and the table then reads the method's sections).
     """
 
     method: str
@@ -201,6 +207,7 @@ class Outcome:
     metrics: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    components: dict[str, str] = field(default_factory=dict)
 
 
 def run_comparison(
@@ -246,6 +253,7 @@ def run_comparison(
     for (name, seed), config in configs.items():
         run_dir = Path(config.output_dir)
         outcome = outcomes[name, seed] = Outcome(name, seed, run_dir)
+        outcome.components = resolved_components(config)
         try:
             _check_same_run(config, run_dir)
             if (run_dir / RESULTS_NAME).exists():
@@ -292,6 +300,36 @@ def _run_configs(
         )
         for method in methods
         for seed in seeds
+    }
+
+
+def resolved_components(config: RunConfig) -> dict[str, str]:
+    """The model, sampler and assigner a run's resolved configuration names.
+
+    A detector without a sampler (RetinaNet, FCOS) shows none, whatever the base configuration's
+    ``sampler`` section says; an assigner left to the detector shows none.
+    """
+    model = config.model.name or "—"
+    returns = getattr(DETECTORS.get(model), "__annotations__", {}).get("return")
+    dense = isinstance(returns, type) and issubclass(returns, RetinaNet | FCOS)
+    sampler = "—" if dense else config.sampler.name or "—"
+    return {"model": model, "sampler": sampler, "assigner": config.assigner.name or "—"}
+
+
+def _method_components(method: Method) -> dict[str, str]:
+    """What a method's own sections and dotted overrides name (when no run says it)."""
+
+    def name(section: str, given: Mapping[str, Any] | None) -> str:
+        value = method.overrides.get(f"{section}.name", (given or {}).get("name"))
+        return str(value) if value is not None else "—"
+
+    sampler = name("sampler", method.sampler)
+    return {
+        "model": name("model", method.model),
+        "sampler": sampler
+        if method.sampler is not None or "sampler.name" in method.overrides
+        else "—",
+        "assigner": name("assigner", method.assigner),
     }
 
 
@@ -385,6 +423,8 @@ class Summary:
         seeds: seed -> the run's metrics, for plots.
         picks: mean positives and negatives per image seen by the loss, over all logged steps.
         minutes: mean training time per run.
+        components: the model, sampler and assigner that ran (the runs' resolved
+            configurations; the method's sections with its overrides when no run says).
     """
 
     method: Method
@@ -396,6 +436,7 @@ class Summary:
     seeds: dict[int, dict[str, float]]
     picks: tuple[float, float] | None
     minutes: float
+    components: dict[str, str] = field(default_factory=dict)
 
 
 #: The metric whose paired interval decides a row's verdict: COCO's primary AP.
@@ -449,6 +490,10 @@ def summarize(methods: Sequence[Method], outcomes: Sequence[Outcome]) -> list[Su
                     else None
                 ),
                 minutes=statistics.fmean(o.seconds for o in done.values()) / 60 if done else 0.0,
+                components=next(
+                    (o.components for o in outcomes if o.method == method.name and o.components),
+                    _method_components(method),
+                ),
             )
         )
     return summaries
@@ -475,9 +520,11 @@ def format_table(summaries: Sequence[Summary]) -> str:
         m = s.method
         cells = [
             m.name,
-            m.model["name"],
-            m.sampler["name"] if m.sampler else "—",
-            m.assigner["name"] if m.assigner else "—",
+            # What ran: the resolved configuration, dotted overrides included
+            # (``random:sampler.name=ohem`` shows ohem).
+            s.components.get("model", "—"),
+            s.components.get("sampler", "—"),
+            s.components.get("assigner", "—"),
             *(format_mean_std(s.ap[k]) if k in s.ap else "—" for k in AP_KEYS),
             m.baseline or "—",
             *(
@@ -691,7 +738,10 @@ def write_report(
         lines += [
             "The OHEM paper's sampler-independent measure (Sec. 5.5, Fig. 3): the mean loss per "
             "RoI over *all* RoIs of the training images (the RPN's training proposals and the "
-            "ground truths) at the end of every epoch, whichever RoIs the sampler picks.",
+            "ground truths) at the end of every epoch, whichever RoIs the sampler picks; labelled "
+            "by one rule (IoU >= 0.5 foreground) and scored with smooth-L1 beta 1/9 in float32 "
+            "for every run. Each run's proposals are its own RPN's, so the RoI set is not the "
+            "same across runs (the paper's fixed proposals were).",
             "",
             "![mean loss over all RoIs](roi_loss.png)",
             "",

@@ -49,6 +49,7 @@ def check_overlap_settings(
     epsilon: float,
     epsilon_on: str,
     gt_copies_in_pe: bool,
+    gt_copies_in_pn: bool,
 ) -> None:
     """Raise ``ValueError`` naming the first setting of ``sample_overlap`` out of its range."""
     if num < 1:
@@ -95,6 +96,7 @@ class OverlapSampler:
     epsilon: float = 2.0
     epsilon_on: EpsilonOn = "best_proposal"
     gt_copies_in_pe: bool = False
+    gt_copies_in_pn: bool = True
     needs_losses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -284,6 +286,7 @@ def sample_overlap(
     epsilon: float = OverlapSampler.epsilon,
     epsilon_on: EpsilonOn = OverlapSampler.epsilon_on,
     gt_copies_in_pe: bool = OverlapSampler.gt_copies_in_pe,
+    gt_copies_in_pn: bool = OverlapSampler.gt_copies_in_pn,
     generator: torch.Generator | None = None,
 ) -> list[Selection]:
     """The Overlap Sampler (Chen et al., WACV 2020, Sec. 3.2): sample by IoU among the examples.
@@ -302,8 +305,12 @@ def sample_overlap(
     **IoU(p,n)** of a negative is its largest IoU with any positive of the same image, the
     ground-truth copies included: the paper defines it over "positives (IoU(g,p) >= 0.5)" (Fig.
     4), which the copies are, and the authors' ``OvSampler`` takes the IoU with every positive
-    proposal, copies included. In an image without positives every IoU(p,n) is 0, and every
-    strategy is uniform (the authors' code: random when there is no positive).
+    proposal, copies included. ``gt_copies_in_pn=False`` offers the other reading, "positives"
+    as positive *examples* (proposals) only, the copies left out as they are from IoU(p,e) by
+    default: then a negative's IoU(p,n) is its largest IoU with a positive proposal, and an image
+    whose only positives are copies counts as one without positives. In an image without
+    positives every IoU(p,n) is 0, and every strategy is uniform (the authors' code: random when
+    there is no positive).
 
     **IoU(p,e)** of a positive is "the overlap between positives and all examples" (Sec. 3.2):
     its largest IoU with any *other* proposal of the image (positive, negative or ignored),
@@ -372,6 +379,7 @@ def sample_overlap(
         epsilon: loss weight of each ground truth's best-matched picked positive.
         epsilon_on: ``"best_proposal"`` (ground-truth copies excluded) or ``"any_positive"``.
         gt_copies_in_pe: count the ground-truth copies in IoU(p,e).
+        gt_copies_in_pn: count the ground-truth copies among the positives of IoU(p,n).
         generator: makes the picks reproducible.
 
     Returns:
@@ -413,6 +421,7 @@ def sample_overlap(
         epsilon=epsilon,
         epsilon_on=epsilon_on,
         gt_copies_in_pe=gt_copies_in_pe,
+        gt_copies_in_pn=gt_copies_in_pn,
     )
     flat = flatten(assignments)
     flat_boxes = flat.cat(boxes, "boxes")
@@ -420,6 +429,7 @@ def sample_overlap(
     check_finite(flat.max_iou, "max_iou")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
     gt_copy = flat.max_iou >= 1  # positive, or ignored where an ignore region covers it
+    pn_pos = pos if gt_copies_in_pn else pos & ~gt_copy  # the positives of IoU(p,n)
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
     num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
     # Uniform strategies never look at the overlaps: skip what neither side needs.
@@ -436,6 +446,8 @@ def sample_overlap(
             with_pe=pos_strategy != "uniform" and over_quota,
             examples=None if gt_copies_in_pe else ~gt_copy,
         )
+        if not gt_copies_in_pn and strategy != "uniform":
+            iou_pn, _ = overlap_with_positives(flat_boxes, flat, pn_pos, with_pe=False)
     pick = partial(
         _pick,
         num_bins=num_bins,
@@ -446,7 +458,7 @@ def sample_overlap(
         generator=generator,
     )
     pos_mask = pick(pos_strategy, flat, pos, iou_pe, num_pos, max_quota=int(num * pos_fraction))
-    no_positives = flat.per_image(flat.count(pos) == 0)  # [N]
+    no_positives = flat.per_image(flat.count(pn_pos) == 0)  # [N]: IoU(p,n) all 0 there
     neg_mask = pick(strategy, flat, neg, iou_pn, num_neg, max_quota=num, uniform_here=no_positives)
     mask = pos_mask | neg_mask
     weight = mask.to(upcast(flat.max_iou).dtype)
