@@ -99,6 +99,7 @@ def _world(root: Path) -> dict[str, str]:
     (root / "empty" / "checkpoint.pt").write_bytes(b"")
     (root / "nockpt" / "checkpoint.pt").unlink()
     (root / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    (root / "section_scalar.yaml").write_text("train: 5\n")
     (root / "not_negatives.json").write_text('{"images": []}\n')
     other_ids = {
         "format": "hardmine-hard-negatives",
@@ -285,6 +286,35 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             ["train", "--config", f"{r}/run/config.yaml", "--resume", "--sampler.name", "ohem"],
             2,
             "sampler.name: 'random' -> 'ohem'",
+        ),
+        # Issue 12 (S12): an empty path would write the run into the working folder.
+        "empty output_dir": (["train", "--output_dir", ""], 2, "output_dir: an empty path"),
+        "empty hard negatives": (
+            ["train", "--hard_negatives", ""],
+            2,
+            "hard_negatives: an empty path",
+        ),
+        # S12: a malformed section is refused with and without an override of it.
+        "section not a mapping": (
+            ["train", "--config", f"{r}/section_scalar.yaml"],
+            2,
+            "section_scalar.yaml: train: expected a mapping, got 5",
+        ),
+        "section not a mapping, overridden": (
+            ["train", "--config", f"{r}/section_scalar.yaml", "--train.epochs", "1"],
+            2,
+            "section_scalar.yaml: train: expected a mapping, got 5",
+        ),
+        # S12: COCO paths are not silently ignored by the generated scenes.
+        "coco path with scenes": (
+            ["train", "--data.train_images", f"{r}/one_class/images"],
+            2,
+            "data.train_images: a COCO path, but data.kind is 'scenes'",
+        ),
+        "roi_loss_images -1": (
+            ["train", "--train.roi_loss_images", "-1"],
+            2,
+            "train.roi_loss_images: must be at least 0, got -1",
         ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare methods twice": (
