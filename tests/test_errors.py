@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -316,6 +317,29 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "train.roi_loss_images: must be at least 0, got -1",
         ),
+        # S12: every command checks where it writes before any work (one helper,
+        # hardmine._atomic.check_writable); an unwritable folder: test_unwritable_output.
+        "mine output under a file": (
+            ["mine", "--run", f"{r}/run", "--output", f"{r}/bad.yaml/x.json"],
+            2,
+            "--output " + f"{r}/bad.yaml/x.json: {r}/bad.yaml is a file, not a folder",
+        ),
+        "inspect output under a file": (
+            ["inspect", "--images", "1", "--output", f"{r}/bad.yaml/insp"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "inspect output empty": (["inspect", "--output", ""], 2, "--output: an empty path"),
+        "compare output under a file": (
+            ["compare", "--methods", "random", "--output", f"{r}/bad.yaml/cmp"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "bootstrap output under a file": (
+            ["bootstrap", "--output", f"{r}/bad.yaml/boot"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare methods twice": (
             ["compare", "--methods", "random,ohem,random"],
@@ -358,7 +382,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    return {name: (results[name], cases[name]) for name in cases}
+    return {name: (results[name], cases[name]) for name in cases} | {"_root": root}
 
 
 CASE_NAMES = list(_cases(Path("/x")))
@@ -413,3 +437,51 @@ def test_hardmine_debug_shows_the_traceback(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "Traceback" in done.stderr and "ConfigError: nope.yaml" in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only folder")
+def test_unwritable_output(outcomes: dict[str, Any], tmp_path: Path) -> None:
+    """S12: a read-only output location is one line before the work, not a traceback after it
+    (``eval`` writes into the run, the others into --output)."""
+    import shutil
+
+    root = outcomes["_root"]
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for folder in (run, ro):
+        folder.chmod(0o555)
+    try:
+        for argv in (
+            ["eval", "--run", str(run), "--device", "cpu"],
+            ["mine", "--run", str(root / "run"), "--output", str(ro / "x.json")],
+            ["inspect", "--images", "1", "--output", str(ro / "insp")],
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "hardmine.cli", *argv],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                cwd=tmp_path,
+            )
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.count("\n") == 1 and "is not writable" in done.stderr
+    finally:
+        for folder in (run, ro):
+            folder.chmod(0o755)
+
+
+def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one helper every command uses; ``os.access`` stands in for a read-only folder (root
+    writes to any)."""
+    from hardmine._atomic import check_writable
+    from hardmine.errors import RunError
+
+    check_writable(tmp_path / "new" / "deeper", "--output x")  # missing folders can be made
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(RunError, match=f"^--output x: {re.escape(str(tmp_path))} is not writable$"):
+        check_writable(tmp_path / "new", "--output x")
+    with pytest.raises(RunError, match=r"^--output: an empty path"):
+        check_writable("", "--output")

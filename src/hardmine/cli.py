@@ -388,6 +388,7 @@ def _device_list(text: str) -> list[str]:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from hardmine._atomic import check_writable
     from hardmine.config import COMPONENT_SECTIONS
     from hardmine.report.compare import (
         DEFAULT_METHODS,
@@ -404,6 +405,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # The methods set the model, sampler and assigner: overrides of those go to every method.
     per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in COMPONENT_SECTIONS}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
+    check_writable(args.output, f"--output {args.output}")
     base = _base_config(args, overrides)
     for method in methods:  # a bad variant is a user error before any training, not a failed run
         check_method(method, base, overrides=per_method)
@@ -804,6 +806,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Run ``hardmine inspect`` (``overrides`` is empty: the command takes none)."""
     import torch
 
+    from hardmine._atomic import check_writable
     from hardmine.engine.distributed import resolve_device
     from hardmine.engine.rundir import load_run
     from hardmine.models import DETECTORS, build
@@ -813,6 +816,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError(
             f"--model: unknown detector {args.model!r}; valid: {', '.join(sorted(DETECTORS))}"
         )
+    check_writable(args.output, f"--output {args.output}")  # before the model and the data
     device = resolve_device(args.device)
     count = max(args.images, args.hist_images)
     if args.run is not None:

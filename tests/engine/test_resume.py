@@ -292,3 +292,30 @@ def test_resume_with_images_without_objects_is_exact(
     assert [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert losses(resumed.run_dir) == expected
     assert_same_weights(resumed.model, whole.model)
+
+
+def _negatives(path: Path, boxes: list[list[float]]) -> Path:
+    """A version-1 hard-negatives file with ``boxes`` on scene 1 (of four 64-px scenes)."""
+    from hardmine.data import HardNegatives, MinedBoxes, save_hard_negatives
+
+    mined = MinedBoxes(
+        torch.tensor(boxes), torch.full((len(boxes),), 0.9), torch.ones(len(boxes), dtype=int)
+    )
+    return save_hard_negatives(HardNegatives(images={1: mined}, source="test"), path)
+
+
+def test_resume_refuses_a_hard_negatives_file_changed_since_the_run_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S12: only the path was compared, so an edited file trained on silently. The checkpoint
+    records the file's SHA-256 when the run starts; the same content resumes."""
+    path = _negatives(tmp_path / "hn.json", [[5.0, 5.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]])
+    run_config = config(tmp_path, "run", hard_negatives=str(path))
+    train_killed_at(monkeypatch, run_config, step=1)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert set(state["digests"]) == {"hard_negatives"}
+    _negatives(path, [[5.0, 5.0, 30.0, 30.0]])
+    with pytest.raises(RunError, match=r"hard_negatives .*hn.json changed since the run started"):
+        train(run_config, resume=True)
+    _negatives(path, [[5.0, 5.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]])  # as it was
+    assert train(run_config, resume=True).run_dir == tmp_path / "run"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hardmine._atomic import write_atomic
+from hardmine._atomic import check_writable, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -85,6 +85,7 @@ def mine_run(
     """
     path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
     check_overwrite(path, {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr})
+    check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
     hard = mine(
@@ -186,6 +187,7 @@ def bootstrap(
             "negative_val counts false positives of a bootstrap over a folder: give "
             "negative_images too"
         )
+    check_writable(output_dir, f"--output {output_dir}")
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
     mining = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}

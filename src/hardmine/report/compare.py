@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hardmine._atomic import write_atomic
+from hardmine._atomic import check_writable, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -240,6 +240,7 @@ def run_comparison(
     Raises:
         ConfigError: a method's configuration is invalid (an override out of range for it).
     """
+    check_writable(out_dir, f"--output {out_dir}")
     configs = _run_configs(base, methods, seeds, Path(out_dir), overrides)
     outcomes: dict[tuple[str, int], Outcome] = {}
     queued: list[Task] = []
