@@ -239,6 +239,33 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "model.box_nms_thresh: must be in [0, 1], got 2",
         ),
+        # S12: every inference setting is range-checked in eval too.
+        "eval box_score_thresh -1": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_score_thresh", "-1"],
+            2,
+            "model.box_score_thresh: must be in [0, 1], got -1",
+        ),
+        "eval box_detections_per_img 0": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_detections_per_img", "0"],
+            2,
+            "model.box_detections_per_img: must be at least 1, got 0",
+        ),
+        # S12: --score-thr is range-checked like --iou-thr.
+        "mine score-thr 1.5": (
+            ["mine", "--run", f"{r}/run", "--score-thr", "1.5"],
+            2,
+            "--score-thr: must be in [0, 1], got 1.5",
+        ),
+        "mine score-thr -1": (
+            ["mine", "--run", f"{r}/run", "--score-thr", "-1"],
+            2,
+            "--score-thr: must be in [0, 1], got -1",
+        ),
+        "bootstrap score-thr 2": (
+            ["bootstrap", "--score-thr", "2"],
+            2,
+            "--score-thr: must be in [0, 1], got 2",
+        ),
         # Defect D9: eval refuses overrides that inference does not read.
         "eval box_loss_beta": (
             ["eval", "--run", f"{r}/run", "--model.box_loss_beta", "1.0"],

@@ -98,17 +98,6 @@ def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[
     return parse
 
 
-def _finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _names(valid: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated list of distinct names out of ``valid``."""
 
@@ -476,9 +465,10 @@ def _add_mining_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--score-thr",
-        type=_finite,
+        type=_number_in(0, 1),
         metavar="S",
-        help="keep only false positives scoring at least S (default: all the detector outputs)",
+        help="keep only false positives scoring at least S, in [0, 1] (default: all the detector "
+        "outputs)",
     )
     parser.add_argument(
         "--iou-thr",

@@ -319,3 +319,33 @@ def test_resume_refuses_a_hard_negatives_file_changed_since_the_run_started(
         train(run_config, resume=True)
     _negatives(path, [[5.0, 5.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]])  # as it was
     assert train(run_config, resume=True).run_dir == tmp_path / "run"
+
+
+def test_resume_without_a_checkpoint_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S12: --resume on a folder without a run started afresh without a word."""
+    run_config = config(tmp_path, "fresh", train__max_steps=1)
+    with caplog.at_level("INFO", logger="hardmine"):
+        train(run_config, resume=True)
+    said = [
+        r.getMessage() for r in caplog.records if "has no checkpoint to resume" in r.getMessage()
+    ]
+    assert said == [f"{tmp_path / 'fresh'} has no checkpoint to resume: the run starts at step 0"]
+
+
+def test_mining_an_unfinished_run_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S12: mining a run without results.json (killed, or still training) gave no note."""
+    from hardmine.mine import mine_run
+
+    run_config = config(tmp_path, "run")
+    train_killed_at(monkeypatch, run_config, step=1)
+    with caplog.at_level("WARNING", logger="hardmine"):
+        mine_run(tmp_path / "run", device="cpu", top_k=1)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        f"{tmp_path / 'run'} has not finished (no results.json): mining the detector of its "
+        "checkpoint at step 1"
+    ]

@@ -598,8 +598,8 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
     if resume and ckpt_path.exists():
         state = checkpoint.load(ckpt_path)
         check_resumable(state, config, ckpt_path, digests)
-    elif resume and run_dir.exists():
-        log.info("%s has no checkpoint: the run starts at step 0", run_dir)
+    elif resume:  # said, so that a mistyped output_dir is not taken for a resumed run
+        log.info("%s has no checkpoint to resume: the run starts at step 0", run_dir)
     with process_group(config.device) as process:
         start = time.monotonic()
         if process.is_main and run_dir.is_dir():

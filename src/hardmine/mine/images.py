@@ -23,7 +23,7 @@ from hardmine._atomic import check_writable
 from hardmine.data import HardNegatives, ImageFolder, save_hard_negatives
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.rundir import load_run
-from hardmine.mine.detections import check_overwrite, detect, mine_detections
+from hardmine.mine.detections import check_overwrite, detect, mine_detections, warn_unfinished
 from hardmine.mine.falsepos import ImageDetections
 
 #: ``hardmine mine --images``'s file in the run directory, beside the dataset's.
@@ -121,6 +121,7 @@ def mine_images(
     check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved)
+    warn_unfinished(run)
     folder = ImageFolder(
         images, categories=run.categories, check_images=run.config.data.check_images
     )

@@ -45,7 +45,7 @@ from hardmine.engine.evaluate import coco_ap, to_coco_results
 from hardmine.engine.rundir import CONFIG_NAME, load_run, write_json
 from hardmine.engine.train import train
 from hardmine.errors import ConfigError, RunError
-from hardmine.mine.detections import check_overwrite, detect, mine
+from hardmine.mine.detections import check_overwrite, detect, mine, warn_unfinished
 from hardmine.mine.falsepos import fp_per_image_at_recall
 from hardmine.mine.images import fp_per_image_at_score, mine_folder
 
@@ -88,6 +88,7 @@ def mine_run(
     check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
+    warn_unfinished(run)
     hard = mine(
         run.model,
         run.train_set,
