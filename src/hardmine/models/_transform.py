@@ -51,6 +51,8 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | No
                 raise ValueError(f"{where}: contains NaN or infinite coordinates")
         labels = target.get("labels")
         where = f'targets[{i}]["labels"]'
+        if labels is None:
+            raise ValueError(f"{where}: missing; give an integer tensor of shape [G]")
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
             got = (
                 f"shape {list(labels.shape)} {labels.dtype}"
