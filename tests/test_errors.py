@@ -110,6 +110,9 @@ def _world(root: Path) -> dict[str, str]:
         "images": [{"image_id": 9999, "boxes": [], "scores": [], "labels": []}],
     }
     (root / "other_negatives.json").write_text(json.dumps(other_ids))
+    far = {**other_ids, "images": [{"image_id": 1, "boxes": [[-500, -500, 5000, 5000]]}]}
+    far["images"][0] |= {"scores": [0.9], "labels": [1]}
+    (root / "far_negatives.json").write_text(json.dumps(far))
     # COCO data with one category: the run was trained on three.
     write_coco(SceneDataset(2, seed=5, image_size=64, num_classes=1), root / "one_class")
     # COCO data without images.
@@ -180,6 +183,13 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             ["train", *TINY, *out, "--hard-negatives", f"{r}/other_negatives.json"],
             2,
             "other_negatives.json: hard negatives mined from elsewhere name 1 image ids",
+        ),
+        # S12: mined boxes far outside their image are refused like the dataset's.
+        "hard negatives outside the image": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/far_negatives.json"],
+            2,
+            "far_negatives.json: hard negatives mined from elsewhere: image id 1: box "
+            "[-500.0, -500.0, 5000.0, 5000.0] reaches more than 1 px outside the 64x64 image",
         ),
         "mine other categories": (
             ["mine", "--run", f"{r}/run", "--data", *coco, "--output", f"{r}/x.json"],
