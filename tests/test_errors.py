@@ -387,6 +387,18 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "bootstrap share 2": (["bootstrap", "--share", "2"], 2, "--share: must be in [0, 1]"),
         "bootstrap recall 2": (["bootstrap", "--recall", "2"], 2, "--recall: must be in (0, 1]"),
         "inspect images 0": (["inspect", "--images", "0"], 2, "--images: must be at least 1"),
+        # S12: inspect generated 100000 scenes silently for minutes; it draws from a set of a
+        # known size (the scenes' split, the run's training set) and refuses more.
+        "inspect images beyond the split": (
+            ["inspect", "--images", "100000", "--hist-images", "2"],
+            2,
+            "--images 100000: the built-in scenes' train split has 512 images",
+        ),
+        "inspect images beyond the run's set": (
+            ["inspect", "--run", f"{r}/run", "--images", "5", "--device", "cpu"],
+            2,
+            f"--images 5: the training set of {r}/run has 4 images",
+        ),
         "inspect samplers twice": (
             ["inspect", "--samplers", "ohem,ohem"],
             2,

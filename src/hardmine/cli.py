@@ -760,9 +760,8 @@ def inspect_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--hist-images",
         type=_int_at_least(1),
-        default=64,
         metavar="M",
-        help="images in the histograms (default: 64)",
+        help="images in the histograms (default: 64, or all when fewer)",
     )
     parser.add_argument(
         "--samplers",
@@ -797,6 +796,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import torch
 
     from hardmine._atomic import check_writable
+    from hardmine.data.scenes import SPLIT_SIZES
     from hardmine.engine.distributed import resolve_device
     from hardmine.engine.rundir import load_run
     from hardmine.models import DETECTORS, build
@@ -807,17 +807,24 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             f"--model: unknown detector {args.model!r}; valid: {', '.join(sorted(DETECTORS))}"
         )
     check_writable(args.output, f"--output {args.output}")  # before the model and the data
+    spec = args.data or (None if args.run is not None else "scenes")
+    if spec in ("scenes", "scenes:train", "scenes:val"):  # before generating them
+        split = "val" if spec.endswith(":val") else "train"
+        _check_image_counts(args, SPLIT_SIZES[split], f"the built-in scenes' {split} split")
     device = resolve_device(args.device)
-    count = max(args.images, args.hist_images)
+    hist_images = 64 if args.hist_images is None else args.hist_images
+    count = max(args.images, hist_images)
     if args.run is not None:
         run = load_run(args.run, device=device)
         model, dataset = run.model, run.train_set
         if args.data is not None:
             dataset = load_data(args.data, num_images=count, image_dir=args.image_dir)
     else:
-        dataset = load_data(args.data or "scenes", num_images=count, image_dir=args.image_dir)
+        dataset = load_data(spec, num_images=count, image_dir=args.image_dir)
         torch.manual_seed(args.seed)
         model = build(args.model, len(dataset.categories) + 1).to(device)
+    what = args.data if args.data is not None else f"the training set of {args.run}"
+    _check_image_counts(args, len(dataset), what)
     samplers = samplers_for(model, args.samplers, num=args.num)
     source = args.proposals or ("rpn" if args.run is not None else "jitter")
     result = inspect_picks(
@@ -827,7 +834,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         args.output,
         proposals=source,
         num_images=args.images,
-        hist_images=args.hist_images,
+        hist_images=min(hist_images, len(dataset)),
         seed=args.seed,
         device=device,
     )
@@ -840,6 +847,18 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             f"IoU with GT in [0.4, 0.5): {_pct(gt)}"
         )
     return 0
+
+
+def _check_image_counts(args: argparse.Namespace, size: int, what: str) -> None:
+    """Refuse ``--images`` / ``--hist-images`` beyond the ``size`` images of the set inspect draws
+    from (rather than generate or run through a set of that size silently, for minutes)."""
+    for option in ("images", "hist_images"):
+        value = getattr(args, option)
+        if value is not None and value > size:
+            raise ConfigError(
+                f"--{option.replace('_', '-')} {value}: {what} has {size} images; give at most "
+                f"{size}"
+            )
 
 
 def _pct(value: float) -> str:
