@@ -367,6 +367,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "bad.yaml is a file, not a folder",
         ),
         "inspect output empty": (["inspect", "--output", ""], 2, "--output: an empty path"),
+        "mine images empty": (
+            ["mine", "--run", f"{r}/run", "--images", ""],
+            2,
+            "--images: an empty path",
+        ),
+        "eval run empty": (["eval", "--run", ""], 2, "--run: an empty path"),
         "compare output under a file": (
             ["compare", "--methods", "random", "--output", f"{r}/bad.yaml/cmp"],
             2,

@@ -964,6 +964,30 @@ class _HeldNotes(logging.Handler):
         self.held.clear()
 
 
+#: The options that name a file or folder: an empty one would mean the working folder.
+_PATH_OPTIONS = (
+    "config",
+    "run",
+    "output",
+    "images",
+    "image_dir",
+    "data",
+    "hard_negatives",
+    "negative_images",
+    "negative_val",
+)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Raise ``ConfigError`` for a path option given as an empty string (``--images ''`` mined
+    the working folder)."""
+    for option in _PATH_OPTIONS:
+        value = getattr(args, option, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise ConfigError(f"--{option.replace('_', '-')}: an empty path; give a file or folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
@@ -974,6 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         _check_extra(extra, args, args.parser)
+        _check_paths(args)
         from hardmine.config import parse_overrides
 
         overrides = parse_overrides(extra)
