@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def _world(root: Path) -> dict[str, str]:
     (root / "empty" / "checkpoint.pt").write_bytes(b"")
     (root / "nockpt" / "checkpoint.pt").unlink()
     (root / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    (root / "section_scalar.yaml").write_text("train: 5\n")
     (root / "not_negatives.json").write_text('{"images": []}\n')
     other_ids = {
         "format": "hardmine-hard-negatives",
@@ -108,6 +110,9 @@ def _world(root: Path) -> dict[str, str]:
         "images": [{"image_id": 9999, "boxes": [], "scores": [], "labels": []}],
     }
     (root / "other_negatives.json").write_text(json.dumps(other_ids))
+    far = {**other_ids, "images": [{"image_id": 1, "boxes": [[-500, -500, 5000, 5000]]}]}
+    far["images"][0] |= {"scores": [0.9], "labels": [1]}
+    (root / "far_negatives.json").write_text(json.dumps(far))
     # COCO data with one category: the run was trained on three.
     write_coco(SceneDataset(2, seed=5, image_size=64, num_classes=1), root / "one_class")
     # COCO data without images.
@@ -179,6 +184,13 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "other_negatives.json: hard negatives mined from elsewhere name 1 image ids",
         ),
+        # S12: mined boxes far outside their image are refused like the dataset's.
+        "hard negatives outside the image": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/far_negatives.json"],
+            2,
+            "far_negatives.json: hard negatives mined from elsewhere: image id 1: box "
+            "[-500.0, -500.0, 5000.0, 5000.0] reaches more than 1 px outside the 64x64 image",
+        ),
         "mine other categories": (
             ["mine", "--run", f"{r}/run", "--data", *coco, "--output", f"{r}/x.json"],
             2,
@@ -237,6 +249,33 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "model.box_nms_thresh: must be in [0, 1], got 2",
         ),
+        # S12: every inference setting is range-checked in eval too.
+        "eval box_score_thresh -1": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_score_thresh", "-1"],
+            2,
+            "model.box_score_thresh: must be in [0, 1], got -1",
+        ),
+        "eval box_detections_per_img 0": (
+            ["eval", "--run", f"{r}/run", "--device", "cpu", "--model.box_detections_per_img", "0"],
+            2,
+            "model.box_detections_per_img: must be at least 1, got 0",
+        ),
+        # S12: --score-thr is range-checked like --iou-thr.
+        "mine score-thr 1.5": (
+            ["mine", "--run", f"{r}/run", "--score-thr", "1.5"],
+            2,
+            "--score-thr: must be in [0, 1], got 1.5",
+        ),
+        "mine score-thr -1": (
+            ["mine", "--run", f"{r}/run", "--score-thr", "-1"],
+            2,
+            "--score-thr: must be in [0, 1], got -1",
+        ),
+        "bootstrap score-thr 2": (
+            ["bootstrap", "--score-thr", "2"],
+            2,
+            "--score-thr: must be in [0, 1], got 2",
+        ),
         # Defect D9: eval refuses overrides that inference does not read.
         "eval box_loss_beta": (
             ["eval", "--run", f"{r}/run", "--model.box_loss_beta", "1.0"],
@@ -286,6 +325,64 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "sampler.name: 'random' -> 'ohem'",
         ),
+        # Issue 12 (S12): an empty path would write the run into the working folder.
+        "empty output_dir": (["train", "--output_dir", ""], 2, "output_dir: an empty path"),
+        "empty hard negatives": (
+            ["train", "--hard_negatives", ""],
+            2,
+            "hard_negatives: an empty path",
+        ),
+        # S12: a malformed section is refused with and without an override of it.
+        "section not a mapping": (
+            ["train", "--config", f"{r}/section_scalar.yaml"],
+            2,
+            "section_scalar.yaml: train: expected a mapping, got 5",
+        ),
+        "section not a mapping, overridden": (
+            ["train", "--config", f"{r}/section_scalar.yaml", "--train.epochs", "1"],
+            2,
+            "section_scalar.yaml: train: expected a mapping, got 5",
+        ),
+        # S12: COCO paths are not silently ignored by the generated scenes.
+        "coco path with scenes": (
+            ["train", "--data.train_images", f"{r}/one_class/images"],
+            2,
+            "data.train_images: a COCO path, but data.kind is 'scenes'",
+        ),
+        "roi_loss_images -1": (
+            ["train", "--train.roi_loss_images", "-1"],
+            2,
+            "train.roi_loss_images: must be at least 0, got -1",
+        ),
+        # S12: every command checks where it writes before any work (one helper,
+        # hardmine._atomic.check_writable); an unwritable folder: test_unwritable_output.
+        "mine output under a file": (
+            ["mine", "--run", f"{r}/run", "--output", f"{r}/bad.yaml/x.json"],
+            2,
+            "--output " + f"{r}/bad.yaml/x.json: {r}/bad.yaml is a file, not a folder",
+        ),
+        "inspect output under a file": (
+            ["inspect", "--images", "1", "--output", f"{r}/bad.yaml/insp"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "inspect output empty": (["inspect", "--output", ""], 2, "--output: an empty path"),
+        "mine images empty": (
+            ["mine", "--run", f"{r}/run", "--images", ""],
+            2,
+            "--images: an empty path",
+        ),
+        "eval run empty": (["eval", "--run", ""], 2, "--run: an empty path"),
+        "compare output under a file": (
+            ["compare", "--methods", "random", "--output", f"{r}/bad.yaml/cmp"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
+        "bootstrap output under a file": (
+            ["bootstrap", "--output", f"{r}/bad.yaml/boot"],
+            2,
+            "bad.yaml is a file, not a folder",
+        ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare methods twice": (
             ["compare", "--methods", "random,ohem,random"],
@@ -296,6 +393,18 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "bootstrap share 2": (["bootstrap", "--share", "2"], 2, "--share: must be in [0, 1]"),
         "bootstrap recall 2": (["bootstrap", "--recall", "2"], 2, "--recall: must be in (0, 1]"),
         "inspect images 0": (["inspect", "--images", "0"], 2, "--images: must be at least 1"),
+        # S12: inspect generated 100000 scenes silently for minutes; it draws from a set of a
+        # known size (the scenes' split, the run's training set) and refuses more.
+        "inspect images beyond the split": (
+            ["inspect", "--images", "100000", "--hist-images", "2"],
+            2,
+            "--images 100000: the built-in scenes' train split has 512 images",
+        ),
+        "inspect images beyond the run's set": (
+            ["inspect", "--run", f"{r}/run", "--images", "5", "--device", "cpu"],
+            2,
+            f"--images 5: the training set of {r}/run has 4 images",
+        ),
         "inspect samplers twice": (
             ["inspect", "--samplers", "ohem,ohem"],
             2,
@@ -328,7 +437,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    return {name: (results[name], cases[name]) for name in cases}
+    return {name: (results[name], cases[name]) for name in cases} | {"_root": root}
 
 
 CASE_NAMES = list(_cases(Path("/x")))
@@ -383,3 +492,51 @@ def test_hardmine_debug_shows_the_traceback(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "Traceback" in done.stderr and "ConfigError: nope.yaml" in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only folder")
+def test_unwritable_output(outcomes: dict[str, Any], tmp_path: Path) -> None:
+    """S12: a read-only output location is one line before the work, not a traceback after it
+    (``eval`` writes into the run, the others into --output)."""
+    import shutil
+
+    root = outcomes["_root"]
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for folder in (run, ro):
+        folder.chmod(0o555)
+    try:
+        for argv in (
+            ["eval", "--run", str(run), "--device", "cpu"],
+            ["mine", "--run", str(root / "run"), "--output", str(ro / "x.json")],
+            ["inspect", "--images", "1", "--output", str(ro / "insp")],
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "hardmine.cli", *argv],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                cwd=tmp_path,
+            )
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.count("\n") == 1 and "is not writable" in done.stderr
+    finally:
+        for folder in (run, ro):
+            folder.chmod(0o755)
+
+
+def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one helper every command uses; ``os.access`` stands in for a read-only folder (root
+    writes to any)."""
+    from hardmine._atomic import check_writable
+    from hardmine.errors import RunError
+
+    check_writable(tmp_path / "new" / "deeper", "--output x")  # missing folders can be made
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(RunError, match=f"^--output x: {re.escape(str(tmp_path))} is not writable$"):
+        check_writable(tmp_path / "new", "--output x")
+    with pytest.raises(RunError, match=r"^--output: an empty path"):
+        check_writable("", "--output")

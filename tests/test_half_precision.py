@@ -328,3 +328,22 @@ def test_every_sampler_trains_under_autocast(
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+@pytest.mark.parametrize("name", ["fcos_tiny", "atss_fcos_tiny", "retinanet_tiny"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_train_the_dense_models_as_float32(
+    name: str, dtype: torch.dtype
+) -> None:
+    """S12: float16 boxes gave fcos_tiny a NaN bbox_ctrness (torchvision's FCOS computes its
+    centerness target in the boxes' dtype); the transform now takes them in float32, exactly."""
+    boxes = torch.tensor([[10.3, 12.7, 50.1, 61.9], [20.0, 30.0, 80.0, 90.0]]).to(dtype)
+    image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for given in (boxes, boxes.float()):  # the half boxes, and the same values in float32
+        torch.manual_seed(0)
+        model = build(name, 3, min_size=96, max_size=96).train()
+        losses[given.dtype] = model([image], [{"boxes": given, "labels": torch.tensor([1, 2])}])
+    assert all(torch.isfinite(v) for v in losses[dtype].values()), losses[dtype]
+    for key, value in losses[torch.float32].items():
+        assert torch.equal(losses[dtype][key], value), key

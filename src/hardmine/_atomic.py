@@ -13,10 +13,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from hardmine.errors import RunError
+
 # The permissions of a file created by open(): 0o666 less the process's umask (mkstemp's own
 # 0o600 would leave checkpoints and hard-negative files readable by their owner only).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_writable(folder: str | Path, name: str) -> None:
+    """Raise ``RunError`` unless ``folder`` is, or can be made, a folder this process writes to.
+
+    Every command checks where it writes before any work, so that an unwritable location is one
+    line at the start, not a traceback after the work (``write_atomic`` creates missing parents).
+
+    Args:
+        folder: where the files will go.
+        name: what the user gave, for the message (``"--output runs/x"``, ``"output_dir runs/x"``).
+
+    Raises:
+        RunError: an empty path, a file on the way, or a folder without write permission.
+    """
+    if not str(folder).strip():
+        raise RunError(f"{name.rstrip()}: an empty path; give a folder")
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"{name}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{name}: {existing} is not writable")
 
 
 def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> Path:

@@ -98,17 +98,6 @@ def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[
     return parse
 
 
-def _finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _names(valid: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated list of distinct names out of ``valid``."""
 
@@ -392,6 +381,7 @@ def _device_list(text: str) -> list[str]:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from hardmine._atomic import check_writable
     from hardmine.config import COMPONENT_SECTIONS
     from hardmine.report.compare import (
         DEFAULT_METHODS,
@@ -408,6 +398,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # The methods set the model, sampler and assigner: overrides of those go to every method.
     per_method = {k: v for k, v in overrides.items() if k.split(".")[0] in COMPONENT_SECTIONS}
     overrides = {k: v for k, v in overrides.items() if k not in per_method}
+    check_writable(args.output, f"--output {args.output}")
     base = _base_config(args, overrides)
     for method in methods:  # a bad variant is a user error before any training, not a failed run
         check_method(method, base, overrides=per_method)
@@ -478,9 +469,10 @@ def _add_mining_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--score-thr",
-        type=_finite,
+        type=_number_in(0, 1),
         metavar="S",
-        help="keep only false positives scoring at least S (default: all the detector outputs)",
+        help="keep only false positives scoring at least S, in [0, 1] (default: all the detector "
+        "outputs)",
     )
     parser.add_argument(
         "--iou-thr",
@@ -772,9 +764,8 @@ def inspect_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--hist-images",
         type=_int_at_least(1),
-        default=64,
         metavar="M",
-        help="images in the histograms (default: 64)",
+        help="images in the histograms (default: 64, or all when fewer)",
     )
     parser.add_argument(
         "--samplers",
@@ -808,6 +799,8 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Run ``hardmine inspect`` (``overrides`` is empty: the command takes none)."""
     import torch
 
+    from hardmine._atomic import check_writable
+    from hardmine.data.scenes import SPLIT_SIZES
     from hardmine.engine.distributed import resolve_device
     from hardmine.engine.rundir import load_run
     from hardmine.models import DETECTORS, build
@@ -817,17 +810,25 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError(
             f"--model: unknown detector {args.model!r}; valid: {', '.join(sorted(DETECTORS))}"
         )
+    check_writable(args.output, f"--output {args.output}")  # before the model and the data
+    spec = args.data or (None if args.run is not None else "scenes")
+    if spec in ("scenes", "scenes:train", "scenes:val"):  # before generating them
+        split = "val" if spec.endswith(":val") else "train"
+        _check_image_counts(args, SPLIT_SIZES[split], f"the built-in scenes' {split} split")
     device = resolve_device(args.device)
-    count = max(args.images, args.hist_images)
+    hist_images = 64 if args.hist_images is None else args.hist_images
+    count = max(args.images, hist_images)
     if args.run is not None:
         run = load_run(args.run, device=device)
         model, dataset = run.model, run.train_set
         if args.data is not None:
             dataset = load_data(args.data, num_images=count, image_dir=args.image_dir)
     else:
-        dataset = load_data(args.data or "scenes", num_images=count, image_dir=args.image_dir)
+        dataset = load_data(spec, num_images=count, image_dir=args.image_dir)
         torch.manual_seed(args.seed)
         model = build(args.model, len(dataset.categories) + 1).to(device)
+    what = args.data if args.data is not None else f"the training set of {args.run}"
+    _check_image_counts(args, len(dataset), what)
     samplers = samplers_for(model, args.samplers, num=args.num)
     source = args.proposals or ("rpn" if args.run is not None else "jitter")
     result = inspect_picks(
@@ -837,7 +838,7 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         args.output,
         proposals=source,
         num_images=args.images,
-        hist_images=args.hist_images,
+        hist_images=min(hist_images, len(dataset)),
         seed=args.seed,
         device=device,
     )
@@ -850,6 +851,18 @@ def inspect_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             f"IoU with GT in [0.4, 0.5): {_pct(gt)}"
         )
     return 0
+
+
+def _check_image_counts(args: argparse.Namespace, size: int, what: str) -> None:
+    """Refuse ``--images`` / ``--hist-images`` beyond the ``size`` images of the set inspect draws
+    from (rather than generate or run through a set of that size silently, for minutes)."""
+    for option in ("images", "hist_images"):
+        value = getattr(args, option)
+        if value is not None and value > size:
+            raise ConfigError(
+                f"--{option.replace('_', '-')} {value}: {what} has {size} images; give at most "
+                f"{size}"
+            )
 
 
 def _pct(value: float) -> str:
@@ -955,6 +968,30 @@ class _HeldNotes(logging.Handler):
         self.held.clear()
 
 
+#: The options that name a file or folder: an empty one would mean the working folder.
+_PATH_OPTIONS = (
+    "config",
+    "run",
+    "output",
+    "images",
+    "image_dir",
+    "data",
+    "hard_negatives",
+    "negative_images",
+    "negative_val",
+)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Raise ``ConfigError`` for a path option given as an empty string (``--images ''`` mined
+    the working folder)."""
+    for option in _PATH_OPTIONS:
+        value = getattr(args, option, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise ConfigError(f"--{option.replace('_', '-')}: an empty path; give a file or folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
@@ -965,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         _check_extra(extra, args, args.parser)
+        _check_paths(args)
         from hardmine.config import parse_overrides
 
         overrides = parse_overrides(extra)

@@ -405,7 +405,30 @@ def config_from_dict(raw: Mapping[str, Any], *, registries: Registries = REGISTR
             f"{config.data.box_tolerance!r}"
         )
     _check_ranges(config)
+    _check_paths(config)
     return config
+
+
+#: The data settings that only ``data.kind: coco`` reads.
+COCO_KEYS = ("root", "train_images", "train_ann", "val_images", "val_ann")
+
+
+def _check_paths(config: RunConfig) -> None:
+    """Raise ``ConfigError`` for an empty path (``--output_dir ''`` would write the run into the
+    working folder) and for COCO paths beside ``data.kind: scenes`` (which would ignore them)."""
+    for dotted in PATH_KEYS:
+        value: Any = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{dotted}: an empty path; give a file or folder, or leave it out")
+    if config.data.kind == "scenes":
+        for key in COCO_KEYS:
+            if getattr(config.data, key) is not None:
+                raise ConfigError(
+                    f"data.{key}: a COCO path, but data.kind is 'scenes' (the generated scenes, "
+                    "which read no files); give --data.kind coco too, or leave it out"
+                )
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
@@ -441,6 +464,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every": _at_least(1),
     "train.eval_every": _at_least(0),
     "train.checkpoint_every": _at_least(0),
+    "train.roi_loss_images": _at_least(0),
 }
 
 
@@ -563,10 +587,14 @@ def apply_overrides(
     for dotted, value in sorted(overrides.items(), key=lambda item: item[0].count(".")):
         *parents, leaf = dotted.split(".")
         node = out
-        for part in parents:
+        for depth, part in enumerate(parents):
             child = node.get(part)
             if isinstance(child, str) and part in COMPONENT_SECTIONS:
                 child = {"name": child}
+            if child is not None and not isinstance(child, dict):
+                # A malformed section ("train: 5") is refused, not replaced by the override's.
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{where}: expected a mapping, got {child!r}")
             node[part] = child if isinstance(child, dict) else {}
             node = node[part]
         node[leaf] = value

@@ -55,3 +55,17 @@ def test_failed_write_keeps_the_old_checkpoint(
         checkpoint.save_atomic({"x": torch.ones(2)}, path)
     assert torch.equal(checkpoint.load(path)["x"], torch.zeros(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
+
+
+def test_a_checkpoint_with_python_objects_is_refused_without_unsafe_advice(tmp_path: Path) -> None:
+    """S12: the message repeated PyTorch's advice to load with weights_only=False, which runs the
+    file's code."""
+    import argparse
+
+    from hardmine.errors import CheckpointError
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"x": argparse.Namespace(a=1)}, path)
+    with pytest.raises(CheckpointError, match="not a hardmine checkpoint") as error:
+        checkpoint.load(path)
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)

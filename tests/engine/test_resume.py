@@ -292,3 +292,60 @@ def test_resume_with_images_without_objects_is_exact(
     assert [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert losses(resumed.run_dir) == expected
     assert_same_weights(resumed.model, whole.model)
+
+
+def _negatives(path: Path, boxes: list[list[float]]) -> Path:
+    """A version-1 hard-negatives file with ``boxes`` on scene 1 (of four 64-px scenes)."""
+    from hardmine.data import HardNegatives, MinedBoxes, save_hard_negatives
+
+    mined = MinedBoxes(
+        torch.tensor(boxes), torch.full((len(boxes),), 0.9), torch.ones(len(boxes), dtype=int)
+    )
+    return save_hard_negatives(HardNegatives(images={1: mined}, source="test"), path)
+
+
+def test_resume_refuses_a_hard_negatives_file_changed_since_the_run_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S12: only the path was compared, so an edited file trained on silently. The checkpoint
+    records the file's SHA-256 when the run starts; the same content resumes."""
+    path = _negatives(tmp_path / "hn.json", [[5.0, 5.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]])
+    run_config = config(tmp_path, "run", hard_negatives=str(path))
+    train_killed_at(monkeypatch, run_config, step=1)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert set(state["digests"]) == {"hard_negatives"}
+    _negatives(path, [[5.0, 5.0, 30.0, 30.0]])
+    with pytest.raises(RunError, match=r"hard_negatives .*hn.json changed since the run started"):
+        train(run_config, resume=True)
+    _negatives(path, [[5.0, 5.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]])  # as it was
+    assert train(run_config, resume=True).run_dir == tmp_path / "run"
+
+
+def test_resume_without_a_checkpoint_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S12: --resume on a folder without a run started afresh without a word."""
+    run_config = config(tmp_path, "fresh", train__max_steps=1)
+    with caplog.at_level("INFO", logger="hardmine"):
+        train(run_config, resume=True)
+    said = [
+        r.getMessage() for r in caplog.records if "has no checkpoint to resume" in r.getMessage()
+    ]
+    assert said == [f"{tmp_path / 'fresh'} has no checkpoint to resume: the run starts at step 0"]
+
+
+def test_mining_an_unfinished_run_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S12: mining a run without results.json (killed, or still training) gave no note."""
+    from hardmine.mine import mine_run
+
+    run_config = config(tmp_path, "run")
+    train_killed_at(monkeypatch, run_config, step=1)
+    with caplog.at_level("WARNING", logger="hardmine"):
+        mine_run(tmp_path / "run", device="cpu", top_k=1)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        f"{tmp_path / 'run'} has not finished (no results.json): mining the detector of its "
+        "checkpoint at step 1"
+    ]

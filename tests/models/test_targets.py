@@ -49,6 +49,7 @@ CASES = [
     (_damaged("labels", torch.tensor([1.0, 2.0])), T1.format("labels") + "expected an integer"),
     (_damaged("labels", torch.tensor([1])), T1.format("labels") + "1 labels for 2 boxes"),
     (_damaged("boxes", NAN_BOXES, image=0), r'targets\[0\]\["boxes"\]: contains NaN'),
+    (_damaged("labels", None), T1.format("labels") + "missing"),
 ]
 
 
@@ -66,6 +67,44 @@ def test_bad_targets_are_named(name: str, targets: list, message: str) -> None:
     model.train()
     with pytest.raises(ValueError, match=message):
         model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets)
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn_tiny", "retinanet_tiny", "fcos_tiny"])
+@pytest.mark.parametrize(("targets", "message"), CASES)
+def test_plain_builds_check_targets_too(name: str, targets: list, message: str) -> None:
+    """S12: ``build`` without a sampler / assigner returned torchvision's model unchecked: a NaN
+    box trained to a NaN loss, two labels for one box were accepted, a missing "labels" was a
+    KeyError and a label >= num_classes a raw IndexError."""
+    torch.manual_seed(0)
+    model = build(name, 4, min_size=64, max_size=64).train()
+    for target in targets:  # the plain models' targets: boxes and labels (and the extra keys)
+        if target.get("labels", 0) is None:
+            del target["labels"]
+    with pytest.raises(ValueError, match=message):
+        model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets)
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn_tiny", "retinanet_tiny", "fcos_tiny"])
+def test_plain_builds_still_train(name: str) -> None:
+    torch.manual_seed(0)
+    model = build(name, 4, min_size=64, max_size=64).train()
+    losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], _targets())
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_generator_must_be_a_generator() -> None:
+    """S12: ``generator=1`` was accepted and failed inside torch.randperm at the first step."""
+    from hardmine.models import with_sampler
+
+    model = build("faster_rcnn_tiny", 4)
+    for make in (
+        lambda: with_sampler(model, RandomSampler(), generator=1),
+        lambda: build("faster_rcnn_tiny", 4, sampler=RandomSampler(), generator=1),
+        lambda: build("fcos_tiny", 4, generator=1),
+    ):
+        with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None"):
+            make()
+    with_sampler(model, RandomSampler(), generator=torch.Generator().manual_seed(0))
 
 
 def test_good_targets_still_train() -> None:

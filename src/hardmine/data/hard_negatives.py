@@ -264,14 +264,22 @@ class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
         dataset: a dataset of the common interface (``hardmine.data``).
         hard_negatives: the mined boxes, by image id.
         path: the file they were read from, for the error message.
+        box_tolerance: how far, in pixels, a mined box may reach outside its image (as
+            ``data.box_tolerance`` allows the dataset's boxes); a detector's boxes never do.
 
     Raises:
         HardNegativesFormatError: the file names image ids that ``dataset``'s ``coco_gt`` does
-            not have, or labels beyond its categories (it was mined on another dataset).
+            not have, labels beyond its categories (it was mined on another dataset), or a box
+            reaching more than ``box_tolerance`` pixels outside its image.
     """
 
     def __init__(
-        self, dataset: Dataset, hard_negatives: HardNegatives, *, path: str | Path | None = None
+        self,
+        dataset: Dataset,
+        hard_negatives: HardNegatives,
+        *,
+        path: str | Path | None = None,
+        box_tolerance: float = 1.0,
     ) -> None:
         if hard_negatives.file_names:
             raise HardNegativesFormatError(
@@ -297,6 +305,22 @@ class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
                     f"{where} carry labels {sorted(labels - classes)} this dataset's categories "
                     f"lack ({sorted(classes)}); were they mined on another dataset?"
                 )
+            sizes = {im["id"]: (im.get("width"), im.get("height")) for im in coco_gt["images"]}
+            for image_id, mined in sorted(hard_negatives.images.items()):
+                width, height = sizes[image_id]
+                if width is None or height is None or not mined.boxes.numel():
+                    continue
+                b, tol = mined.boxes, box_tolerance
+                outside = (
+                    (b[:, :2] < -tol).any(1) | (b[:, 2] > width + tol) | (b[:, 3] > height + tol)
+                )
+                if bool(outside.any()):
+                    box = [round(v, 2) for v in b[int(outside.nonzero()[0])].tolist()]
+                    raise HardNegativesFormatError(
+                        f"{where}: image id {image_id}: box {box} reaches more than {tol:g} px "
+                        f"outside the {width}x{height} image (data.box_tolerance); were they "
+                        "mined on another dataset?"
+                    )
         self.dataset = dataset
         self.hard_negatives = hard_negatives
 
@@ -310,8 +334,11 @@ class HardNegativeDataset(Dataset[tuple[Tensor, dict[str, Any]]]):
         return image, target
 
 
-def with_hard_negatives(dataset: Dataset, path: str | Path | None) -> Dataset:
+def with_hard_negatives(
+    dataset: Dataset, path: str | Path | None, *, box_tolerance: float = 1.0
+) -> Dataset:
     """``dataset`` with the hard negatives of the file at ``path``; ``dataset`` itself for None.
+    ``box_tolerance``: as ``HardNegativeDataset``.
 
     Raises:
         HardNegativesFormatError: the file is unreadable or malformed, or was mined on another
@@ -319,4 +346,6 @@ def with_hard_negatives(dataset: Dataset, path: str | Path | None) -> Dataset:
     """
     if path is None:
         return dataset
-    return HardNegativeDataset(dataset, load_hard_negatives(path), path=path)
+    return HardNegativeDataset(
+        dataset, load_hard_negatives(path), path=path, box_tolerance=box_tolerance
+    )

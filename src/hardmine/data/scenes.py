@@ -59,7 +59,7 @@ _OTHER_COLOURS = np.array(
 )
 #: The seed of each split: training and validation images never coincide.
 SPLIT_SEEDS = {"train": 0, "val": 1}
-_SPLIT_SIZES = {"train": 512, "val": 256}
+SPLIT_SIZES = {"train": 512, "val": 256}
 _MIN_VISIBLE = 0.5  # below this fraction of its in-image area an object becomes an ignore region
 # COCO's size ranges, by area in pixels (``hardmine.engine.evaluate.coco_ap``'s APs / APm / APl).
 _SMALL, _LARGE = 32**2, 96**2
@@ -551,7 +551,7 @@ def make_scenes(
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     return SceneDataset(
-        _SPLIT_SIZES[split] if num_images is None else num_images,
+        SPLIT_SIZES[split] if num_images is None else num_images,
         seed=SPLIT_SEEDS[split],
         image_size=image_size,
         num_classes=num_classes,

@@ -308,14 +308,18 @@ def training_set(config: RunConfig, train_set: Dataset) -> Dataset:
             "join an R-CNN's RoIs, for a sampler to pick from"
         )
     if config.negative_images is None:
-        return with_hard_negatives(train_set, config.hard_negatives)
+        return with_hard_negatives(
+            train_set, config.hard_negatives, box_tolerance=config.data.box_tolerance
+        )
     mined = None
     if config.hard_negatives is not None:
         hard = load_hard_negatives(config.hard_negatives)
         if hard.file_names:  # mined on a folder: its boxes go to the folder's images, by path
             mined = hard
         else:
-            train_set = with_hard_negatives(train_set, config.hard_negatives)
+            train_set = with_hard_negatives(
+                train_set, config.hard_negatives, box_tolerance=config.data.box_tolerance
+            )
     coco_gt = coco_gt_of(train_set)
     ids = [im["id"] for im in coco_gt["images"]] if coco_gt is not None else []
     folder = ImageFolder(

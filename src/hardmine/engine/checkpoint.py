@@ -10,6 +10,7 @@ unreadable (emptied, truncated, not a checkpoint) is refused by name (``Checkpoi
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,12 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean that
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in reason:
+            # Not PyTorch's advice to load it with weights_only=False: that runs the file's code.
+            raise CheckpointError(
+                f"{path}: not a hardmine checkpoint (it holds Python objects other than tensors "
+                "and plain data, which are not loaded: unpickling them could run code)"
+            ) from error
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated or damaged? {reason})"
         ) from error

@@ -21,6 +21,7 @@ from faster_coco_eval.core import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hardmine._atomic import check_writable
 from hardmine.config import ConfigError, RunConfig
 from hardmine.data import coco_gt_of, collate_fn
 from hardmine.engine.build import has_masks
@@ -307,6 +308,7 @@ def evaluate_run(
     check_eval_overrides(overrides)
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
+    check_writable(run.run_dir, f"--run {run_dir}")  # where the result goes, before the work
     metrics = evaluate(run.model, run.val_set, device=resolved, iou_types=iou_types_of(run.config))
     document = {"step": run.step, "metrics": metrics}
     if overrides:

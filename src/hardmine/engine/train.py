@@ -17,6 +17,7 @@ configuration that differs from the checkpoint's in anything but ``hardmine.conf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from hardmine._atomic import check_writable
 from hardmine.config import (
     MAY_DIFFER,
     RunConfig,
@@ -209,6 +211,8 @@ class Session:
         window: per logged key, the sum over the steps since the last log row.
         window_steps: the steps since the last log row.
         checkpoint_step: the step of the checkpoint in ``run_dir``; None while there is none.
+        digests: the SHA-256 of each input file whose path is a setting (``input_digests``),
+            taken when the run started: a resume refuses a file whose content changed since.
     """
 
     config: RunConfig
@@ -227,6 +231,7 @@ class Session:
     window: dict[str, float] = field(default_factory=dict)
     window_steps: int = 0
     checkpoint_step: int | None = None
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def amp(self) -> bool:
@@ -262,6 +267,7 @@ class Session:
             },
             "config": config_to_dict(with_absolute_paths(self.config)),
             "categories": list(self.categories),
+            "digests": dict(self.digests),
         }
         if self.process.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.process.device)
@@ -481,13 +487,38 @@ def _log_roi_loss(session: Session, train_set: Dataset) -> None:
 _WRITTEN = (checkpoint.CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME, DETECTIONS_NAME)
 
 
-def check_resumable(state: Mapping[str, Any], config: RunConfig, path: Path) -> None:
+def input_digests(config: RunConfig) -> dict[str, str]:
+    """The SHA-256 of the input files ``config`` names by a setting whose content the run's
+    steps depend on (the hard negatives), by setting; a file that is not there is left out (the
+    data loading names it)."""
+    digests = {}
+    if config.hard_negatives is not None and Path(config.hard_negatives).is_file():
+        with open(config.hard_negatives, "rb") as f:
+            digests["hard_negatives"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def check_resumable(
+    state: Mapping[str, Any],
+    config: RunConfig,
+    path: Path,
+    digests: Mapping[str, str] | None = None,
+) -> None:
     """Raise unless the checkpoint ``state`` (read from ``path``) can continue with ``config``.
+
+    Args:
+        state: the checkpoint.
+        config: the configuration to continue with.
+        path: the checkpoint's file.
+        digests: ``input_digests(config)`` now; a file whose digest differs from the one the
+            checkpoint recorded when the run started is refused (checkpoints without digests,
+            of older versions, are not checked).
 
     Raises:
         CheckpointError: the file is not a checkpoint of ``hardmine train``.
         RunError: ``config`` differs from the checkpoint's configuration in a setting that
-            changes the result (anything outside ``MAY_DIFFER``); the message names them.
+            changes the result (anything outside ``MAY_DIFFER``), or an input file changed since
+            the run started; the message names them.
     """
     missing = [k for k in checkpoint.REQUIRED_KEYS if k not in state]
     if missing:
@@ -508,17 +539,15 @@ def check_resumable(state: Mapping[str, Any], config: RunConfig, path: Path) -> 
             f"resume it as it was (--config {run_dir / CONFIG_NAME} --resume), or train the new "
             "settings in another output_dir"
         )
-
-
-def _check_writable(run_dir: Path) -> None:
-    """Raise ``RunError`` unless ``run_dir`` is, or can be made, a folder this process writes to."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RunError(f"output_dir {run_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"output_dir {run_dir}: {existing} is not writable")
+    saved_digests = state.get("digests") or {}
+    for key, digest in saved_digests.items():
+        if digests is not None and digests.get(key) != digest:
+            file = getattr(config, key)
+            raise RunError(
+                f"{path.parent}: --resume, but {key} {file} changed since the run started (its "
+                "SHA-256 differs); resume with the file as it was, or train with the new one in "
+                "another output_dir"
+            )
 
 
 def _device_type(name: str) -> str:
@@ -563,13 +592,14 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
             "another output_dir"
         )
     check_model(config)
-    _check_writable(run_dir)
+    check_writable(run_dir, f"output_dir {run_dir}")
     state = None
+    digests = input_digests(config)  # before any work: what this run's steps read
     if resume and ckpt_path.exists():
         state = checkpoint.load(ckpt_path)
-        check_resumable(state, config, ckpt_path)
-    elif resume and run_dir.exists():
-        log.info("%s has no checkpoint: the run starts at step 0", run_dir)
+        check_resumable(state, config, ckpt_path, digests)
+    elif resume:  # said, so that a mistyped output_dir is not taken for a resumed run
+        log.info("%s has no checkpoint to resume: the run starts at step 0", run_dir)
     with process_group(config.device) as process:
         start = time.monotonic()
         if process.is_main and run_dir.is_dir():
@@ -626,6 +656,7 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
             log=None,
             steps_per_epoch=steps_per_epoch,
             categories=list(categories),
+            digests=digests,
         )
         if state is not None:
             # On the CPU: RNG states must stay there; weights and optimiser state are copied to

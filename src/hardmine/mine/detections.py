@@ -4,6 +4,7 @@ contents: the mining that ``hardmine mine`` and ``hardmine bootstrap`` do, on a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ from torch.utils.data import Dataset
 from hardmine.config import describe_differences
 from hardmine.data import HardNegatives, HardNegativesFormatError, MinedBoxes, load_hard_negatives
 from hardmine.engine.evaluate import detect as detect_outputs
+from hardmine.engine.rundir import RESULTS_NAME, LoadedRun
 from hardmine.errors import RunError
 from hardmine.mine.falsepos import ImageDetections, false_positives
+
+log = logging.getLogger(__name__)
 
 
 def detect(
@@ -105,6 +109,18 @@ def mine(
     return mine_detections(
         detections, iou_thr=iou_thr, top_k=top_k, score_thr=score_thr, source=source
     )
+
+
+def warn_unfinished(run: LoadedRun) -> None:
+    """Warn, in one line, that ``run`` has not finished (no ``results.json``): its detector is
+    that of its last checkpoint, mid-schedule."""
+    if not (run.run_dir / RESULTS_NAME).exists():
+        log.warning(
+            "%s has not finished (no %s): mining the detector of its checkpoint at step %d",
+            run.run_dir,
+            RESULTS_NAME,
+            run.step,
+        )
 
 
 def check_overwrite(path: Path, settings: Mapping[str, Any], *, folder: str = "") -> None:

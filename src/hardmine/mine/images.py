@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hardmine._atomic import check_writable
 from hardmine.data import HardNegatives, ImageFolder, save_hard_negatives
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.rundir import load_run
-from hardmine.mine.detections import check_overwrite, detect, mine_detections
+from hardmine.mine.detections import check_overwrite, detect, mine_detections, warn_unfinished
 from hardmine.mine.falsepos import ImageDetections
 
 #: ``hardmine mine --images``'s file in the run directory, beside the dataset's.
@@ -117,8 +118,10 @@ def mine_images(
     path = Path(output) if output is not None else Path(run_dir) / FOLDER_NEGATIVES_NAME
     settings = {"iou_thr": 0.5, "top_k": top_k, "score_thr": score_thr}
     check_overwrite(path, settings, folder=str(images))
+    check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved)
+    warn_unfinished(run)
     folder = ImageFolder(
         images, categories=run.categories, check_images=run.config.data.check_images
     )

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hardmine._atomic import write_atomic
+from hardmine._atomic import check_writable, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -45,7 +45,7 @@ from hardmine.engine.evaluate import coco_ap, to_coco_results
 from hardmine.engine.rundir import CONFIG_NAME, load_run, write_json
 from hardmine.engine.train import train
 from hardmine.errors import ConfigError, RunError
-from hardmine.mine.detections import check_overwrite, detect, mine
+from hardmine.mine.detections import check_overwrite, detect, mine, warn_unfinished
 from hardmine.mine.falsepos import fp_per_image_at_recall
 from hardmine.mine.images import fp_per_image_at_score, mine_folder
 
@@ -85,8 +85,10 @@ def mine_run(
     """
     path = Path(output) if output is not None else Path(run_dir) / HARD_NEGATIVES_NAME
     check_overwrite(path, {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr})
+    check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved, overrides=overrides)
+    warn_unfinished(run)
     hard = mine(
         run.model,
         run.train_set,
@@ -186,6 +188,7 @@ def bootstrap(
             "negative_val counts false positives of a bootstrap over a folder: give "
             "negative_images too"
         )
+    check_writable(output_dir, f"--output {output_dir}")
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
     mining = {"iou_thr": iou_thr, "top_k": top_k, "score_thr": score_thr}

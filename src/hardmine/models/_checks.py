@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -44,6 +45,20 @@ def require_component(value: Any, argument: str) -> None:
         raise TypeError(
             f"{argument} must be {what} object such as {example} (hardmine.structures."
             f"{interface.__name__}), got {type(value).__name__}"
+        )
+
+
+def require_generator(value: Any) -> None:
+    """Raise unless ``value`` is a ``torch.Generator`` or None (a seed such as ``1`` would fail at
+    the first training step, inside ``torch.randperm``, naming no argument).
+
+    Raises:
+        TypeError: naming ``generator`` and what to pass instead.
+    """
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(value).__name__} "
+            f"{value!r}; for a seed: torch.Generator().manual_seed(seed)"
         )
 
 

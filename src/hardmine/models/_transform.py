@@ -16,6 +16,7 @@ from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY
 #: Target entries holding ``[M, 4]`` boxes in image pixels besides ``boxes``: ignore regions
 #: (crowd annotations) and offline-mined hard negatives.
 EXTRA_BOX_KEYS = ("ignore_boxes", HARD_NEGATIVES_KEY)
+_BOX_KEYS = ("boxes", *EXTRA_BOX_KEYS)
 
 
 def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | None) -> None:
@@ -51,6 +52,8 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | No
                 raise ValueError(f"{where}: contains NaN or infinite coordinates")
         labels = target.get("labels")
         where = f'targets[{i}]["labels"]'
+        if labels is None:
+            raise ValueError(f"{where}: missing; give an integer tensor of shape [G]")
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
             got = (
                 f"shape {list(labels.shape)} {labels.dtype}"
@@ -87,6 +90,11 @@ class BoxKeysTransform(GeneralizedRCNNTransform):
     ) -> tuple[Any, list[dict[str, Tensor]] | None]:
         if targets is not None:
             check_targets(targets, self.num_classes)
+            # Half-precision boxes in float32 (exactly): torchvision's FCOS computes its
+            # centerness target from them, which float16 turns to NaN (bbox_ctrness).
+            targets = [
+                {k: upcast(v) if k in _BOX_KEYS else v for k, v in t.items()} for t in targets
+            ]
         return super().forward(images, targets)
 
     def resize(

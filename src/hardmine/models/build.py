@@ -40,9 +40,11 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
+from hardmine.models._checks import require_generator
 from hardmine.models._losses import TORCHVISION_BOX_BETA
 from hardmine.models._ranges import check_model_settings
 from hardmine.models._settings import check_settings, forwards_to
+from hardmine.models._transform import with_box_keys
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
 from hardmine.models.retinanet import AssignedRetinaNet, with_assigner
 from hardmine.models.roi_heads import with_sampler
@@ -367,6 +369,7 @@ def build(
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
     check_settings(name, DETECTORS[name], kwargs)
     _check_num_classes(name, num_classes)
+    require_generator(generator)
     check_model_settings(name, {"weights": weights, "box_loss_beta": box_loss_beta, **kwargs})
     dtype = _score_dtype(score_dtype)
     model = DETECTORS[name](num_classes, weights=weights, **kwargs)
@@ -377,14 +380,18 @@ def build(
             raise ValueError(f"{name} has no read-only pass; score_dtype is for R-CNN with OHEM")
         if box_loss_beta is not None:
             raise ValueError(f"{name} has no RoI heads; box_loss_beta is for R-CNN")
-        return model if assigner is None else with_assigner(model, assigner)
+        if assigner is None:  # hardmine's target checks all the same (with_assigner has them)
+            model.transform = with_box_keys(model.transform, num_classes)
+            return model
+        return with_assigner(model, assigner)
     if (
         sampler is None
         and assigner is None
         and dtype in (None, "auto")
         and generator is None
         and box_loss_beta is None
-    ):
+    ):  # torchvision's model, with hardmine's target checks (with_sampler has them)
+        model.transform = with_box_keys(model.transform, num_classes)
         return model
     if sampler is None:
         fg_bg = model.roi_heads.fg_bg_sampler

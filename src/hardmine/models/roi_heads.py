@@ -30,7 +30,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from hardmine.boxes import upcast
-from hardmine.models._checks import require_component, require_rcnn
+from hardmine.models._checks import require_component, require_generator, require_rcnn
 from hardmine.models._losses import (
     TORCHVISION_BOX_BETA,
     fastrcnn_roi_losses,
@@ -359,6 +359,7 @@ def with_sampler(
     """
     require_rcnn(model)
     require_component(sampler, "sampler")
+    require_generator(generator)
     if rpn_sampler is not None:
         require_component(rpn_sampler, "rpn_sampler")
         if getattr(rpn_sampler, "needs_scores", False) or getattr(rpn_sampler, "pisa_loss", None):

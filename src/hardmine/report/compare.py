@@ -24,7 +24,7 @@ from typing import Any
 
 from torchvision.models.detection import FCOS, RetinaNet
 
-from hardmine._atomic import write_atomic
+from hardmine._atomic import check_writable, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -247,6 +247,7 @@ def run_comparison(
     Raises:
         ConfigError: a method's configuration is invalid (an override out of range for it).
     """
+    check_writable(out_dir, f"--output {out_dir}")
     configs = _run_configs(base, methods, seeds, Path(out_dir), overrides)
     outcomes: dict[tuple[str, int], Outcome] = {}
     queued: list[Task] = []

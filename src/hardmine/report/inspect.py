@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
+from hardmine._atomic import check_writable
 from hardmine.data import CocoDataset, SceneDataset, make_scenes
 from hardmine.engine.progress import progress
 from hardmine.engine.rundir import load_run
@@ -218,6 +219,7 @@ def inspect_picks(
         raise ConfigError(f"proposals must be 'rpn' or 'jitter', got {proposals!r}")
     if num_images < 1 or not samplers:
         raise ConfigError("inspect needs at least one image and one sampler")
+    check_writable(out_dir, f"--output {out_dir}")
     out_dir = Path(out_dir)
     count = min(len(dataset), max(hist_images, num_images if images is None else 0))
     drawn = list(images) if images is not None else list(range(min(num_images, len(dataset))))
