@@ -119,6 +119,11 @@ def _world(root: Path) -> dict[str, str]:
     (root / "no_images").mkdir()
     empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "ring"}]}
     (root / "no_images" / "annotations.json").write_text(json.dumps(empty))
+    # S15 D2: a background folder with a 4000x10 strip.
+    from PIL import Image
+
+    (root / "wide").mkdir()
+    Image.new("RGB", (4000, 10)).save(root / "wide" / "strip.png")
     return {"root": str(root)}
 
 
@@ -367,6 +372,11 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "bad.yaml is a file, not a folder",
         ),
         "inspect output empty": (["inspect", "--output", ""], 2, "--output: an empty path"),
+        "mine images extreme aspect": (
+            ["mine", "--run", f"{r}/run", "--images", f"{r}/wide", "--output", f"{r}/w.json"],
+            2,
+            "wide/strip.png: 4000x10 pixels, a long side more than 50 times",
+        ),
         "mine images empty": (
             ["mine", "--run", f"{r}/run", "--images", ""],
             2,

@@ -73,6 +73,18 @@ def test_a_bad_file_is_refused_by_name_and_an_empty_folder_too(tmp_path) -> None
         ImageFolder(tmp_path / "empty")
 
 
+def test_an_extreme_aspect_image_is_refused_by_name(tmp_path) -> None:
+    # S15 D2: a 4000x10 strip crashed mine --images inside the resize (a short side of 0 px).
+    root = tmp_path / "wide"
+    _png(root / "ok.png")
+    _png(root / "strip.png", size=(4000, 10))
+    with pytest.raises(DataError, match=r"strip\.png: 4000x10 pixels, a long side more than 50"):
+        ImageFolder(root)
+    (root / "strip.png").unlink()
+    _png(root / "tall.png", size=(10, 500))  # exactly 50 times: taken
+    assert ImageFolder(root).files == ["ok.png", "tall.png"]
+
+
 def _mix_parts(tmp_path: Path, num_folder: int = 5):
     root = tmp_path / "bg"
     for i in range(num_folder):

@@ -35,6 +35,14 @@ from hardmine.errors import ConfigError, DataError
 #: File suffixes taken as images (compared without case): what Pillow reads and cameras write.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
+#: The largest ratio of an image's long side to its short side that a folder takes. The detector
+#: scales an image so that its long side is at most ``model.max_size`` (256 for the tiny models,
+#: 1333 for torchvision's): a 4000x10 strip would get a short side of 0 pixels, which the resize
+#: cannot make (a traceback from inside torchvision), and at a ratio of 50 the short side is
+#: already about 5 pixels at the tiny models' scale, smaller than one cell of the coarsest
+#: feature map, so such an image teaches nothing. It is refused by name when the folder is checked.
+MAX_ASPECT_RATIO = 50
+
 
 def list_images(folder: str | Path) -> list[str]:
     """The image files under ``folder``, recursively, as sorted relative POSIX paths.
@@ -77,7 +85,8 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     Raises:
         DataError: ``folder`` is not a folder, holds no image file, or holds a file that cannot be
-            decoded faithfully (named).
+            decoded faithfully or whose sides differ more than ``MAX_ASPECT_RATIO`` times
+            (named).
     """
 
     def __init__(
@@ -105,6 +114,14 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             for i, result in enumerate(found):
                 if isinstance(result, ImageFileError):
                     raise DataError(str(result)) from result
+                long, short = max(result.width, result.height), min(result.width, result.height)
+                if long > MAX_ASPECT_RATIO * short:
+                    raise DataError(
+                        f"{self.root / self.files[i]}: {result.width}x{result.height} pixels, "
+                        f"a long side more than {MAX_ASPECT_RATIO} times the short one, which the "
+                        "detector cannot scale to a useful size; crop it or move it out of the "
+                        "folder"
+                    )
                 sizes[i] = (result.width, result.height)
         self.coco_gt: dict[str, Any] = {
             "images": [
