@@ -48,6 +48,17 @@ def test_list_images_is_recursive_sorted_and_skips_hidden_and_other_files(tmp_pa
         list_images(tmp_path / "missing")
 
 
+def test_links_to_folders_are_not_followed(tmp_path) -> None:
+    # S15 D6: ``up -> ..`` listed the same image 41 times; with a second link the walk hung.
+    root = tmp_path / "loop"
+    _png(root / "a.png")
+    _png(tmp_path / "elsewhere" / "b.png")
+    (root / "up").symlink_to("..")
+    (root / "self").symlink_to(root)
+    (root / "c.png").symlink_to(tmp_path / "elsewhere" / "b.png")  # a link to a file: taken
+    assert list_images(root) == ["a.png", "c.png"]
+
+
 def test_items_have_no_objects_and_ids_follow_the_paths(tmp_path) -> None:
     folder = ImageFolder(_folder(tmp_path), categories=["ring"], first_id=10)
     assert len(folder) == 3 and folder.ids == [10, 11, 12]

@@ -6,7 +6,9 @@ without objects. ``ImageFolder`` is that folder as a dataset of the common inter
 (``hardmine.data``): every target has no boxes.
 
 The images are the files under the folder with a common image suffix (``IMAGE_SUFFIXES``, any
-case), found recursively; hidden files and folders (a name starting with ``.``) are skipped. They
+case), found recursively; hidden files and folders (a name starting with ``.``) are skipped, and
+so are symbolic links to folders (one can lead out of the folder, or round in a loop: ``up -> ..``
+listed the same image 41 times, two such links never ended); links to files are taken. They
 are known by their path relative to the folder, in POSIX form (``street/0001.jpg``), and ordered
 by it: the ``i``-th path gets image id ``first_id + i``. The ids are stable while the folder's
 contents are; a hard-negatives file mined on a folder also records the paths
@@ -45,7 +47,8 @@ MAX_ASPECT_RATIO = 50
 
 
 def list_images(folder: str | Path) -> list[str]:
-    """The image files under ``folder``, recursively, as sorted relative POSIX paths.
+    """The image files under ``folder``, recursively, as sorted relative POSIX paths; links to
+    folders are not followed (see the module docstring).
 
     Raises:
         DataError: ``folder`` is not a folder.
@@ -54,7 +57,7 @@ def list_images(folder: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder of images")
     found = []
-    for current, dirs, files in os.walk(root, followlinks=True):
+    for current, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
