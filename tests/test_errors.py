@@ -124,6 +124,9 @@ def _world(root: Path) -> dict[str, str]:
 
     (root / "wide").mkdir()
     Image.new("RGB", (4000, 10)).save(root / "wide" / "strip.png")
+    (root / "bg").mkdir()
+    Image.new("RGB", (64, 64)).save(root / "bg" / "a.png")
+    (root / "no_bg").mkdir()
     return {"root": str(root)}
 
 
@@ -137,6 +140,7 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "--data.val_images", f"{r}/no_images", "--data.val_ann", f"{r}/no_images/annotations.json",
     ]  # fmt: skip
     out = ["--output_dir", f"{r}/new"]
+    no_bg_val = ["--negative-val", f"{r}/no_bg", "--rounds", "1", "--output", f"{r}/b_nv"]
     cases: dict[str, tuple[list[str], int, str]] = {
         "config missing": (["train", "--config", f"{r}/nope.yaml"], 2, "nope.yaml: no such"),
         "config yaml syntax": (["train", "--config", f"{r}/bad.yaml"], 2, "bad.yaml: not valid"),
@@ -400,6 +404,38 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "random given more than once",
         ),
         "compare unknown method": (["compare", "--methods", "rando"], 2, "unknown method 'rando'"),
+        # S15 D4: refused only after training and mining round 0.
+        "bootstrap rounds without a sampler": (
+            ["bootstrap", *TINY, *ATSS_TOPK_0[1:5], "--rounds", "2", "--output", f"{r}/b_atss"],
+            2,
+            "hard_negatives: atss_tiny has no sampler (sampler: null); the rounds after the first",
+        ),
+        # S15 D9, D13, D12.
+        "train image share without a folder": (
+            ["train", *TINY, *out, "--negative-image-share", "0.5"],
+            2,
+            "--negative-image-share: only with --negative-images FOLDER",
+        ),
+        "train image share -0.1": (
+            ["train", "--negative-image-share", "-0.1"],
+            2,
+            "--negative-image-share: must be in [0, 1), got -0.1",
+        ),
+        "train image share nan": (
+            ["train", "--negative-image-share", "nan"],
+            2,
+            "--negative-image-share: must be in [0, 1), got nan",
+        ),
+        "bootstrap image share 0 without a folder": (
+            ["bootstrap", "--negative-image-share", "0"],
+            2,
+            "--negative-image-share: only with --negative-images FOLDER",
+        ),
+        "bootstrap empty negative-val": (
+            ["bootstrap", *TINY, "--negative-images", f"{r}/bg", *no_bg_val],
+            2,
+            "no_bg: no image files",
+        ),
         "bootstrap share 2": (["bootstrap", "--share", "2"], 2, "--share: must be in [0, 1]"),
         "bootstrap recall 2": (["bootstrap", "--recall", "2"], 2, "--recall: must be in (0, 1]"),
         "inspect images 0": (["inspect", "--images", "0"], 2, "--images: must be at least 1"),
@@ -461,6 +497,11 @@ def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
     assert len(lines) == 1, result["stderr"]
     assert result["status"] == status, result["stderr"]
     assert text in lines[0], lines[0]
+
+
+def test_bootstrap_without_a_sampler_starts_no_round(outcomes: dict[str, Any]) -> None:
+    assert not (outcomes["_root"] / "b_atss" / "round0").exists()
+    assert not (outcomes["_root"] / "b_nv" / "round0").exists()
 
 
 def test_a_diverged_run_claims_no_checkpoint_it_did_not_write(outcomes: dict[str, Any]) -> None:

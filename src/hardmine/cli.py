@@ -82,17 +82,22 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+def _number_in(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]`` (``(low`` with ``low_open``, ``high)``
+    with ``high_open``)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low < value if low_open else low <= value) or not value <= high:
-            bracket = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        if not (above and below):  # NaN fails both
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
 
     return parse
@@ -203,10 +208,7 @@ def _add_negative_image_options(parser: argparse.ArgumentParser) -> None:
 
 def _share_below_one(text: str) -> float:
     """An argparse type: a number in ``[0, 1)``."""
-    value = _number_in(0, 1)(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1), got 1")
-    return value
+    return _number_in(0, 1, high_open=True)(text)
 
 
 def _negative_image_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,6 +234,12 @@ def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if (folder / CHECKPOINT_NAME).exists():
             overrides = overrides | {"output_dir": str(folder)}
     config = load_run_config(args.config, overrides)
+    if "negative_image_share" in overrides and config.negative_images is None:
+        # S15: it was silently ignored; --negative-val is refused alike (bootstrap).
+        raise ConfigError(
+            "--negative-image-share: only with --negative-images FOLDER (or a config that "
+            "names negative_images)"
+        )
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         done = " (finished before)" if result.finished_before else ""
@@ -652,7 +660,9 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
     from hardmine.mine import bootstrap, format_rounds
 
     if args.negative_images is None:
-        given = [o for o in ("negative_image_share", "negative_val") if getattr(args, o)]
+        given = [
+            o for o in ("negative_image_share", "negative_val") if getattr(args, o) is not None
+        ]
         if given or args.fp_score != 0.5:
             names = [f"--{o.replace('_', '-')}" for o in given or ["fp_score"]]
             raise ConfigError(f"{', '.join(names)}: only with --negative-images FOLDER")
