@@ -397,6 +397,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "bad.yaml is a file, not a folder",
         ),
+        # S15 D7: every run started and failed, a report of failures written.
+        "compare device cuda without CUDA": (
+            ["compare", *TINY, "--device", "cuda", "--output", f"{r}/cmp_cuda"],
+            2,
+            "device 'cuda': this machine has no CUDA device; use cpu or auto",
+        ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare methods twice": (
             ["compare", "--methods", "random,ohem,random"],
@@ -491,6 +497,11 @@ CASE_NAMES = list(_cases(Path("/x")))
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
+    if "without CUDA" in name:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     result, (_, status, text) = outcomes[name]
     lines = result["stderr"].splitlines()
     assert "Traceback" not in result["stderr"], result["stderr"]
@@ -502,6 +513,7 @@ def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
 def test_bootstrap_without_a_sampler_starts_no_round(outcomes: dict[str, Any]) -> None:
     assert not (outcomes["_root"] / "b_atss" / "round0").exists()
     assert not (outcomes["_root"] / "b_nv" / "round0").exists()
+    assert not (outcomes["_root"] / "cmp_cuda").exists()
 
 
 def test_a_diverged_run_claims_no_checkpoint_it_did_not_write(outcomes: dict[str, Any]) -> None:

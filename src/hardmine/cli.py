@@ -420,6 +420,11 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             "hardmine.cli train ...); then rerun this command without --plan for the report"
         )
         return 0
+    from hardmine.engine.distributed import resolve_device
+
+    # Here, not in each run: --device cuda without CUDA is one user error, not every run failing
+    # (--plan's runs may train on another machine, so it is not checked there).
+    resolve_device(base.device)
     outcomes = run_comparison(
         base, methods, seeds, args.output, overrides=per_method, slots=_slots(args, base)
     )
