@@ -510,7 +510,7 @@ def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
     assert text in lines[0], lines[0]
 
 
-def test_bootstrap_without_a_sampler_starts_no_round(outcomes: dict[str, Any]) -> None:
+def test_refused_commands_start_no_work(outcomes: dict[str, Any]) -> None:
     assert not (outcomes["_root"] / "b_atss" / "round0").exists()
     assert not (outcomes["_root"] / "b_nv" / "round0").exists()
     assert not (outcomes["_root"] / "cmp_cuda").exists()
@@ -543,6 +543,36 @@ def test_entry_point(argv: list[str], text: str, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and text in done.stderr
+
+
+def test_ctrl_c_ends_in_one_line_and_status_130(tmp_path: Path) -> None:
+    """S15 D14: Ctrl-C printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--train.epochs", "1000", "--output_dir", str(run)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hardmine.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "config.yaml").exists():  # training has started
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == "hardmine train: interrupted", err
 
 
 def test_hardmine_debug_shows_the_traceback(tmp_path: Path) -> None:

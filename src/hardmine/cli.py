@@ -1011,7 +1011,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
     A user's mistake (``hardmine.errors.HardmineError``) ends the command with one line on stderr
-    and its exit status (2); ``HARDMINE_DEBUG=1`` lets it through with its traceback.
+    and its exit status (2); Ctrl-C (``KeyboardInterrupt``) with ``interrupted`` and 130, the
+    shells' status for SIGINT (what was written is kept: every file is written atomically, and a
+    training resumes from its last checkpoint). ``HARDMINE_DEBUG=1`` lets either through with its
+    traceback.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1040,6 +1043,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("HARDMINE_DEBUG"):
             raise
         parser.exit(error.exit_status, f"{args.parser.prog}: error: {one_line(error)}\n")
+    except KeyboardInterrupt:
+        if os.environ.get("HARDMINE_DEBUG"):
+            raise
+        parser.exit(130, f"{args.parser.prog}: interrupted\n")
 
 
 if __name__ == "__main__":
