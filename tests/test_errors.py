@@ -127,6 +127,17 @@ def _world(root: Path) -> dict[str, str]:
     (root / "bg").mkdir()
     Image.new("RGB", (64, 64)).save(root / "bg" / "a.png")
     (root / "no_bg").mkdir()
+    from hardmine.data import HardNegatives, MinedBoxes, save_hard_negatives
+
+    # S15 D1: mined on a folder whose a.png had other bytes.
+    other_bytes = HardNegatives(
+        images={1: MinedBoxes.empty()},
+        source="elsewhere",
+        file_names={1: "a.png"},
+        folder=str(root / "other_bg"),
+        digests={1: "0" * 64},
+    )
+    save_hard_negatives(other_bytes, root / "other_bg_negatives.json")
     return {"root": str(root)}
 
 
@@ -140,6 +151,7 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "--data.val_images", f"{r}/no_images", "--data.val_ann", f"{r}/no_images/annotations.json",
     ]  # fmt: skip
     out = ["--output_dir", f"{r}/new"]
+    other_bg = ["--hard-negatives", f"{r}/other_bg_negatives.json"]
     no_bg_val = ["--negative-val", f"{r}/no_bg", "--rounds", "1", "--output", f"{r}/b_nv"]
     cases: dict[str, tuple[list[str], int, str]] = {
         "config missing": (["train", "--config", f"{r}/nope.yaml"], 2, "nope.yaml: no such"),
@@ -415,6 +427,11 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             ["bootstrap", *TINY, *ATSS_TOPK_0[1:5], "--rounds", "2", "--output", f"{r}/b_atss"],
             2,
             "hard_negatives: atss_tiny has no sampler (sampler: null); the rounds after the first",
+        ),
+        "hard negatives of another folder with the same names": (
+            ["train", *TINY, *out, "--negative-images", f"{r}/bg", *other_bg],
+            2,
+            f"{r}/bg/a.png: not the image mined as a.png on {r}/other_bg (other bytes)",
         ),
         # S15 D9, D13, D12.
         "train image share without a folder": (

@@ -21,6 +21,7 @@ remembered while unchanged), so that an undecodable file is named at once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,7 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             )
         self.ids = [first_id + i for i in range(len(self.files))]
         self.categories = list(categories)
+        self._digests: dict[int, str] = {}
         sizes: list[tuple[int, int] | None] = [None] * len(self.files)
         if check_images:
             found = check_files(
@@ -153,6 +155,17 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
         """The relative path of ``image_id``."""
         return self.files[image_id - self.ids[0]]
 
+    def digest(self, index: int) -> str:
+        """The SHA-256 (hex) of the bytes of ``files[index]``: what a hard-negatives file
+        records to tell this folder's image from another folder's of the same name."""
+        if index not in self._digests:
+            digest = hashlib.sha256()
+            with open(self.root / self.files[index], "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._digests[index] = digest.hexdigest()
+        return self._digests[index]
+
 
 class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
     """``dataset`` with images of an ``ImageFolder`` joining every epoch as images without
@@ -180,8 +193,9 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     Raises:
         ConfigError: ``share`` outside ``[0, 1)``.
-        DataError: ``mined`` names paths the folder lacks (it was mined on another folder), or is
-            not a folder's.
+        DataError: ``mined`` names paths the folder lacks, or records for an image other bytes
+            than the folder's (it was mined on another folder; the first such image is named),
+            or is not a folder's.
     """
 
     def __init__(
@@ -217,6 +231,15 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
                     f"files that {folder.root} lacks (first: {unknown[:3]}); were they mined on "
                     "another folder?"
                 )
+            index = {name: i for i, name in enumerate(folder.files)}
+            for image_id, name in sorted(mined.file_names.items(), key=lambda item: item[1]):
+                recorded = mined.digests.get(image_id)
+                if recorded is not None and recorded != folder.digest(index[name]):
+                    raise DataError(
+                        f"{folder.root / name}: not the image mined as {name} on "
+                        f"{mined.folder or 'a folder'} (other bytes); were the hard negatives "
+                        "mined on another folder, or has the image changed since?"
+                    )
             self.mined = {name: m.boxes for name, m in by_name.items()}
         self.coco_gt = getattr(dataset, "coco_gt", None)
         self.categories = getattr(dataset, "categories", folder.categories)
