@@ -77,7 +77,7 @@ from torch import Tensor
 
 from hardmine._segments import count_per_segment, segment_rank
 from hardmine.boxes import check_boxes, check_finite, greedy_survivors, iou_matrix
-from hardmine.sample.quota import draw, flatten, segment_by_key
+from hardmine.sample.quota import check_call, draw, flatten, segment_by_key
 from hardmine.sample.random import sample_random
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, RoIScores, Selection, check_fields
 
@@ -170,6 +170,7 @@ class PISASampler:
         scores: Sequence[RoIScores] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         if self.isr_n and scores is None:
             raise ValueError(
                 "PISASampler with isr_n needs the read-only pass's scores (scores=...), got None"
@@ -358,6 +359,7 @@ def sample_pisa(
     Raises:
         ValueError: settings out of range, ``scores`` missing with ``isr_n``, non-finite or
             mis-sized scores, boxes or losses.
+        TypeError: ``scores`` is not a sequence of ``RoIScores``.
 
     Example:
         One positive and four negatives: two overlapping predictions (a group), one apart and one
@@ -385,6 +387,13 @@ def sample_pisa(
     check_pisa_settings(
         num=num, pos_fraction=pos_fraction, k=k, bias=bias, score_thr=score_thr, iou_thr=iou_thr
     )
+    if scores is not None and not (
+        isinstance(scores, Sequence) and all(isinstance(s, RoIScores) for s in scores)
+    ):
+        got = type(scores).__name__
+        if isinstance(scores, Sequence):
+            got = f"a {got} of " + ", ".join(sorted({type(s).__name__ for s in scores}))
+        raise TypeError(f"scores must be a sequence of RoIScores, one per image, got {got}")
     if not isr_n:
         return sample_random(assignments, num=num, pos_fraction=pos_fraction, generator=generator)
     if scores is None:
