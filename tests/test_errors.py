@@ -433,6 +433,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             f"{r}/bg/a.png: not the image mined as a.png on {r}/other_bg (other bytes)",
         ),
+        # S15 D8: a non-finite gradient at step 1, blamed on the learning rate.
+        "pisa carl_k 60": (
+            ["train", *TINY, *out, "--sampler.name", "pisa", "--sampler.carl_k", "60"],
+            2,
+            "sampler.carl_k: must be a finite number in [0, 10], got 60.0",
+        ),
         # S15 D9, D13, D12.
         "train image share without a folder": (
             ["train", *TINY, *out, "--negative-image-share", "0.5"],

@@ -357,3 +357,13 @@ def test_pisa_scores_must_be_roi_scores() -> None:
         PISASampler(num=4)([s.box], [a], scores=torch.ones(10))
     with pytest.raises(TypeError, match="got a list of Tensor"):
         sample_pisa([a], [torch.ones(10)], num=4)
+
+
+def test_the_powers_are_at_most_ten() -> None:
+    """S15 D8: carl_k 60 made CARL's normalisation 0 / 0 (a non-finite gradient at step 1)."""
+    for key in ("isr_n_k", "isr_p_k", "carl_k"):
+        PISASampler(**{key: 10.0})
+        with pytest.raises(ValueError, match=rf"{key} must be a finite number in \[0, 10\]"):
+            PISASampler(**{key: 60.0})
+    with pytest.raises(ValueError, match="carl_k must be a finite number in"):
+        carl_weights(torch.tensor([0.5]), k=1e30)

@@ -189,10 +189,21 @@ class PISASampler:
         )
 
 
+#: The largest power ``k`` of ISR-N, ISR-P and CARL taken. The paper's and MMDetection's powers are
+#: 0.5 (ISR-N), 2 (ISR-P) and 1 (CARL). A weight ``(bias + (1 - bias) u) ** k`` at ``k = 10``
+#: already puts all but a millionth of the weight on the top-ranked examples (CARL's smallest
+#: weight ``0.2 ** 10 = 1e-7`` of the largest), so a larger ``k`` chooses nothing new; and it breaks
+#: the arithmetic: ``0.2 ** k`` falls below float32's smallest normal number near ``k = 55``, where
+#: CARL's normalisation divides zero by zero (a non-finite gradient at ``carl_k`` 60, a NaN
+#: ``loss_carl`` at 1e30, reported as a diverging learning rate). Refused when the settings are
+#: made, like any other value out of range.
+MAX_POWER = 10.0
+
+
 def check_power(k_name: str, k: float, bias_name: str, bias: float) -> None:
-    """Raise ``ValueError`` unless ``k >= 0`` is finite and ``bias`` lies in ``[0, 1]``."""
-    if not (math.isfinite(k) and k >= 0):
-        raise ValueError(f"{k_name} must be a finite number >= 0, got {k}")
+    """Raise ``ValueError`` unless ``k`` lies in ``[0, MAX_POWER]`` and ``bias`` in ``[0, 1]``."""
+    if not (math.isfinite(k) and 0 <= k <= MAX_POWER):
+        raise ValueError(f"{k_name} must be a finite number in [0, {MAX_POWER:g}], got {k}")
     if not 0.0 <= bias <= 1.0:
         raise ValueError(f"{bias_name} must be in [0, 1], got {bias}")
 
