@@ -360,8 +360,10 @@ def compare_parser(subparsers: Subparsers) -> None:
         type=_int_at_least(1),
         metavar="N",
         help="train N runs at a time, each in a process of its own with the CPU cores divided "
-        "among them (default: 1, one after another in this process); the results and the "
-        "report are the same",
+        "among them (default: 1, one after another in this process); the same runs with the "
+        "same seeds, bit-identical where each run gets as many threads (on the CPU, --jobs 2 on "
+        "2 cores is OMP_NUM_THREADS=1 with --jobs 1; other thread counts differ in the last "
+        "digits)",
     )
     parser.add_argument(
         "--devices",
