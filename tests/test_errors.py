@@ -119,6 +119,25 @@ def _world(root: Path) -> dict[str, str]:
     (root / "no_images").mkdir()
     empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "ring"}]}
     (root / "no_images" / "annotations.json").write_text(json.dumps(empty))
+    # S15 D2: a background folder with a 4000x10 strip.
+    from PIL import Image
+
+    (root / "wide").mkdir()
+    Image.new("RGB", (4000, 10)).save(root / "wide" / "strip.png")
+    (root / "bg").mkdir()
+    Image.new("RGB", (64, 64)).save(root / "bg" / "a.png")
+    (root / "no_bg").mkdir()
+    from hardmine.data import HardNegatives, MinedBoxes, save_hard_negatives
+
+    # S15 D1: mined on a folder whose a.png had other bytes.
+    other_bytes = HardNegatives(
+        images={1: MinedBoxes.empty()},
+        source="elsewhere",
+        file_names={1: "a.png"},
+        folder=str(root / "other_bg"),
+        digests={1: "0" * 64},
+    )
+    save_hard_negatives(other_bytes, root / "other_bg_negatives.json")
     return {"root": str(root)}
 
 
@@ -132,6 +151,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "--data.val_images", f"{r}/no_images", "--data.val_ann", f"{r}/no_images/annotations.json",
     ]  # fmt: skip
     out = ["--output_dir", f"{r}/new"]
+    other_bg = ["--hard-negatives", f"{r}/other_bg_negatives.json"]
+    no_bg_val = ["--negative-val", f"{r}/no_bg", "--rounds", "1", "--output", f"{r}/b_nv"]
     cases: dict[str, tuple[list[str], int, str]] = {
         "config missing": (["train", "--config", f"{r}/nope.yaml"], 2, "nope.yaml: no such"),
         "config yaml syntax": (["train", "--config", f"{r}/bad.yaml"], 2, "bad.yaml: not valid"),
@@ -367,6 +388,11 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "bad.yaml is a file, not a folder",
         ),
         "inspect output empty": (["inspect", "--output", ""], 2, "--output: an empty path"),
+        "mine images extreme aspect": (
+            ["mine", "--run", f"{r}/run", "--images", f"{r}/wide", "--output", f"{r}/w.json"],
+            2,
+            "wide/strip.png: 4000x10 pixels, a long side more than 50 times",
+        ),
         "mine images empty": (
             ["mine", "--run", f"{r}/run", "--images", ""],
             2,
@@ -383,6 +409,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "bad.yaml is a file, not a folder",
         ),
+        # S15 D7: every run started and failed, a report of failures written.
+        "compare device cuda without CUDA": (
+            ["compare", *TINY, "--device", "cuda", "--output", f"{r}/cmp_cuda"],
+            2,
+            "device 'cuda': this machine has no CUDA device; use cpu or auto",
+        ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare methods twice": (
             ["compare", "--methods", "random,ohem,random"],
@@ -390,6 +422,49 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "random given more than once",
         ),
         "compare unknown method": (["compare", "--methods", "rando"], 2, "unknown method 'rando'"),
+        # S15 D4: refused only after training and mining round 0.
+        "bootstrap rounds without a sampler": (
+            ["bootstrap", *TINY, *ATSS_TOPK_0[1:5], "--rounds", "2", "--output", f"{r}/b_atss"],
+            2,
+            "hard_negatives: atss_tiny has no sampler (sampler: null); the rounds after the first",
+        ),
+        "hard negatives of another folder with the same names": (
+            ["train", *TINY, *out, "--negative-images", f"{r}/bg", *other_bg],
+            2,
+            f"{r}/bg/a.png: not the image mined as a.png on {r}/other_bg (other bytes)",
+        ),
+        # S15 D8: a non-finite gradient at step 1, blamed on the learning rate.
+        "pisa carl_k 60": (
+            ["train", *TINY, *out, "--sampler.name", "pisa", "--sampler.carl_k", "60"],
+            2,
+            "sampler.carl_k: must be a finite number in [0, 10], got 60.0",
+        ),
+        # S15 D9, D13, D12.
+        "train image share without a folder": (
+            ["train", *TINY, *out, "--negative-image-share", "0.5"],
+            2,
+            "--negative-image-share: only with --negative-images FOLDER",
+        ),
+        "train image share -0.1": (
+            ["train", "--negative-image-share", "-0.1"],
+            2,
+            "--negative-image-share: must be in [0, 1), got -0.1",
+        ),
+        "train image share nan": (
+            ["train", "--negative-image-share", "nan"],
+            2,
+            "--negative-image-share: must be in [0, 1), got nan",
+        ),
+        "bootstrap image share 0 without a folder": (
+            ["bootstrap", "--negative-image-share", "0"],
+            2,
+            "--negative-image-share: only with --negative-images FOLDER",
+        ),
+        "bootstrap empty negative-val": (
+            ["bootstrap", *TINY, "--negative-images", f"{r}/bg", *no_bg_val],
+            2,
+            "no_bg: no image files",
+        ),
         "bootstrap share 2": (["bootstrap", "--share", "2"], 2, "--share: must be in [0, 1]"),
         "bootstrap recall 2": (["bootstrap", "--recall", "2"], 2, "--recall: must be in (0, 1]"),
         "inspect images 0": (["inspect", "--images", "0"], 2, "--images: must be at least 1"),
@@ -445,12 +520,23 @@ CASE_NAMES = list(_cases(Path("/x")))
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_one_line_and_exit_status(name: str, outcomes: dict[str, Any]) -> None:
+    if "without CUDA" in name:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     result, (_, status, text) = outcomes[name]
     lines = result["stderr"].splitlines()
     assert "Traceback" not in result["stderr"], result["stderr"]
     assert len(lines) == 1, result["stderr"]
     assert result["status"] == status, result["stderr"]
     assert text in lines[0], lines[0]
+
+
+def test_refused_commands_start_no_work(outcomes: dict[str, Any]) -> None:
+    assert not (outcomes["_root"] / "b_atss" / "round0").exists()
+    assert not (outcomes["_root"] / "b_nv" / "round0").exists()
+    assert not (outcomes["_root"] / "cmp_cuda").exists()
 
 
 def test_a_diverged_run_claims_no_checkpoint_it_did_not_write(outcomes: dict[str, Any]) -> None:
@@ -480,6 +566,38 @@ def test_entry_point(argv: list[str], text: str, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and text in done.stderr
+
+
+def test_ctrl_c_ends_in_one_line_and_status_130(tmp_path: Path) -> None:
+    """S15 D14: Ctrl-C printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--train.epochs", "1000", "--train.log_every", "1"]
+    argv += ["--output_dir", str(run)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hardmine.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Training has taken a step: every module is imported (an interrupt inside a C
+        # extension's import is CPython's to report), and it is busy training.
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").stat().st_size:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == "hardmine train: interrupted", err
 
 
 def test_hardmine_debug_shows_the_traceback(tmp_path: Path) -> None:

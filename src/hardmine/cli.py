@@ -82,17 +82,22 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+def _number_in(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]`` (``(low`` with ``low_open``, ``high)``
+    with ``high_open``)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low < value if low_open else low <= value) or not value <= high:
-            bracket = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], got {text}")
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        if not (above and below):  # NaN fails both
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
 
     return parse
@@ -203,10 +208,7 @@ def _add_negative_image_options(parser: argparse.ArgumentParser) -> None:
 
 def _share_below_one(text: str) -> float:
     """An argparse type: a number in ``[0, 1)``."""
-    value = _number_in(0, 1)(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1), got 1")
-    return value
+    return _number_in(0, 1, high_open=True)(text)
 
 
 def _negative_image_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,6 +234,12 @@ def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if (folder / CHECKPOINT_NAME).exists():
             overrides = overrides | {"output_dir": str(folder)}
     config = load_run_config(args.config, overrides)
+    if "negative_image_share" in overrides and config.negative_images is None:
+        # S15: it was silently ignored; --negative-val is refused alike (bootstrap).
+        raise ConfigError(
+            "--negative-image-share: only with --negative-images FOLDER (or a config that "
+            "names negative_images)"
+        )
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         done = " (finished before)" if result.finished_before else ""
@@ -352,8 +360,10 @@ def compare_parser(subparsers: Subparsers) -> None:
         type=_int_at_least(1),
         metavar="N",
         help="train N runs at a time, each in a process of its own with the CPU cores divided "
-        "among them (default: 1, one after another in this process); the results and the "
-        "report are the same",
+        "among them (default: 1, one after another in this process); the same runs with the "
+        "same seeds, bit-identical where each run gets as many threads (on the CPU, --jobs 2 on "
+        "2 cores is OMP_NUM_THREADS=1 with --jobs 1; other thread counts differ in the last "
+        "digits)",
     )
     parser.add_argument(
         "--devices",
@@ -412,6 +422,11 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             "hardmine.cli train ...); then rerun this command without --plan for the report"
         )
         return 0
+    from hardmine.engine.distributed import resolve_device
+
+    # Here, not in each run: --device cuda without CUDA is one user error, not every run failing
+    # (--plan's runs may train on another machine, so it is not checked there).
+    resolve_device(base.device)
     outcomes = run_comparison(
         base, methods, seeds, args.output, overrides=per_method, slots=_slots(args, base)
     )
@@ -652,7 +667,9 @@ def bootstrap_command(args: argparse.Namespace, overrides: dict[str, Any]) -> in
     from hardmine.mine import bootstrap, format_rounds
 
     if args.negative_images is None:
-        given = [o for o in ("negative_image_share", "negative_val") if getattr(args, o)]
+        given = [
+            o for o in ("negative_image_share", "negative_val") if getattr(args, o) is not None
+        ]
         if given or args.fp_score != 0.5:
             names = [f"--{o.replace('_', '-')}" for o in given or ["fp_score"]]
             raise ConfigError(f"{', '.join(names)}: only with --negative-images FOLDER")
@@ -996,7 +1013,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
     A user's mistake (``hardmine.errors.HardmineError``) ends the command with one line on stderr
-    and its exit status (2); ``HARDMINE_DEBUG=1`` lets it through with its traceback.
+    and its exit status (2); Ctrl-C (``KeyboardInterrupt``) with ``interrupted`` and 130, the
+    shells' status for SIGINT (what was written is kept: every file is written atomically, and a
+    training resumes from its last checkpoint). ``HARDMINE_DEBUG=1`` lets either through with its
+    traceback.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1025,6 +1045,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("HARDMINE_DEBUG"):
             raise
         parser.exit(error.exit_status, f"{args.parser.prog}: error: {one_line(error)}\n")
+    except KeyboardInterrupt:
+        if os.environ.get("HARDMINE_DEBUG"):
+            raise
+        parser.exit(130, f"{args.parser.prog}: interrupted\n")
 
 
 if __name__ == "__main__":

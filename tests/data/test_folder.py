@@ -48,6 +48,17 @@ def test_list_images_is_recursive_sorted_and_skips_hidden_and_other_files(tmp_pa
         list_images(tmp_path / "missing")
 
 
+def test_links_to_folders_are_not_followed(tmp_path) -> None:
+    # S15 D6: ``up -> ..`` listed the same image 41 times; with a second link the walk hung.
+    root = tmp_path / "loop"
+    _png(root / "a.png")
+    _png(tmp_path / "elsewhere" / "b.png")
+    (root / "up").symlink_to("..")
+    (root / "self").symlink_to(root)
+    (root / "c.png").symlink_to(tmp_path / "elsewhere" / "b.png")  # a link to a file: taken
+    assert list_images(root) == ["a.png", "c.png"]
+
+
 def test_items_have_no_objects_and_ids_follow_the_paths(tmp_path) -> None:
     folder = ImageFolder(_folder(tmp_path), categories=["ring"], first_id=10)
     assert len(folder) == 3 and folder.ids == [10, 11, 12]
@@ -71,6 +82,18 @@ def test_a_bad_file_is_refused_by_name_and_an_empty_folder_too(tmp_path) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
         ImageFolder(tmp_path / "empty")
+
+
+def test_an_extreme_aspect_image_is_refused_by_name(tmp_path) -> None:
+    # S15 D2: a 4000x10 strip crashed mine --images inside the resize (a short side of 0 px).
+    root = tmp_path / "wide"
+    _png(root / "ok.png")
+    _png(root / "strip.png", size=(4000, 10))
+    with pytest.raises(DataError, match=r"strip\.png: 4000x10 pixels, a long side more than 50"):
+        ImageFolder(root)
+    (root / "strip.png").unlink()
+    _png(root / "tall.png", size=(10, 500))  # exactly 50 times: taken
+    assert ImageFolder(root).files == ["ok.png", "tall.png"]
 
 
 def _mix_parts(tmp_path: Path, num_folder: int = 5):

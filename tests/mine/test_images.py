@@ -46,12 +46,54 @@ def test_every_detection_on_the_folder_is_mined_with_its_path(background) -> Non
     hard, detections = mine_folder(detector, folder, device="cpu", top_k=3, source="untrained")
     assert sum(d.boxes.shape[0] for d in detections) > 0  # an untrained detector fires anywhere
     assert dict(hard.file_names) == {i: folder.path_of(i) for i in folder.ids}
-    assert hard.folder == str(background)
+    assert hard.folder == str(background.resolve())  # absolute: S15 D1
     for d in detections:
         mined = hard.images[d.image_id]
         # No objects: the top 3 detections of each image, whatever they overlap.
         top = torch.sort(d.scores, descending=True, stable=True).values[:3]
         assert torch.equal(mined.scores, top)
+
+
+def test_a_mined_file_is_tied_to_its_folders_bytes_not_its_names(tmp_path) -> None:
+    """S15 D1: a file mined on one folder trained silently on another folder with the same file
+    names, and mine overwrote a file of one folder with another's boxes."""
+    import shutil
+
+    from hardmine.data import save_hard_negatives
+    from hardmine.errors import DataError, RunError
+    from hardmine.mine.detections import check_overwrite
+
+    write_background_images(tmp_path / "a", 3, image_size=64)
+    write_background_images(tmp_path / "b", 3, seed=7, image_size=64)  # same names, other pixels
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same bytes elsewhere
+    torch.manual_seed(0)
+    detector = build("faster_rcnn_tiny", 4).eval()
+    hard, _ = mine_folder(detector, ImageFolder(tmp_path / "a"), device="cpu", top_k=2)
+    path = save_hard_negatives(hard, tmp_path / "hn.json")
+    loaded = load_hard_negatives(path)
+    assert loaded.digests == hard.digests and len(set(loaded.digests.values())) == 3
+    assert loaded.folder == str((tmp_path / "a").resolve())
+    scenes = ImageFolder(tmp_path / "copy", first_id=100)  # any dataset: ids apart
+    NegativeImageMix(scenes, ImageFolder(tmp_path / "copy"), share=0.5, mined=loaded)
+    with pytest.raises(DataError, match=r"b/bg_00000\.png: not the image mined as bg_00000\.png"):
+        NegativeImageMix(scenes, ImageFolder(tmp_path / "b"), share=0.5, mined=loaded)
+    settings = dict(hard.settings)
+    with pytest.raises(RunError, match=r"mined on the folder .*a, which a run may have trained"):
+        check_overwrite(path, settings, folder=str((tmp_path / "b").resolve()))
+    check_overwrite(path, settings, folder=str((tmp_path / "a").resolve()))  # the same folder
+
+
+def test_mine_accepts_its_folder_from_another_working_folder(tmp_path, monkeypatch) -> None:
+    from hardmine.data import HardNegatives, MinedBoxes, save_hard_negatives
+    from hardmine.mine.detections import check_overwrite
+
+    (tmp_path / "bg").mkdir()
+    hard = HardNegatives(
+        images={1: MinedBoxes.empty()}, file_names={1: "x.png"}, folder=str(tmp_path / "bg")
+    )
+    path = save_hard_negatives(hard, tmp_path / "hn.json")
+    monkeypatch.chdir(tmp_path / "bg")
+    check_overwrite(path, {}, folder=".")  # the same folder reached as "."
 
 
 def test_false_positives_per_image_at_a_score() -> None:

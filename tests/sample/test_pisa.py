@@ -332,3 +332,38 @@ def test_weights_are_finite_with_zero_losses() -> None:
     a, s = _case(cls_loss=[0.0] * 10)
     (sel,) = sample_pisa([a], [s], num=5)
     assert all(math.isfinite(w) for w in sel.weight.tolist())
+
+
+@pytest.mark.parametrize("name", ["random", "ohem", "iou_balanced", "overlap", "pisa", "mined"])
+def test_misuse_is_refused_naming_the_argument(name: str) -> None:
+    """S15 D11: two images of boxes and one assignment gave one Selection silently; a generator
+    that is not one surfaced torch's own argument error."""
+    from hardmine.sample import SAMPLERS, MinedNegativeSampler
+
+    a, s = _case()
+    sampler = (
+        MinedNegativeSampler(RandomSampler(num=4)) if name == "mined" else SAMPLERS[name](num=4)
+    )
+    scores = {"scores": [s]} if name in ("pisa", "mined") else {}
+    with pytest.raises(ValueError, match="boxes has 2 images and assignments 1"):
+        sampler([s.box, s.box], [a], losses=[s.loss], **scores)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+        sampler([s.box], [a], losses=[s.loss], generator=0, **scores)
+
+
+def test_pisa_scores_must_be_roi_scores() -> None:
+    a, s = _case()
+    with pytest.raises(TypeError, match=r"scores must be a sequence of RoIScores.*got Tensor"):
+        PISASampler(num=4)([s.box], [a], scores=torch.ones(10))
+    with pytest.raises(TypeError, match="got a list of Tensor"):
+        sample_pisa([a], [torch.ones(10)], num=4)
+
+
+def test_the_powers_are_at_most_ten() -> None:
+    """S15 D8: carl_k 60 made CARL's normalisation 0 / 0 (a non-finite gradient at step 1)."""
+    for key in ("isr_n_k", "isr_p_k", "carl_k"):
+        PISASampler(**{key: 10.0})
+        with pytest.raises(ValueError, match=rf"{key} must be a finite number in \[0, 10\]"):
+            PISASampler(**{key: 60.0})
+    with pytest.raises(ValueError, match="carl_k must be a finite number in"):
+        carl_weights(torch.tensor([0.5]), k=1e30)

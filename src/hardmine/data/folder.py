@@ -6,7 +6,9 @@ without objects. ``ImageFolder`` is that folder as a dataset of the common inter
 (``hardmine.data``): every target has no boxes.
 
 The images are the files under the folder with a common image suffix (``IMAGE_SUFFIXES``, any
-case), found recursively; hidden files and folders (a name starting with ``.``) are skipped. They
+case), found recursively; hidden files and folders (a name starting with ``.``) are skipped, and
+so are symbolic links to folders (one can lead out of the folder, or round in a loop: ``up -> ..``
+listed the same image 41 times, two such links never ended); links to files are taken. They
 are known by their path relative to the folder, in POSIX form (``street/0001.jpg``), and ordered
 by it: the ``i``-th path gets image id ``first_id + i``. The ids are stable while the folder's
 contents are; a hard-negatives file mined on a folder also records the paths
@@ -19,6 +21,7 @@ remembered while unchanged), so that an undecodable file is named at once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +38,18 @@ from hardmine.errors import ConfigError, DataError
 #: File suffixes taken as images (compared without case): what Pillow reads and cameras write.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
+#: The largest ratio of an image's long side to its short side that a folder takes. The detector
+#: scales an image so that its long side is at most ``model.max_size`` (256 for the tiny models,
+#: 1333 for torchvision's): a 4000x10 strip would get a short side of 0 pixels, which the resize
+#: cannot make (a traceback from inside torchvision), and at a ratio of 50 the short side is
+#: already about 5 pixels at the tiny models' scale, smaller than one cell of the coarsest
+#: feature map, so such an image teaches nothing. It is refused by name when the folder is checked.
+MAX_ASPECT_RATIO = 50
+
 
 def list_images(folder: str | Path) -> list[str]:
-    """The image files under ``folder``, recursively, as sorted relative POSIX paths.
+    """The image files under ``folder``, recursively, as sorted relative POSIX paths; links to
+    folders are not followed (see the module docstring).
 
     Raises:
         DataError: ``folder`` is not a folder.
@@ -46,7 +58,7 @@ def list_images(folder: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder of images")
     found = []
-    for current, dirs, files in os.walk(root, followlinks=True):
+    for current, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
@@ -77,7 +89,8 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     Raises:
         DataError: ``folder`` is not a folder, holds no image file, or holds a file that cannot be
-            decoded faithfully (named).
+            decoded faithfully or whose sides differ more than ``MAX_ASPECT_RATIO`` times
+            (named).
     """
 
     def __init__(
@@ -97,6 +110,7 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             )
         self.ids = [first_id + i for i in range(len(self.files))]
         self.categories = list(categories)
+        self._digests: dict[int, str] = {}
         sizes: list[tuple[int, int] | None] = [None] * len(self.files)
         if check_images:
             found = check_files(
@@ -105,6 +119,14 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
             for i, result in enumerate(found):
                 if isinstance(result, ImageFileError):
                     raise DataError(str(result)) from result
+                long, short = max(result.width, result.height), min(result.width, result.height)
+                if long > MAX_ASPECT_RATIO * short:
+                    raise DataError(
+                        f"{self.root / self.files[i]}: {result.width}x{result.height} pixels, "
+                        f"a long side more than {MAX_ASPECT_RATIO} times the short one, which the "
+                        "detector cannot scale to a useful size; crop it or move it out of the "
+                        "folder"
+                    )
                 sizes[i] = (result.width, result.height)
         self.coco_gt: dict[str, Any] = {
             "images": [
@@ -133,6 +155,17 @@ class ImageFolder(Dataset[tuple[Tensor, dict[str, Any]]]):
         """The relative path of ``image_id``."""
         return self.files[image_id - self.ids[0]]
 
+    def digest(self, index: int) -> str:
+        """The SHA-256 (hex) of the bytes of ``files[index]``: what a hard-negatives file
+        records to tell this folder's image from another folder's of the same name."""
+        if index not in self._digests:
+            digest = hashlib.sha256()
+            with open(self.root / self.files[index], "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._digests[index] = digest.hexdigest()
+        return self._digests[index]
+
 
 class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
     """``dataset`` with images of an ``ImageFolder`` joining every epoch as images without
@@ -160,8 +193,9 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     Raises:
         ConfigError: ``share`` outside ``[0, 1)``.
-        DataError: ``mined`` names paths the folder lacks (it was mined on another folder), or is
-            not a folder's.
+        DataError: ``mined`` names paths the folder lacks, or records for an image other bytes
+            than the folder's (it was mined on another folder; the first such image is named),
+            or is not a folder's.
     """
 
     def __init__(
@@ -197,6 +231,15 @@ class NegativeImageMix(Dataset[tuple[Tensor, dict[str, Any]]]):
                     f"files that {folder.root} lacks (first: {unknown[:3]}); were they mined on "
                     "another folder?"
                 )
+            index = {name: i for i, name in enumerate(folder.files)}
+            for image_id, name in sorted(mined.file_names.items(), key=lambda item: item[1]):
+                recorded = mined.digests.get(image_id)
+                if recorded is not None and recorded != folder.digest(index[name]):
+                    raise DataError(
+                        f"{folder.root / name}: not the image mined as {name} on "
+                        f"{mined.folder or 'a folder'} (other bytes); were the hard negatives "
+                        "mined on another folder, or has the image changed since?"
+                    )
             self.mined = {name: m.boxes for name, m in by_name.items()}
         self.coco_gt = getattr(dataset, "coco_gt", None)
         self.categories = getattr(dataset, "categories", folder.categories)

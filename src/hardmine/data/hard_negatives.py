@@ -19,8 +19,12 @@ training they are background). The file is written atomically and fully validate
 
 **Version 2** is the file of a mined *folder of images* (``hardmine mine --images FOLDER``,
 ``hardmine.data.folder``): every entry also has ``"file_name"``, the image's path relative to the
-folder, and the document ``"folder"``, the folder mined. Training matches these entries to the
-folder's images by path, not by id (a folder has no annotation file to fix the ids). A file of a
+folder, and ``"digest"``, the SHA-256 of the image file's bytes; the document has ``"folder"``,
+the folder mined as an absolute path. Training matches these entries to the folder's images by
+path, not by id (a folder has no annotation file to fix the ids), and refuses a folder whose image
+at a mined path has other bytes (another folder with the same file names; a byte-identical copy
+elsewhere is the same data and is taken). An entry without ``"digest"`` (a file written before
+digests were recorded) is matched by path alone. A file of a
 dataset's images stays version 1, and version 1 is read as before; a hardmine that reads version 1
 only refuses version 2 rather than apply folder boxes to a dataset's images by id.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +95,8 @@ class HardNegatives:
         settings: the mining settings (``iou_thr``, ``top_k``, ``score_thr``).
         file_names: for a mined folder, each image id's path relative to ``folder``; empty for
             a dataset's images.
-        folder: the mined folder, or ``""``.
+        folder: the mined folder (absolute), or ``""``.
+        digests: for a mined folder, each image id's file's SHA-256 (hex), where recorded.
     """
 
     images: Mapping[int, MinedBoxes]
@@ -98,6 +104,7 @@ class HardNegatives:
     settings: Mapping[str, Any] = field(default_factory=dict)
     file_names: Mapping[int, str] = field(default_factory=dict)
     folder: str = ""
+    digests: Mapping[int, str] = field(default_factory=dict)
 
     def by_file_name(self) -> dict[str, MinedBoxes]:
         """A mined folder's boxes by relative path."""
@@ -129,6 +136,11 @@ def save_hard_negatives(hard_negatives: HardNegatives, path: str | Path) -> Path
         {
             "image_id": image_id,
             **({"file_name": names[image_id]} if names else {}),
+            **(
+                {"digest": hard_negatives.digests[image_id]}
+                if image_id in hard_negatives.digests
+                else {}
+            ),
             "boxes": [[round(v, 2) for v in box] for box in mined.boxes.tolist()],
             "scores": [round(s, 5) for s in mined.scores.tolist()],
             "labels": mined.labels.tolist(),
@@ -228,6 +240,7 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
         raise HardNegativesFormatError(f'{path}: "settings" must be an object')
     images: dict[int, MinedBoxes] = {}
     file_names: dict[int, str] = {}
+    digests: dict[int, str] = {}
     for i, entry in enumerate(entries):
         where = f"{path}: images[{i}]"
         image_id, mined = _parse_entry(entry, where)
@@ -244,12 +257,21 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
             if name in file_names.values():
                 raise HardNegativesFormatError(f"{where}: duplicate file_name {name!r}")
             file_names[image_id] = name
+            digest = entry.get("digest")
+            if digest is not None:
+                if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise HardNegativesFormatError(
+                        f"{where} (image_id {image_id}): digest must be a SHA-256 in hex, got "
+                        f"{digest!r}"
+                    )
+                digests[image_id] = digest
     return HardNegatives(
         images=images,
         source=str(document.get("source", "")),
         settings=settings,
         file_names=file_names,
         folder=str(document.get("folder", "")),
+        digests=digests,
     )
 
 

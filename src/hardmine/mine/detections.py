@@ -123,6 +123,10 @@ def warn_unfinished(run: LoadedRun) -> None:
         )
 
 
+def _absolute(folder: str) -> str:
+    return str(Path(folder).resolve()) if folder else ""
+
+
 def check_overwrite(path: Path, settings: Mapping[str, Any], *, folder: str = "") -> None:
     """Refuse to replace ``path`` unless it is a hard-negatives file mined with ``settings`` (on
     ``folder``, for a folder's file): mining again with the same settings gives the same file."""
@@ -133,7 +137,9 @@ def check_overwrite(path: Path, settings: Mapping[str, Any], *, folder: str = ""
     except HardNegativesFormatError:
         raise RunError(f"{path} exists and is not a hard-negatives file; not overwritten") from None
     old = dict(hard.settings)
-    if hard.folder != folder:
+    # The folder as an absolute path (an older file's relative one taken from here): the same
+    # folder reached from another working folder is the same.
+    if _absolute(hard.folder) != _absolute(folder):
         mined_on = f"the folder {hard.folder}" if hard.folder else "a dataset's images"
         raise RunError(
             f"{path} holds hard negatives mined on {mined_on}, which a run may have trained on; "

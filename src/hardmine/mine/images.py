@@ -63,7 +63,8 @@ def mine_folder(
         source=mined.source,
         settings=mined.settings,
         file_names={d.image_id: folder.path_of(d.image_id) for d in detections},
-        folder=str(folder.root),
+        folder=str(folder.root.resolve()),
+        digests={d.image_id: folder.digest(d.image_id - folder.ids[0]) for d in detections},
     )
     return hard, detections
 
@@ -117,7 +118,7 @@ def mine_images(
     """
     path = Path(output) if output is not None else Path(run_dir) / FOLDER_NEGATIVES_NAME
     settings = {"iou_thr": 0.5, "top_k": top_k, "score_thr": score_thr}
-    check_overwrite(path, settings, folder=str(images))
+    check_overwrite(path, settings, folder=str(Path(images).resolve()))
     check_writable(path.parent, f"--output {path}")
     resolved = resolve_device(device)
     run = load_run(run_dir, device=resolved)

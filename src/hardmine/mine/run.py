@@ -173,7 +173,8 @@ def bootstrap(
         One ``RoundResult`` per round.
 
     Raises:
-        ConfigError: a setting out of range.
+        ConfigError: a setting out of range, or more than one round of a detector without a
+            sampler (ATSS, RetinaNet, FCOS: hard negatives join an R-CNN's RoIs).
         RunError: a rerun whose settings differ from those a round in ``output_dir`` was trained
             with, or from those of a hard-negatives file a later round trained on (named).
     """
@@ -196,7 +197,16 @@ def bootstrap(
     configs = _round_configs(
         config, rounds, output_dir, share, negative_images=folder, image_share=negative_image_share
     )
+    if rounds > 1 and config.sampler.name is None:  # before any work, not after round 0
+        raise ConfigError(
+            f"hard_negatives: {config.model.name} has no sampler (sampler: null); the rounds "
+            "after the first train with hard negatives, which join an R-CNN's RoIs for a "
+            "sampler to pick from: use an R-CNN, or --rounds 1"
+        )
     _check_rerun(configs, mining)  # before any work
+    for checked in (folder, negative_val):  # before any work or output, too (each named)
+        if checked is not None:
+            ImageFolder(checked, check_images=config.data.check_images)
     results: list[RoundResult] = []
     trained_with = 0
     for r, round_config in enumerate(configs):

@@ -11,8 +11,12 @@ from the parent), at most one per *slot*:
   (``CUDA_VISIBLE_DEVICES``, set before CUDA starts in it). A device named twice takes two runs
   at a time.
 
-A process trains exactly what ``train(config, resume=True)`` trains in the parent (the run
-directory, its checkpoints and ``results.json`` are the same), and reports back the failure as
+A process trains exactly what ``train(config, resume=True)`` trains in the parent, with the same
+configuration and seed. The run directory, its checkpoints and ``results.json`` are the same bit
+for bit where the parent runs torch on as many threads as the slot: on the CPU, torch's sums over
+another number of threads add in another order, which moves the losses from about the 6th digit,
+and a run's AP sooner (``--jobs 2`` on 2 cores equals ``--jobs 1`` under ``OMP_NUM_THREADS=1``,
+the comparison that ``tests/report/test_jobs.py`` makes). A process reports back the failure as
 the parent would record it: the exception's first line and its traceback. Its output goes to
 ``train.log`` in its run directory rather than to the terminal, where several would interleave.
 A process whose parent dies (a killed comparison) stops itself, so that a rerun never finds a run

@@ -14,6 +14,7 @@ from hardmine._segments import segment_rank
 from hardmine.boxes import check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
+    check_call,
     draw,
     fill_shortfall,
     flatten,
@@ -49,6 +50,7 @@ class IoUBalancedSampler:
         mined: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         return sample_iou_balanced(assignments, **settings(self), generator=generator)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hardmine.sample.quota import fill_shortfall, flatten
+from hardmine.sample.quota import check_call, fill_shortfall, flatten
 from hardmine.structures import (
     IGNORE,
     NEGATIVE,
@@ -162,6 +162,7 @@ class MinedNegativeSampler:
         scores: Sequence[RoIScores] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         if mined is None:
             extra = {} if scores is None else {"scores": scores}
             return self.base(boxes, assignments, losses=losses, generator=generator, **extra)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hardmine.boxes import check_boxes, check_finite, nms_first
-from hardmine.sample.quota import flatten, take_top
+from hardmine.sample.quota import check_call, flatten, take_top
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
@@ -46,6 +46,7 @@ class OHEMSampler:
         mined: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         if losses is None:
             raise ValueError("OHEMSampler needs per-candidate losses (losses=...), got None")
         return sample_ohem(boxes, assignments, losses, **settings(self))

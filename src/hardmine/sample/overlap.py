@@ -21,6 +21,7 @@ from torch import Tensor
 from hardmine.boxes import check_boxes, check_finite, iou_matrix, upcast
 from hardmine.sample.quota import (
     FlatBatch,
+    check_call,
     count_per_segment,
     draw,
     fill_shortfall,
@@ -112,6 +113,7 @@ class OverlapSampler:
         mined: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         return sample_overlap(boxes, assignments, **settings(self), generator=generator)
 
 

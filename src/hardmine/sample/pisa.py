@@ -77,7 +77,7 @@ from torch import Tensor
 
 from hardmine._segments import count_per_segment, segment_rank
 from hardmine.boxes import check_boxes, check_finite, greedy_survivors, iou_matrix
-from hardmine.sample.quota import draw, flatten, segment_by_key
+from hardmine.sample.quota import check_call, draw, flatten, segment_by_key
 from hardmine.sample.random import sample_random
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, RoIScores, Selection, check_fields
 
@@ -170,6 +170,7 @@ class PISASampler:
         scores: Sequence[RoIScores] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         if self.isr_n and scores is None:
             raise ValueError(
                 "PISASampler with isr_n needs the read-only pass's scores (scores=...), got None"
@@ -188,10 +189,21 @@ class PISASampler:
         )
 
 
+#: The largest power ``k`` of ISR-N, ISR-P and CARL taken. The paper's and MMDetection's powers are
+#: 0.5 (ISR-N), 2 (ISR-P) and 1 (CARL). A weight ``(bias + (1 - bias) u) ** k`` at ``k = 10``
+#: already puts all but a millionth of the weight on the top-ranked examples (CARL's smallest
+#: weight ``0.2 ** 10 = 1e-7`` of the largest), so a larger ``k`` chooses nothing new; and it breaks
+#: the arithmetic: ``0.2 ** k`` falls below float32's smallest normal number near ``k = 55``, where
+#: CARL's normalisation divides zero by zero (a non-finite gradient at ``carl_k`` 60, a NaN
+#: ``loss_carl`` at 1e30, reported as a diverging learning rate). Refused when the settings are
+#: made, like any other value out of range.
+MAX_POWER = 10.0
+
+
 def check_power(k_name: str, k: float, bias_name: str, bias: float) -> None:
-    """Raise ``ValueError`` unless ``k >= 0`` is finite and ``bias`` lies in ``[0, 1]``."""
-    if not (math.isfinite(k) and k >= 0):
-        raise ValueError(f"{k_name} must be a finite number >= 0, got {k}")
+    """Raise ``ValueError`` unless ``k`` lies in ``[0, MAX_POWER]`` and ``bias`` in ``[0, 1]``."""
+    if not (math.isfinite(k) and 0 <= k <= MAX_POWER):
+        raise ValueError(f"{k_name} must be a finite number in [0, {MAX_POWER:g}], got {k}")
     if not 0.0 <= bias <= 1.0:
         raise ValueError(f"{bias_name} must be in [0, 1], got {bias}")
 
@@ -358,6 +370,7 @@ def sample_pisa(
     Raises:
         ValueError: settings out of range, ``scores`` missing with ``isr_n``, non-finite or
             mis-sized scores, boxes or losses.
+        TypeError: ``scores`` is not a sequence of ``RoIScores``.
 
     Example:
         One positive and four negatives: two overlapping predictions (a group), one apart and one
@@ -385,6 +398,13 @@ def sample_pisa(
     check_pisa_settings(
         num=num, pos_fraction=pos_fraction, k=k, bias=bias, score_thr=score_thr, iou_thr=iou_thr
     )
+    if scores is not None and not (
+        isinstance(scores, Sequence) and all(isinstance(s, RoIScores) for s in scores)
+    ):
+        got = type(scores).__name__
+        if isinstance(scores, Sequence):
+            got = f"a {got} of " + ", ".join(sorted({type(s).__name__ for s in scores}))
+        raise TypeError(f"scores must be a sequence of RoIScores, one per image, got {got}")
     if not isr_n:
         return sample_random(assignments, num=num, pos_fraction=pos_fraction, generator=generator)
     if scores is None:

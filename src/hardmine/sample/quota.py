@@ -136,6 +136,28 @@ class FlatBatch:
         ]
 
 
+def check_call(
+    boxes: Sequence[Tensor], assignments: Sequence[Assignment], generator: object = None
+) -> None:
+    """The checks every sampler's ``__call__`` makes of its arguments: one boxes tensor per
+    assignment (a sampler that reads only the assignments would otherwise pick for some images
+    silently), and a ``torch.Generator`` or None (not torch's argument error from deep inside).
+
+    Raises:
+        ValueError: ``len(boxes) != len(assignments)``.
+        TypeError: ``generator`` is neither a ``torch.Generator`` nor None.
+    """
+    if len(boxes) != len(assignments):
+        raise ValueError(
+            f"boxes has {len(boxes)} images and assignments {len(assignments)}; expected one "
+            "of each per image"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
 def flatten(assignments: Sequence[Assignment]) -> FlatBatch:
     """Concatenate per-image assignments into a ``FlatBatch``."""
     if len(assignments) == 0:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from hardmine._host import host_tensor
-from hardmine.sample.quota import draw_uniform, flatten
+from hardmine.sample.quota import check_call, draw_uniform, flatten
 from hardmine.structures import NEGATIVE, POSITIVE, Assignment, Selection, check_fields, settings
 
 
@@ -36,6 +36,7 @@ class RandomSampler:
         mined: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Selection]:
+        check_call(boxes, assignments, generator)
         return sample_random(assignments, **settings(self), generator=generator)
 
 
