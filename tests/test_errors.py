@@ -100,6 +100,8 @@ def _world(root: Path) -> dict[str, str]:
     (root / "empty" / "checkpoint.pt").write_bytes(b"")
     (root / "nockpt" / "checkpoint.pt").unlink()
     (root / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    (root / "twice.yaml").write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    (root / "empty.yaml").write_text("\n")
     (root / "section_scalar.yaml").write_text("train: 5\n")
     (root / "not_negatives.json").write_text('{"images": []}\n')
     other_ids = {
@@ -156,6 +158,18 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
     cases: dict[str, tuple[list[str], int, str]] = {
         "config missing": (["train", "--config", f"{r}/nope.yaml"], 2, "nope.yaml: no such"),
         "config yaml syntax": (["train", "--config", f"{r}/bad.yaml"], 2, "bad.yaml: not valid"),
+        # Third stranger: YAML keeps the last of a repeated key silently; an empty file is a
+        # wrong or cut-off file more likely than a wish for every default.
+        "config key twice": (
+            ["train", "--config", f"{r}/twice.yaml"],
+            2,
+            "twice.yaml: not valid YAML at line 3, column 3: key 'lr' given twice",
+        ),
+        "config empty": (
+            ["train", "--config", f"{r}/empty.yaml"],
+            2,
+            "empty.yaml: the file is empty",
+        ),
         "epochs 0": (["train", "--train.epochs", "0"], 2, "train.epochs: must be at least 1"),
         "epochs -1": (["train", "--train.epochs", "-1"], 2, "train.epochs: must be at least 1"),
         "sampler num -5": (["train", "--sampler.num", "-5"], 2, "sampler.num"),

@@ -658,11 +658,29 @@ def load_config(
         raise
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last,
+    silently: ``lr: 0.01`` then ``lr: 0.02`` would train at 0.02 without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in the YAML file ``path`` (empty for an empty file).
+    """The mapping in the YAML file ``path`` (empty for a file of comments only).
 
     Raises:
-        ConfigError: the file is missing, unreadable, not YAML (with the line), or not a mapping.
+        ConfigError: the file is missing, unreadable, empty (nothing but white space: a wrong or
+            cut-off file, more likely than a wish for every default), not YAML (with the line), a
+            key given twice in one mapping (with the line), or not a mapping.
     """
     path = Path(path)
     try:
@@ -674,8 +692,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not a text file"
         raise ConfigError(f"{path}: cannot read: {reason}") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the file is empty (a file of comments only gives the defaults)")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
