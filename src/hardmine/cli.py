@@ -328,8 +328,8 @@ def compare_parser(subparsers: Subparsers) -> None:
         "--config",
         metavar="YAML",
         help="base run configuration; the methods replace its model, sampler and assigner "
-        "(default: the built-in scenes and a short schedule: 18 runs of 1-3 minutes each on two "
-        "CPU cores, 36 minutes in all measured on a busy machine)",
+        "(default: the built-in scenes and a short schedule: 18 runs, 20 minutes on two quiet "
+        "CPU cores, 36 on a busy machine)",
     )
     parser.add_argument(
         "--methods",
