@@ -272,8 +272,7 @@ class SamplingRoIHeads(RoIHeads):
         weight: Tensor,
     ) -> Tensor:
         """Weighted mask loss of the picked positives (``weight: [R]`` over all picks)."""
-        positive = [a.positive for a in picked]
-        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
+        positive, pos_rois, gt_index = _picked_positives(rois, picked)
         mask_logits = self.mask_predictor(
             self.mask_head(self.mask_roi_pool(features, pos_rois, image_shapes))
         )
@@ -282,7 +281,7 @@ class SamplingRoIHeads(RoIHeads):
             pos_rois,
             [t["masks"] for t in targets],
             torch.cat([a.gt_class[p] for a, p in zip(picked, positive, strict=True)]),
-            [a.gt_index[p] for a, p in zip(picked, positive, strict=True)],
+            gt_index,
             weight[torch.cat(positive)],
         )
 
@@ -296,8 +295,7 @@ class SamplingRoIHeads(RoIHeads):
         weight: Tensor,
     ) -> Tensor:
         """Weighted keypoint loss of the picked positives (``weight: [R]`` over all picks)."""
-        positive = [a.positive for a in picked]
-        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
+        positive, pos_rois, gt_index = _picked_positives(rois, picked)
         keypoint_logits = self.keypoint_predictor(
             self.keypoint_head(self.keypoint_roi_pool(features, pos_rois, image_shapes))
         )
@@ -305,7 +303,7 @@ class SamplingRoIHeads(RoIHeads):
             keypoint_logits,
             pos_rois,
             [t["keypoints"] for t in targets],
-            [a.gt_index[p] for a, p in zip(picked, positive, strict=True)],
+            gt_index,
             weight[torch.cat(positive)],
         )
 
@@ -384,3 +382,14 @@ def with_sampler(
     if rpn_sampler is not None:
         wrapped.rpn = SamplingRPN(model.rpn, sampler=rpn_sampler, generator=generator)
     return wrapped
+
+
+def _picked_positives(
+    rois: list[Tensor], picked: list[Assignment]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per image, the picked positives' mask, their RoIs and their ground truths' indices: what
+    the mask and keypoint branches train on."""
+    positive = [a.positive for a in picked]
+    pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
+    gt_index = [a.gt_index[p] for a, p in zip(picked, positive, strict=True)]
+    return positive, pos_rois, gt_index
