@@ -26,7 +26,7 @@ test: lint
 # other jobs share, spinning threads steal each other's cores and a training step takes 10-20x
 # longer (measured on 2 cores at load 6: 0.13 s -> 2-15 s per RetinaNet step).
 compare: setup
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/hardmine compare
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/hardmine compare --jobs auto
 
 bench: setup
 	$(PY) benchmarks/samplers.py

@@ -430,6 +430,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "device 'cuda': this machine has no CUDA device; use cpu or auto",
         ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
+        "compare jobs neither a number nor auto": (
+            ["compare", "--jobs", "many"],
+            2,
+            "--jobs: expected an integer, got 'many' (or 'auto')",
+        ),
+        "compare jobs zero": (["compare", "--jobs", "0"], 2, "must be at least 1, got 0 (or"),
         "compare methods twice": (
             ["compare", "--methods", "random,ohem,random"],
             2,

@@ -82,6 +82,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _jobs(text: str) -> int | str:
+    """An argparse type for ``--jobs``: ``auto`` or an integer of at least 1."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int_at_least(1)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or 'auto')") from None
+
+
 def _number_in(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:
@@ -357,10 +367,12 @@ def compare_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--jobs",
-        type=_int_at_least(1),
+        type=_jobs,
         metavar="N",
         help="train N runs at a time, each in a process of its own with the CPU cores divided "
-        "among them (default: 1, one after another in this process); the same runs with the "
+        "among them (default: 1, one after another in this process); 'auto': one run per core, "
+        "one thread each (what make compare uses: the tiny models train no faster on two threads "
+        "than on one, so two cores train two runs in the time of one); the same runs with the "
         "same seeds, bit-identical where each run gets as many threads (on the CPU, --jobs 2 on "
         "2 cores is OMP_NUM_THREADS=1 with --jobs 1; other thread counts differ in the last "
         "digits)",
@@ -441,9 +453,13 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def _slots(args: argparse.Namespace, base: RunConfig) -> list[Any] | None:
     """The process slots of ``--jobs`` / ``--devices``; None to train here, one run at a time."""
-    if args.devices is None and (args.jobs is None or args.jobs == 1):
+    from hardmine.report.jobs import available_cpus, make_slots
+
+    jobs = args.jobs
+    if jobs == "auto":  # one run per core; with --devices, one per device entry
+        jobs = None if args.devices is not None else available_cpus()
+    if args.devices is None and (jobs is None or jobs == 1):
         return None
-    from hardmine.report.jobs import make_slots
 
     if args.devices is not None:
         import torch
@@ -458,7 +474,7 @@ def _slots(args: argparse.Namespace, base: RunConfig) -> list[Any] | None:
                 f"no {', '.join(missing)}"
             )
     try:
-        return make_slots(args.jobs, args.devices)
+        return make_slots(jobs, args.devices)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -120,6 +120,22 @@ def test_plan_writes_each_unfinished_runs_configuration(tmp_path, capsys) -> Non
     assert main(argv) == 0  # planning again is harmless: the same configurations
 
 
+def test_jobs_auto_is_one_run_per_core(monkeypatch) -> None:
+    from hardmine import cli
+    from hardmine.report import jobs
+    from hardmine.report.compare import default_compare_base
+
+    base = default_compare_base()
+    parser = cli.build_parser()
+    args, _ = parser.parse_known_args(["compare", "--jobs", "auto"])
+    monkeypatch.setattr(jobs, "available_cpus", lambda: 2)
+    assert cli._slots(args, base) == [Slot(1), Slot(1)]
+    monkeypatch.setattr(jobs, "available_cpus", lambda: 1)
+    assert cli._slots(args, base) is None  # one core: one run at a time, in this process
+    args, _ = parser.parse_known_args(["compare", "--jobs", "AUTO"])
+    assert cli._slots(args, base) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_devices_without_gpus_is_one_line(tmp_path, capsys) -> None:
     from hardmine.cli import main
