@@ -356,7 +356,7 @@ def _sparse_overlaps(
     row = entries[:, 2]
     cand_of = torch.full((tiles * _TILE,), n, dtype=torch.int64, device=device)
     cand_of[at] = flat.bounds[group_image[entries[:, 0]]] + row
-    listed = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()[:, cand_of]  # [5, L]
+    listed = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous().index_select(1, cand_of)
     listed = listed.view(5, 1, tiles, _TILE)
     tile_segment = torch.repeat_interleave(torch.arange(groups * flags, device=device), seg_tiles)
     tile_group = torch.cat([tile_segment.new_tensor([groups]), tile_segment // flags])  # [T]
@@ -366,7 +366,7 @@ def _sparse_overlaps(
     # Positives by slot and group, then per tile: [5, K_max, T, 1]; group G is padding.
     table = planes.new_zeros(5, k_max, groups + 1)
     table[:, slot, pos_group] = pos_planes.T
-    table = table[:, :, tile_group, None]
+    table = table.index_select(2, tile_group)[..., None]
     best_pn = planes.new_zeros(tiles * _TILE)  # [L]
     iou_pe = planes.new_zeros(n)
     if with_pe:
