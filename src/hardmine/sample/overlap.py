@@ -306,13 +306,14 @@ def _sparse_overlaps(
     padded = planes.new_zeros(b, size, 5)  # zero-area padding meets nothing either
     padded[flat.image, flat.position] = planes
     cand = padded.transpose(1, 2)[:, None]  # [B, 1, 5, N_max]
-    # Strict: a box meets the union's interior wherever it meets a positive's.
-    hit = torch.minimum(cand[:, :, 2], union[:, :, 2]) > torch.maximum(
-        cand[:, :, 0], union[:, :, 0]
-    )
-    hit &= torch.minimum(cand[:, :, 3], union[:, :, 3]) > torch.maximum(
-        cand[:, :, 1], union[:, :, 1]
-    )
+    hit = torch.empty(b, g_max, size, dtype=torch.bool, device=device)
+    step = max(1, budget // (b * size))  # groups per block: bounded temporaries
+    for start in range(0, g_max, step):
+        u = union[:, start : start + step]
+        # Strict: a box meets the union's interior wherever it meets a positive's.
+        meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
+        meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
+        hit[:, start : start + step] = meet
 
     # Largest groups first: the groups with a k-th positive are then a prefix.
     by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
