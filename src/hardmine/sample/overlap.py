@@ -364,10 +364,10 @@ def _sparse_overlaps(
     left_out = torch.cat(
         [tile_segment.new_tensor([True], dtype=torch.bool), tile_segment % flags == 1]
     )
-    # Positives by slot and group, then per tile: [5, K_max, T, 1]; group G is padding.
+    # Positives by slot and group, [5, K_max, G + 1]; group G is padding. Spread over the tiles
+    # a chunk of slots at a time: the whole [5, K_max, T] would outgrow the budget.
     table = planes.new_zeros(5, k_max, groups + 1)
     table[:, slot, pos_group] = pos_planes.T
-    table = table.index_select(2, tile_group)[..., None]
     best_pn = planes.new_zeros(tiles * _TILE)  # [L]
     iou_pe = planes.new_zeros(n)
     if with_pe:
@@ -381,7 +381,8 @@ def _sparse_overlaps(
         best_pe = planes.new_zeros(k_max, groups)
     for k, g in zip(starts, active, strict=True):
         t = prefix[g]
-        iou = _iou_block(listed[:, :, :t], table[:, k : k + chunk, :t])  # [c, t, TILE]
+        per_tile = table[:, k : k + chunk].index_select(2, tile_group[:t])[..., None]
+        iou = _iou_block(listed[:, :, :t], per_tile)  # [c, t, TILE]
         flat_iou = iou.view(iou.shape[0], t * _TILE)
         torch.maximum(best_pn[: t * _TILE], flat_iou.amax(0), out=best_pn[: t * _TILE])
         if with_pe:
