@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from hardmine.boxes import box_iou
+from hardmine.boxes import box_area, box_iou
 from hardmine.sample import OverlapSampler, overlap_with_positives, sample_overlap
+from hardmine.sample.overlap import _dense_overlaps, _sparse_overlaps
 from hardmine.sample.quota import flatten
 from hardmine.structures import Assignment
 
@@ -62,6 +63,48 @@ def test_overlaps_equal_a_per_image_brute_force():
         want_pe.append(torch.where(pos, others, 0))
     torch.testing.assert_close(iou_pn, torch.cat(want_pn))
     torch.testing.assert_close(iou_pe, torch.cat(want_pe))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_overlaps_equal_the_dense_ones_to_the_bit(dtype: torch.dtype) -> None:
+    """Positives in clusters of several ground truths (the CPU's grouped path), with copies left
+    out of IoU(p,e), zero-area and outside boxes, an image without positives and an empty one."""
+    gen = torch.Generator().manual_seed(1)
+    boxes, flags, gt_index = [], [], []
+    for n, num_gt in [(300, 6), (120, 0), (0, 0), (250, 3)]:
+        centres = torch.rand(max(num_gt, 1), 2, generator=gen) * 400
+        owner = torch.randint(max(num_gt, 1), (n,), generator=gen)
+        xy = centres[owner] + torch.randn(n, 2, generator=gen) * 30 - 20
+        b = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 60 + 5], 1)
+        b[:4, 2:] = b[:4, :2]  # zero-area
+        label = torch.zeros(n, dtype=torch.int8)
+        if num_gt:
+            label[torch.rand(n, generator=gen) < 0.3] = 1
+        boxes.append(b.to(dtype))
+        gt_index.append(owner if num_gt else torch.zeros(n, dtype=torch.long))
+        flags.append(label)
+    label = torch.cat(flags)
+    flat = flatten(
+        [
+            Assignment(lab, g, torch.zeros(lab.shape[0]), lab.long())
+            for lab, g in zip(flags, gt_index, strict=True)
+        ]
+    )
+    cat = torch.cat(boxes)
+    positive = label == 1
+    examples = torch.rand(cat.shape[0], generator=gen) > 0.05  # some copies
+    planes = torch.cat([cat, box_area(cat)[:, None]], 1)
+    p_max = int(flat.count(positive).max())
+    for with_pe, ex, budget in [(True, examples, 1 << 18), (True, None, 3000), (False, None, 500)]:
+        sparse = _sparse_overlaps(planes, flat, positive, with_pe, ex, budget, p_max)
+        assert sparse is not None  # the grouped path, not its dense fallback
+        dense = _dense_overlaps(
+            planes, flat, positive, flat.count(positive), p_max, with_pe, ex, budget
+        )
+        assert torch.equal(sparse[0], dense[0]) and torch.equal(sparse[1], dense[1])
+        want = box_iou(cat, cat[positive])  # the definition, on the one image at a time
+        same_image = flat.image[:, None] == flat.image[positive][None]
+        torch.testing.assert_close(sparse[0], torch.where(same_image, want, 0).amax(1))
 
 
 def test_hard_takes_overlaps_above_theta_first():

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from hardmine.boxes import check_boxes, check_finite, iou_matrix, upcast
+from hardmine.boxes import _EPS as BOX_EPS
+from hardmine.boxes import box_area, check_boxes, check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
     check_call,
@@ -124,15 +126,18 @@ def overlap_with_positives(
     *,
     with_pe: bool = True,
     examples: Tensor | None = None,
-    budget: int = 1 << 20,
+    budget: int = 1 << 18,
 ) -> tuple[Tensor, Tensor]:
     """Each candidate's largest IoU with a positive of its image, and each positive's with another.
 
-    The batch is padded to ``[B, N_max, 4]`` and compared with its positives padded to
-    ``[B, P_max, 4]``, a chunk of positives at a time. Chunks hold about ``budget`` IoUs, so
-    memory stays bounded whatever ``P_max`` is, and the blocks stay small enough to live in cache
-    (the arithmetic per IoU is tiny, so memory traffic is what costs). Padding is zero-area
-    boxes, whose IoU with anything is 0, the floor of both maxima anyway.
+    Only pairs of boxes that intersect have an IoU above 0, the floor of both maxima. On the CPU,
+    the positives are grouped by ground truth, and each group is compared only with the
+    candidates that intersect the union box of its positives, which holds every box of the group
+    (``_sparse_overlaps``); about a fifth of all pairs for proposals around their ground truths.
+    On other devices, and where that is no smaller, every candidate is compared with every
+    positive of its image (``_dense_overlaps``); the CUDA path so stays free of host
+    synchronisation beyond the one read of the positives' count. Both compute each IoU as
+    ``box_iou`` does, so the maxima are the same to the bit.
 
     Args:
         boxes: ``float [N, 4]``, the flat batch's candidates.
@@ -141,7 +146,7 @@ def overlap_with_positives(
         with_pe: also compute ``iou_pe`` (else it is all 0).
         examples: ``bool [N]``, the candidates that count as the *other* candidates of
             ``iou_pe``; all when None.
-        budget: IoUs per block.
+        budget: IoUs per block; memory stays bounded by it whatever the number of positives.
 
     Returns:
         ``iou_pn: float [N]``: max IoU with any positive of the same image (a positive's own IoU
@@ -150,44 +155,246 @@ def overlap_with_positives(
         elsewhere. ``float32`` for half-precision boxes.
     """
     boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
-    n, b = boxes.shape[0], flat.num_images
+    n = boxes.shape[0]
     pos_count = flat.count(positive)  # [B]
     # The one host read: P_max sizes the padded positives. It follows input validation, which
     # synchronises anyway.
     p_max = int(pos_count.max()) if n else 0
     if p_max == 0:
         return boxes.new_zeros(n), boxes.new_zeros(n)
+    planes = torch.cat([boxes, box_area(boxes)[:, None]], 1)  # [N, 5]: x1, y1, x2, y2, area
+    if boxes.device.type == "cpu":
+        found = _sparse_overlaps(planes, flat, positive, with_pe, examples, budget, p_max)
+        if found is not None:
+            return found
+    return _dense_overlaps(planes, flat, positive, pos_count, p_max, with_pe, examples, budget)
+
+
+def _iou_block(cand: Tensor, pos: Tensor) -> Tensor:
+    """IoUs of candidates and positives from their planes, as ``iou_matrix`` computes them.
+
+    ``cand: [5, ...]`` and ``pos: [5, ...]`` (``x1, y1, x2, y2, area``) broadcast to the block's
+    shape; the candidates vary along its last, contiguous axis, which keeps every pass a
+    vectorised sweep (the transposed layout, with a short last axis, costs the CPU several times
+    more). Same operations in the same order as ``iou_matrix``: the same values to the bit.
+    """
+    w = torch.minimum(cand[2], pos[2])
+    w -= torch.maximum(cand[0], pos[0])
+    h = torch.minimum(cand[3], pos[3])
+    h -= torch.maximum(cand[1], pos[1])
+    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+    union = cand[4] + pos[4]
+    union -= inter
+    return inter.div_(union.clamp_(min=BOX_EPS))
+
+
+def _dense_overlaps(
+    planes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    pos_count: Tensor,
+    p_max: int,
+    with_pe: bool,
+    examples: Tensor | None,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """``overlap_with_positives`` over every (positive, candidate) pair of each image.
+
+    The batch is padded to ``[B, 5, N_max]`` planes and compared with its positives padded to
+    ``[B, P_max]``, a chunk of positives at a time. Chunks hold about ``budget`` IoUs, so memory
+    stays bounded whatever ``P_max`` is, and the blocks stay small enough to live in cache (the
+    arithmetic per IoU is tiny, so memory traffic is what costs). Padding is zero-area boxes,
+    whose IoU with anything is 0, the floor of both maxima anyway.
+    """
+    b, size = flat.num_images, flat.max_size
     row = flat.position
-    padded = boxes.new_zeros(b, flat.max_size, 4)  # [B, N_max, 4]
-    padded[flat.image, row] = boxes
+    padded = planes.new_zeros(b, size, 5)
+    padded[flat.image, row] = planes
+    padded = padded.transpose(1, 2)[:, :, None]  # [B, 5, 1, N_max]
     rank = torch.cumsum(positive, 0) - 1 - (torch.cumsum(pos_count, 0) - pos_count)[flat.image]
     col = torch.where(positive, rank, p_max)  # non-positives land in a spare column, dropped
-    pos_boxes = boxes.new_zeros(b, p_max + 1, 4)
-    pos_boxes[flat.image, col] = boxes
-    pos_row = torch.zeros((b, p_max + 1), dtype=torch.int64, device=boxes.device)
+    pos_planes = planes.new_zeros(b, p_max + 1, 5)
+    pos_planes[flat.image, col] = planes
+    pos_planes = pos_planes[:, :p_max].transpose(1, 2)[..., None]  # [B, 5, P_max, 1]
+    pos_row = torch.zeros((b, p_max + 1), dtype=torch.int64, device=planes.device)
     pos_row[flat.image, col] = row
-    pos_boxes, pos_row = pos_boxes[:, :p_max], pos_row[:, :p_max]  # [B, P_max, 4], [B, P_max]
-    outside = None  # [B, N_max, 1]: rows that are no example of iou_pe
+    pos_row = pos_row[:, :p_max, None]  # [B, P_max, 1]
+    outside = None  # [B, 1, N_max]: candidates that are no example of iou_pe
     if with_pe and examples is not None:
-        outside = torch.ones(b, flat.max_size, 1, dtype=torch.bool, device=boxes.device)
-        outside[flat.image, row, 0] = ~examples
+        outside = torch.ones(b, 1, size, dtype=torch.bool, device=planes.device)
+        outside[flat.image, 0, row] = ~examples
 
-    chunk = max(1, budget // (b * flat.max_size))
-    best_pn = boxes.new_zeros(b, flat.max_size)  # [B, N_max]
-    best_pe = boxes.new_zeros(b, p_max)  # [B, P_max]
+    chunk = max(1, budget // (b * size))
+    best_pn = planes.new_zeros(b, size)  # [B, N_max]
+    best_pe = planes.new_zeros(b, p_max)  # [B, P_max]
     for start in range(0, p_max, chunk):
-        iou = iou_matrix(padded, pos_boxes[:, start : start + chunk])  # [B, N_max, c]
-        torch.maximum(best_pn, iou.amax(2), out=best_pn)
+        iou = _iou_block(padded.unbind(1), pos_planes[:, :, start : start + chunk].unbind(1))
+        torch.maximum(best_pn, iou.amax(1), out=best_pn)  # iou: [B, c, N_max]
         if with_pe:
             # A positive's own IoU (1) would always win: zero that one cell per positive. Padded
-            # positives point at row 0, where their IoU is 0 anyway.
-            own = pos_row[:, None, start : start + chunk]  # [B, 1, c]
-            iou.scatter_(1, own, 0)
+            # positives point at column 0, where their IoU is 0 anyway.
+            iou.scatter_(2, pos_row[:, start : start + chunk], 0)
             if outside is not None:
                 iou.masked_fill_(outside, 0)
-            best_pe[:, start : start + chunk] = iou.amax(1)
+            best_pe[:, start : start + chunk] = iou.amax(2)
     iou_pn = best_pn[flat.image, row]
     iou_pe = torch.where(positive, best_pe[flat.image, rank.clamp(min=0)], 0)
+    return iou_pn, iou_pe
+
+
+# Candidates per tile of a group's list: long enough a contiguous axis for every pass to vectorise
+# (shorter rows cost the CPU several times more per IoU), short enough to pad little.
+_TILE = 32
+
+
+def _sparse_overlaps(
+    planes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    with_pe: bool,
+    examples: Tensor | None,
+    budget: int,
+    p_max: int,
+) -> tuple[Tensor, Tensor] | None:
+    """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
+
+    The positives are grouped by (image, ground truth); a candidate can intersect a positive of a
+    group only if it intersects the group's union box (every side of the union reaches at least
+    as far as the positive's), so each group is compared with those candidates only: the pairs
+    left out have an intersection of exactly 0, hence an IoU of 0, the floor of both maxima. Any
+    grouping would be exact; ground truths make tight ones.
+
+    Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
+    groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
+    the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
+    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
+
+    Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
+    pairs than ``_dense_overlaps``.
+    """
+    n, device = planes.shape[0], planes.device
+    b, size = flat.num_images, flat.max_size
+    pos_index = positive.nonzero()[:, 0]  # [P]
+    gt = flat.gt_index[pos_index].clamp(min=0)
+    key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
+    key, order = torch.sort(key, stable=True)
+    pos_index = pos_index[order]
+    _, pos_group, group_size = torch.unique_consecutive(
+        key, return_inverse=True, return_counts=True
+    )
+    groups = group_size.shape[0]
+    # Each group's union box, then where it lies in a [B, G_max] layout of the groups per image.
+    group_first = torch.cumsum(group_size, 0) - group_size
+    group_image = flat.image[pos_index[group_first]]  # [G]
+    per_image = torch.bincount(group_image, minlength=b)
+    local = (
+        torch.arange(groups, device=device) - (torch.cumsum(per_image, 0) - per_image)[group_image]
+    )
+    g_max = int(per_image.max())
+    pos_planes = planes[pos_index]  # [P, 5]
+    index = pos_group[:, None].expand(-1, 2)
+    lo = planes.new_full((groups, 2), float("inf")).scatter_reduce_(
+        0, index, pos_planes[:, :2], "amin"
+    )
+    hi = planes.new_full((groups, 2), float("-inf")).scatter_reduce_(
+        0, index, pos_planes[:, 2:4], "amax"
+    )
+    union = planes.new_empty(b, g_max, 4)
+    union[..., :2], union[..., 2:] = float("inf"), float("-inf")  # padding meets nothing
+    union[group_image, local] = torch.cat([lo, hi], 1)
+    union = union[..., None]  # [B, G_max, 4, 1]
+    padded = planes.new_zeros(b, size, 5)  # zero-area padding meets nothing either
+    padded[flat.image, flat.position] = planes
+    cand = padded.transpose(1, 2)[:, None]  # [B, 1, 5, N_max]
+    hit = torch.empty(b, g_max, size, dtype=torch.bool, device=device)
+    step = max(1, budget // (b * size))  # groups per block: bounded temporaries
+    for start in range(0, g_max, step):
+        u = union[:, start : start + step]
+        # Strict: a box meets the union's interior wherever it meets a positive's.
+        meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
+        meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
+        hit[:, start : start + step] = meet
+
+    # Largest groups first: the groups with a k-th positive are then a prefix.
+    by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
+    rename = torch.empty_like(by_size)
+    rename[by_size] = torch.arange(groups, device=device)
+    group_size, group_image = group_size[by_size], group_image[by_size]
+    hit = hit.view(b * g_max, size)[group_image * g_max + local[by_size]]  # [G, N_max]
+    pos_group = rename[pos_group]
+    slot = torch.arange(pos_index.shape[0], device=device) - group_first[by_size][pos_group]
+    # Entries (group, flag, row), flag 1 for candidates that are no example of iou_pe.
+    split = with_pe and examples is not None and not bool(examples.all())
+    flags = 2 if split else 1
+    if split:
+        is_example = torch.zeros(b, size, dtype=torch.bool, device=device)
+        is_example[flat.image, flat.position] = examples
+        is_example = is_example[group_image]  # [G, N_max]
+        hit = torch.stack([hit & is_example, hit & ~is_example], 1)
+    hit = hit.view(groups, flags, size)
+    entries = hit.nonzero()  # [E, 3]: (group, flag, row), sorted
+    if entries.shape[0] == 0:  # every positive has zero area: every IoU is 0
+        return planes.new_zeros(n), planes.new_zeros(n)
+    segment = entries[:, 0] * flags + entries[:, 1]
+    seg_count = torch.bincount(segment, minlength=groups * flags)
+    seg_tiles = (seg_count + _TILE - 1) // _TILE
+    group_tiles = seg_tiles.view(groups, flags).sum(1)  # [G]
+    tiles = 1 + int(group_tiles.sum())  # tile 0: padding only, the "nowhere" of own cells
+    # Compare the work with the dense path's before building anything large.
+    sizes = group_size.tolist()
+    prefix = list(accumulate(group_tiles.tolist(), initial=1))  # [G + 1]: tiles before group g
+    k_max = sizes[0]
+    chunk = max(1, budget // (tiles * _TILE))
+    starts = range(0, k_max, chunk)
+    active = [sum(s > k for s in sizes) for k in starts]  # groups with a k-th positive
+    work = sum(min(chunk, k_max - k) * prefix[g] for k, g in zip(starts, active, strict=True))
+    if work * _TILE >= b * p_max * size:
+        return None
+    seg_first = torch.cumsum(seg_count, 0) - seg_count
+    seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * _TILE
+    e = torch.arange(entries.shape[0], device=device)
+    at = seg_start[segment] + e - seg_first[segment]  # [E]: place in the tiled list
+    row = entries[:, 2]
+    cand_of = torch.full((tiles * _TILE,), n, dtype=torch.int64, device=device)
+    cand_of[at] = flat.bounds[group_image[entries[:, 0]]] + row
+    listed = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous().index_select(1, cand_of)
+    listed = listed.view(5, 1, tiles, _TILE)
+    tile_segment = torch.repeat_interleave(torch.arange(groups * flags, device=device), seg_tiles)
+    tile_group = torch.cat([tile_segment.new_tensor([groups]), tile_segment // flags])  # [T]
+    left_out = torch.cat(
+        [tile_segment.new_tensor([True], dtype=torch.bool), tile_segment % flags == 1]
+    )
+    # Positives by slot and group, [5, K_max, G + 1]; group G is padding. Spread over the tiles
+    # a chunk of slots at a time: the whole [5, K_max, T] would outgrow the budget.
+    table = planes.new_zeros(5, k_max, groups + 1)
+    table[:, slot, pos_group] = pos_planes.T
+    best_pn = planes.new_zeros(tiles * _TILE)  # [L]
+    iou_pe = planes.new_zeros(n)
+    if with_pe:
+        # A positive's own cell in the list, found by its (segment, row) key; 0 (padding) if absent.
+        own_flag = 0 if not split else (~examples[pos_index]).long()
+        own_key = (pos_group * flags + own_flag) * (size + 1) + flat.position[pos_index]
+        entry_key = segment * (size + 1) + row
+        found = torch.searchsorted(entry_key, own_key).clamp_(max=entry_key.shape[0] - 1)
+        own = torch.zeros(k_max, groups, dtype=torch.int64, device=device)
+        own[slot, pos_group] = torch.where(entry_key[found] == own_key, at[found], 0)
+        best_pe = planes.new_zeros(k_max, groups)
+    for k, g in zip(starts, active, strict=True):
+        t = prefix[g]
+        per_tile = table[:, k : k + chunk].index_select(2, tile_group[:t])[..., None]
+        iou = _iou_block(listed[:, :, :t], per_tile)  # [c, t, TILE]
+        flat_iou = iou.view(iou.shape[0], t * _TILE)
+        torch.maximum(best_pn[: t * _TILE], flat_iou.amax(0), out=best_pn[: t * _TILE])
+        if with_pe:
+            flat_iou.scatter_(1, own[k : k + chunk, :g], 0)
+            part = iou.amax(2).masked_fill_(left_out[:t], 0)  # [c, t]
+            lengths = group_tiles[:g].expand(part.shape[0], -1)
+            best_pe[k : k + chunk, :g] = torch.segment_reduce(
+                part[:, 1:], "max", lengths=lengths, axis=1, unsafe=True, initial=0.0
+            )
+    iou_pn = planes.new_zeros(n + 1).scatter_reduce_(0, cand_of, best_pn, "amax")[:n]
+    if with_pe:
+        iou_pe[pos_index] = best_pe[slot, pos_group]
     return iou_pn, iou_pe
 
 
