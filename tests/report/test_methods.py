@@ -53,6 +53,17 @@ def test_a_variant_of_a_baseline_is_paired_with_it():
     assert _config("retinanet_atss:topk=7").assigner.settings == {"topk": 7}
 
 
+def test_a_variant_trains_its_baselines_schedule():
+    """A variant of a RetinaNet row trains twice the base epochs, as the row it is paired with
+    (it once trained the base's 3 against its baseline's 6, a silently unfair pairing)."""
+    base_epochs = default_compare_base().train.epochs
+    for spec in ("retinanet_max_iou:train.lr=0.01", "retinanet_atss:topk=7"):
+        assert parse_method(spec).epochs_scale == 2
+        assert _config(spec).train.epochs == 2 * base_epochs
+    assert _config("retinanet_atss:train.epochs=5").train.epochs == 5  # said outright: as said
+    assert _config("ohem:num=64").train.epochs == base_epochs
+
+
 def test_dotted_keys_reach_any_section_and_win_over_the_comparisons_overrides():
     config = _config(
         "overlap:model.box_nms_thresh=0.45:train.lr=0.01:num=64", **{"sampler.num": 256}

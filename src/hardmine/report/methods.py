@@ -188,6 +188,7 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         base.sampler,
         base.assigner,
         baseline=base.baseline or base.name,
+        epochs_scale=base.epochs_scale,  # paired with its baseline: the same schedule
         overrides={**base.overrides, **overrides},
     )
 
