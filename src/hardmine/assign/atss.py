@@ -10,6 +10,7 @@ of ``assign_atss`` says so.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
@@ -17,6 +18,7 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
 from hardmine.boxes import _EPS, box_area, box_centers
 from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
@@ -25,8 +27,6 @@ TopkPer = Literal["anchor", "location"]
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
-#: Anchors per block of ``_nearest_blocked``.
-_BLOCK = 64
 
 
 def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[int]) -> Tensor:
@@ -42,14 +42,14 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
     several times more. Wider floats leave no room for the index; their key is the index plus
     ``n`` times a class (0 below the ``k``-th smallest distance, 1 equal to it, 2 above).
 
-    On the CPU, levels of at least ``_BLOCK * k`` anchors first narrow the search (see
+    On the CPU, levels of at least ``64 * k`` anchors first narrow the search (see
     ``_nearest_blocked``): there ``topk`` copies every element of its rows and costs several times
     the distances themselves.
     """
     parts, start = [], 0
     for n, k in zip(num_per_level, level_k, strict=True):
         d = distance[..., start : start + n]  # [B, G, n]
-        if d.device.type == "cpu" and d.element_size() == 4 and n >= _BLOCK * k:
+        if d.device.type == "cpu" and d.element_size() == 4 and n >= 64 * k:
             parts.append(_nearest_blocked(d, k) + start)
             start += n
             continue
@@ -66,32 +66,32 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
 
 
 def _nearest_blocked(d: Tensor, k: int) -> Tensor:
-    """``_nearest`` on one level of ``float32`` distances ``d: [B, G, n]``, ``n >= _BLOCK * k``:
-    the same anchors, sorted by ``(distance, index)`` (the order ``topk`` gives such rows on the
-    CPU, which the threshold's sums keep to the last bit) -> ``int64 [B, G, k]``.
+    """``_nearest`` on one level of ``float32`` distances ``d: [B, G, n]``, ``n >= 64 * k``: the
+    same anchors, sorted by ``(distance, index)`` (the order ``topk`` gives such rows on the CPU,
+    which the threshold's sums keep to the last bit) -> ``int64 [B, G, k]``.
 
-    The row is cut into blocks of ``_BLOCK`` consecutive anchors (the last one shorter). A block's
-    key is its smallest ``(distance, index)``; as blocks hold consecutive indices, that orders as
-    ``(smallest distance, block number)``. The ``k`` blocks of smallest keys hold the ``k``
-    nearest anchors: each of those blocks holds an anchor no further (in key order) than the
-    ``k``-th of them, so the ``k``-th nearest anchor is too, and the block of any of the ``k``
-    nearest has a key no larger. One ``amin`` pass over the row, then ``topk`` over ``n / _BLOCK``
-    block keys and ``k * _BLOCK`` anchors.
+    The row is cut into blocks of ``m = 64`` consecutive anchors (``amin`` over fewer contiguous
+    elements runs several times slower per element on the CPU) and the last ``n % m`` anchors. A
+    block's key is its smallest ``(distance, index)``; as blocks hold consecutive indices, that
+    orders as ``(smallest distance, block number)``. The ``k`` nearest anchors lie in the ``k``
+    blocks of smallest keys and the remainder: an anchor in another block is preceded (in key
+    order) by the smallest anchor of each of those ``k`` blocks. So one ``amin`` pass over the
+    row, then ``topk`` over ``n / m`` block keys and ``k * m + n % m`` anchors, where ``topk`` over
+    the whole row would copy every element of it.
     """
     n = d.shape[-1]
-    full = n // _BLOCK * _BLOCK
-    low = d[..., :full].unflatten(-1, (-1, _BLOCK)).amin(dim=-1)  # [B, G, n // _BLOCK]
-    if full < n:
-        low = torch.cat([low, d[..., full:].amin(dim=-1, keepdim=True)], dim=-1)
+    m = 64
+    full = n // m * m
+    low = d[..., :full].unflatten(-1, (-1, m)).amin(dim=-1)  # [B, G, n // m]
     block_key = low.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
     block_key.bitwise_or_(torch.arange(low.shape[-1], device=d.device))
     block = block_key.topk(k, dim=-1, largest=False, sorted=False).indices  # [B, G, k]
-    index = (block[..., None] * _BLOCK + torch.arange(_BLOCK, device=d.device)).flatten(-2)
-    past_end = index >= n  # [B, G, k * _BLOCK]: the short last block's missing anchors
-    index.clamp_(max=n - 1)
+    index = (block[..., None] * m + torch.arange(m, device=d.device)).flatten(-2)  # [B, G, k * m]
+    if full < n:
+        rest = torch.arange(full, n, device=d.device).expand(*index.shape[:-1], n - full)
+        index = torch.cat([index, rest], dim=-1)
     key = d.gather(-1, index).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-    key.bitwise_or_(index).masked_fill_(past_end, torch.iinfo(torch.int64).max)
-    order = key.topk(k, dim=-1, largest=False, sorted=True).indices  # [B, G, k]
+    order = key.bitwise_or_(index).topk(k, dim=-1, largest=False, sorted=True).indices
     return index.gather(-1, order)
 
 
@@ -305,19 +305,40 @@ def assign_atss(
         )
     k = topk * anchors_per_location if topk_per == "location" else topk
     level_k = [min(k, n) for n in num_per_level]
-    blocks = batch.blocks(chunk_size)
-    # One workspace for every block's [b, C, N] temporaries: on the CPU, memory not freshly
-    # touched is speed (a matrix allocated per step faults in fresh pages every time).
+    # Twice the default block: the [b, C, N] matrices live in one reused workspace (below), whose
+    # pages stay mapped; halving the blocks' count halves their fixed costs.
+    blocks = batch.blocks(chunk_size, 2 * _batch.CPU_BLOCK_ELEMENTS)
     size = max(
         blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
         for blk, chunk in blocks
     )
-    work = batch.candidates.new_empty(3, size)
+    work = _workspace(batch.candidates, size)
     return [
         a
         for block, chunk in blocks
         for a in _assign_block(block, num_per_level, level_k, center_margin, chunk, work)
     ]
+
+
+_scratch = threading.local()
+
+
+def _workspace(like: Tensor, size: int) -> Tensor:
+    """``[3, size]`` scratch in ``like``'s dtype and device for the ``[b, C, N]`` matrices.
+
+    On the CPU memory not freshly touched is speed: a matrix allocated per step faults in fresh
+    pages every time (glibc hands blocks this large back to the system when freed), which cost
+    more than the arithmetic. So each thread keeps its scratch between calls, up to the size that
+    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: 24 MB of ``float32``); larger or other
+    devices' is allocated per call (CUDA's caching allocator reuses it anyway).
+    """
+    if like.device.type != "cpu" or size > 4 * _batch.CPU_BLOCK_ELEMENTS:
+        return like.new_empty(3, size)
+    work = getattr(_scratch, "work", None)
+    if work is None or work.dtype != like.dtype or work.shape[1] < size:
+        work = like.new_empty(3, size)
+        _scratch.work = work
+    return work[:, :size]
 
 
 def _iou_into(
@@ -356,9 +377,11 @@ def _assign_block(
     if num_anchors == 0:  # nothing to rank, and the reductions below need something
         zeros = anc.new_zeros(num_images, 0)
         return batch.split(zeros.to(torch.int8), zeros.to(torch.int64), zeros)
-    centers = box_centers(anc).transpose(1, 2).contiguous()  # [B, 2, N]: a plane per coordinate
-    corners = anc.transpose(1, 2).contiguous()  # [B, 4, N]
-    area = box_area(anc)  # [B, N]
+    # Images sharing their anchors (a broadcast view, see ``prepare_batch``) share these too.
+    one = anc[:1] if anc.stride(0) == 0 else anc
+    centers = box_centers(one).transpose(1, 2).contiguous().expand(num_images, 2, num_anchors)
+    corners = one.transpose(1, 2).contiguous().expand(num_images, 4, num_anchors)
+    area = box_area(one).expand(num_images, num_anchors)  # [B, N]
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
 
