@@ -378,10 +378,13 @@ def _assign_block(
         zeros = anc.new_zeros(num_images, 0)
         return batch.split(zeros.to(torch.int8), zeros.to(torch.int64), zeros)
     # Images sharing their anchors (a broadcast view, see ``prepare_batch``) share these too.
-    one = anc[:1] if anc.stride(0) == 0 else anc
-    centers = box_centers(one).transpose(1, 2).contiguous().expand(num_images, 2, num_anchors)
-    corners = one.transpose(1, 2).contiguous().expand(num_images, 4, num_anchors)
-    area = box_area(one).expand(num_images, num_anchors)  # [B, N]
+    # ``box_centers`` and ``box_area``'s arithmetic, on contiguous planes (several times faster
+    # than on [..., N, 4] rows).
+    corners = (anc[:1] if anc.stride(0) == 0 else anc).transpose(1, 2).contiguous()  # [b, 4, N]
+    centers = ((corners[:, :2] + corners[:, 2:]) / 2).expand(num_images, 2, num_anchors)
+    wh = (corners[:, 2:] - corners[:, :2]).clamp_(min=0)  # [b, 2, N]
+    area = (wh[:, 0] * wh[:, 1]).expand(num_images, num_anchors)  # [B, N]
+    corners = corners.expand(num_images, 4, num_anchors)
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
 
