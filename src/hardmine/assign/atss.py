@@ -42,14 +42,14 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
     several times more. Wider floats leave no room for the index; their key is the index plus
     ``n`` times a class (0 below the ``k``-th smallest distance, 1 equal to it, 2 above).
 
-    On the CPU, levels of at least ``64 * k`` anchors first narrow the search (see
+    On the CPU, levels of at least ``256 * k`` anchors first narrow the search (see
     ``_nearest_blocked``): there ``topk`` copies every element of its rows and costs several times
-    the distances themselves.
+    the distances themselves (below, the narrowing's fixed costs outweigh what it saves).
     """
     parts, start = [], 0
     for n, k in zip(num_per_level, level_k, strict=True):
         d = distance[..., start : start + n]  # [B, G, n]
-        if d.device.type == "cpu" and d.element_size() == 4 and n >= 64 * k:
+        if d.device.type == "cpu" and d.element_size() == 4 and n >= 256 * k:
             parts.append(_nearest_blocked(d, k) + start)
             start += n
             continue
