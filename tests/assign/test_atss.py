@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from hardmine.assign import ATSSAssigner, _batch, assign_atss
+from hardmine.assign import ATSSAssigner, _batch, assign_atss, atss
 from hardmine.boxes import box_centers, box_iof, box_iou
 from hardmine.structures import Assigner, Assignment
 
@@ -262,6 +262,49 @@ def test_grid_anchors_with_ties_match_reference() -> None:
         )
         assert_same(a, ref)
         assert a.positive.any()
+
+
+def test_large_levels_match_reference() -> None:
+    # Levels of at least 256 * k anchors take the CPU's blocked search for the nearest ones
+    # (atss._nearest_blocked); grid anchors and whole-pixel boxes make ties in distance.
+    num_per_level = [32 * 32 * 3, 8 * 8 * 3]
+    anchors = grid_anchors([32, 8], [8, 32], [1.0, 1.26, 1.59])
+    gts = torch.tensor(
+        [
+            [8.0, 8.0, 40.0, 40.0],
+            [30.0, 20.0, 50.0, 60.0],
+            [0.0, 0.0, 256.0, 256.0],
+            [100, 4, 180, 9],
+        ]
+    )
+    labels = torch.tensor([1, 2, 3, 4])
+    ignore = torch.tensor([[0.0, 200.0, 60.0, 256.0]])
+    for topk, topk_per in ((9, "anchor"), (4, "location")):
+        (a,) = assign_atss(
+            [anchors],
+            [gts],
+            [labels],
+            num_per_level=num_per_level,
+            topk=topk,
+            anchors_per_location=3,
+            topk_per=topk_per,
+            ignore_boxes=[ignore],
+        )
+        k = topk * 3 if topk_per == "location" else topk
+        assert_same(a, reference_atss(anchors, gts, labels, num_per_level, topk=k, ignore=ignore))
+        assert a.positive.any()
+
+
+@pytest.mark.parametrize("n", [2304, 5000, 16800])
+def test_blocked_nearest_is_a_stable_sort(n: int) -> None:
+    # The blocked search returns the k nearest sorted by (distance, index), as topk returns long
+    # rows on the CPU (the threshold's sums depend on the order to the last bit).
+    g = torch.Generator().manual_seed(n)
+    distance = (torch.rand(2, 3, n, generator=g) * 50).round()  # many ties
+    distance[0, 0, -5:] = 0.0  # the nearest in the last, partial block
+    distance[1, 0] = 7.0  # all tied
+    nearest = atss._nearest_blocked(distance, 9)
+    assert torch.equal(nearest, distance.sort(dim=-1, stable=True).indices[..., :9])
 
 
 def test_float64_matches_reference() -> None:

@@ -10,6 +10,7 @@ of ``assign_atss`` says so.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
@@ -17,8 +18,9 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from hardmine.assign import _batch
 from hardmine.assign._batch import DEFAULT_CHUNK_SIZE, Batch, best_of_chunk, prepare_batch
-from hardmine.boxes import box_centers, iou_matrix
+from hardmine.boxes import _EPS, box_area, box_centers
 from hardmine.structures import IGNORE, POSITIVE, Assignment, check_fields, settings
 
 TopkPer = Literal["anchor", "location"]
@@ -39,10 +41,18 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
     values) above the index: a few cheap passes, where ranking ties after a ``kthvalue`` costs
     several times more. Wider floats leave no room for the index; their key is the index plus
     ``n`` times a class (0 below the ``k``-th smallest distance, 1 equal to it, 2 above).
+
+    On the CPU, levels of at least ``256 * k`` anchors first narrow the search (see
+    ``_nearest_blocked``): there ``topk`` copies every element of its rows and costs several times
+    the distances themselves (below, the narrowing's fixed costs outweigh what it saves).
     """
     parts, start = [], 0
     for n, k in zip(num_per_level, level_k, strict=True):
         d = distance[..., start : start + n]  # [B, G, n]
+        if d.device.type == "cpu" and d.element_size() == 4 and n >= 256 * k:
+            parts.append(_nearest_blocked(d, k) + start)
+            start += n
+            continue
         index = torch.arange(n, device=d.device)
         if d.element_size() <= 4:
             key = d.view(_INT_OF_SIZE[d.element_size()]).to(torch.int64)
@@ -53,6 +63,36 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
         parts.append(key.topk(k, dim=-1, largest=False, sorted=False).indices + start)
         start += n
     return torch.cat(parts, dim=-1)
+
+
+def _nearest_blocked(d: Tensor, k: int) -> Tensor:
+    """``_nearest`` on one level of ``float32`` distances ``d: [B, G, n]``, ``n >= 64 * k``: the
+    same anchors, sorted by ``(distance, index)`` (the order ``topk`` gives such rows on the CPU,
+    which the threshold's sums keep to the last bit) -> ``int64 [B, G, k]``.
+
+    The row is cut into blocks of ``m = 64`` consecutive anchors (``amin`` over fewer contiguous
+    elements runs several times slower per element on the CPU) and the last ``n % m`` anchors. A
+    block's key is its smallest ``(distance, index)``; as blocks hold consecutive indices, that
+    orders as ``(smallest distance, block number)``. The ``k`` nearest anchors lie in the ``k``
+    blocks of smallest keys and the remainder: an anchor in another block is preceded (in key
+    order) by the smallest anchor of each of those ``k`` blocks. So one ``amin`` pass over the
+    row, then ``topk`` over ``n / m`` block keys and ``k * m + n % m`` anchors, where ``topk`` over
+    the whole row would copy every element of it.
+    """
+    n = d.shape[-1]
+    m = 64
+    full = n // m * m
+    low = d[..., :full].unflatten(-1, (-1, m)).amin(dim=-1)  # [B, G, n // m]
+    block_key = low.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    block_key.bitwise_or_(torch.arange(low.shape[-1], device=d.device))
+    block = block_key.topk(k, dim=-1, largest=False, sorted=False).indices  # [B, G, k]
+    index = (block[..., None] * m + torch.arange(m, device=d.device)).flatten(-2)  # [B, G, k * m]
+    if full < n:
+        rest = torch.arange(full, n, device=d.device).expand(*index.shape[:-1], n - full)
+        index = torch.cat([index, rest], dim=-1)
+    key = d.gather(-1, index).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    order = key.bitwise_or_(index).topk(k, dim=-1, largest=False, sorted=True).indices
+    return index.gather(-1, order)
 
 
 def _adaptive_threshold(iou: Tensor) -> Tensor:
@@ -265,11 +305,61 @@ def assign_atss(
         )
     k = topk * anchors_per_location if topk_per == "location" else topk
     level_k = [min(k, n) for n in num_per_level]
+    # Twice the default block: the [b, C, N] matrices live in one reused workspace (below), whose
+    # pages stay mapped; halving the blocks' count halves their fixed costs.
+    blocks = batch.blocks(chunk_size, 2 * _batch.CPU_BLOCK_ELEMENTS)
+    size = max(
+        blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
+        for blk, chunk in blocks
+    )
+    work = _workspace(batch.candidates, size)
     return [
         a
-        for block, chunk in batch.blocks(chunk_size)
-        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk)
+        for block, chunk in blocks
+        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk, work)
     ]
+
+
+_scratch = threading.local()
+
+
+def _workspace(like: Tensor, size: int) -> Tensor:
+    """``[3, size]`` scratch in ``like``'s dtype and device for the ``[b, C, N]`` matrices.
+
+    On the CPU memory not freshly touched is speed: a matrix allocated per step faults in fresh
+    pages every time (glibc hands blocks this large back to the system when freed), which cost
+    more than the arithmetic. So each thread keeps its scratch between calls, up to the size that
+    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: 24 MB of ``float32``); larger or other
+    devices' is allocated per call (CUDA's caching allocator reuses it anyway).
+    """
+    if like.device.type != "cpu" or size > 4 * _batch.CPU_BLOCK_ELEMENTS:
+        return like.new_empty(3, size)
+    work = getattr(_scratch, "work", None)
+    if work is None or work.dtype != like.dtype or work.shape[1] < size:
+        work = like.new_empty(3, size)
+        _scratch.work = work
+    return work[:, :size]
+
+
+def _iou_into(
+    gts: Tensor, corners: Tensor, area: Tensor, out: Tensor, tmp: tuple[Tensor, Tensor]
+) -> Tensor:
+    """``iou_matrix(gts, anchors)`` written into ``out``, the two ``tmp`` as scratch (all
+    ``[B, C, N]``): the same operations in the same order, so the same bits.
+
+    ``gts: [B, C, 4]``, ``corners: [B, 4, N]`` (the anchors, a plane per coordinate),
+    ``area: [B, N]`` (``box_area`` of the anchors) -> ``out``.
+    """
+    x1, y1, x2, y2 = (gts[..., i, None] for i in range(4))  # [B, C, 1]
+    u1, v1, u2, v2 = (corners[:, None, i] for i in range(4))  # [B, 1, N]
+    w = torch.minimum(x2, u2, out=out)
+    w -= torch.maximum(x1, u1, out=tmp[0])
+    h = torch.minimum(y2, v2, out=tmp[0])
+    h -= torch.maximum(y1, v1, out=tmp[1])
+    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+    union = torch.add(box_area(gts)[..., None], area[:, None], out=tmp[0])
+    union -= inter
+    return inter.div_(union.clamp_(min=_EPS))
 
 
 def _assign_block(
@@ -278,14 +368,23 @@ def _assign_block(
     level_k: Sequence[int],
     center_margin: float,
     chunk_size: int,
+    work: Tensor,
 ) -> list[Assignment]:
-    """``assign_atss`` on one block of images (see ``Batch.blocks``)."""
+    """``assign_atss`` on one block of images (see ``Batch.blocks``); ``work: [3, M]`` scratch
+    for its ``[B, C, N]`` matrices."""
     anc, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     num_images, num_anchors = anc.shape[:2]
     if num_anchors == 0:  # nothing to rank, and the reductions below need something
         zeros = anc.new_zeros(num_images, 0)
         return batch.split(zeros.to(torch.int8), zeros.to(torch.int64), zeros)
-    centers = box_centers(anc).transpose(1, 2).contiguous()  # [B, 2, N]: a plane per coordinate
+    # Images sharing their anchors (a broadcast view, see ``prepare_batch``) share these too.
+    # ``box_centers`` and ``box_area``'s arithmetic, on contiguous planes (several times faster
+    # than on [..., N, 4] rows).
+    corners = (anc[:1] if anc.stride(0) == 0 else anc).transpose(1, 2).contiguous()  # [b, 4, N]
+    centers = ((corners[:, :2] + corners[:, 2:]) / 2).expand(num_images, 2, num_anchors)
+    wh = (corners[:, 2:] - corners[:, :2]).clamp_(min=0)  # [b, 2, N]
+    area = (wh[:, 0] * wh[:, 1]).expand(num_images, num_anchors)  # [B, N]
+    corners = corners.expand(num_images, 4, num_anchors)
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
 
@@ -293,20 +392,20 @@ def _assign_block(
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
     for start in range(0, gts.shape[1], chunk_size):
         chunk = gts[:, start : start + chunk_size]  # [B, C, 4]
+        shape = (num_images, chunk.shape[1], num_anchors)
+        mat, tmp, tmp2 = (w[: shape[0] * shape[1] * shape[2]].view(shape) for w in work)
         # Squared distances order anchors as the distances do, without a square root. One plane
         # per coordinate, in place, avoids [B, C, N, 2] intermediates; the arithmetic (and so any
-        # tie) is the reference's. They come before the IoUs, so that the two matrices and their
-        # temporaries are never alive together: on the CPU, memory not freshly touched is speed.
+        # tie) is the reference's.
         gt_centers = box_centers(chunk)  # [B, C, 2]
-        distance = (near[:, None, 0] - gt_centers[..., 0, None]).square_()  # [B, C, N]
-        distance += (near[:, None, 1] - gt_centers[..., 1, None]).square_()
+        distance = torch.sub(near[:, None, 0], gt_centers[..., 0, None], out=mat).square_()
+        distance += torch.sub(near[:, None, 1], gt_centers[..., 1, None], out=tmp).square_()
         # Ties (anchors sharing a location always tie) go to the lower anchor index.
         candidate = _nearest(distance, num_per_level, level_k)  # [B, C, K]
-        del distance
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
-        iou = iou_matrix(chunk, anc)  # [B, C, N]
+        iou = _iou_into(chunk, corners, area, mat, (tmp, tmp2))  # [B, C, N]
         # The threshold and the centre test need only the K candidates of each ground truth.
         cand_iou = iou.gather(2, candidate)  # [B, C, K]
         value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
