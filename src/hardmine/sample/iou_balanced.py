@@ -144,40 +144,42 @@ def _instance_balanced_cpu(
     # The generic path's random numbers, in its order, so that the picks are the same.
     shuffle = torch.rand(n, generator=generator)  # [N]
     priority = torch.rand(n + 1, generator=generator, dtype=torch.float64)  # [N + 1]
-    index = torch.nonzero(eligible).flatten()  # [P], ascending
+    index = torch.nonzero(eligible).squeeze(1)  # [P], ascending
     picked = torch.zeros(n, dtype=torch.bool)
     if index.numel() == 0:
         return picked
-    image, gt = flat.image[index], flat.gt_index[index]
-    # (image, ground truth) in the high bits; below them the shuffle key, descending. rand's
-    # floats lie in [0, 1), where the bits of a float32 order as it does and stay below 2^30.
+    image = flat.image.index_select(0, index)  # [P]
+    gt = flat.gt_index.index_select(0, index)  # [P]
+    # (image, ground truth) in the high bits, the shuffle key below them, descending: rand's
+    # floats lie in [0, 1), where a float32's bits order as it does and stay below 2^30.
+    bits = shuffle.index_select(0, index).view(torch.int32).to(torch.int64)
     segment = image * (int(gt.max()) + 1) + gt  # [P]
-    bits = shuffle[index].view(torch.int32).to(torch.int64)
-    key, order = torch.sort(segment.mul_(1 << 30).add_((1 << 30) - 1 - bits), stable=True)
+    key = torch.add(bits.neg_().add_((1 << 30) - 1), segment, alpha=1 << 30)
     # Stable: equal shuffle keys keep the index order, as the generic path's stable sorts do.
+    key, order = key.sort(stable=True)
     key >>= 30  # the segment of each sorted candidate
-    new_run = torch.ones_like(key, dtype=torch.bool)
+    new_run = torch.empty_like(key, dtype=torch.bool)
+    new_run[0] = True
     torch.ne(key[1:], key[:-1], out=new_run[1:])
     at = torch.arange(key.numel())
-    round_ = at - torch.where(new_run, at, 0).cummax(0).values  # [P]: rank in its segment
+    round_ = at - (at * new_run).cummax(0).values  # [P]: rank in its segment
     # Segments are numbered in (image, ground truth) order, as segment_by_key numbers them.
-    value = priority[new_run.cumsum(0).sub_(1)].add_(round_)  # float64 [P]: round + priority
-    # Candidates of an image are contiguous in the sorted order: a table [B, P_max] of values.
-    sorted_image = image[order]
-    counts = flat.count(eligible)  # [B]
-    starts = counts.cumsum(0) - counts
-    take = target.minimum(counts)  # [B]
+    value = priority.index_select(0, new_run.cumsum(0).sub_(1)).add_(round_)  # float64 [P]
+    # An image's candidates are contiguous in the sorted order: a table [B, P_max] of values.
+    sorted_image = image.index_select(0, order)
+    counts = torch.bincount(image, minlength=flat.num_images)  # [B]
     width = int(counts.max())
+    offset = torch.arange(flat.num_images).mul_(width).add_(counts).sub_(counts.cumsum(0))
     table = torch.full((flat.num_images, width), float("inf"), dtype=torch.float64)
-    table.view(-1)[sorted_image * width + at - starts[sorted_image]] = value
+    table.view(-1).index_copy_(0, offset.index_select(0, sorted_image).add_(at), value)
+    take = target.minimum(counts)  # [B]
     k = int(take.max())
     if k == 0:
         return picked
     smallest = table.topk(k, dim=1, largest=False).values  # [B, k], ascending
-    threshold = smallest.gather(1, (take - 1).clamp(min=0)[:, None])[:, 0]
-    threshold = torch.where(take > 0, threshold, float("-inf"))  # [B]
-    limit = threshold[sorted_image]  # [P]
-    chosen = value <= limit
+    threshold = smallest.gather(1, take.sub(1).clamp_(min=0)[:, None]).squeeze(1)
+    threshold.masked_fill_(take == 0, float("-inf"))  # [B]
+    chosen = value <= threshold.index_select(0, sorted_image)  # [P]
     # Every image has at least ``take`` at or below its threshold; more only where values in
     # one image are equal (different ground truths whose float64 sums coincide), which the
     # generic path orders by index.
@@ -186,7 +188,7 @@ def _instance_balanced_cpu(
         sorted_at, rank, _ = segment_rank(image, flat.num_images, -by_index)
         chosen_at = sorted_at[rank < target[image[sorted_at]]]
         return picked.index_fill_(0, index[chosen_at], True)
-    return picked.index_fill_(0, index[order[chosen]], True)
+    return picked.index_fill_(0, index.index_select(0, order.masked_select(chosen)), True)
 
 
 def check_iou_balanced_settings(
