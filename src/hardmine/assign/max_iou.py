@@ -187,7 +187,7 @@ def _assign_block(
     """``assign_max_iou`` on one block of images (see ``Batch.blocks``)."""
     cand, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     best_iou = best_gt = None
-    low_quality_match = None
+    low_quality_match = None  # [B, N] where low_quality
     if low_quality:
         low_quality_match = torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device)
     for start in range(0, gts.shape[1], chunk_size):
