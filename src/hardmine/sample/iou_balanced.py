@@ -114,7 +114,8 @@ def sample_instance_balanced(
     n = eligible.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=flat.device)
-    if flat.device.type == "cpu":
+    # The CPU path reads rand's float32 keys as bits (a float64 default dtype draws others).
+    if flat.device.type == "cpu" and torch.get_default_dtype() == torch.float32:
         return _instance_balanced_cpu(flat, eligible, target, generator)
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
     seg = torch.where(segment >= 0, segment, n)  # slot n: the ineligible
@@ -172,7 +173,7 @@ def _instance_balanced_cpu(
     offset = torch.arange(flat.num_images).mul_(width).add_(counts).sub_(counts.cumsum(0))
     table = torch.full((flat.num_images, width), float("inf"), dtype=torch.float64)
     table.view(-1).index_copy_(0, offset.index_select(0, sorted_image).add_(at), value)
-    take = target.minimum(counts)  # [B]
+    take = target.minimum(counts).clamp_(min=0)  # [B]
     k = int(take.max())
     if k == 0:
         return picked
