@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,9 @@ class Batch:
 
     def _slice(self, start: int, stop: int, n: int, g: int) -> Batch:
         """Images ``start:stop``, trimmed to ``n`` candidates and ``g`` ground truths."""
+        whole = (start, stop) == (0, len(self.num_candidates))
+        if whole and (n, g) == (self.candidates.shape[1], self.gt_boxes.shape[1]):
+            return self  # one block of the whole batch (two images, say): no views to make
         return Batch(
             candidates=self.candidates[start:stop, :n],
             gt_boxes=self.gt_boxes[start:stop, :g],
@@ -98,14 +102,13 @@ class Batch:
 
         ``gt_class`` is looked up from ``gt_index`` where the label is positive.
         """
-        gt_class = self.gt_labels.gather(1, gt_index).mul_(label == POSITIVE)  # [B, N]
+        gt_class = self.gt_labels.gather(1, gt_index).masked_fill_(label != POSITIVE, 0)  # [B, N]
+        # One unbind per field, and a slice only where an image is shorter than the padding:
+        # indexing [b, :n] is two ops per field and image, a cost that shows with many images.
+        width = label.shape[1]
+        fields = [t.unbind(0) for t in (label, gt_index, max_iou, gt_class)]
         return [
-            Assignment(
-                label=label[b, :n],
-                gt_index=gt_index[b, :n],
-                max_iou=max_iou[b, :n],
-                gt_class=gt_class[b, :n],
-            )
+            Assignment(*(f[b] if n == width else f[b][:n] for f in fields))
             for b, n in enumerate(self.num_candidates)
         ]
 
@@ -145,7 +148,8 @@ def _check_finite(boxes: Sequence[Tensor], padded: Tensor, name: str) -> None:
     A non-finite sum (or an overflow of huge finite values) is then checked box by box.
     """
     total = padded.sum(dtype=torch.promote_types(padded.dtype, torch.float32))
-    if padded.numel() and not bool(torch.isfinite(total)):
+    # math.isfinite on the host: torch.isfinite on a scalar tensor is four small kernels.
+    if padded.numel() and not math.isfinite(total.item()):
         for i, b in enumerate(boxes):
             if b.numel() and not bool(torch.isfinite(b).all()):
                 raise NonFiniteError(f"{name}[{i}]: contains NaN or infinite coordinates")

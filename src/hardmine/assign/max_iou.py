@@ -172,12 +172,13 @@ def _label(best_iou: Tensor, pos_thr: float, neg_lo: float, neg_hi: float) -> Te
     neg_hi)``, ignored elsewhere. Bitwise arithmetic on the masks: a CPU runs it several times
     faster than a chain of ``masked_fill`` (whose branches on random masks mispredict)."""
     positive = best_iou >= pos_thr
+    # A bool's bytes are 0 and 1: viewed as int8, no copy.
     if neg_lo <= 0.0 and neg_hi >= pos_thr:  # IoUs are >= 0: every other candidate is negative
-        return positive.to(torch.int8)
+        return positive.view(torch.int8)
     negative = best_iou < neg_hi
     if neg_lo > 0.0:
         negative &= best_iou >= neg_lo
-    return positive.to(torch.int8) - (~(positive | negative)).to(torch.int8)
+    return positive.view(torch.int8) - (~(positive | negative)).view(torch.int8)
 
 
 def _assign_block(
@@ -186,7 +187,9 @@ def _assign_block(
     """``assign_max_iou`` on one block of images (see ``Batch.blocks``)."""
     cand, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     best_iou = best_gt = None
-    low_quality_match = torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device)  # [B, N]
+    low_quality_match = None  # [B, N] where low_quality
+    if low_quality:
+        low_quality_match = torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device)
     for start in range(0, gts.shape[1], chunk_size):
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and the low-quality rule leaves out ground truths whose best IoU is 0.

@@ -10,10 +10,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from hardmine._host import host_tensor
 from hardmine._segments import segment_rank
 from hardmine.boxes import check_finite, upcast
 from hardmine.sample.quota import (
     FlatBatch,
+    _count_between,
     check_call,
     draw,
     fill_shortfall,
@@ -112,6 +114,9 @@ def sample_instance_balanced(
     n = eligible.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=flat.device)
+    # The CPU path reads rand's float32 keys as bits (a float64 default dtype draws others).
+    if flat.device.type == "cpu" and torch.get_default_dtype() == torch.float32:
+        return _instance_balanced_cpu(flat, eligible, target, generator)
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
     seg = torch.where(segment >= 0, segment, n)  # slot n: the ineligible
     # Each candidate's round: its rank among its ground truth's candidates in a random order.
@@ -124,6 +129,67 @@ def sample_instance_balanced(
     order, sorted_rank, _ = segment_rank(flat.image, flat.num_images, key)
     rank = torch.empty_like(sorted_rank).index_copy_(0, order, sorted_rank)  # [N] within image
     return (segment >= 0) & (rank < flat.per_image(target))
+
+
+def _instance_balanced_cpu(
+    flat: FlatBatch, eligible: Tensor, target: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """``sample_instance_balanced`` on the CPU, where a host sync is free: the same random
+    numbers and the same picks, with the work on the eligible candidates only and two sorts fewer.
+
+    One stable sort of an ``int64`` key per eligible candidate, (image, ground truth) above its
+    shuffle key, gives every candidate its round; then the ``target``-th smallest ``round +
+    priority`` of each image, from one ``topk`` over a table of the images, is the threshold.
+    """
+    n = eligible.numel()
+    # The generic path's random numbers, in its order, so that the picks are the same.
+    shuffle = torch.rand(n, generator=generator)  # [N]
+    priority = torch.rand(n + 1, generator=generator, dtype=torch.float64)  # [N + 1]
+    index = torch.nonzero(eligible).squeeze(1)  # [P], ascending
+    picked = torch.zeros(n, dtype=torch.bool)
+    if index.numel() == 0:
+        return picked
+    image = flat.image.index_select(0, index)  # [P]
+    gt = flat.gt_index.index_select(0, index)  # [P]
+    # (image, ground truth) in the high bits, the shuffle key below them, descending: rand's
+    # floats lie in [0, 1), where a float32's bits order as it does and stay below 2^30.
+    bits = shuffle.index_select(0, index).view(torch.int32).to(torch.int64)
+    segment = image * (int(gt.max()) + 1) + gt  # [P]
+    key = torch.add(bits.neg_().add_((1 << 30) - 1), segment, alpha=1 << 30)
+    # Stable: equal shuffle keys keep the index order, as the generic path's stable sorts do.
+    key, order = key.sort(stable=True)
+    key >>= 30  # the segment of each sorted candidate
+    new_run = torch.empty_like(key, dtype=torch.bool)
+    new_run[0] = True
+    torch.ne(key[1:], key[:-1], out=new_run[1:])
+    at = torch.arange(key.numel())
+    round_ = at - (at * new_run).cummax(0).values  # [P]: rank in its segment
+    # Segments are numbered in (image, ground truth) order, as segment_by_key numbers them.
+    value = priority.index_select(0, new_run.cumsum(0).sub_(1)).add_(round_)  # float64 [P]
+    # An image's candidates are contiguous in the sorted order: a table [B, P_max] of values.
+    sorted_image = image.index_select(0, order)
+    counts = torch.bincount(image, minlength=flat.num_images)  # [B]
+    width = int(counts.max())
+    offset = torch.arange(flat.num_images).mul_(width).add_(counts).sub_(counts.cumsum(0))
+    table = torch.full((flat.num_images, width), float("inf"), dtype=torch.float64)
+    table.view(-1).index_copy_(0, offset.index_select(0, sorted_image).add_(at), value)
+    take = target.minimum(counts).clamp_(min=0)  # [B]
+    k = int(take.max())
+    if k == 0:
+        return picked
+    smallest = table.topk(k, dim=1, largest=False).values  # [B, k], ascending
+    threshold = smallest.gather(1, take.sub(1).clamp_(min=0)[:, None]).squeeze(1)
+    threshold.masked_fill_(take == 0, float("-inf"))  # [B]
+    chosen = value <= threshold.index_select(0, sorted_image)  # [P]
+    # Every image has at least ``take`` at or below its threshold; more only where values in
+    # one image are equal (different ground truths whose float64 sums coincide), which the
+    # generic path orders by index.
+    if int(chosen.sum()) > int(take.sum()):
+        by_index = torch.empty_like(value).index_copy_(0, order, value)
+        sorted_at, rank, _ = segment_rank(image, flat.num_images, -by_index)
+        chosen_at = sorted_at[rank < target[image[sorted_at]]]
+        return picked.index_fill_(0, index[chosen_at], True)
+    return picked.index_fill_(0, index.index_select(0, order.masked_select(chosen)), True)
 
 
 def check_iou_balanced_settings(
@@ -230,29 +296,34 @@ def sample_iou_balanced(
         instance_balanced=instance_balanced,
     )
     flat = flatten(assignments)
-    check_finite(flat.max_iou, "max_iou")
-    pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
-    num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]
-    num_neg = flat.count(neg).minimum(num - num_pos)  # [B]
+    iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
+    # A sum is finite when every term is: one reduction, where isfinite and all make two passes.
+    if not bool(torch.isfinite(iou.sum())):
+        check_finite(iou, "max_iou")
+    labels = host_tensor([[POSITIVE], [NEGATIVE]], flat.device, torch.int8)
+    member = flat.label[None] == labels  # [2, N]: positives, negatives
+    pos, neg = member
+    counts = _count_between(member, flat.bounds)  # [2, B]
+    num_pos = counts[0].clamp(max=int(num * pos_fraction))  # [B]
+    num_neg = counts[1].minimum(num - num_pos)  # [B]
     nothing = torch.zeros_like(pos)
-    fill = partial(fill_shortfall, flat, max_quota=num, generator=generator)
+    fill = partial(_top_up, flat, max_quota=num, generator=generator)
 
     if instance_balanced:
         pos_mask = sample_instance_balanced(flat, pos, num_pos, generator=generator)
     else:
         pos_mask = fill(nothing, pos, num_pos)
 
-    iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     if floor_thr > 0:
         floor = neg & (iou < floor_thr)
     elif floor_thr == 0:
         floor = neg & (iou <= 0)
     else:
         floor = nothing
-    balanced = neg & ~floor
+    balanced = neg & ~floor if floor_thr >= 0 else neg
     low = max(floor_thr, 0.0)
-    bin_index = ((iou - low) / ((neg_thr - low) / num_bins)).floor().clamp(0, num_bins - 1)
-    group = torch.where(balanced, bin_index.long(), -1)
+    bin_index = (iou - low).div_((neg_thr - low) / num_bins).floor_().clamp_(0, num_bins - 1)
+    group = bin_index.to(torch.int64).masked_fill_(~balanced, -1)
     num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long()  # [B]
     quota = (num_balanced // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
     neg_mask = draw(flat, None, group, quota, max_quota=num // num_bins, generator=generator)
@@ -264,3 +335,21 @@ def sample_iou_balanced(
     if floor_thr >= 0 or floor_fraction > 0:
         neg_mask = fill(neg_mask, neg, num_neg)
     return flat.split(pos_mask | neg_mask)
+
+
+def _top_up(
+    flat: FlatBatch,
+    picked: Tensor,
+    eligible: Tensor,
+    target: Tensor,
+    *,
+    max_quota: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``fill_shortfall``; on the CPU, where a host sync is free and the bins are usually full,
+    an image short of nothing skips the draw's passes but for its random numbers (drawn all the
+    same, so that the generator's stream goes on as before)."""
+    if flat.device.type == "cpu" and int((target - flat.count(picked)).max()) <= 0:
+        torch.randint(1 << 62, (flat.total,), generator=generator)  # as quota.draw
+        return picked
+    return fill_shortfall(flat, picked, eligible, target, max_quota=max_quota, generator=generator)
