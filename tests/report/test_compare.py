@@ -182,3 +182,8 @@ def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> Non
     outcomes = [outcome(tmp_path, "random", 0, 0.1), outcome(tmp_path, "dense", 0, 0.1)]
     report = write_report(tmp_path, [METHODS[0], longer], outcomes, description="A test.")
     assert "dense (2×)" in report.read_text()
+    slower = Method("slow", {"name": "atss_tiny"}, epochs_scale=2, lr_scale=0.5)
+    config = slower.config(base, seed=0, output_dir=tmp_path)
+    assert (config.train.epochs, config.train.lr) == (2 * base.train.epochs, base.train.lr / 2)
+    report = write_report(tmp_path, [METHODS[0], slower], outcomes[:1], description="A test.")
+    assert "slow (2×, 0.5× the learning rate)" in report.read_text()

@@ -80,6 +80,8 @@ class Method:
         epochs_scale: trains this many times the base configuration's epochs (a detector whose
             steps are cheap can learn longer within the same budget; compared only with methods
             of the same scale).
+        lr_scale: trains at this multiple of the base configuration's learning rate (a detector
+            that the base's rate makes unstable; compared only with methods of the same scale).
         overrides: dotted keys set last, over the sections and the comparison's own overrides:
             a variant's settings (``sampler.strategy``, ``model.box_nms_thresh``, ``train.lr``;
             ``hardmine.report.methods.parse_method``).
@@ -91,6 +93,7 @@ class Method:
     assigner: Mapping[str, Any] | None = None
     baseline: str | None = None
     epochs_scale: int = 1
+    lr_scale: float = 1.0
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def config(
@@ -121,6 +124,8 @@ class Method:
         own = sections | {"seed": seed, "output_dir": str(output_dir)}
         if self.epochs_scale != 1:
             own["train.epochs"] = base.train.epochs * self.epochs_scale
+        if self.lr_scale != 1:
+            own["train.lr"] = base.train.lr * self.lr_scale
         raw = apply_overrides(config_to_dict(base), own)
         raw = apply_overrides(apply_overrides(raw, applicable), self.overrides)
         return config_from_dict(raw, registries=RUN_REGISTRIES)
@@ -132,7 +137,10 @@ _RCNN = {"name": "faster_rcnn_tiny"}
 # paper's comparison; max-IoU with RetinaNet's thresholds (positive >= 0.5, negative < 0.4).
 # Twice the epochs: a step of the tiny RetinaNet costs about half of the tiny Faster R-CNN's, and
 # with the R-CNN's steps it has not converged (on 512 scenes, AP50 31 / 38 for ATSS / max-IoU
-# after 384 steps, seed to seed ± 10; 67 / 77 after 768).
+# after 384 steps, seed to seed ± 10; 67 / 77 after 768). Half the learning rate: at the R-CNN's
+# 0.02 its loss jumps back up mid-run in some seeds (measured on the default base, one thread per
+# run, 3 seeds: AP 35.2 ± 5.1 / 25.9 ± 8.3 for max-IoU / ATSS at 0.02, 37.8 ± 2.4 / 41.4 ± 2.4 at
+# 0.01), while the R-CNN learns less at 0.01 (random: AP 47 against 55).
 _ONE_ANCHOR = {"name": "atss_tiny"}
 DEFAULT_METHODS: tuple[Method, ...] = (
     Method("random", _RCNN, {"name": "random", "num": 128}),
@@ -144,6 +152,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
         _ONE_ANCHOR,
         assigner={"name": "max_iou", "pos_thr": 0.5, "neg_thr": 0.4, "low_quality": True},
         epochs_scale=2,
+        lr_scale=0.5,
     ),
     Method(
         "retinanet_atss",
@@ -151,6 +160,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
         assigner={"name": "atss", "topk": 9},
         baseline="retinanet_max_iou",
         epochs_scale=2,
+        lr_scale=0.5,
     ),
 )
 
@@ -160,7 +170,8 @@ def default_compare_base() -> RunConfig:
     of 128 px), 3 epochs of 112 steps of 4 images.
 
     Chosen so that every detector learns the scenes within the budget of ``make compare`` (about 15
-    minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the epochs): the
+    minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the epochs and
+    half the learning rate, ``DEFAULT_METHODS``): the
     warm-up ends after 50 of the 336 steps, the learning rate drops tenfold at 8/12 and 11/12 of the
     run (MMDetection's 1x shape, ``TrainConfig``'s default; Detectron's 1x, which the Overlap
     Sampler paper uses, decays at 2/3 and 8/9), and the one evaluation at the end is on 256 images.
@@ -607,12 +618,18 @@ def device_name(device: str) -> str:
 
 
 def _scaled_note(methods: Sequence[Method]) -> str:
-    """A sentence naming the methods that train longer than the base schedule, if any."""
-    scaled = [m for m in methods if m.epochs_scale != 1]
+    """A sentence naming the methods that train another schedule than the base's, if any."""
+    scaled = [m for m in methods if m.epochs_scale != 1 or m.lr_scale != 1]
     if not scaled:
         return ""
-    names = ", ".join(f"{m.name} ({m.epochs_scale}×)" for m in scaled)
-    return f" These train a multiple of the epochs in *Schedule*: {names}."
+
+    def scales(m: Method) -> str:
+        parts = [f"{m.epochs_scale}×" if m.epochs_scale != 1 else ""]
+        parts.append(f"{m.lr_scale:g}× the learning rate" if m.lr_scale != 1 else "")
+        return ", ".join(p for p in parts if p)
+
+    names = ", ".join(f"{m.name} ({scales(m)})" for m in scaled)
+    return f" These train a multiple of the epochs or learning rate in *Schedule*: {names}."
 
 
 def _curves(

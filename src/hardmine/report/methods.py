@@ -189,6 +189,7 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         base.assigner,
         baseline=base.baseline or base.name,
         epochs_scale=base.epochs_scale,  # paired with its baseline: the same schedule
+        lr_scale=base.lr_scale,
         overrides={**base.overrides, **overrides},
     )
 
