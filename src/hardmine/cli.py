@@ -356,7 +356,11 @@ def compare_parser(subparsers: Subparsers) -> None:
         help="seeds 0..N-1 per method (default: 3)",
     )
     parser.add_argument(
-        "--epochs", type=_int_at_least(1), metavar="E", help="epochs per run (train.epochs)"
+        "--epochs",
+        type=_int_at_least(1),
+        metavar="E",
+        help="epochs per run, train.epochs (default: the base configuration's; the built-in "
+        "one's is 3); the RetinaNet rows train twice E",
     )
     _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
@@ -371,8 +375,10 @@ def compare_parser(subparsers: Subparsers) -> None:
         metavar="N",
         help="train N runs at a time, each in a process of its own with the CPU cores divided "
         "among them (default: 1, one after another in this process); 'auto': one run per core, "
-        "one thread each (what make compare uses: the tiny models train no faster on two threads "
-        "than on one, so two cores train two runs in the time of one); the same runs with the "
+        "one thread each, or with --devices one per device entry (what make compare uses: the "
+        "tiny models train no faster on two threads than on one, so two cores train two runs of "
+        "a minute or more in the time of one; each process's start costs some seconds, which "
+        "very short runs do not win back); not used by --plan; the same runs with the "
         "same seeds, bit-identical where each run gets as many threads (on the CPU, --jobs 2 on "
         "2 cores is OMP_NUM_THREADS=1 with --jobs 1; other thread counts differ in the last "
         "digits)",
@@ -439,13 +445,16 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # Here, not in each run: --device cuda without CUDA is one user error, not every run failing
     # (--plan's runs may train on another machine, so it is not checked there).
     resolve_device(base.device)
-    outcomes = run_comparison(
-        base, methods, seeds, args.output, overrides=per_method, slots=_slots(args, base)
-    )
+    slots = _slots(args, base)
+    outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method, slots=slots)
     print(format_table(summarize(methods, outcomes)))
-    report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
+    description = _describe(base, seeds, slots)
+    report = write_report(args.output, methods, outcomes, description=description)
     if report is None:  # every run failed: the earlier call's report and plots stay
-        print(f"\nevery run failed; {Path(args.output) / REPORT_NAME} was left as it was")
+        print(
+            f"\nevery run failed; {Path(args.output) / REPORT_NAME}, of an earlier call, "
+            "was left as it was"
+        )
     else:
         print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
@@ -744,10 +753,10 @@ def _data_overrides(paths: Sequence[str]) -> dict[str, Any]:
     raise ConfigError(f"--data takes 1 folder or 4 paths, got {len(paths)}")
 
 
-def _describe(config: RunConfig, seeds: Sequence[int]) -> str:
+def _describe(config: RunConfig, seeds: Sequence[int], slots: Sequence[Any] | None = None) -> str:
     from hardmine.report.compare import describe
 
-    return describe(config, seeds)
+    return describe(config, seeds, slots=slots)
 
 
 def _format_metrics(metrics: dict[str, float | None]) -> str:

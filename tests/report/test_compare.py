@@ -21,6 +21,7 @@ from hardmine.report.compare import (
     summarize,
     write_report,
 )
+from hardmine.report.jobs import Slot
 
 RCNN = {"name": "faster_rcnn_tiny"}
 METHODS = (
@@ -157,6 +158,11 @@ def test_description_wording() -> None:
     assert "Device: CPU (" in text and "thread" in text and "auto" not in text
     base.device = "auto"
     assert "chosen by device: auto" in describe(base, [0])
+    # Under --jobs the report names each process's threads, not the parent's (a stranger's
+    # check found "CPU (2 threads)" for runs that trained on one thread each).
+    base.device = "cpu"
+    text = describe(base, [0], slots=[Slot(1), Slot(1)])
+    assert "Device: CPU (1 thread) per run, 2 runs at a time." in text
     base.train.epochs = 3
     assert "3 epochs (384 steps)" in describe(base, [0], steps_per_epoch=128)
 

@@ -3,6 +3,7 @@ report that one job gives."""
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import time
@@ -62,7 +63,7 @@ def _table(methods, outcomes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_jobs_give_the_report_of_one(tmp_path, monkeypatch) -> None:
+def test_two_jobs_give_the_report_of_one(tmp_path, monkeypatch, caplog) -> None:
     # A run that diverges fails in its process as it fails here, recorded the same way.
     methods = parse_methods(
         "random:sampler.num=32,pisa:num=32,random:num=32:train.lr=1e6:train.warmup_steps=0"
@@ -96,8 +97,13 @@ def test_two_jobs_give_the_report_of_one(tmp_path, monkeypatch) -> None:
         yield from run_jobs(tasks, slots)
 
     monkeypatch.setattr(compare, "run_jobs", spy)
+    caplog.set_level(logging.INFO, logger="hardmine")
     again = run_comparison(_base(tmp_path), methods, seeds, tmp_path / "two", slots=slots)
     assert started == [(methods[2].name, 0)]
+    # One run at a time (not 2: there is one run), with its progress and, as it diverged before
+    # its first checkpoint, to be trained from the start.
+    assert "1 run to train, 1 at a time" in caplog.text and "1 of 1 runs ended" in caplog.text
+    assert f"{methods[2].name}, seed 0: to train in" in caplog.text
     assert [o.metrics for o in again] == [o.metrics for o in two]
 
 

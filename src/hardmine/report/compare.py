@@ -35,6 +35,7 @@ from hardmine.config import (
     save_config,
 )
 from hardmine.engine.build import RUN_REGISTRIES, load_run_config
+from hardmine.engine.checkpoint import CHECKPOINT_NAME
 from hardmine.engine.distributed import resolve_device
 from hardmine.engine.rundir import (
     CONFIG_NAME,
@@ -273,7 +274,9 @@ def run_comparison(
             else:
                 (run_dir / ERROR_NAME).unlink(missing_ok=True)
                 if slots is not None:
-                    log.info("%s, seed %d: to train in %s", name, seed, run_dir)
+                    started = (run_dir / CHECKPOINT_NAME).exists()
+                    what = "to resume from its checkpoint" if started else "to train"
+                    log.info("%s, seed %d: %s in %s", name, seed, what, run_dir)
                     queued.append(((name, seed), train_run, (config,), run_dir))
                     continue
                 log.info("%s, seed %d: training in %s", name, seed, run_dir)
@@ -282,8 +285,10 @@ def run_comparison(
         except Exception as error:  # one method's failure must not stop the others
             _record_failure(outcome, f"{type(error).__name__}: {error}", traceback.format_exc())
     if queued:
-        log.info("%d runs to train, %d at a time", len(queued), len(slots or ()))
-        for result in run_jobs(queued, slots or ()):
+        at_once = min(len(slots or ()), len(queued))
+        log.info("%s to train, %d at a time", _plural(len(queued), "run"), at_once)
+        for done, result in enumerate(run_jobs(queued, slots or ()), start=1):
+            log.info("%d of %d runs ended", done, len(queued))  # the terminal's only progress
             outcome = outcomes[result.key]  # type: ignore[index]
             if result.error is not None:
                 _record_failure(outcome, result.error, result.traceback or result.error)
@@ -569,13 +574,20 @@ STATISTICS_NOTE = (
 )
 
 
-def describe(config: RunConfig, seeds: Sequence[int], *, steps_per_epoch: int | None = None) -> str:
+def describe(
+    config: RunConfig,
+    seeds: Sequence[int],
+    *,
+    steps_per_epoch: int | None = None,
+    slots: Sequence[Slot] | None = None,
+) -> str:
     """A paragraph on a comparison's setting: data, schedule, seeds and the device used.
 
     Args:
         config: the base configuration.
         seeds: the seeds.
         steps_per_epoch: shown when known.
+        slots: the processes the runs trained in (``--jobs`` / ``--devices``); None: in this one.
     """
     data, train_cfg = config.data, config.train
     if data.kind == "scenes":
@@ -592,8 +604,18 @@ def describe(config: RunConfig, seeds: Sequence[int], *, steps_per_epoch: int | 
         f"Data: {where}. Schedule: {schedule}, {_plural(data.batch_size, 'image')} per step, "
         f"SGD lr {train_cfg.lr:g}, {_plural(train_cfg.warmup_steps, 'warm-up step')}, decay "
         f"×{train_cfg.gamma:g} at {', '.join(f'{f:.0%}' for f in train_cfg.decay_at)} of the "
-        f"steps. Seeds: {', '.join(map(str, seeds))}. Device: {device_name(config.device)}."
+        f"steps. Seeds: {', '.join(map(str, seeds))}. Device: {_devices(config.device, slots)}."
     )
+
+
+def _devices(device: str, slots: Sequence[Slot] | None) -> str:
+    """``device_name`` of the runs: each process's threads, and how many ran at a time."""
+    if not slots:
+        return device_name(device)
+    if any(s.device is not None for s in slots):
+        names = ", ".join(f"cuda:{s.device}" for s in slots)
+        return f"{device_name(device)}; one run at a time on each of {names}"
+    return f"{device_name(device, threads=slots[0].threads)} per run, {len(slots)} runs at a time"
 
 
 def _plural(count: int, singular: str, plural: str | None = None) -> str:
@@ -601,9 +623,9 @@ def _plural(count: int, singular: str, plural: str | None = None) -> str:
     return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, *, threads: int | None = None) -> str:
     """The device a setting resolves to, by name: ``CPU (2 threads)``, ``NVIDIA H200 (cuda:0)``,
-    with the setting when it was ``auto``."""
+    with the setting when it was ``auto``; ``threads``: the CPU threads if not this process's."""
     import torch
 
     resolved = resolve_device(device)
@@ -611,7 +633,7 @@ def device_name(device: str) -> str:
         index = resolved.index if resolved.index is not None else torch.cuda.current_device()
         name = f"{torch.cuda.get_device_name(index)} (cuda:{index})"
     elif resolved.type == "cpu":
-        name = f"CPU ({_plural(torch.get_num_threads(), 'thread')})"
+        name = f"CPU ({_plural(threads or torch.get_num_threads(), 'thread')})"
     else:
         name = str(resolved)
     return f"{name}, chosen by device: auto" if device == "auto" else name
@@ -692,8 +714,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     if all(o.error is not None for o in outcomes) and (out_dir / REPORT_NAME).exists():
-        log.warning("every run failed: %s, of an earlier call, was left as it was", out_dir)
-        return None
+        return None  # the caller says so (the CLI in one line)
     summaries = summarize(methods, outcomes)
     finished = [o for o in outcomes if o.error is None and o.metrics]
     errors = method_errors(
