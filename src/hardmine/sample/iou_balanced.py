@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -114,9 +115,17 @@ def sample_instance_balanced(
     n = eligible.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=flat.device)
-    # The CPU path reads rand's float32 keys as bits (a float64 default dtype draws others).
-    if flat.device.type == "cpu" and torch.get_default_dtype() == torch.float32:
-        return _instance_balanced_cpu(flat, eligible, target, generator)
+    if flat.device.type == "cpu":
+        key = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # [N]
+        gt = torch.where(eligible, flat.gt_index, -1)  # [N]
+        num_gts = int(gt.max()) + 1  # 0 when nothing is eligible
+        segment = torch.where(eligible, flat.image * num_gts + gt, -1)  # [N]
+        segments = flat.num_images * num_gts
+        counts = torch.bincount(segment + 1, minlength=segments + 1)[1:]
+        counts = counts.view(flat.num_images, num_gts)  # [B, G]
+        target = target.minimum(counts.sum(1)).clamp_(min=0)  # [B]
+        shares = _round_robin(counts, target, int(target.max()), generator)
+        return _smallest_per_segment(segment, segments, shares.flatten(), key)[0]
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
     seg = torch.where(segment >= 0, segment, n)  # slot n: the ineligible
     # Each candidate's round: its rank among its ground truth's candidates in a random order.
@@ -131,65 +140,83 @@ def sample_instance_balanced(
     return (segment >= 0) & (rank < flat.per_image(target))
 
 
-def _instance_balanced_cpu(
-    flat: FlatBatch, eligible: Tensor, target: Tensor, generator: torch.Generator | None
+def _round_robin(
+    counts: Tensor, target: Tensor, most: int, generator: torch.Generator | None
 ) -> Tensor:
-    """``sample_instance_balanced`` on the CPU, where a host sync is free: the same random
-    numbers and the same picks, with the work on the eligible candidates only and two sorts fewer.
+    """CPU: the picks each ground truth gets from the round robin: ``int64 [B, G]``.
 
-    One stable sort of an ``int64`` key per eligible candidate, (image, ground truth) above its
-    shuffle key, gives every candidate its round; then the ``target``-th smallest ``round +
-    priority`` of each image, from one ``topk`` over a table of the images, is the threshold.
+    The outcome needs only the counts (``counts: int64 [B, G]``, ``target: int64 [B]``, at most
+    the image's candidates): with ``R`` complete rounds (the most whose picks,
+    ``sum_g min(count_g, R)``, stay within the target), every ground truth gets
+    ``min(count_g, R)``, and the picks left go one each to the ground truths with more than
+    ``R`` candidates, in a random order (the partial round's order). ``most`` bounds ``target``.
     """
-    n = eligible.numel()
-    # The generic path's random numbers, in its order, so that the picks are the same.
-    shuffle = torch.rand(n, generator=generator)  # [N]
-    priority = torch.rand(n + 1, generator=generator, dtype=torch.float64)  # [N + 1]
-    index = torch.nonzero(eligible).squeeze(1)  # [P], ascending
-    picked = torch.zeros(n, dtype=torch.bool)
-    if index.numel() == 0:
-        return picked
-    image = flat.image.index_select(0, index)  # [P]
-    gt = flat.gt_index.index_select(0, index)  # [P]
-    # (image, ground truth) in the high bits, the shuffle key below them, descending: rand's
-    # floats lie in [0, 1), where a float32's bits order as it does and stay below 2^30.
-    bits = shuffle.index_select(0, index).view(torch.int32).to(torch.int64)
-    segment = image * (int(gt.max()) + 1) + gt  # [P]
-    key = torch.add(bits.neg_().add_((1 << 30) - 1), segment, alpha=1 << 30)
-    # Stable: equal shuffle keys keep the index order, as the generic path's stable sorts do.
-    key, order = key.sort(stable=True)
-    key >>= 30  # the segment of each sorted candidate
-    new_run = torch.empty_like(key, dtype=torch.bool)
-    new_run[0] = True
-    torch.ne(key[1:], key[:-1], out=new_run[1:])
-    at = torch.arange(key.numel())
-    round_ = at - (at * new_run).cummax(0).values  # [P]: rank in its segment
-    # Segments are numbered in (image, ground truth) order, as segment_by_key numbers them.
-    value = priority.index_select(0, new_run.cumsum(0).sub_(1)).add_(round_)  # float64 [P]
-    # An image's candidates are contiguous in the sorted order: a table [B, P_max] of values.
-    sorted_image = image.index_select(0, order)
-    counts = torch.bincount(image, minlength=flat.num_images)  # [B]
-    width = int(counts.max())
-    offset = torch.arange(flat.num_images).mul_(width).add_(counts).sub_(counts.cumsum(0))
-    table = torch.full((flat.num_images, width), float("inf"), dtype=torch.float64)
-    table.view(-1).index_copy_(0, offset.index_select(0, sorted_image).add_(at), value)
-    take = target.minimum(counts).clamp_(min=0)  # [B]
-    k = int(take.max())
-    if k == 0:
-        return picked
-    smallest = table.topk(k, dim=1, largest=False).values  # [B, k], ascending
-    threshold = smallest.gather(1, take.sub(1).clamp_(min=0)[:, None]).squeeze(1)
-    threshold.masked_fill_(take == 0, float("-inf"))  # [B]
-    chosen = value <= threshold.index_select(0, sorted_image)  # [P]
-    # Every image has at least ``take`` at or below its threshold; more only where values in
-    # one image are equal (different ground truths whose float64 sums coincide), which the
-    # generic path orders by index.
-    if int(chosen.sum()) > int(take.sum()):
-        by_index = torch.empty_like(value).index_copy_(0, order, value)
-        sorted_at, rank, _ = segment_rank(image, flat.num_images, -by_index)
-        chosen_at = sorted_at[rank < target[image[sorted_at]]]
-        return picked.index_fill_(0, index[chosen_at], True)
-    return picked.index_fill_(0, index.index_select(0, order.masked_select(chosen)), True)
+    rounds = torch.arange(most + 1)  # [R + 1]
+    after = counts[:, :, None].minimum(rounds).sum(1)  # [B, R + 1]: picks after r rounds
+    full = (after <= target[:, None]).sum(1, keepdim=True).sub_(1)  # [B, 1]
+    shares = counts.minimum(full)  # [B, G]
+    left = target - shares.sum(1)  # [B]
+    priority = torch.rand(counts.shape, generator=generator)  # [B, G]
+    priority.masked_fill_(counts <= full, 2.0)  # those with none left come last
+    rank = priority.argsort(dim=1, stable=True).argsort(dim=1)  # [B, G]
+    return shares.add_(rank < left[:, None])
+
+
+# Keys are 31-bit random integers; their top bits bucket them for _pick's histogram.
+_KEY_BITS = 31
+_BUCKET_BITS = 6
+
+
+def _pick(cell: Tensor, key: Tensor, hist: Tensor, quota: Tensor) -> tuple[Tensor, Tensor]:
+    """CPU: in every segment, the ``quota`` candidates with the smallest ``key``.
+
+    A uniform draw without replacement when the keys are random, with no sort of the batch:
+    a histogram of the keys' top bits per segment says in which bucket each segment's quota
+    runs out; the candidates below that bucket are picked, and only the few in it are sorted.
+
+    Args:
+        cell: ``int64 [N]``: ``segment * H + bucket``, ``S * H`` for candidates never picked
+            (``H = 2^_BUCKET_BITS`` buckets, the top bits of ``key``).
+        key: ``int64 [N]`` in ``[0, 2^31)``.
+        hist: ``int64 [S, H]``: ``cell``'s counts.
+        quota: ``int64 [S]``; more than the segment holds takes it all.
+
+    Returns:
+        ``bool [N]`` the picks, ties to the lower index; ``int64 [S]`` picks per segment.
+    """
+    buckets = hist.shape[1]
+    running = hist.cumsum(1)  # [S, H]
+    quota = quota.minimum(running[:, -1])  # [S]
+    edge = (running < quota[:, None]).sum(1, keepdim=True)  # [S, 1]: where the quota runs out
+    at = torch.arange(0, edge.numel() * buckets, buckets)  # [S]
+    edge_cell = torch.cat([edge.squeeze(1) + at, at.new_full((1,), -1)])  # [S + 1]
+    threshold = edge_cell.index_select(0, cell >> _BUCKET_BITS)  # [N]; -1: never picked
+    picked = cell < threshold
+    index = torch.nonzero(cell == threshold).squeeze(1)  # [M], about N / H
+    if index.numel():
+        # (segment, key) in one integer: a stable sort puts each segment's candidates of its
+        # edge bucket together, in key order, segments in order; the first of segment s sits at
+        # (edge-bucket candidates of the segments before s), and quota - (those below the
+        # bucket) of them are picked: sorted positions below limit[s].
+        shift = _KEY_BITS - _BUCKET_BITS
+        value, order = (cell[index] << shift | key[index]).sort(stable=True)
+        upto = running.gather(1, edge).squeeze(1)  # [S]: up to and with the edge bucket
+        limit = hist.gather(1, edge).squeeze(1).cumsum(0).sub_(upto).add_(quota)  # [S]
+        chosen = torch.arange(value.numel()) < limit[value >> _KEY_BITS]
+        picked[index[order[chosen]]] = True
+    return picked, quota
+
+
+def _smallest_per_segment(
+    segment: Tensor, num_segments: int, quota: Tensor, key: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``_pick`` from ``int64 [N]`` segments in ``[0, S)`` (-1: never picked)."""
+    buckets = 1 << _BUCKET_BITS
+    cell = torch.where(segment >= 0, segment, num_segments) * buckets
+    cell += key >> (_KEY_BITS - _BUCKET_BITS)
+    hist = torch.bincount(cell, minlength=(num_segments + 1) * buckets)
+    hist = hist[: num_segments * buckets].view(num_segments, buckets)
+    return _pick(cell, key, hist, quota)
 
 
 def check_iou_balanced_settings(
@@ -298,8 +325,23 @@ def sample_iou_balanced(
     flat = flatten(assignments)
     iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     # A sum is finite when every term is: one reduction, where isfinite and all make two passes.
-    if not bool(torch.isfinite(iou.sum())):
+    if not math.isfinite(iou.sum()):
         check_finite(iou, "max_iou")
+    if flat.device.type == "cpu":
+        return flat.split(
+            _sample_cpu(
+                flat,
+                iou,
+                num=num,
+                pos_fraction=pos_fraction,
+                num_bins=num_bins,
+                neg_thr=neg_thr,
+                floor_thr=floor_thr,
+                floor_fraction=floor_fraction,
+                instance_balanced=instance_balanced,
+                generator=generator,
+            )
+        )
     labels = host_tensor([[POSITIVE], [NEGATIVE]], flat.device, torch.int8)
     member = flat.label[None] == labels  # [2, N]: positives, negatives
     pos, neg = member
@@ -353,3 +395,96 @@ def _top_up(
         torch.randint(1 << 62, (flat.total,), generator=generator)  # as quota.draw
         return picked
     return fill_shortfall(flat, picked, eligible, target, max_quota=max_quota, generator=generator)
+
+
+def _sample_cpu(
+    flat: FlatBatch,
+    iou: Tensor,
+    *,
+    num: int,
+    pos_fraction: float,
+    num_bins: int,
+    neg_thr: float,
+    floor_thr: float,
+    floor_fraction: float,
+    instance_balanced: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``sample_iou_balanced`` on the CPU, where a host sync is free: ``bool [N]``.
+
+    Every candidate falls in one segment of its image: an IoU bin, its ground truth (a
+    positive), the floor group, or none (ignored). One random 62-bit integer per candidate: its
+    high 31 bits rank it in its segment, its low 31 bits in the top-ups. One histogram of
+    (segment, the key's top bits) gives the counts, hence the quotas, and ``_pick`` the picks.
+    """
+    n, num_images, k = flat.total, flat.num_images, num_bins
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    label = flat.label
+    num_gts = int(flat.gt_index.max()) + 1 if instance_balanced else 1
+    has_floor = floor_thr >= 0
+    width = k + num_gts + has_floor  # segments per image: bins, ground truths, floor
+    low = max(floor_thr, 0.0)
+    # Clamped before the cast, which truncates: the floor of what is left (as a bin index).
+    category = (iou - low if low else iou) / ((neg_thr - low) / k)
+    category = category.clamp_(0, k - 1).long()  # [N]
+    if has_floor:
+        category.masked_fill_(iou < floor_thr if floor_thr > 0 else iou <= 0, width - 1)
+    category = torch.where(
+        label == POSITIVE, flat.gt_index + k if instance_balanced else k, category
+    )
+    key = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # [N]
+    buckets = 1 << _BUCKET_BITS
+    cell = category.mul_(buckets).add_(key >> (_KEY_BITS - _BUCKET_BITS))
+    cell += _image_offsets(flat, width * buckets)
+    never = num_images * width * buckets
+    cell.masked_fill_(label < 0, never)  # the ignored: a slot past the histogram
+    hist = torch.bincount(cell, minlength=never + 1)[:never].view(-1, buckets)  # [B * C, H]
+    counts = hist.sum(1).view(num_images, width)  # [B, C]
+    pos_count = counts[:, k : k + num_gts].sum(1)  # [B]
+    num_pos = pos_count.clamp(max=int(num * pos_fraction))  # [B]
+    num_neg = counts.sum(1).sub_(pos_count).minimum(num - num_pos)  # [B]
+    num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long() if floor_fraction else num_neg
+    pos_quota = (
+        _round_robin(counts[:, k : k + num_gts], num_pos, int(num * pos_fraction), generator)
+        if instance_balanced
+        else num_pos[:, None]
+    )
+    quota = [(num_balanced // k)[:, None].expand(-1, k), pos_quota]
+    if has_floor:
+        quota.append(torch.zeros_like(num_pos)[:, None])
+    picked, taken = _pick(cell, key, hist, torch.cat(quota, 1).view(-1))
+    have = taken.view(num_images, width)[:, :k].sum(1)  # [B]: negatives picked
+    # The top-ups, in order: the balanced ones to num_balanced, the floor to num_neg, any.
+    steps = [(None, num_balanced)]
+    if has_floor:
+        steps.append((width - 1, num_neg))
+    if has_floor or floor_fraction > 0:
+        steps.append((-1, num_neg))
+    spare = None
+    for which, target in steps:
+        short = target - have  # [B]
+        if int(short.max()) <= 0:
+            continue
+        if spare is None:
+            spare = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # the second draw
+            segment_in_image = cell // buckets - flat.image * width  # [N]; never: >= width
+            negative = label == NEGATIVE
+        if which is None:
+            eligible = negative & (segment_in_image < k)
+        elif which == -1:
+            eligible = negative
+        else:
+            eligible = negative & (segment_in_image == which)
+        segment = torch.where(eligible & ~picked, flat.image, -1)
+        more, got = _smallest_per_segment(segment, num_images, short.clamp_(min=0), spare)
+        picked |= more
+        have += got
+    return picked
+
+
+def _image_offsets(flat: FlatBatch, stride: int) -> Tensor:
+    """``image * stride`` per candidate, ``int64 [N]``; cheaper when the images are of a size."""
+    if len(set(flat.sizes)) == 1:
+        return torch.arange(0, flat.num_images * stride, stride).repeat_interleave(flat.sizes[0])
+    return flat.image * stride
