@@ -151,9 +151,9 @@ def _round_robin(
     ``min(count_g, R)``, and the picks left go one each to the ground truths with more than
     ``R`` candidates, in a random order (the partial round's order). ``most`` bounds ``target``.
     """
-    rounds = torch.arange(most + 1)  # [R + 1]
-    after = counts[:, :, None].minimum(rounds).sum(1)  # [B, R + 1]: picks after r rounds
-    full = (after <= target[:, None]).sum(1, keepdim=True).sub_(1)  # [B, 1]
+    rounds = torch.arange(1, most + 1)  # [R]
+    after = counts[:, :, None].minimum(rounds).sum(1)  # [B, R]: picks after r rounds
+    full = (after <= target[:, None]).sum(1, keepdim=True)  # [B, 1]
     shares = counts.minimum(full)  # [B, G]
     left = target - shares.sum(1)  # [B]
     priority = torch.rand(counts.shape, generator=generator)  # [B, G]
@@ -167,41 +167,41 @@ _KEY_BITS = 31
 _BUCKET_BITS = 6
 
 
-def _pick(cell: Tensor, key: Tensor, hist: Tensor, quota: Tensor) -> tuple[Tensor, Tensor]:
-    """CPU: in every segment, the ``quota`` candidates with the smallest ``key``.
+def _pick(
+    segment: Tensor, comp: Tensor, hist: Tensor, running: Tensor, quota: Tensor
+) -> tuple[Tensor, Tensor]:
+    """CPU: in every segment, the ``quota`` candidates with the smallest random key.
 
-    A uniform draw without replacement when the keys are random, with no sort of the batch:
-    a histogram of the keys' top bits per segment says in which bucket each segment's quota
-    runs out; the candidates below that bucket are picked, and only the few in it are sorted.
+    A uniform draw without replacement, with no sort of the batch: a histogram of the keys' top
+    bits per segment says in which bucket each segment's quota runs out; the candidates below
+    that bucket are picked, and only the few in it are sorted.
 
     Args:
-        cell: ``int64 [N]``: ``segment * H + bucket``, ``S * H`` for candidates never picked
-            (``H = 2^_BUCKET_BITS`` buckets, the top bits of ``key``).
-        key: ``int64 [N]`` in ``[0, 2^31)``.
-        hist: ``int64 [S, H]``: ``cell``'s counts.
+        segment: ``int64 [N]`` in ``[0, S)``.
+        comp: ``int64 [N]``: ``segment * 2^31 + key``, ``key`` in ``[0, 2^31)``; its top
+            ``_BUCKET_BITS`` bits are the bucket.
+        hist: ``int64 [S, H]``: candidates per segment and bucket; ``running`` its ``cumsum(1)``.
         quota: ``int64 [S]``; more than the segment holds takes it all.
 
     Returns:
         ``bool [N]`` the picks, ties to the lower index; ``int64 [S]`` picks per segment.
     """
-    buckets = hist.shape[1]
-    running = hist.cumsum(1)  # [S, H]
+    num_segments, buckets = hist.shape
     quota = quota.minimum(running[:, -1])  # [S]
     edge = (running < quota[:, None]).sum(1, keepdim=True)  # [S, 1]: where the quota runs out
-    at = torch.arange(0, edge.numel() * buckets, buckets)  # [S]
-    edge_cell = torch.cat([edge.squeeze(1) + at, at.new_full((1,), -1)])  # [S + 1]
-    threshold = edge_cell.index_select(0, cell >> _BUCKET_BITS)  # [N]; -1: never picked
+    edge_cell = edge.view(-1) + torch.arange(0, num_segments * buckets, buckets)  # [S]
+    cell = comp >> (_KEY_BITS - _BUCKET_BITS)  # [N]: segment * H + bucket
+    threshold = edge_cell.index_select(0, segment)  # [N]
     picked = cell < threshold
-    index = torch.nonzero(cell == threshold).squeeze(1)  # [M], about N / H
+    index = torch.nonzero(cell == threshold, as_tuple=True)[0]  # [M], about N / H
     if index.numel():
-        # (segment, key) in one integer: a stable sort puts each segment's candidates of its
-        # edge bucket together, in key order, segments in order; the first of segment s sits at
-        # (edge-bucket candidates of the segments before s), and quota - (those below the
-        # bucket) of them are picked: sorted positions below limit[s].
-        shift = _KEY_BITS - _BUCKET_BITS
-        value, order = (cell[index] << shift | key[index]).sort(stable=True)
-        upto = running.gather(1, edge).squeeze(1)  # [S]: up to and with the edge bucket
-        limit = hist.gather(1, edge).squeeze(1).cumsum(0).sub_(upto).add_(quota)  # [S]
+        # A stable sort of (segment, key) puts each segment's candidates of its edge bucket
+        # together, in key order, segments in order; the first of segment s sits at the count
+        # of those of the segments before s, and quota - (those below the bucket) are picked:
+        # sorted positions below limit[s].
+        value, order = comp[index].sort(stable=True)
+        upto = running.gather(1, edge).view(-1)  # [S]: up to and with the edge bucket
+        limit = hist.gather(1, edge).view(-1).cumsum(0).sub_(upto).add_(quota)  # [S]
         chosen = torch.arange(value.numel()) < limit[value >> _KEY_BITS]
         picked[index[order[chosen]]] = True
     return picked, quota
@@ -210,13 +210,18 @@ def _pick(cell: Tensor, key: Tensor, hist: Tensor, quota: Tensor) -> tuple[Tenso
 def _smallest_per_segment(
     segment: Tensor, num_segments: int, quota: Tensor, key: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``_pick`` from ``int64 [N]`` segments in ``[0, S)`` (-1: never picked)."""
+    """``_pick`` from ``int64 [N]`` segments in ``[0, S)`` (-1: never picked) and ``int64 [N]``
+    keys in ``[0, 2^31)``."""
+    segment = torch.where(segment >= 0, segment, num_segments)  # S: the never picked
+    comp = torch.add(key, segment, alpha=1 << _KEY_BITS)
     buckets = 1 << _BUCKET_BITS
-    cell = torch.where(segment >= 0, segment, num_segments) * buckets
-    cell += key >> (_KEY_BITS - _BUCKET_BITS)
-    hist = torch.bincount(cell, minlength=(num_segments + 1) * buckets)
-    hist = hist[: num_segments * buckets].view(num_segments, buckets)
-    return _pick(cell, key, hist, quota)
+    hist = torch.bincount(
+        comp >> (_KEY_BITS - _BUCKET_BITS), minlength=(num_segments + 1) * buckets
+    )
+    hist = hist.view(num_segments + 1, buckets)  # [S + 1, H]
+    quota = torch.cat([quota, quota.new_zeros(1)])
+    picked, taken = _pick(segment, comp, hist, hist.cumsum(1), quota)
+    return picked, taken[:-1]
 
 
 def check_iou_balanced_settings(
@@ -422,60 +427,55 @@ def _sample_cpu(
         return torch.zeros(0, dtype=torch.bool)
     label = flat.label
     num_gts = int(flat.gt_index.max()) + 1 if instance_balanced else 1
-    has_floor = floor_thr >= 0
-    width = k + num_gts + has_floor  # segments per image: bins, ground truths, floor
+    # Segments per image: the bins, the ground truths, the floor group, the ignored.
+    floor_at = k + num_gts
+    width = floor_at + 2
     low = max(floor_thr, 0.0)
     # Clamped before the cast, which truncates: the floor of what is left (as a bin index).
     category = (iou - low if low else iou) / ((neg_thr - low) / k)
     category = category.clamp_(0, k - 1).long()  # [N]
-    if has_floor:
-        category.masked_fill_(iou < floor_thr if floor_thr > 0 else iou <= 0, width - 1)
+    if floor_thr >= 0:
+        category.masked_fill_(iou < floor_thr if floor_thr > 0 else iou <= 0, floor_at)
     category = torch.where(
         label == POSITIVE, flat.gt_index + k if instance_balanced else k, category
     )
+    category.masked_fill_(label < 0, width - 1)
     key = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # [N]
+    segment = category + _image_offsets(flat, width)  # [N]
+    comp = torch.add(key, segment, alpha=1 << _KEY_BITS)  # [N]: (segment, key)
     buckets = 1 << _BUCKET_BITS
-    cell = category.mul_(buckets).add_(key >> (_KEY_BITS - _BUCKET_BITS))
-    cell += _image_offsets(flat, width * buckets)
-    never = num_images * width * buckets
-    cell.masked_fill_(label < 0, never)  # the ignored: a slot past the histogram
-    hist = torch.bincount(cell, minlength=never + 1)[:never].view(-1, buckets)  # [B * C, H]
-    counts = hist.sum(1).view(num_images, width)  # [B, C]
-    pos_count = counts[:, k : k + num_gts].sum(1)  # [B]
+    cell = comp >> (_KEY_BITS - _BUCKET_BITS)  # [N]: (segment, bucket)
+    hist = torch.bincount(cell, minlength=num_images * width * buckets).view(-1, buckets)
+    running = hist.cumsum(1)  # [B * C, H]
+    counts = running[:, -1].view(num_images, width)  # [B, C]
+    pos_count = counts[:, k:floor_at].sum(1)  # [B]
     num_pos = pos_count.clamp(max=int(num * pos_fraction))  # [B]
-    num_neg = counts.sum(1).sub_(pos_count).minimum(num - num_pos)  # [B]
+    num_neg = counts[:, :k].sum(1).add_(counts[:, floor_at]).minimum(num - num_pos)  # [B]
     num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long() if floor_fraction else num_neg
     pos_quota = (
-        _round_robin(counts[:, k : k + num_gts], num_pos, int(num * pos_fraction), generator)
+        _round_robin(counts[:, k:floor_at], num_pos, int(num * pos_fraction), generator)
         if instance_balanced
         else num_pos[:, None]
     )
-    quota = [(num_balanced // k)[:, None].expand(-1, k), pos_quota]
-    if has_floor:
-        quota.append(torch.zeros_like(num_pos)[:, None])
-    picked, taken = _pick(cell, key, hist, torch.cat(quota, 1).view(-1))
+    none = torch.zeros_like(num_pos)[:, None].expand(-1, 2)  # the floor and the ignored
+    quota = torch.cat([(num_balanced // k)[:, None].expand(-1, k), pos_quota, none], 1)
+    picked, taken = _pick(segment, comp, hist, running, quota.view(-1))
     have = taken.view(num_images, width)[:, :k].sum(1)  # [B]: negatives picked
     # The top-ups, in order: the balanced ones to num_balanced, the floor to num_neg, any.
-    steps = [(None, num_balanced)]
-    if has_floor:
-        steps.append((width - 1, num_neg))
-    if has_floor or floor_fraction > 0:
-        steps.append((-1, num_neg))
+    steps = [("balanced", num_balanced)]
+    if floor_thr >= 0:
+        steps += [("floor", num_neg), ("negative", num_neg)]
+    elif floor_fraction > 0:
+        steps.append(("negative", num_neg))
     spare = None
-    for which, target in steps:
+    for group, target in steps:
         short = target - have  # [B]
         if int(short.max()) <= 0:
             continue
         if spare is None:
             spare = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # the second draw
-            segment_in_image = cell // buckets - flat.image * width  # [N]; never: >= width
-            negative = label == NEGATIVE
-        if which is None:
-            eligible = negative & (segment_in_image < k)
-        elif which == -1:
-            eligible = negative
-        else:
-            eligible = negative & (segment_in_image == which)
+        balanced, floor = category < k, category == floor_at
+        eligible = {"balanced": balanced, "floor": floor, "negative": balanced | floor}[group]
         segment = torch.where(eligible & ~picked, flat.image, -1)
         more, got = _smallest_per_segment(segment, num_images, short.clamp_(min=0), spare)
         picked |= more
