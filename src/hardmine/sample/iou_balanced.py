@@ -86,6 +86,12 @@ def sample_instance_balanced(
     with 2) and 32 picks, it covers 26 ground truths on average where this covers 32, and the
     large one keeps 0.8 picks on average in both (``tests/sample/test_iou_balanced.py``).
 
+    On the CPU the round robin is not walked: its outcome depends only on the counts per ground
+    truth (``_round_robin``), and each ground truth's picks are a uniform draw from its
+    candidates (``_pick``). The distribution is the one above; the random numbers, and so the
+    picks for a given seed, differ from those of hardmine before this change and from the CUDA
+    path, which walks the rounds by sorting (no host synchronisation).
+
     Args:
         flat: the batch; ``flat.gt_index`` names each candidate's ground truth.
         eligible: ``bool [N]``, usually the positives.
@@ -285,6 +291,13 @@ def sample_iou_balanced(
     Positives: with ``instance_balanced`` (the paper's setting), an even share per ground truth
     (``sample_instance_balanced``); otherwise uniform.
 
+    The draw changed on the CPU (issue 14), the distribution did not: every candidate falls in
+    one segment of its image (an IoU bin, its ground truth, the floor group, or none), one
+    histogram of (segment, the top bits of a random key) gives the counts, hence the quotas, and
+    the picks (``_pick``); the top-ups draw a second key. So the picks for a given seed differ
+    from earlier versions' and from the CUDA path's (``quota.draw`` per step, no host
+    synchronisation); each is deterministic for a seeded generator.
+
     Args:
         assignments: one per image; ``max_iou`` drives the bins.
         num: candidates per image.
@@ -418,9 +431,10 @@ def _sample_cpu(
     """``sample_iou_balanced`` on the CPU, where a host sync is free: ``bool [N]``.
 
     Every candidate falls in one segment of its image: an IoU bin, its ground truth (a
-    positive), the floor group, or none (ignored). One random 62-bit integer per candidate: its
-    high 31 bits rank it in its segment, its low 31 bits in the top-ups. One histogram of
-    (segment, the key's top bits) gives the counts, hence the quotas, and ``_pick`` the picks.
+    positive), the floor group, or the ignored. One random 31-bit key per candidate ranks it in
+    its segment; one histogram of (segment, the key's top bits) gives the counts, hence the
+    quotas, and ``_pick`` the picks. A top-up ranks by a second key: what the bins leave of the
+    first is not uniform across bins (each bin's leftovers lie above its own threshold).
     """
     n, num_images, k = flat.total, flat.num_images, num_bins
     if n == 0:
