@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -85,6 +86,12 @@ def sample_instance_balanced(
     with 2) and 32 picks, it covers 26 ground truths on average where this covers 32, and the
     large one keeps 0.8 picks on average in both (``tests/sample/test_iou_balanced.py``).
 
+    On the CPU the round robin is not walked: its outcome depends only on the counts per ground
+    truth (``_round_robin``), and each ground truth's picks are a uniform draw from its
+    candidates (``_pick``). The distribution is the one above; the random numbers, and so the
+    picks for a given seed, differ from those of hardmine before this change and from the CUDA
+    path, which walks the rounds by sorting (no host synchronisation).
+
     Args:
         flat: the batch; ``flat.gt_index`` names each candidate's ground truth.
         eligible: ``bool [N]``, usually the positives.
@@ -114,9 +121,17 @@ def sample_instance_balanced(
     n = eligible.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=flat.device)
-    # The CPU path reads rand's float32 keys as bits (a float64 default dtype draws others).
-    if flat.device.type == "cpu" and torch.get_default_dtype() == torch.float32:
-        return _instance_balanced_cpu(flat, eligible, target, generator)
+    if flat.device.type == "cpu":
+        key = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # [N]
+        gt = torch.where(eligible, flat.gt_index, -1)  # [N]
+        num_gts = int(gt.max()) + 1  # 0 when nothing is eligible
+        segment = torch.where(eligible, flat.image * num_gts + gt, -1)  # [N]
+        segments = flat.num_images * num_gts
+        counts = torch.bincount(segment + 1, minlength=segments + 1)[1:]
+        counts = counts.view(flat.num_images, num_gts)  # [B, G]
+        target = target.minimum(counts.sum(1)).clamp_(min=0)  # [B]
+        shares = _round_robin(counts, target, int(target.max()), generator)
+        return _smallest_per_segment(segment, segments, shares.flatten(), key)[0]
     segment = segment_by_key(flat.image, flat.gt_index, eligible)  # one per (image, gt), [N]
     seg = torch.where(segment >= 0, segment, n)  # slot n: the ineligible
     # Each candidate's round: its rank among its ground truth's candidates in a random order.
@@ -131,65 +146,88 @@ def sample_instance_balanced(
     return (segment >= 0) & (rank < flat.per_image(target))
 
 
-def _instance_balanced_cpu(
-    flat: FlatBatch, eligible: Tensor, target: Tensor, generator: torch.Generator | None
+def _round_robin(
+    counts: Tensor, target: Tensor, most: int, generator: torch.Generator | None
 ) -> Tensor:
-    """``sample_instance_balanced`` on the CPU, where a host sync is free: the same random
-    numbers and the same picks, with the work on the eligible candidates only and two sorts fewer.
+    """CPU: the picks each ground truth gets from the round robin: ``int64 [B, G]``.
 
-    One stable sort of an ``int64`` key per eligible candidate, (image, ground truth) above its
-    shuffle key, gives every candidate its round; then the ``target``-th smallest ``round +
-    priority`` of each image, from one ``topk`` over a table of the images, is the threshold.
+    The outcome needs only the counts (``counts: int64 [B, G]``, ``target: int64 [B]``, at most
+    the image's candidates): with ``R`` complete rounds (the most whose picks,
+    ``sum_g min(count_g, R)``, stay within the target), every ground truth gets
+    ``min(count_g, R)``, and the picks left go one each to the ground truths with more than
+    ``R`` candidates, in a random order (the partial round's order). ``most`` bounds ``target``.
     """
-    n = eligible.numel()
-    # The generic path's random numbers, in its order, so that the picks are the same.
-    shuffle = torch.rand(n, generator=generator)  # [N]
-    priority = torch.rand(n + 1, generator=generator, dtype=torch.float64)  # [N + 1]
-    index = torch.nonzero(eligible).squeeze(1)  # [P], ascending
-    picked = torch.zeros(n, dtype=torch.bool)
-    if index.numel() == 0:
-        return picked
-    image = flat.image.index_select(0, index)  # [P]
-    gt = flat.gt_index.index_select(0, index)  # [P]
-    # (image, ground truth) in the high bits, the shuffle key below them, descending: rand's
-    # floats lie in [0, 1), where a float32's bits order as it does and stay below 2^30.
-    bits = shuffle.index_select(0, index).view(torch.int32).to(torch.int64)
-    segment = image * (int(gt.max()) + 1) + gt  # [P]
-    key = torch.add(bits.neg_().add_((1 << 30) - 1), segment, alpha=1 << 30)
-    # Stable: equal shuffle keys keep the index order, as the generic path's stable sorts do.
-    key, order = key.sort(stable=True)
-    key >>= 30  # the segment of each sorted candidate
-    new_run = torch.empty_like(key, dtype=torch.bool)
-    new_run[0] = True
-    torch.ne(key[1:], key[:-1], out=new_run[1:])
-    at = torch.arange(key.numel())
-    round_ = at - (at * new_run).cummax(0).values  # [P]: rank in its segment
-    # Segments are numbered in (image, ground truth) order, as segment_by_key numbers them.
-    value = priority.index_select(0, new_run.cumsum(0).sub_(1)).add_(round_)  # float64 [P]
-    # An image's candidates are contiguous in the sorted order: a table [B, P_max] of values.
-    sorted_image = image.index_select(0, order)
-    counts = torch.bincount(image, minlength=flat.num_images)  # [B]
-    width = int(counts.max())
-    offset = torch.arange(flat.num_images).mul_(width).add_(counts).sub_(counts.cumsum(0))
-    table = torch.full((flat.num_images, width), float("inf"), dtype=torch.float64)
-    table.view(-1).index_copy_(0, offset.index_select(0, sorted_image).add_(at), value)
-    take = target.minimum(counts).clamp_(min=0)  # [B]
-    k = int(take.max())
-    if k == 0:
-        return picked
-    smallest = table.topk(k, dim=1, largest=False).values  # [B, k], ascending
-    threshold = smallest.gather(1, take.sub(1).clamp_(min=0)[:, None]).squeeze(1)
-    threshold.masked_fill_(take == 0, float("-inf"))  # [B]
-    chosen = value <= threshold.index_select(0, sorted_image)  # [P]
-    # Every image has at least ``take`` at or below its threshold; more only where values in
-    # one image are equal (different ground truths whose float64 sums coincide), which the
-    # generic path orders by index.
-    if int(chosen.sum()) > int(take.sum()):
-        by_index = torch.empty_like(value).index_copy_(0, order, value)
-        sorted_at, rank, _ = segment_rank(image, flat.num_images, -by_index)
-        chosen_at = sorted_at[rank < target[image[sorted_at]]]
-        return picked.index_fill_(0, index[chosen_at], True)
-    return picked.index_fill_(0, index.index_select(0, order.masked_select(chosen)), True)
+    rounds = torch.arange(1, most + 1)  # [R]
+    after = counts[:, :, None].minimum(rounds).sum(1)  # [B, R]: picks after r rounds
+    full = (after <= target[:, None]).sum(1, keepdim=True)  # [B, 1]
+    shares = counts.minimum(full)  # [B, G]
+    left = target - shares.sum(1)  # [B]
+    priority = torch.rand(counts.shape, generator=generator)  # [B, G]
+    priority.masked_fill_(counts <= full, 2.0)  # those with none left come last
+    rank = priority.argsort(dim=1, stable=True).argsort(dim=1)  # [B, G]
+    return shares.add_(rank < left[:, None])
+
+
+# Keys are 31-bit random integers; their top bits bucket them for _pick's histogram.
+_KEY_BITS = 31
+_BUCKET_BITS = 6
+
+
+def _pick(
+    segment: Tensor, comp: Tensor, hist: Tensor, running: Tensor, quota: Tensor
+) -> tuple[Tensor, Tensor]:
+    """CPU: in every segment, the ``quota`` candidates with the smallest random key.
+
+    A uniform draw without replacement, with no sort of the batch: a histogram of the keys' top
+    bits per segment says in which bucket each segment's quota runs out; the candidates below
+    that bucket are picked, and only the few in it are sorted.
+
+    Args:
+        segment: ``int64 [N]`` in ``[0, S)``.
+        comp: ``int64 [N]``: ``segment * 2^31 + key``, ``key`` in ``[0, 2^31)``; its top
+            ``_BUCKET_BITS`` bits are the bucket.
+        hist: ``int64 [S, H]``: candidates per segment and bucket; ``running`` its ``cumsum(1)``.
+        quota: ``int64 [S]``; more than the segment holds takes it all.
+
+    Returns:
+        ``bool [N]`` the picks, ties to the lower index; ``int64 [S]`` picks per segment.
+    """
+    num_segments, buckets = hist.shape
+    quota = quota.minimum(running[:, -1])  # [S]
+    edge = (running < quota[:, None]).sum(1, keepdim=True)  # [S, 1]: where the quota runs out
+    edge_cell = edge.view(-1) + torch.arange(0, num_segments * buckets, buckets)  # [S]
+    cell = comp >> (_KEY_BITS - _BUCKET_BITS)  # [N]: segment * H + bucket
+    threshold = edge_cell.index_select(0, segment)  # [N]
+    picked = cell < threshold
+    index = torch.nonzero(cell == threshold, as_tuple=True)[0]  # [M], about N / H
+    if index.numel():
+        # A stable sort of (segment, key) puts each segment's candidates of its edge bucket
+        # together, in key order, segments in order; the first of segment s sits at the count
+        # of those of the segments before s, and quota - (those below the bucket) are picked:
+        # sorted positions below limit[s].
+        value, order = comp[index].sort(stable=True)
+        upto = running.gather(1, edge).view(-1)  # [S]: up to and with the edge bucket
+        limit = hist.gather(1, edge).view(-1).cumsum(0).sub_(upto).add_(quota)  # [S]
+        chosen = torch.arange(value.numel()) < limit[value >> _KEY_BITS]
+        picked[index[order[chosen]]] = True
+    return picked, quota
+
+
+def _smallest_per_segment(
+    segment: Tensor, num_segments: int, quota: Tensor, key: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``_pick`` from ``int64 [N]`` segments in ``[0, S)`` (-1: never picked) and ``int64 [N]``
+    keys in ``[0, 2^31)``."""
+    segment = torch.where(segment >= 0, segment, num_segments)  # S: the never picked
+    comp = torch.add(key, segment, alpha=1 << _KEY_BITS)
+    buckets = 1 << _BUCKET_BITS
+    hist = torch.bincount(
+        comp >> (_KEY_BITS - _BUCKET_BITS), minlength=(num_segments + 1) * buckets
+    )
+    hist = hist.view(num_segments + 1, buckets)  # [S + 1, H]
+    quota = torch.cat([quota, quota.new_zeros(1)])
+    picked, taken = _pick(segment, comp, hist, hist.cumsum(1), quota)
+    return picked, taken[:-1]
 
 
 def check_iou_balanced_settings(
@@ -253,6 +291,13 @@ def sample_iou_balanced(
     Positives: with ``instance_balanced`` (the paper's setting), an even share per ground truth
     (``sample_instance_balanced``); otherwise uniform.
 
+    The draw changed on the CPU (issue 14), the distribution did not: every candidate falls in
+    one segment of its image (an IoU bin, its ground truth, the floor group, or none), one
+    histogram of (segment, the top bits of a random key) gives the counts, hence the quotas, and
+    the picks (``_pick``); the top-ups draw a second key. So the picks for a given seed differ
+    from earlier versions' and from the CUDA path's (``quota.draw`` per step, no host
+    synchronisation); each is deterministic for a seeded generator.
+
     Args:
         assignments: one per image; ``max_iou`` drives the bins.
         num: candidates per image.
@@ -298,8 +343,23 @@ def sample_iou_balanced(
     flat = flatten(assignments)
     iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     # A sum is finite when every term is: one reduction, where isfinite and all make two passes.
-    if not bool(torch.isfinite(iou.sum())):
+    if not math.isfinite(iou.sum()):
         check_finite(iou, "max_iou")
+    if flat.device.type == "cpu":
+        return flat.split(
+            _sample_cpu(
+                flat,
+                iou,
+                num=num,
+                pos_fraction=pos_fraction,
+                num_bins=num_bins,
+                neg_thr=neg_thr,
+                floor_thr=floor_thr,
+                floor_fraction=floor_fraction,
+                instance_balanced=instance_balanced,
+                generator=generator,
+            )
+        )
     labels = host_tensor([[POSITIVE], [NEGATIVE]], flat.device, torch.int8)
     member = flat.label[None] == labels  # [2, N]: positives, negatives
     pos, neg = member
@@ -353,3 +413,92 @@ def _top_up(
         torch.randint(1 << 62, (flat.total,), generator=generator)  # as quota.draw
         return picked
     return fill_shortfall(flat, picked, eligible, target, max_quota=max_quota, generator=generator)
+
+
+def _sample_cpu(
+    flat: FlatBatch,
+    iou: Tensor,
+    *,
+    num: int,
+    pos_fraction: float,
+    num_bins: int,
+    neg_thr: float,
+    floor_thr: float,
+    floor_fraction: float,
+    instance_balanced: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``sample_iou_balanced`` on the CPU, where a host sync is free: ``bool [N]``.
+
+    Every candidate falls in one segment of its image: an IoU bin, its ground truth (a
+    positive), the floor group, or the ignored. One random 31-bit key per candidate ranks it in
+    its segment; one histogram of (segment, the key's top bits) gives the counts, hence the
+    quotas, and ``_pick`` the picks. A top-up ranks by a second key: what the bins leave of the
+    first is not uniform across bins (each bin's leftovers lie above its own threshold).
+    """
+    n, num_images, k = flat.total, flat.num_images, num_bins
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    label = flat.label
+    num_gts = int(flat.gt_index.max()) + 1 if instance_balanced else 1
+    # Segments per image: the bins, the ground truths, the floor group, the ignored.
+    floor_at = k + num_gts
+    width = floor_at + 2
+    low = max(floor_thr, 0.0)
+    # Clamped before the cast, which truncates: the floor of what is left (as a bin index).
+    category = (iou - low if low else iou) / ((neg_thr - low) / k)
+    category = category.clamp_(0, k - 1).long()  # [N]
+    if floor_thr >= 0:
+        category.masked_fill_(iou < floor_thr if floor_thr > 0 else iou <= 0, floor_at)
+    category = torch.where(
+        label == POSITIVE, flat.gt_index + k if instance_balanced else k, category
+    )
+    category.masked_fill_(label < 0, width - 1)
+    key = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # [N]
+    segment = category + _image_offsets(flat, width)  # [N]
+    comp = torch.add(key, segment, alpha=1 << _KEY_BITS)  # [N]: (segment, key)
+    buckets = 1 << _BUCKET_BITS
+    cell = comp >> (_KEY_BITS - _BUCKET_BITS)  # [N]: (segment, bucket)
+    hist = torch.bincount(cell, minlength=num_images * width * buckets).view(-1, buckets)
+    running = hist.cumsum(1)  # [B * C, H]
+    counts = running[:, -1].view(num_images, width)  # [B, C]
+    pos_count = counts[:, k:floor_at].sum(1)  # [B]
+    num_pos = pos_count.clamp(max=int(num * pos_fraction))  # [B]
+    num_neg = counts[:, :k].sum(1).add_(counts[:, floor_at]).minimum(num - num_pos)  # [B]
+    num_balanced = (num_neg * (1.0 - floor_fraction)).floor().long() if floor_fraction else num_neg
+    pos_quota = (
+        _round_robin(counts[:, k:floor_at], num_pos, int(num * pos_fraction), generator)
+        if instance_balanced
+        else num_pos[:, None]
+    )
+    none = torch.zeros_like(num_pos)[:, None].expand(-1, 2)  # the floor and the ignored
+    quota = torch.cat([(num_balanced // k)[:, None].expand(-1, k), pos_quota, none], 1)
+    picked, taken = _pick(segment, comp, hist, running, quota.view(-1))
+    have = taken.view(num_images, width)[:, :k].sum(1)  # [B]: negatives picked
+    # The top-ups, in order: the balanced ones to num_balanced, the floor to num_neg, any.
+    steps = [("balanced", num_balanced)]
+    if floor_thr >= 0:
+        steps += [("floor", num_neg), ("negative", num_neg)]
+    elif floor_fraction > 0:
+        steps.append(("negative", num_neg))
+    spare = None
+    for group, target in steps:
+        short = target - have  # [B]
+        if int(short.max()) <= 0:
+            continue
+        if spare is None:
+            spare = torch.randint(1 << _KEY_BITS, (n,), generator=generator)  # the second draw
+        balanced, floor = category < k, category == floor_at
+        eligible = {"balanced": balanced, "floor": floor, "negative": balanced | floor}[group]
+        segment = torch.where(eligible & ~picked, flat.image, -1)
+        more, got = _smallest_per_segment(segment, num_images, short.clamp_(min=0), spare)
+        picked |= more
+        have += got
+    return picked
+
+
+def _image_offsets(flat: FlatBatch, stride: int) -> Tensor:
+    """``image * stride`` per candidate, ``int64 [N]``; cheaper when the images are of a size."""
+    if len(set(flat.sizes)) == 1:
+        return torch.arange(0, flat.num_images * stride, stride).repeat_interleave(flat.sizes[0])
+    return flat.image * stride
