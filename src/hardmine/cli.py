@@ -403,7 +403,7 @@ def _device_list(text: str) -> list[str]:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from hardmine._atomic import check_writable
+    from hardmine._atomic import check_writable, hold_folder
     from hardmine.config import COMPONENT_SECTIONS
     from hardmine.report.compare import (
         DEFAULT_METHODS,
@@ -424,31 +424,50 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     base = _base_config(args, overrides)
     for method in methods:  # a bad variant is a user error before any training, not a failed run
         check_method(method, base, overrides=per_method)
+        # Its folder too: a name longer than a folder's name may be (255 bytes) failed its runs.
+        check_writable(Path(args.output) / method.name, f"--methods {method.name}")
     seeds = list(range(args.seeds))
-    if args.plan:
-        paths = plan_comparison(base, methods, seeds, args.output, overrides=per_method)
-        for path in paths:
-            print(f"hardmine train --config {path} --resume")
-        print(
-            f"\n{len(paths)} runs to train (under torchrun: torchrun --nproc-per-node G -m "
-            "hardmine.cli train ...); then rerun this command without --plan for the report"
-        )
-        return 0
-    from hardmine.engine.distributed import resolve_device
+    slots = None
+    if not args.plan:
+        from hardmine.engine.distributed import resolve_device
 
-    # Here, not in each run: --device cuda without CUDA is one user error, not every run failing
-    # (--plan's runs may train on another machine, so it is not checked there).
-    resolve_device(base.device)
-    outcomes = run_comparison(
-        base, methods, seeds, args.output, overrides=per_method, slots=_slots(args, base)
-    )
-    print(format_table(summarize(methods, outcomes)))
-    report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
+        # Here, not in each run: --device cuda without CUDA, or data that is not there, is one
+        # user error, not every run failing (--plan's runs may train on another machine, so
+        # neither is checked there).
+        resolve_device(base.device)
+        _check_data(base)
+        slots = _slots(args, base)
+    # One comparison in a folder at a time: two would train the same runs into the same files.
+    with hold_folder(args.output, f"--output {args.output}", "hardmine compare"):
+        if args.plan:
+            paths = plan_comparison(base, methods, seeds, args.output, overrides=per_method)
+            for path in paths:
+                print(f"hardmine train --config {path} --resume")
+            print(
+                f"\n{len(paths)} runs to train (under torchrun: torchrun --nproc-per-node G -m "
+                "hardmine.cli train ...); then rerun this command without --plan for the report"
+            )
+            return 0
+        outcomes = run_comparison(
+            base, methods, seeds, args.output, overrides=per_method, slots=slots
+        )
+        print(format_table(summarize(methods, outcomes)))
+        report = write_report(args.output, methods, outcomes, description=_describe(base, seeds))
     if report is None:  # every run failed: the earlier call's report and plots stay
         print(f"\nevery run failed; {Path(args.output) / REPORT_NAME} was left as it was")
     else:
         print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
+
+
+def _check_data(config: RunConfig) -> None:
+    """Raise what training would (``DataError``, ``CocoFormatError``, ``ConfigError``) for data
+    files that are missing or unusable, by loading the data sets as each run will."""
+    if config.data.kind == "scenes":  # generated: no files
+        return
+    from hardmine.engine.build import build_datasets
+
+    build_datasets(config)
 
 
 def _slots(args: argparse.Namespace, base: RunConfig) -> list[Any] | None:
@@ -1025,6 +1044,20 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{option.replace('_', '-')}: an empty path; give a file or folder")
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``POLLERR`` on its end)."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: a BrokenPipeError there is stdout's, as a rule
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a file (a test's capture)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
@@ -1032,7 +1065,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     and its exit status (2); Ctrl-C (``KeyboardInterrupt``) with ``interrupted`` and 130, the
     shells' status for SIGINT (what was written is kept: every file is written atomically, and a
     training resumes from its last checkpoint). ``HARDMINE_DEBUG=1`` lets either through with its
-    traceback.
+    traceback. A standard output closed by its reader (``hardmine compare ... | head -2``) ends it
+    quietly with status 141, what a shell reports for a program that SIGPIPE ended (``yes |
+    head``), so that ``set -o pipefail`` sees the usual status; the work done is kept.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1056,7 +1091,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_log.propagate = True
             logging.getLogger("hardmine").removeHandler(notes)
         notes.show()
+        sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
         return status
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe than stdout's: not ours to hide
+            raise
+        try:  # the interpreter flushes stdout once more on its way out: let that go nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except HardmineError as error:
         if os.environ.get("HARDMINE_DEBUG"):
             raise

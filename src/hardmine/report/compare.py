@@ -366,11 +366,18 @@ def _read_results(outcome: Outcome) -> None:
 
 def _record_failure(outcome: Outcome, error: str, text: str) -> None:
     """Mark ``outcome`` failed with ``error`` (its first line) and keep ``text`` (the traceback)
-    in its run's ``error.txt``."""
-    outcome.run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(outcome.run_dir / ERROR_NAME, text)
+    in its run's ``error.txt``.
+
+    It never raises: a run folder that cannot hold ``error.txt`` (the reason the run failed, as
+    often as not) is said in the warning, and the comparison goes on to its report.
+    """
     outcome.error = error.splitlines()[0] if error else error
-    log.warning("%s, seed %d: failed: %s", outcome.method, outcome.seed, outcome.error)
+    kept = ""
+    try:
+        write_atomic(outcome.run_dir / ERROR_NAME, text)
+    except OSError as failure:
+        kept = f" (its traceback was not kept: {failure.strerror or failure})"
+    log.warning("%s, seed %d: failed: %s%s", outcome.method, outcome.seed, outcome.error, kept)
 
 
 def plan_comparison(
