@@ -755,6 +755,41 @@ def test_one_comparison_per_folder_at_a_time(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_one_training_per_run_at_a_time(tmp_path: Path) -> None:
+    """S16: ``hardmine train`` on a run that another ``train`` (or a comparison) is training was
+    let through, both appending to its metrics.jsonl; a refused train leaves no folder."""
+    from hardmine._atomic import LOCK_NAME, hold_folder
+    from hardmine.errors import RunError
+    from hardmine.report.compare import train_run
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--output_dir", str(run)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, time\n"
+         f"os.makedirs({str(run)!r}); f = open({str(run / LOCK_NAME)!r}, 'a')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        done = _cli(*argv, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert f"output_dir {run}: another hardmine train or compare is using" in done.stderr
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+        from hardmine.config import load_config
+
+        with pytest.raises(RunError, match="another hardmine train or compare is using"):
+            train_run(load_config(None, {"output_dir": str(run), "device": "cpu"}))
+    finally:
+        holder.kill()
+        holder.wait()
+    # A train refused by its own checks leaves no folder behind (nor its lock file).
+    with hold_folder(tmp_path / "other", "x", "y"):
+        assert (tmp_path / "other" / LOCK_NAME).exists()
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     """S16: ``hardmine compare ... | head -2`` ended in a BrokenPipeError traceback (twice: the
     print, then the interpreter's flush at exit); now quietly, with the shells' 141."""

@@ -82,8 +82,9 @@ def hold_folder(folder: str | Path, name: str, command: str) -> Iterator[None]:
     Two commands writing into one folder at once train the same runs twice over, each
     appending to the other's files. The lock is ``flock`` on ``folder / LOCK_NAME`` (made, with
     ``folder``, if missing), without waiting: the system lets it go when this process ends,
-    however it ends (a killed process holds nothing). Where ``fcntl`` is missing (Windows),
-    nothing is locked.
+    however it ends (a killed process holds nothing). A folder made here that holds nothing else
+    at the end (a command refused in its own checks) is removed again. Where ``fcntl`` is missing
+    (Windows), nothing is locked.
 
     Args:
         folder: the folder (checked by ``check_writable`` before).
@@ -97,11 +98,13 @@ def hold_folder(folder: str | Path, name: str, command: str) -> Iterator[None]:
         yield
         return
     path = Path(folder) / LOCK_NAME
+    made = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     except OSError as error:
         raise RunError(f"{name}: cannot make {error.filename or path}: {error.strerror}") from None
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,8 +113,14 @@ def hold_folder(folder: str | Path, name: str, command: str) -> Iterator[None]:
                 f"{name}: another {command} is using {folder} (it holds {LOCK_NAME} there); "
                 "wait for it to end, or choose another folder"
             ) from None
+        held = True
         yield
     finally:
+        if made and held:  # while held: no other process has this file open to lock it
+            with contextlib.suppress(OSError):
+                if [p.name for p in path.parent.iterdir()] == [LOCK_NAME]:
+                    path.unlink()
+                    path.parent.rmdir()
         os.close(fd)  # lets the lock go
 
 

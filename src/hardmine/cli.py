@@ -10,6 +10,7 @@ may follow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -250,7 +251,17 @@ def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             "--negative-image-share: only with --negative-images FOLDER (or a config that "
             "names negative_images)"
         )
-    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a torchrun holds the run
+        from hardmine._atomic import check_writable, hold_folder
+
+        check_writable(config.output_dir, f"output_dir {config.output_dir}")
+        holding = hold_folder(
+            config.output_dir, f"output_dir {config.output_dir}", "hardmine train or compare"
+        )
+    else:
+        holding = contextlib.nullcontext()
+    with holding:  # two trainings of one run would append to each other's files
+        result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         done = " (finished before)" if result.finished_before else ""
         print(f"{result.run_dir}{done}: " + _format_metrics(result.metrics))

@@ -24,7 +24,7 @@ from typing import Any
 
 from torchvision.models.detection import FCOS, RetinaNet
 
-from hardmine._atomic import check_writable, write_atomic
+from hardmine._atomic import check_writable, hold_folder, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -277,7 +277,7 @@ def run_comparison(
                     queued.append(((name, seed), train_run, (config,), run_dir))
                     continue
                 log.info("%s, seed %d: training in %s", name, seed, run_dir)
-                train(config, resume=True)
+                train_run(config)
             _read_results(outcome)
         except Exception as error:  # one method's failure must not stop the others
             _record_failure(outcome, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -346,8 +346,11 @@ def _method_components(method: Method) -> dict[str, str]:
 
 
 def train_run(config: RunConfig) -> None:
-    """Train (or resume) one run of a comparison: what a ``--jobs`` process runs."""
-    train(config, resume=True)
+    """Train (or resume) one run of a comparison, here or in a ``--jobs`` process, holding its
+    run directory (``hold_folder``: a ``hardmine train`` of the same run at the same time)."""
+    run_dir = config.output_dir
+    with hold_folder(run_dir, f"output_dir {run_dir}", "hardmine train or compare"):
+        train(config, resume=True)
 
 
 def _read_results(outcome: Outcome) -> None:
