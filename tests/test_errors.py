@@ -153,6 +153,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "--data.val_images", f"{r}/no_images", "--data.val_ann", f"{r}/no_images/annotations.json",
     ]  # fmt: skip
     out = ["--output_dir", f"{r}/new"]
+    no_ann = [f"{r}/one_class/images", f"{r}/nope.json"] * 2
+    long_name = "random,random:train.lr=0.0" + "0" * 280 + "1"
     other_bg = ["--hard-negatives", f"{r}/other_bg_negatives.json"]
     no_bg_val = ["--negative-val", f"{r}/no_bg", "--rounds", "1", "--output", f"{r}/b_nv"]
     cases: dict[str, tuple[list[str], int, str]] = {
@@ -429,6 +431,28 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "device 'cuda': this machine has no CUDA device; use cpu or auto",
         ),
+        # S16: the data, an unmakeable --output or run folder, each refused before any run
+        # (every run started and failed, or the comparison crashed with a traceback).
+        "compare data folder missing": (
+            ["compare", *TINY, "--data", f"{r}/nodata", "--output", f"{r}/cmp_nodata"],
+            2,
+            f"data.root {r}/nodata: no such folder",
+        ),
+        "compare coco annotations missing": (
+            ["compare", *TINY, "--data", *no_ann, "--output", f"{r}/cmp_nococo"],
+            2,
+            f"{r}/nope.json: annotation file not found",
+        ),
+        "compare output that cannot be made": (
+            ["compare", *TINY, "--output", "/proc/hardmine_cmp"],
+            2,
+            "--output /proc/hardmine_cmp: cannot make /proc/hardmine_cmp: No such file",
+        ),
+        "compare method name too long for a folder": (
+            ["compare", *TINY, "--methods", long_name, "--output", f"{r}/cmp_long"],
+            2,
+            ": File name too long",
+        ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
         "compare jobs neither a number nor auto": (
             ["compare", "--jobs", "many"],
@@ -559,6 +583,11 @@ def test_refused_commands_start_no_work(outcomes: dict[str, Any]) -> None:
     assert not (outcomes["_root"] / "cmp_cuda").exists()
 
 
+def test_refused_comparisons_make_no_folder(outcomes: dict[str, Any]) -> None:
+    for name in ("cmp_nodata", "cmp_nococo", "cmp_long"):
+        assert not (outcomes["_root"] / name).exists(), name
+
+
 def test_a_diverged_run_claims_no_checkpoint_it_did_not_write(outcomes: dict[str, Any]) -> None:
     for sampler in ("random", "ohem", "iou_balanced", "overlap"):
         result, _ = outcomes[f"diverges with {sampler}"]
@@ -678,3 +707,114 @@ def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch: pytest.Mon
         check_writable(tmp_path / "new", "--output x")
     with pytest.raises(RunError, match=r"^--output: an empty path"):
         check_writable("", "--output")
+
+
+def _cli(*argv: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hardmine.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        **kwargs,
+    )
+
+
+def test_one_comparison_per_folder_at_a_time(tmp_path: Path) -> None:
+    """S16: two comparisons in one folder trained the same runs at once (each run's
+    metrics.jsonl twice over); the second is refused, and a killed holder holds nothing."""
+    import fcntl
+    import signal
+
+    from hardmine._atomic import LOCK_NAME
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    argv = ["compare", *TINY, "--methods", "random", "--seeds", "1", "--output", str(out)]
+    holder = subprocess.Popen(  # what a running comparison holds: flock on the lock file
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(out / LOCK_NAME)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for extra in ([], ["--plan"]):
+            done = _cli(*argv, *extra, cwd=tmp_path)
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+            assert f"--output {out}: another hardmine compare is using {out}" in done.stderr
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing started
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with open(out / LOCK_NAME) as f:  # the killed holder's lock went with it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    done = _cli(*argv, "--plan", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+def test_one_training_per_run_at_a_time(tmp_path: Path) -> None:
+    """S16: ``hardmine train`` on a run that another ``train`` (or a comparison) is training was
+    let through, both appending to its metrics.jsonl; a refused train leaves no folder."""
+    from hardmine._atomic import LOCK_NAME, hold_folder
+    from hardmine.errors import RunError
+    from hardmine.report.compare import train_run
+
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--output_dir", str(run)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, time\n"
+         f"os.makedirs({str(run)!r}); f = open({str(run / LOCK_NAME)!r}, 'a')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        done = _cli(*argv, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert f"output_dir {run}: another hardmine train or compare is using" in done.stderr
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+        from hardmine.config import load_config
+
+        with pytest.raises(RunError, match="another hardmine train or compare is using"):
+            train_run(load_config(None, {"output_dir": str(run), "device": "cpu"}))
+    finally:
+        holder.kill()
+        holder.wait()
+    # A train refused by its own checks leaves no folder behind (nor its lock file).
+    with hold_folder(tmp_path / "other", "x", "y"):
+        assert (tmp_path / "other" / LOCK_NAME).exists()
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """S16: ``hardmine compare ... | head -2`` ended in a BrokenPipeError traceback (twice: the
+    print, then the interpreter's flush at exit); now quietly, with the shells' 141."""
+    argv = ["compare", *TINY, "--methods", "random,ohem", "--seeds", "3", "--plan"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hardmine.cli", *argv, "--output", str(tmp_path / "cmp")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+    )  # fmt: skip
+    process.stdout.close()  # the reader is gone before the first line
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141, err
+    assert err == "", err
+    assert (tmp_path / "cmp" / "ohem" / "seed2" / "config.yaml").exists()  # the work was done
+
+
+def test_check_writable_makes_the_folders_and_leaves_none(tmp_path: Path) -> None:
+    """S16: it let ``/proc/x`` and a name over 255 bytes through; mkdir failed after the work."""
+    from hardmine._atomic import check_writable
+    from hardmine.errors import RunError
+
+    check_writable(tmp_path / "a" / "b" / "c", "--output x")
+    assert list(tmp_path.iterdir()) == []  # proven, then removed: a refused command leaves none
+    long = tmp_path / "a" / ("x" * 300)
+    with pytest.raises(
+        RunError, match=f"^--output x: cannot make {re.escape(str(long))}: File name"
+    ):
+        check_writable(long / "seed0", "--output x")
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ may follow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -250,7 +251,17 @@ def train_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             "--negative-image-share: only with --negative-images FOLDER (or a config that "
             "names negative_images)"
         )
-    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a torchrun holds the run
+        from hardmine._atomic import check_writable, hold_folder
+
+        check_writable(config.output_dir, f"output_dir {config.output_dir}")
+        holding = hold_folder(
+            config.output_dir, f"output_dir {config.output_dir}", "hardmine train or compare"
+        )
+    else:
+        holding = contextlib.nullcontext()
+    with holding:  # two trainings of one run would append to each other's files
+        result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         done = " (finished before)" if result.finished_before else ""
         print(f"{result.run_dir}{done}: " + _format_metrics(result.metrics))
@@ -409,7 +420,7 @@ def _device_list(text: str) -> list[str]:
 
 
 def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from hardmine._atomic import check_writable
+    from hardmine._atomic import check_writable, hold_folder
     from hardmine.config import COMPONENT_SECTIONS
     from hardmine.report.compare import (
         DEFAULT_METHODS,
@@ -430,26 +441,36 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     base = _base_config(args, overrides)
     for method in methods:  # a bad variant is a user error before any training, not a failed run
         check_method(method, base, overrides=per_method)
+        # Its folder too: a name longer than a folder's name may be (255 bytes) failed its runs.
+        check_writable(Path(args.output) / method.name, f"--methods {method.name}")
     seeds = list(range(args.seeds))
-    if args.plan:
-        paths = plan_comparison(base, methods, seeds, args.output, overrides=per_method)
-        for path in paths:
-            print(f"hardmine train --config {path} --resume")
-        print(
-            f"\n{len(paths)} runs to train (under torchrun: torchrun --nproc-per-node G -m "
-            "hardmine.cli train ...); then rerun this command without --plan for the report"
-        )
-        return 0
-    from hardmine.engine.distributed import resolve_device
+    slots = None
+    if not args.plan:
+        from hardmine.engine.distributed import resolve_device
 
-    # Here, not in each run: --device cuda without CUDA is one user error, not every run failing
-    # (--plan's runs may train on another machine, so it is not checked there).
-    resolve_device(base.device)
-    slots = _slots(args, base)
-    outcomes = run_comparison(base, methods, seeds, args.output, overrides=per_method, slots=slots)
-    print(format_table(summarize(methods, outcomes)))
-    description = _describe(base, seeds, slots)
-    report = write_report(args.output, methods, outcomes, description=description)
+        # Here, not in each run: --device cuda without CUDA, or data that is not there, is one
+        # user error, not every run failing (--plan's runs may train on another machine, so
+        # neither is checked there).
+        resolve_device(base.device)
+        _check_data(base)
+        slots = _slots(args, base)
+    # One comparison in a folder at a time: two would train the same runs into the same files.
+    with hold_folder(args.output, f"--output {args.output}", "hardmine compare"):
+        if args.plan:
+            paths = plan_comparison(base, methods, seeds, args.output, overrides=per_method)
+            for path in paths:
+                print(f"hardmine train --config {path} --resume")
+            print(
+                f"\n{len(paths)} runs to train (under torchrun: torchrun --nproc-per-node G -m "
+                "hardmine.cli train ...); then rerun this command without --plan for the report"
+            )
+            return 0
+        outcomes = run_comparison(
+            base, methods, seeds, args.output, overrides=per_method, slots=slots
+        )
+        print(format_table(summarize(methods, outcomes)))
+        description = _describe(base, seeds, slots)
+        report = write_report(args.output, methods, outcomes, description=description)
     if report is None:  # every run failed: the earlier call's report and plots stay
         print(
             f"\nevery run failed; {Path(args.output) / REPORT_NAME}, of an earlier call, "
@@ -458,6 +479,16 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         print(f"\nreport: {report}")
     return 0 if all(o.error is None for o in outcomes) else 1
+
+
+def _check_data(config: RunConfig) -> None:
+    """Raise what training would (``DataError``, ``CocoFormatError``, ``ConfigError``) for data
+    files that are missing or unusable, by loading the data sets as each run will."""
+    if config.data.kind == "scenes":  # generated: no files
+        return
+    from hardmine.engine.build import build_datasets
+
+    build_datasets(config)
 
 
 def _slots(args: argparse.Namespace, base: RunConfig) -> list[Any] | None:
@@ -1034,6 +1065,20 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{option.replace('_', '-')}: an empty path; give a file or folder")
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``POLLERR`` on its end)."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: a BrokenPipeError there is stdout's, as a rule
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a file (a test's capture)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hardmine`` with ``argv`` (``sys.argv[1:]`` by default); returns the exit status.
 
@@ -1041,7 +1086,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     and its exit status (2); Ctrl-C (``KeyboardInterrupt``) with ``interrupted`` and 130, the
     shells' status for SIGINT (what was written is kept: every file is written atomically, and a
     training resumes from its last checkpoint). ``HARDMINE_DEBUG=1`` lets either through with its
-    traceback.
+    traceback. A standard output closed by its reader (``hardmine compare ... | head -2``) ends it
+    quietly with status 141, what a shell reports for a program that SIGPIPE ended (``yes |
+    head``), so that ``set -o pipefail`` sees the usual status; the work done is kept.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1065,7 +1112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_log.propagate = True
             logging.getLogger("hardmine").removeHandler(notes)
         notes.show()
+        sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
         return status
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe than stdout's: not ours to hide
+            raise
+        try:  # the interpreter flushes stdout once more on its way out: let that go nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except HardmineError as error:
         if os.environ.get("HARDMINE_DEBUG"):
             raise

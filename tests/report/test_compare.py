@@ -193,3 +193,19 @@ def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> Non
     assert (config.train.epochs, config.train.lr) == (2 * base.train.epochs, base.train.lr / 2)
     report = write_report(tmp_path, [METHODS[0], slower], outcomes[:1], description="A test.")
     assert "slow (2×, 0.5× the learning rate)" in report.read_text()
+
+
+def test_recording_a_failure_never_raises(tmp_path, caplog) -> None:
+    """S16: a run folder that could not be made (a name over 255 bytes) crashed the comparison in
+    ``_record_failure`` (OSError: File name too long), after training the others, with no report."""
+    from hardmine.report.compare import Outcome, _record_failure
+
+    (tmp_path / "file").write_text("")
+    for run_dir in (tmp_path / ("x" * 300) / "seed0", tmp_path / "file" / "seed0"):
+        outcome = Outcome("m", 0, run_dir)
+        _record_failure(outcome, "OSError: File name too long\nmore", "Traceback ...")
+        assert outcome.error == "OSError: File name too long"
+    assert "its traceback was not kept" in caplog.text
+    outcome = Outcome("m", 1, tmp_path / "m" / "seed1")
+    _record_failure(outcome, "RuntimeError: x", "the traceback")
+    assert (outcome.run_dir / "error.txt").read_text() == "the traceback"

@@ -3,6 +3,7 @@ report that one job gives."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
@@ -45,10 +46,92 @@ def test_processes_report_success_failure_and_death(tmp_path) -> None:
     assert results["dies"].error == ("ChildProcessError: the training process died (exit status 3)")
 
 
-def _base(tmp_path: Path):
+def test_a_killed_process_is_named_by_its_signal(tmp_path) -> None:
+    """S16: it read ``exit status -9``."""
+    import signal
+
+    tasks = [("killed", signal.raise_signal, (signal.SIGKILL,), tmp_path / "a")]
+    [result] = run_jobs(tasks, make_slots(1, cpus=1))
+    assert result.error == (
+        "ChildProcessError: the training process died (killed by signal 9 (SIGKILL))"
+    )
+
+
+@pytest.mark.slow
+def test_jobs_train_with_dataloader_workers(tmp_path) -> None:
+    """S16: the processes were daemonic, and a daemonic process may not start the DataLoader's
+    workers: every run failed with ``data.num_workers >= 1``."""
+    base = _base(tmp_path, num_workers=1)
+    methods = parse_methods("random:sampler.num=32,ohem:sampler.num=32")
+    outcomes = run_comparison(base, methods, [0], tmp_path / "cmp", slots=make_slots(2, cpus=2))
+    assert [o.error for o in outcomes] == [None, None]
+    assert all(o.metrics for o in outcomes)
+
+
+def _compare_until_training(out: Path, *extra: str):
+    """A ``compare --jobs 2`` in a session of its own, once both its runs have taken a step."""
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    argv = [sys.executable, "-m", "hardmine.cli", "compare", "--methods", "random,ohem"]
+    argv += ["--seeds", "1", "--epochs", "1000", "--data.num_train", "4", "--data.num_val", "2"]
+    argv += ["--data.image_size", "64", "--model.min_size", "64", "--model.max_size", "64"]
+    argv += ["--device", "cpu", "--jobs", "2", "--output", str(out), *extra]
+    env = {k: v for k, v in os.environ.items() if k != "HARDMINE_DEBUG"} | {"PYTHONPATH": src}
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics = [out / m / "seed0" / "metrics.jsonl" for m in ("random", "ohem")]
+    deadline = time.monotonic() + 180
+    while not all(m.exists() and m.stat().st_size for m in metrics):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    return process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_a_stopped_comparison_leaves_no_process_and_no_semaphore(tmp_path, how) -> None:
+    """S16: after Ctrl-C (SIGINT to the terminal's process group) or a SIGKILL of the parent, the
+    resource tracker warned of ``2 leaked semaphore objects`` (the killed processes' ``tqdm``
+    locks); stderr's last line must be the comparison's own."""
+    import signal
+
+    process = _compare_until_training(tmp_path / "cmp", "--data.num_workers", "1")
+    try:
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGKILL)
+        # stderr ends when every process holding it (the parent, the resource tracker) has ended.
+        err = process.stderr.read()
+        process.wait(timeout=60)
+        # No process of the session is left: the runs' (which write to their train.log, not to
+        # stderr) stop themselves within a second or two.
+        deadline = time.monotonic() + 60
+        left = True
+        while left and time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                left = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not left, "a process of the comparison outlived it"
+    assert "leaked" not in err and "Traceback" not in err, err
+    if how == "ctrl-c":
+        assert process.returncode == 130
+        assert err.splitlines()[-1] == "hardmine compare: interrupted", err
+
+
+def _base(tmp_path: Path, **data):
     return config_from_dict(
         {
-            "data": {"num_train": 4, "num_val": 2, "image_size": 64, "batch_size": 2},
+            "data": {"num_train": 4, "num_val": 2, "image_size": 64, "batch_size": 2} | data,
             "train": {"epochs": 1, "warmup_steps": 1, "log_every": 1, "roi_loss_images": 0},
             "device": "cpu",
             "output_dir": str(tmp_path),

@@ -24,7 +24,7 @@ from typing import Any
 
 from torchvision.models.detection import FCOS, RetinaNet
 
-from hardmine._atomic import check_writable, write_atomic
+from hardmine._atomic import check_writable, hold_folder, write_atomic
 from hardmine.config import (
     RunConfig,
     apply_overrides,
@@ -280,7 +280,7 @@ def run_comparison(
                     queued.append(((name, seed), train_run, (config,), run_dir))
                     continue
                 log.info("%s, seed %d: training in %s", name, seed, run_dir)
-                train(config, resume=True)
+                train_run(config)
             _read_results(outcome)
         except Exception as error:  # one method's failure must not stop the others
             _record_failure(outcome, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -351,8 +351,11 @@ def _method_components(method: Method) -> dict[str, str]:
 
 
 def train_run(config: RunConfig) -> None:
-    """Train (or resume) one run of a comparison: what a ``--jobs`` process runs."""
-    train(config, resume=True)
+    """Train (or resume) one run of a comparison, here or in a ``--jobs`` process, holding its
+    run directory (``hold_folder``: a ``hardmine train`` of the same run at the same time)."""
+    run_dir = config.output_dir
+    with hold_folder(run_dir, f"output_dir {run_dir}", "hardmine train or compare"):
+        train(config, resume=True)
 
 
 def _read_results(outcome: Outcome) -> None:
@@ -371,11 +374,18 @@ def _read_results(outcome: Outcome) -> None:
 
 def _record_failure(outcome: Outcome, error: str, text: str) -> None:
     """Mark ``outcome`` failed with ``error`` (its first line) and keep ``text`` (the traceback)
-    in its run's ``error.txt``."""
-    outcome.run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(outcome.run_dir / ERROR_NAME, text)
+    in its run's ``error.txt``.
+
+    It never raises: a run folder that cannot hold ``error.txt`` (the reason the run failed, as
+    often as not) is said in the warning, and the comparison goes on to its report.
+    """
     outcome.error = error.splitlines()[0] if error else error
-    log.warning("%s, seed %d: failed: %s", outcome.method, outcome.seed, outcome.error)
+    kept = ""
+    try:
+        write_atomic(outcome.run_dir / ERROR_NAME, text)
+    except OSError as failure:
+        kept = f" (its traceback was not kept: {failure.strerror or failure})"
+    log.warning("%s, seed %d: failed: %s%s", outcome.method, outcome.seed, outcome.error, kept)
 
 
 def plan_comparison(

@@ -21,6 +21,15 @@ the parent would record it: the exception's first line and its traceback. Its ou
 ``train.log`` in its run directory rather than to the terminal, where several would interleave.
 A process whose parent dies (a killed comparison) stops itself, so that a rerun never finds a run
 still being trained by an orphan; on Ctrl-C the parent stops its processes before it exits.
+
+The processes are not daemonic: a daemonic process may not start processes of its own, and a
+training with ``data.num_workers >= 1`` starts its ``DataLoader`` workers. What ``daemon`` would
+give is done here instead: the parent stops (SIGTERM, then SIGKILL after ``STOP_SECONDS``) and
+joins every process it started when it stops early (Ctrl-C, an exception, a caller that closes the
+generator), and a process stops itself when its parent is gone (``_exit_with_parent``). A process
+stops on SIGTERM by raising ``SystemExit``, so that it ends like a finished one: its ``DataLoader``
+workers stopped, its semaphores (``tqdm``'s lock) unlinked, none left for the resource tracker
+to warn about.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +51,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 LOG_NAME = "train.log"
+#: How long a process has to stop after SIGTERM before it is killed.
+STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,7 @@ def run_jobs(tasks: Sequence[Task], slots: Sequence[Slot]) -> Iterator[JobResult
                     target=_child,
                     args=(function, args, slot, send, os.getpid(), Path(run_dir) / LOG_NAME),
                     name=f"hardmine-{run_dir}",
-                    daemon=True,
+                    daemon=False,  # its DataLoader workers are processes (module docstring)
                 )
                 process.start()
                 send.close()  # the child holds the only writing end: EOF when it dies
@@ -151,19 +163,45 @@ def run_jobs(tasks: Sequence[Task], slots: Sequence[Slot]) -> Iterator[JobResult
                     if receive.poll():
                         message = receive.recv()
                 receive.close()
+                status = process.exitcode
+                process.close()
                 free.append(slot)
                 if message is None:
-                    status = process.exitcode
-                    error = f"ChildProcessError: the training process died (exit status {status})"
+                    error = f"ChildProcessError: the training process died ({ended(status)})"
                     yield JobResult(key, error, f"{error}\nIts output is in {LOG_NAME}.\n")
                 else:
                     yield JobResult(key, *message)
     finally:
-        for process, _, _, _ in running.values():  # Ctrl-C, or the caller stopped early
+        _stop([(process, receive) for process, receive, _, _ in running.values()])
+
+
+def _stop(children: Sequence[tuple[Any, Connection]]) -> None:
+    """Stop and join ``children`` (Ctrl-C, or the caller stopped early): SIGTERM, and SIGKILL for
+    one still running after ``STOP_SECONDS``; then close their pipes and process handles."""
+    for process, _ in children:
+        with contextlib.suppress(OSError, ValueError):
             process.terminate()
-        for process, receive, _, _ in running.values():
-            process.join()
-            receive.close()
+    deadline = time.monotonic() + STOP_SECONDS
+    for process, receive in children:
+        with contextlib.suppress(OSError, ValueError):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            process.close()
+        receive.close()
+
+
+def ended(status: int | None) -> str:
+    """How a process with exit status ``status`` ended (``Process.exitcode``: ``-N`` for a
+    signal N), in words: ``exit status 3``, ``killed by signal 9 (SIGKILL)``."""
+    if status is not None and status < 0:
+        try:
+            name = f" ({signal.Signals(-status).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {-status}{name}"
+    return f"exit status {status}"
 
 
 def _child(
@@ -178,6 +216,9 @@ def _child(
     if slot.device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.device  # before CUDA starts in this process
     os.environ["OMP_NUM_THREADS"] = str(slot.threads)
+    # The parent's SIGTERM (and _exit_with_parent's) ends the training as an exception would:
+    # the DataLoader workers stop and the semaphores are unlinked on the way out.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1) as out:
@@ -195,15 +236,26 @@ def _child(
         except BaseException as error:  # reported like the parent records a failure in-process
             text = traceback.format_exc()
             out.write(text)
-            send.send((f"{type(error).__name__}: {error}".splitlines()[0], text))
+            message = (f"{type(error).__name__}: {error}".splitlines()[0], text)
         else:
-            send.send((None, None))
-        finally:
-            send.close()
+            message = (None, None)
+        with contextlib.suppress(OSError):  # a parent that stopped reading is gone or stopping
+            send.send(message)
+        send.close()
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a training process: end it by ``SystemExit`` (``128 + 15``, the shells'
+    status for SIGTERM), so that it is cleaned up like a process that returns."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise SystemExit(128 + signum)
 
 
 def _exit_with_parent(parent: int) -> None:
-    """End this process when its parent is gone (its parent id changes to the reaper's)."""
+    """End this process when its parent is gone (its parent id changes to the reaper's): by
+    SIGTERM (``_stop_on_sigterm``), and at once if that has not ended it in ``STOP_SECONDS``."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_SECONDS)
     os._exit(1)
