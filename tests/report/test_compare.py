@@ -162,7 +162,10 @@ def test_description_wording() -> None:
     # check found "CPU (2 threads)" for runs that trained on one thread each).
     base.device = "cpu"
     text = describe(base, [0], slots=[Slot(1), Slot(1)])
-    assert "Device: CPU (1 thread) per run, 2 runs at a time." in text
+    assert "Device: CPU (1 thread per run, 2 runs at a time)." in text
+    base.device = "auto"
+    text = describe(base, [0], slots=[Slot(1), Slot(1)])
+    assert "Device: CPU (1 thread per run, 2 runs at a time), chosen by device: auto." in text
     base.train.epochs = 3
     assert "3 epochs (384 steps)" in describe(base, [0], steps_per_epoch=128)
 

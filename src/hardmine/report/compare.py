@@ -625,7 +625,7 @@ def _devices(device: str, slots: Sequence[Slot] | None) -> str:
     if any(s.device is not None for s in slots):
         names = ", ".join(f"cuda:{s.device}" for s in slots)
         return f"{device_name(device)}; one run at a time on each of {names}"
-    return f"{device_name(device, threads=slots[0].threads)} per run, {len(slots)} runs at a time"
+    return device_name(device, threads=slots[0].threads, at_once=len(slots))
 
 
 def _plural(count: int, singular: str, plural: str | None = None) -> str:
@@ -633,9 +633,10 @@ def _plural(count: int, singular: str, plural: str | None = None) -> str:
     return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
-def device_name(device: str, *, threads: int | None = None) -> str:
+def device_name(device: str, *, threads: int | None = None, at_once: int = 1) -> str:
     """The device a setting resolves to, by name: ``CPU (2 threads)``, ``NVIDIA H200 (cuda:0)``,
-    with the setting when it was ``auto``; ``threads``: the CPU threads if not this process's."""
+    with the setting when it was ``auto``; ``threads``: the CPU threads of each run if not this
+    process's, ``at_once`` runs side by side (``CPU (1 thread per run, 2 runs at a time)``)."""
     import torch
 
     resolved = resolve_device(device)
@@ -644,6 +645,8 @@ def device_name(device: str, *, threads: int | None = None) -> str:
         name = f"{torch.cuda.get_device_name(index)} (cuda:{index})"
     elif resolved.type == "cpu":
         name = f"CPU ({_plural(threads or torch.get_num_threads(), 'thread')})"
+        if at_once > 1:
+            name = f"{name[:-1]} per run, {at_once} runs at a time)"
     else:
         name = str(resolved)
     return f"{name}, chosen by device: auto" if device == "auto" else name
