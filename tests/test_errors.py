@@ -10,11 +10,13 @@ cases also run through the real entry point (``test_entry_point``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -720,34 +722,41 @@ def _cli(*argv: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
     )
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(lock: Path) -> Iterator[None]:
+    """Another process holds ``flock`` on ``lock`` (as a running command does) until the block
+    ends; then it is killed, which frees the lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, time\n"
+         f"f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_one_comparison_per_folder_at_a_time(tmp_path: Path) -> None:
     """S16: two comparisons in one folder trained the same runs at once (each run's
     metrics.jsonl twice over); the second is refused, and a killed holder holds nothing."""
     import fcntl
-    import signal
 
     from hardmine._atomic import LOCK_NAME
 
     out = tmp_path / "cmp"
     out.mkdir()
     argv = ["compare", *TINY, "--methods", "random", "--seeds", "1", "--output", str(out)]
-    holder = subprocess.Popen(  # what a running comparison holds: flock on the lock file
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         f"f = open({str(out / LOCK_NAME)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-         "print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _lock_held_elsewhere(out / LOCK_NAME):  # what a running comparison holds
         for extra in ([], ["--plan"]):
             done = _cli(*argv, *extra, cwd=tmp_path)
             assert done.returncode == 2, done.stderr
             assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
             assert f"--output {out}: another hardmine compare is using {out}" in done.stderr
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing started
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     with open(out / LOCK_NAME) as f:  # the killed holder's lock went with it
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(f, fcntl.LOCK_UN)
@@ -764,14 +773,8 @@ def test_one_training_per_run_at_a_time(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     argv = ["train", *TINY, "--output_dir", str(run)]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, time\n"
-         f"os.makedirs({str(run)!r}); f = open({str(run / LOCK_NAME)!r}, 'a')\n"
-         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    run.mkdir()
+    with _lock_held_elsewhere(run / LOCK_NAME):
         done = _cli(*argv, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
@@ -781,9 +784,6 @@ def test_one_training_per_run_at_a_time(tmp_path: Path) -> None:
 
         with pytest.raises(RunError, match="another hardmine train or compare is using"):
             train_run(load_config(None, {"output_dir": str(run), "device": "cpu"}))
-    finally:
-        holder.kill()
-        holder.wait()
     # A train refused by its own checks leaves no folder behind (nor its lock file).
     with hold_folder(tmp_path / "other", "x", "y"):
         assert (tmp_path / "other" / LOCK_NAME).exists()
