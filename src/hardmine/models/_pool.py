@@ -9,8 +9,9 @@ feature map, only in another thread (tested bitwise).
 It spreads only outside autograd. With gradients, each share's backward would allocate and
 accumulate a gradient of the whole feature map (82 MB per share at P2 of two 800 px images), in
 the one thread the autograd engine gives it: more than the threads save on the few hundred RoIs
-of a training pass. There, and for a pooler that is not torchvision's ``MultiScaleRoIAlign``, it
-calls the pooler as it is. On CUDA or with one thread it pools level by level in the calling
+of a training pass. There, and for a pooler that is not torchvision's ``MultiScaleRoIAlign``
+(or hardmine's ``GatherMultiScaleRoIAlign``, whose values are the same), it calls the pooler as it
+is. On CUDA or with one thread it pools level by level in the calling
 thread, still in raster order.
 """
 
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from hardmine.models._roi_align import GatherMultiScaleRoIAlign
 
 # Below this many RoIs per thread, handing work to other threads costs more than it saves.
 _MIN_ROIS_PER_THREAD = 32
@@ -101,7 +104,7 @@ def pool_parts(
         A caller that reduces each RoI to a few numbers (OHEM's losses) spares itself the copy
         of every pooled feature into one tensor.
     """
-    if type(pool) is not MultiScaleRoIAlign or torch.is_grad_enabled():
+    if type(pool) not in (MultiScaleRoIAlign, GatherMultiScaleRoIAlign) or torch.is_grad_enabled():
         # Through the pooler's own interface (see the module docstring for autograd).
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(len(image_shapes))]
         order = torch.argsort(rois[:, 0], stable=True)  # pool's output is in image order

@@ -36,13 +36,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import Conv2dNormActivation
 
 from hardmine.assign.atss import ATSSAssigner
 from hardmine.models._checks import require_generator
 from hardmine.models._losses import TORCHVISION_BOX_BETA
 from hardmine.models._ranges import check_model_settings
+from hardmine.models._roi_align import GatherMultiScaleRoIAlign
 from hardmine.models._settings import check_settings, forwards_to
 from hardmine.models._transform import with_box_keys
 from hardmine.models.fcos import ATSS_ANCHOR_SCALE, AssignedFCOS
@@ -104,7 +105,7 @@ def _tiny_rcnn_kwargs(num_classes: int) -> dict[str, Any]:
         "rpn_post_nms_top_n_train": 500,
         "rpn_pre_nms_top_n_test": 500,
         "rpn_post_nms_top_n_test": 300,
-        "box_roi_pool": MultiScaleRoIAlign(levels, 7, 1),
+        "box_roi_pool": GatherMultiScaleRoIAlign(levels, 7, 1),
         "box_head": TwoMLPHead(64 * 7 * 7, 256),
         "box_predictor": FastRCNNPredictor(256, num_classes),
         "box_batch_size_per_image": 128,
@@ -124,7 +125,7 @@ def mask_rcnn_tiny(num_classes: int, *, weights: Any = None, **kwargs: Any) -> M
     _no_weights("mask_rcnn_tiny", weights)
     levels = [str(i) for i in range(len(_TINY_STRIDES))]
     mask = {
-        "mask_roi_pool": MultiScaleRoIAlign(levels, 14, 2),
+        "mask_roi_pool": GatherMultiScaleRoIAlign(levels, 14, 2),
         "mask_head": MaskRCNNHeads(64, [64, 64], 1),
         "mask_predictor": MaskRCNNPredictor(64, 64, num_classes),
     }
