@@ -372,7 +372,7 @@ def compare_parser(subparsers: Subparsers) -> None:
         type=_int_at_least(1),
         metavar="E",
         help="epochs per run, train.epochs (default: the base configuration's; the built-in "
-        "one's is 3); the RetinaNet rows train twice E",
+        "one's is 4); the RetinaNet rows train twice E",
     )
     _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
