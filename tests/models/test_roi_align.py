@@ -132,3 +132,32 @@ def test_tiny_rcnn_models_pool_by_gathering():
     mask = mask_rcnn_tiny(num_classes=3)
     assert isinstance(rcnn.roi_heads.box_roi_pool, GatherMultiScaleRoIAlign)
     assert isinstance(mask.roi_heads.mask_roi_pool, GatherMultiScaleRoIAlign)
+
+
+def test_tiny_rcnn_gradients_equal_with_torchvisions_pooler():
+    """One training step of the whole model: the same losses, the same gradients to rounding."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 128, 128, generator=g) for _ in range(2)]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 30.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.tensor([[0.0, 0.0, 127.0, 127.0]]), "labels": torch.tensor([3])},
+    ]
+    grads = []
+    for pooler in (GatherMultiScaleRoIAlign, MultiScaleRoIAlign):
+        torch.manual_seed(0)
+        model = faster_rcnn_tiny(num_classes=4)
+        model.roi_heads.box_roi_pool.__class__ = pooler
+        torch.manual_seed(1)  # the same RPN / RoI sampling draws
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        grads.append((losses, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (losses_a, grads_a), (losses_b, grads_b) = grads
+    assert losses_a.keys() == losses_b.keys()
+    for key in losses_a:
+        assert torch.equal(losses_a[key], losses_b[key])  # forward values to the bit
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
