@@ -10,6 +10,7 @@ of ``assign_atss`` says so.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -313,10 +314,11 @@ def assign_atss(
         for blk, chunk in blocks
     )
     work = _workspace(batch.candidates, size)
+    grids = _find_grids(batch.candidates, num_per_level)
     return [
         a
         for block, chunk in blocks
-        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk, work)
+        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk, work, grids)
     ]
 
 
@@ -341,25 +343,172 @@ def _workspace(like: Tensor, size: int) -> Tensor:
     return work[:, :size]
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """A pyramid level whose anchors lie on a grid, as anchor generators tile them (torchvision's
+    ``AnchorGenerator``, MMDetection's): anchor ``(h * width + w) * per_location + a`` of the
+    level, its x coordinates a function of ``(w, a)`` alone and its y coordinates of ``(h, a)``.
+
+    Then a ``[C, H, W, A]`` matrix of distances or intersections is one broadcast of a ``[C, W, A]``
+    and a ``[C, H, A]`` part: one pass over the level's elements instead of several.
+    """
+
+    start: int
+    height: int
+    width: int
+    per_location: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.height * self.width * self.per_location
+
+    def parts(self, plane: Tensor) -> tuple[Tensor, Tensor]:
+        """``plane: [b, N]`` (one coordinate of every anchor) -> its values on this level as the
+        ``[b, W, A]`` x part (the first row) and the ``[b, H, A]`` y part (the first column)."""
+        level = plane[:, self.start : self.stop].unflatten(
+            1, (self.height, self.width, self.per_location)
+        )  # [b, H, W, A]
+        return level[:, 0], level[:, :, 0]
+
+    def view(self, matrix: Tensor) -> Tensor:
+        """``matrix: [b, C, N]`` -> this level's ``[b, C, H, W, A]`` view of it."""
+        return matrix[..., self.start : self.stop].unflatten(
+            -1, (self.height, self.width, self.per_location)
+        )
+
+
+def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | None]:
+    """Each level's grid (see ``_Grid``), ``None`` where its anchors do not lie on one.
+
+    ``anchors: [B, N, 4]`` (a broadcast view where images share them). The grid's shape is guessed
+    from the first image (a location's anchors share their centre; a row's share its y) and then
+    verified bit for bit on every image's anchors, so hand-made, shuffled or per-image different
+    anchors take the generic path. CPU only: the guess reads sizes on the host, a synchronisation
+    that CUDA code must not add (there every level is ``None``).
+    """
+    if anchors.device.type != "cpu" or anchors.shape[1] == 0:
+        return [None] * len(num_per_level)
+    anc = anchors[:1] if anchors.stride(0) == 0 else anchors
+    # Coordinates compared as integers: bit for bit (0.0 and -0.0 differ).
+    bits = anc.view(torch.int32 if anc.element_size() == 4 else torch.int64)
+    twice_center = anc[0, :, :2] + anc[0, :, 2:]  # [N, 2]
+    grids: dict[int, _Grid] = {}
+    start = 0
+    for n in num_per_level:
+        start += n
+        if n == 0:
+            continue
+        level = twice_center[start - n : start]  # [n, 2]
+        # A location's anchors: those up to the first other centre (searched in a short prefix
+        # first, as locations hold a few anchors), a row's: up to the first other y.
+        per_location = _first_change(level[:64]) or _first_change(level) or n
+        row = _first_change(level[::per_location, 1:]) * per_location or n
+        if row % per_location or n % row:
+            continue
+        grid = _Grid(start - n, n // row, row // per_location, per_location)
+        coords = bits[:, start - n : start]  # [b, n, 4]
+        x = coords[..., 0::2].unflatten(1, (grid.height, row))  # [b, H, W * A, 2]
+        y = coords[..., 1::2].unflatten(1, (grid.height, grid.width, per_location))
+        if torch.equal(x, x[:, :1].expand_as(x)) and torch.equal(y, y[:, :, :1].expand_as(y)):
+            grids[start - n] = grid
+    starts = [0, *itertools.accumulate(num_per_level)][:-1]
+    return [grids.get(s) if n > 0 else None for s, n in zip(starts, num_per_level, strict=True)]
+
+
+def _first_change(values: Tensor) -> int:
+    """The first row of ``values: [n, d]`` that differs from row 0, or 0 where none does."""
+    return int((values != values[0]).any(dim=1).to(torch.uint8).argmax())
+
+
+def _segments(num_anchors: int, grids: Sequence[_Grid | None]) -> list[_Grid | tuple[int, int]]:
+    """The anchors ``[0, num_anchors)`` cut into grid levels and ``(start, stop)`` runs of the
+    others (one run for all when no level is a grid)."""
+    out: list[_Grid | tuple[int, int]] = []
+    start = 0
+    for grid in grids:
+        if grid is None:
+            continue
+        if start < grid.start:
+            out.append((start, grid.start))
+        out.append(grid)
+        start = grid.stop
+    if start < num_anchors or not out:
+        out.append((start, num_anchors))
+    return out
+
+
+def _distance_into(
+    segments: Sequence[_Grid | tuple[int, int]],
+    near: Tensor,
+    centers: Tensor,
+    ignored: Tensor | None,
+    gt_centers: Tensor,
+    out: Tensor,
+    tmp: Tensor,
+) -> Tensor:
+    """Squared distances between anchor and ground-truth centres, written into ``out``.
+
+    ``near, centers: [b, 2, N]`` (anchor centres; ``near`` infinite at ignored anchors),
+    ``ignored: bool [b, N]`` or ``None``, ``gt_centers: [b, C, 2]``, ``out, tmp: [b, C, N]``.
+    Squared distances order anchors as the distances do, without a square root; every element
+    is ``(x - gx)^2 + (y - gy)^2`` in that order (so any tie is the reference's), on a grid level
+    from its two parts, elsewhere one plane per coordinate, in place (no ``[b, C, N, 2]``
+    intermediates). An ignored anchor's distance is infinite either way.
+    """
+    gx, gy = gt_centers[..., 0, None], gt_centers[..., 1, None]  # [b, C, 1]
+    for seg in segments:
+        if isinstance(seg, _Grid):
+            (cx, _), (_, cy) = seg.parts(centers[:, 0]), seg.parts(centers[:, 1])
+            dx = (cx[:, None] - gx[..., None]).square_()  # [b, C, W, A]
+            dy = (cy[:, None] - gy[..., None]).square_()  # [b, C, H, A]
+            level = torch.add(dx[:, :, None], dy[:, :, :, None], out=seg.view(out))
+            if ignored is not None:
+                level.masked_fill_(seg.view(ignored[:, None]), _INF)
+        else:
+            lo, hi = seg
+            d = torch.sub(near[:, None, 0, lo:hi], gx, out=out[..., lo:hi]).square_()
+            d += torch.sub(near[:, None, 1, lo:hi], gy, out=tmp[..., lo:hi]).square_()
+    return out
+
+
 def _iou_into(
-    gts: Tensor, corners: Tensor, area: Tensor, out: Tensor, tmp: tuple[Tensor, Tensor]
+    segments: Sequence[_Grid | tuple[int, int]],
+    gts: Tensor,
+    corners: Tensor,
+    area: Tensor,
+    out: Tensor,
+    tmp: tuple[Tensor, Tensor],
 ) -> Tensor:
     """``iou_matrix(gts, anchors)`` written into ``out``, the two ``tmp`` as scratch (all
-    ``[B, C, N]``): the same operations in the same order, so the same bits.
+    ``[B, C, N]``): the same operations in the same order, so the same bits. On a grid level
+    (``segments``, see ``_distance_into``) the intersection is one broadcast product of its
+    clamped width (``[B, C, W, A]``) and height (``[B, C, H, A]``).
 
     ``gts: [B, C, 4]``, ``corners: [B, 4, N]`` (the anchors, a plane per coordinate),
     ``area: [B, N]`` (``box_area`` of the anchors) -> ``out``.
     """
     x1, y1, x2, y2 = (gts[..., i, None] for i in range(4))  # [B, C, 1]
-    u1, v1, u2, v2 = (corners[:, None, i] for i in range(4))  # [B, 1, N]
-    w = torch.minimum(x2, u2, out=out)
-    w -= torch.maximum(x1, u1, out=tmp[0])
-    h = torch.minimum(y2, v2, out=tmp[0])
-    h -= torch.maximum(y1, v1, out=tmp[1])
-    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+    for seg in segments:
+        if isinstance(seg, _Grid):
+            (u1, _), (_, v1), (u2, _), (_, v2) = (seg.parts(corners[:, i]) for i in range(4))
+            w = torch.minimum(x2[..., None], u2[:, None])  # [B, C, W, A]
+            w -= torch.maximum(x1[..., None], u1[:, None])
+            h = torch.minimum(y2[..., None], v2[:, None])  # [B, C, H, A]
+            h -= torch.maximum(y1[..., None], v1[:, None])
+            torch.mul(
+                w.clamp_(min=0)[:, :, None], h.clamp_(min=0)[:, :, :, None], out=seg.view(out)
+            )
+            continue
+        lo, hi = seg
+        u1, v1, u2, v2 = (corners[:, None, i, lo:hi] for i in range(4))  # [B, 1, n]
+        w = torch.minimum(x2, u2, out=out[..., lo:hi])
+        w -= torch.maximum(x1, u1, out=tmp[0][..., lo:hi])
+        h = torch.minimum(y2, v2, out=tmp[0][..., lo:hi])
+        h -= torch.maximum(y1, v1, out=tmp[1][..., lo:hi])
+        w.clamp_(min=0).mul_(h.clamp_(min=0))
     union = torch.add(box_area(gts)[..., None], area[:, None], out=tmp[0])
-    union -= inter
-    return inter.div_(union.clamp_(min=_EPS))
+    union -= out
+    return out.div_(union.clamp_(min=_EPS))
 
 
 def _assign_block(
@@ -369,9 +518,10 @@ def _assign_block(
     center_margin: float,
     chunk_size: int,
     work: Tensor,
+    grids: Sequence[_Grid | None],
 ) -> list[Assignment]:
     """``assign_atss`` on one block of images (see ``Batch.blocks``); ``work: [3, M]`` scratch
-    for its ``[B, C, N]`` matrices."""
+    for its ``[B, C, N]`` matrices; ``grids``: each level's grid (``_find_grids``) or ``None``."""
     anc, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     num_images, num_anchors = anc.shape[:2]
     if num_anchors == 0:  # nothing to rank, and the reductions below need something
@@ -387,6 +537,7 @@ def _assign_block(
     corners = corners.expand(num_images, 4, num_anchors)
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
+    segments = _segments(num_anchors, grids)
 
     best_iou = best_gt = None
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
@@ -394,18 +545,15 @@ def _assign_block(
         chunk = gts[:, start : start + chunk_size]  # [B, C, 4]
         shape = (num_images, chunk.shape[1], num_anchors)
         mat, tmp, tmp2 = (w[: shape[0] * shape[1] * shape[2]].view(shape) for w in work)
-        # Squared distances order anchors as the distances do, without a square root. One plane
-        # per coordinate, in place, avoids [B, C, N, 2] intermediates; the arithmetic (and so any
-        # tie) is the reference's.
-        gt_centers = box_centers(chunk)  # [B, C, 2]
-        distance = torch.sub(near[:, None, 0], gt_centers[..., 0, None], out=mat).square_()
-        distance += torch.sub(near[:, None, 1], gt_centers[..., 1, None], out=tmp).square_()
+        distance = _distance_into(
+            segments, near, centers, batch.ignored, box_centers(chunk), mat, tmp
+        )
         # Ties (anchors sharing a location always tie) go to the lower anchor index.
         candidate = _nearest(distance, num_per_level, level_k)  # [B, C, K]
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
-        iou = _iou_into(chunk, corners, area, mat, (tmp, tmp2))  # [B, C, N]
+        iou = _iou_into(segments, chunk, corners, area, mat, (tmp, tmp2))  # [B, C, N]
         # The threshold and the centre test need only the K candidates of each ground truth.
         cand_iou = iou.gather(2, candidate)  # [B, C, K]
         value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
