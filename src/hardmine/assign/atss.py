@@ -10,12 +10,13 @@ of ``assign_atss`` says so.
 
 from __future__ import annotations
 
-import itertools
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +31,12 @@ _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
-def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[int]) -> Tensor:
+def _nearest(
+    distance: Tensor,
+    num_per_level: Sequence[int],
+    level_k: Sequence[int],
+    found: dict[int, Tensor] | None = None,
+) -> Tensor:
     """Per level, the anchors of the ``k`` smallest distances of each row, ties to the lower index.
 
     ``distance: [B, G, N]`` (non-negative, no ``-0.0``) -> ``int64 [B, G, sum(level_k)]`` anchor
@@ -46,11 +52,17 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
     On the CPU, levels of at least ``256 * k`` anchors first narrow the search (see
     ``_nearest_blocked``): there ``topk`` copies every element of its rows and costs several times
     the distances themselves (below, the narrowing's fixed costs outweigh what it saves).
+    ``found`` maps the first anchor of a level to its answer, found on its grid (see
+    ``_nearest_on_grid``; the level's distances are then not read).
     """
     parts, start = [], 0
     for n, k in zip(num_per_level, level_k, strict=True):
+        if found is not None and start in found:
+            parts.append(found[start])
+            start += n
+            continue
         d = distance[..., start : start + n]  # [B, G, n]
-        if d.device.type == "cpu" and d.element_size() == 4 and n >= 256 * k:
+        if _blocked(d, n, k):
             parts.append(_nearest_blocked(d, k) + start)
             start += n
             continue
@@ -64,6 +76,47 @@ def _nearest(distance: Tensor, num_per_level: Sequence[int], level_k: Sequence[i
         parts.append(key.topk(k, dim=-1, largest=False, sorted=False).indices + start)
         start += n
     return torch.cat(parts, dim=-1)
+
+
+def _blocked(distance: Tensor, n: int, k: int) -> bool:
+    """Whether ``_nearest`` narrows its search on a level of ``n`` anchors by blocks."""
+    return distance.device.type == "cpu" and distance.element_size() == 4 and n >= 256 * k
+
+
+def _nearest_on_grid(dx: Tensor, dy: Tensor, grid: _Grid, k: int) -> Tensor:
+    """``_nearest_blocked`` on a grid level (see ``_Grid``) whose squared distances are
+    ``dx + dy``, without them: ``dx: [b, C, W, A]``, ``dy: [b, C, H, A]`` (``float32``) ->
+    ``int64 [b, C, k]`` anchor indices, sorted by ``(distance, index)``.
+
+    The blocks are ``m`` consecutive locations of a row (fewer at its end): consecutive anchor
+    indices, as ``_nearest_blocked`` needs. As rounding is monotonic, a block's smallest distance
+    is ``min over a of (dy[h, a] + min over its w of dx[w, a])``, to the bit: about ``H * W / m``
+    operations per ground truth where the blocks' minimum reads every distance. Only the ``k``
+    blocks of smallest ``(minimum, block)`` can hold the ``k`` nearest (the argument there), and
+    only their distances are formed. ``m`` balances the blocks' count against their anchors.
+    """
+    num_images, num_gts, width, per_location = *dx.shape[:3], grid.per_location
+    m = max(1, min(width, round(math.sqrt(grid.height * width / k / per_location))))
+    num_blocks = -(-width // m)
+    if num_blocks * m > width:  # +inf past the row's end: never a block's minimum
+        pad = dx.new_full((num_images, num_gts, num_blocks * m - width, per_location), _INF)
+        dx = torch.cat([dx, pad], dim=2)  # [b, C, nb * m, A]
+    col_low = dx.unflatten(2, (num_blocks, m)).amin(dim=3)  # [b, C, nb, A]
+    low = torch.add(dy[:, :, :, None], col_low[:, :, None]).amin(dim=-1)  # [b, C, H, nb]
+    block_key = low.flatten(2).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    block_key.bitwise_or_(torch.arange(block_key.shape[-1]))
+    r = min(k, block_key.shape[-1])
+    block = block_key.topk(r, dim=-1, largest=False, sorted=False).indices  # [b, C, r]
+    row, col = block // num_blocks, (block % num_blocks)[..., None] * m + torch.arange(m)
+    dy_row = dy.gather(2, row[..., None].expand(-1, -1, -1, per_location))  # [b, C, r, A]
+    dx_col = dx.gather(2, col.flatten(2)[..., None].expand(-1, -1, -1, per_location))
+    dist = torch.add(dx_col.unflatten(2, (r, m)), dy_row[:, :, :, None])  # [b, C, r, m, A]
+    index = (row[..., None] * width + col)[..., None] * per_location + torch.arange(per_location)
+    # Past the row's end: an index above every anchor's (the distance is +inf), never chosen.
+    index.masked_fill_((col >= width)[..., None], 2**31 - 1)  # [b, C, r, m, A]
+    key = dist.flatten(2).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    order = key.bitwise_or_(index.flatten(2)).topk(k, dim=-1, largest=False, sorted=True).indices
+    return index.flatten(2).gather(-1, order).add_(grid.start)
 
 
 def _nearest_blocked(d: Tensor, k: int) -> Tensor:
@@ -389,35 +442,39 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
     if anchors.device.type != "cpu" or anchors.shape[1] == 0:
         return [None] * len(num_per_level)
     anc = anchors[:1] if anchors.stride(0) == 0 else anchors
-    # Coordinates compared as integers: bit for bit (0.0 and -0.0 differ).
-    bits = anc.view(torch.int32 if anc.element_size() == 4 else torch.int64)
-    twice_center = anc[0, :, :2] + anc[0, :, 2:]  # [N, 2]
-    grids: dict[int, _Grid] = {}
+    # On the host, as NumPy arrays (views, no copy): dozens of operations on a few thousand
+    # numbers each, where torch's per-operation overhead would cost more than the work. The
+    # coordinates are compared as integers: bit for bit (0.0 and -0.0 differ).
+    bits = anc.detach().numpy().view(np.int32 if anc.element_size() == 4 else np.int64)
+    first = anc[0].detach().numpy()  # [N, 4]
+    grids: list[_Grid | None] = []
     start = 0
     for n in num_per_level:
+        grids.append(None)
         start += n
         if n == 0:
             continue
-        level = twice_center[start - n : start]  # [n, 2]
-        # A location's anchors: those up to the first other centre (searched in a short prefix
-        # first, as locations hold a few anchors), a row's: up to the first other y.
+        level = first[start - n : start]  # [n, 4]
+        # A location's anchors: those up to the first other centre (looked for in a short prefix
+        # first, as locations hold a few anchors); a row's: up to the first other y1.
         per_location = _first_change(level[:64]) or _first_change(level) or n
-        row = _first_change(level[::per_location, 1:]) * per_location or n
+        y1 = level[::per_location, 1]
+        row = int((y1 != y1[0]).argmax()) * per_location or n
         if row % per_location or n % row:
             continue
         grid = _Grid(start - n, n // row, row // per_location, per_location)
         coords = bits[:, start - n : start]  # [b, n, 4]
-        x = coords[..., 0::2].unflatten(1, (grid.height, row))  # [b, H, W * A, 2]
-        y = coords[..., 1::2].unflatten(1, (grid.height, grid.width, per_location))
-        if torch.equal(x, x[:, :1].expand_as(x)) and torch.equal(y, y[:, :, :1].expand_as(y)):
-            grids[start - n] = grid
-    starts = [0, *itertools.accumulate(num_per_level)][:-1]
-    return [grids.get(s) if n > 0 else None for s, n in zip(starts, num_per_level, strict=True)]
+        x = [coords[..., i].reshape(-1, grid.height, row) for i in (0, 2)]  # [b, H, W * A]
+        y = [coords[..., i].reshape(-1, grid.height, grid.width, per_location) for i in (1, 3)]
+        if all((v == v[:, :1]).all() for v in x) and all((v == v[:, :, :1]).all() for v in y):
+            grids[-1] = grid
+    return grids
 
 
-def _first_change(values: Tensor) -> int:
-    """The first row of ``values: [n, d]`` that differs from row 0, or 0 where none does."""
-    return int((values != values[0]).any(dim=1).to(torch.uint8).argmax())
+def _first_change(boxes: np.ndarray) -> int:
+    """The first of ``boxes: [n, 4]`` whose centre differs from the first's, or 0 if none."""
+    twice_center = boxes[:, :2] + boxes[:, 2:]
+    return int((twice_center != twice_center[0]).any(axis=1).argmax())
 
 
 def _segments(num_anchors: int, grids: Sequence[_Grid | None]) -> list[_Grid | tuple[int, int]]:
@@ -445,7 +502,8 @@ def _distance_into(
     gt_centers: Tensor,
     out: Tensor,
     tmp: Tensor,
-) -> Tensor:
+    search: dict[int, int],
+) -> dict[int, Tensor]:
     """Squared distances between anchor and ground-truth centres, written into ``out``.
 
     ``near, centers: [b, 2, N]`` (anchor centres; ``near`` infinite at ignored anchors),
@@ -454,21 +512,28 @@ def _distance_into(
     is ``(x - gx)^2 + (y - gy)^2`` in that order (so any tie is the reference's), on a grid level
     from its two parts, elsewhere one plane per coordinate, in place (no ``[b, C, N, 2]``
     intermediates). An ignored anchor's distance is infinite either way.
+
+    Grid levels in ``search`` (first anchor -> ``k``) are not written: their ``k`` nearest
+    anchors are found from the parts (``_nearest_on_grid``) and returned, by first anchor.
     """
+    found = {}
     gx, gy = gt_centers[..., 0, None], gt_centers[..., 1, None]  # [b, C, 1]
     for seg in segments:
-        if isinstance(seg, _Grid):
+        if isinstance(seg, _Grid) and (seg.start in search or seg.per_location == 1):
             (cx, _), (_, cy) = seg.parts(centers[:, 0]), seg.parts(centers[:, 1])
             dx = (cx[:, None] - gx[..., None]).square_()  # [b, C, W, A]
             dy = (cy[:, None] - gy[..., None]).square_()  # [b, C, H, A]
+            if seg.start in search:
+                found[seg.start] = _nearest_on_grid(dx, dy, seg, search[seg.start])
+                continue
             level = torch.add(dx[:, :, None], dy[:, :, :, None], out=seg.view(out))
             if ignored is not None:
                 level.masked_fill_(seg.view(ignored[:, None]), _INF)
         else:
-            lo, hi = seg
+            lo, hi = (seg.start, seg.stop) if isinstance(seg, _Grid) else seg
             d = torch.sub(near[:, None, 0, lo:hi], gx, out=out[..., lo:hi]).square_()
             d += torch.sub(near[:, None, 1, lo:hi], gy, out=tmp[..., lo:hi]).square_()
-    return out
+    return found
 
 
 def _iou_into(
@@ -489,7 +554,7 @@ def _iou_into(
     """
     x1, y1, x2, y2 = (gts[..., i, None] for i in range(4))  # [B, C, 1]
     for seg in segments:
-        if isinstance(seg, _Grid):
+        if isinstance(seg, _Grid) and seg.per_location == 1:
             (u1, _), (_, v1), (u2, _), (_, v2) = (seg.parts(corners[:, i]) for i in range(4))
             w = torch.minimum(x2[..., None], u2[:, None])  # [B, C, W, A]
             w -= torch.maximum(x1[..., None], u1[:, None])
@@ -499,7 +564,7 @@ def _iou_into(
                 w.clamp_(min=0)[:, :, None], h.clamp_(min=0)[:, :, :, None], out=seg.view(out)
             )
             continue
-        lo, hi = seg
+        lo, hi = (seg.start, seg.stop) if isinstance(seg, _Grid) else seg
         u1, v1, u2, v2 = (corners[:, None, i, lo:hi] for i in range(4))  # [B, 1, n]
         w = torch.minimum(x2, u2, out=out[..., lo:hi])
         w -= torch.maximum(x1, u1, out=tmp[0][..., lo:hi])
@@ -538,6 +603,14 @@ def _assign_block(
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
     segments = _segments(num_anchors, grids)
+    # Grid levels whose nearest anchors need no distance matrix: where ``_nearest`` would narrow
+    # its search by blocks, found on the grid's rows instead (ignored anchors break the grid's
+    # separable distances: not there).
+    search = {
+        g.start: k
+        for g, n, k in zip(grids, num_per_level, level_k, strict=True)
+        if g is not None and batch.ignored is None and _blocked(centers, n, k)
+    }
 
     best_iou = best_gt = None
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
@@ -545,11 +618,10 @@ def _assign_block(
         chunk = gts[:, start : start + chunk_size]  # [B, C, 4]
         shape = (num_images, chunk.shape[1], num_anchors)
         mat, tmp, tmp2 = (w[: shape[0] * shape[1] * shape[2]].view(shape) for w in work)
-        distance = _distance_into(
-            segments, near, centers, batch.ignored, box_centers(chunk), mat, tmp
-        )
+        gt_centers = box_centers(chunk)  # [B, C, 2]
+        found = _distance_into(segments, near, centers, batch.ignored, gt_centers, mat, tmp, search)
         # Ties (anchors sharing a location always tie) go to the lower anchor index.
-        candidate = _nearest(distance, num_per_level, level_k)  # [B, C, K]
+        candidate = _nearest(mat, num_per_level, level_k, found)  # [B, C, K]
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
