@@ -359,19 +359,34 @@ def assign_atss(
         )
     k = topk * anchors_per_location if topk_per == "location" else topk
     level_k = [min(k, n) for n in num_per_level]
+    grids = _find_grids(batch.candidates, num_per_level)
+    # Grid levels whose nearest anchors need no distance matrix: where ``_nearest`` would narrow
+    # its search by blocks, found on the grid's rows instead (ignored anchors break the grid's
+    # separable distances: not there).
+    search = {
+        g.start: k
+        for g, n, k in zip(grids, num_per_level, level_k, strict=True)
+        if g is not None and batch.ignored is None and _blocked(batch.candidates, n, k)
+    }
     # Twice the default block: the [b, C, N] matrices live in one reused workspace (below), whose
-    # pages stay mapped; halving the blocks' count halves their fixed costs.
-    blocks = batch.blocks(chunk_size, 2 * _batch.CPU_BLOCK_ELEMENTS)
+    # pages stay mapped; halving the blocks' count halves their fixed costs. Four times where the
+    # large levels' distances are searched on their grid: then fewer passes over a block's
+    # matrices weigh less against its fixed costs (hundreds of small operations); measured on
+    # 16 images of 22k anchors, 0.24 ms per image less (twice the default block or four times
+    # alike without the grid search).
+    factor = 4 if search else 2
+    blocks = batch.blocks(chunk_size, factor * _batch.CPU_BLOCK_ELEMENTS)
     size = max(
         blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
         for blk, chunk in blocks
     )
     work = _workspace(batch.candidates, size)
-    grids = _find_grids(batch.candidates, num_per_level)
     return [
         a
         for block, chunk in blocks
-        for a in _assign_block(block, num_per_level, level_k, center_margin, chunk, work, grids)
+        for a in _assign_block(
+            block, num_per_level, level_k, center_margin, chunk, work, grids, search
+        )
     ]
 
 
@@ -584,9 +599,12 @@ def _assign_block(
     chunk_size: int,
     work: Tensor,
     grids: Sequence[_Grid | None],
+    search: dict[int, int],
 ) -> list[Assignment]:
     """``assign_atss`` on one block of images (see ``Batch.blocks``); ``work: [3, M]`` scratch
-    for its ``[B, C, N]`` matrices; ``grids``: each level's grid (``_find_grids``) or ``None``."""
+    for its ``[B, C, N]`` matrices; ``grids``: each level's grid (``_find_grids``) or ``None``;
+    ``search``: the grid levels whose nearest anchors are found on the grid (first anchor ->
+    ``k``)."""
     anc, gts = batch.candidates, batch.gt_boxes  # [B, N, 4], [B, G, 4]
     num_images, num_anchors = anc.shape[:2]
     if num_anchors == 0:  # nothing to rank, and the reductions below need something
@@ -603,14 +621,6 @@ def _assign_block(
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
     segments = _segments(num_anchors, grids)
-    # Grid levels whose nearest anchors need no distance matrix: where ``_nearest`` would narrow
-    # its search by blocks, found on the grid's rows instead (ignored anchors break the grid's
-    # separable distances: not there).
-    search = {
-        g.start: k
-        for g, n, k in zip(grids, num_per_level, level_k, strict=True)
-        if g is not None and batch.ignored is None and _blocked(centers, n, k)
-    }
 
     best_iou = best_gt = None
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
