@@ -479,9 +479,9 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
             continue
         grid = _Grid(start - n, n // row, row // per_location, per_location)
         coords = bits[:, start - n : start]  # [b, n, 4]
-        x = [coords[..., i].reshape(-1, grid.height, row) for i in (0, 2)]  # [b, H, W * A]
-        y = [coords[..., i].reshape(-1, grid.height, grid.width, per_location) for i in (1, 3)]
-        if all((v == v[:, :1]).all() for v in x) and all((v == v[:, :, :1]).all() for v in y):
+        x = coords[..., 0::2].reshape(-1, grid.height, row, 2)  # [b, H, W * A, 2]
+        y = coords[..., 1::2].reshape(-1, grid.height, grid.width, per_location, 2)
+        if (x == x[:, :1]).all() and (y == y[:, :, :1]).all():
             grids[-1] = grid
     return grids
 
@@ -492,13 +492,25 @@ def _first_change(boxes: np.ndarray) -> int:
     return int((twice_center != twice_center[0]).any(axis=1).argmax())
 
 
-def _segments(num_anchors: int, grids: Sequence[_Grid | None]) -> list[_Grid | tuple[int, int]]:
-    """The anchors ``[0, num_anchors)`` cut into grid levels and ``(start, stop)`` runs of the
-    others (one run for all when no level is a grid)."""
+#: Anchors from which a grid level with one anchor per location takes the broadcast distances and
+#: intersections (see ``_Grid``). On smaller levels the broadcasts' dozen more small operations
+#: cost more than the passes they save; they join the generic run of their neighbours.
+_GRID_MIN_ANCHORS = 4096
+
+
+def _segments(
+    num_anchors: int, grids: Sequence[_Grid | None], search: dict[int, int]
+) -> list[_Grid | tuple[int, int]]:
+    """The anchors ``[0, num_anchors)`` cut into the grid levels computed from their parts (those
+    in ``search``, and those of one anchor per location and at least ``_GRID_MIN_ANCHORS``) and
+    ``(start, stop)`` runs of the others (one run for all when there are none)."""
     out: list[_Grid | tuple[int, int]] = []
     start = 0
     for grid in grids:
         if grid is None:
+            continue
+        size = grid.stop - grid.start
+        if grid.start not in search and (grid.per_location > 1 or size < _GRID_MIN_ANCHORS):
             continue
         if start < grid.start:
             out.append((start, grid.start))
@@ -620,7 +632,7 @@ def _assign_block(
     corners = corners.expand(num_images, 4, num_anchors)
     # Ignored anchors are chosen last: at infinite distance, ranked by index among themselves.
     near = centers if batch.ignored is None else centers.masked_fill(batch.ignored[:, None], _INF)
-    segments = _segments(num_anchors, grids)
+    segments = _segments(num_anchors, grids, search)
 
     best_iou = best_gt = None
     parts: list[tuple[Tensor, Tensor, Tensor]] = []  # per chunk: candidates, their IoUs, positive
