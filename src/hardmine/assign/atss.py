@@ -457,11 +457,13 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
     if anchors.device.type != "cpu" or anchors.shape[1] == 0:
         return [None] * len(num_per_level)
     anc = anchors[:1] if anchors.stride(0) == 0 else anchors
-    # On the host, as NumPy arrays (views, no copy): dozens of operations on a few thousand
-    # numbers each, where torch's per-operation overhead would cost more than the work. The
-    # coordinates are compared as integers: bit for bit (0.0 and -0.0 differ).
-    bits = anc.detach().numpy().view(np.int32 if anc.element_size() == 4 else np.int64)
+    # On the host, as NumPy arrays: dozens of operations on a few thousand numbers each, where
+    # torch's per-operation overhead would cost more than the work. The coordinates are compared
+    # as integers (bit for bit: 0.0 and -0.0 differ), on planes: neighbours compared along a
+    # contiguous axis run several times faster than broadcasts over the [N, 4] rows.
     first = anc[0].detach().numpy()  # [N, 4]
+    bits = anc.detach().numpy().view(np.int32 if anc.element_size() == 4 else np.int64)
+    planes = np.ascontiguousarray(bits.transpose(0, 2, 1))  # [b, 4, N]
     grids: list[_Grid | None] = []
     start = 0
     for n in num_per_level:
@@ -478,10 +480,12 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
         if row % per_location or n % row:
             continue
         grid = _Grid(start - n, n // row, row // per_location, per_location)
-        coords = bits[:, start - n : start]  # [b, n, 4]
-        x = coords[..., 0::2].reshape(-1, grid.height, row, 2)  # [b, H, W * A, 2]
-        y = coords[..., 1::2].reshape(-1, grid.height, grid.width, per_location, 2)
-        if (x == x[:, :1]).all() and (y == y[:, :, :1]).all():
+        # x1 and x2 equal in every row (the row above's), y1 and y2 at every location of a row
+        # (the previous location's).
+        x, y = (planes[:, i::2, start - n : start].reshape(-1, 2, grid.height, row) for i in (0, 1))
+        if (x[:, :, 1:] == x[:, :, :-1]).all() and (
+            y[..., per_location:] == y[..., :-per_location]
+        ).all():
             grids[-1] = grid
     return grids
 
