@@ -453,11 +453,15 @@ GRID_CASES = {
 
 @pytest.mark.parametrize("case", list(GRID_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grid_min", [atss._GRID_MIN_ANCHORS, 0])
 def test_grid_path_equals_generic_path(
-    monkeypatch: pytest.MonkeyPatch, case: str, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch, case: str, dtype: torch.dtype, grid_min: int
 ) -> None:
-    # Anchors on a grid (atss._find_grids) take separable distances and intersections: the same
-    # bits as the generic path, which takes them when no level is found to be a grid.
+    # Anchors on a grid (atss._find_grids) take separable distances and intersections, and their
+    # large levels a search for the nearest without distances: the same bits as the generic
+    # path, which takes them when no level is found to be a grid. grid_min = 0: the small levels
+    # take the separable path too.
+    monkeypatch.setattr(atss, "_GRID_MIN_ANCHORS", grid_min)
     anchors, num_per_level = torchvision_anchors(*GRID_CASES[case])
     assert all(g is not None for g in atss._find_grids(anchors[None], num_per_level))
     height, width = GRID_CASES[case][0]
@@ -506,3 +510,23 @@ def test_grids_are_verified() -> None:
     assert atss._find_grids(PRIORS[None], [4]) == [None]
     g = torch.Generator().manual_seed(0)
     assert atss._find_grids(random_anchors([50, 20], g)[None], [50, 20]) == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "per_location", "k"),
+    [(40, 70, 1, 9), (3, 50, 1, 9), (1, 3000, 1, 9), (30, 17, 3, 4), (12, 10, 9, 9), (64, 1, 1, 5)],
+)
+def test_nearest_on_grid_is_the_blocked_search(
+    height: int, width: int, per_location: int, k: int
+) -> None:
+    # Blocks of a row's locations (the last one short), rows fewer than k, one column; whole
+    # numbers make ties, huge ones infinite squared distances, ordered by index like the rest.
+    g = torch.Generator().manual_seed(height * width)
+    dx = (torch.rand(2, 3, width, per_location, generator=g) * 6).round().square()
+    dy = (torch.rand(2, 3, height, per_location, generator=g) * 6).round().square()
+    dx[1, 2] = float("inf")
+    dy[0, 1, : height // 2] = float("inf")
+    grid = atss._Grid(7, height, width, per_location)
+    distance = (dx[:, :, None] + dy[:, :, :, None]).flatten(2)  # [2, 3, n]
+    expected = distance.sort(dim=-1, stable=True).indices[..., :k] + 7
+    assert torch.equal(atss._nearest_on_grid(dx, dy, grid, k), expected)
