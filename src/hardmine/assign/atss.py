@@ -98,25 +98,32 @@ def _nearest_on_grid(dx: Tensor, dy: Tensor, grid: _Grid, k: int) -> Tensor:
     num_images, num_gts, width, per_location = *dx.shape[:3], grid.per_location
     m = max(1, min(width, round(math.sqrt(grid.height * width / k / per_location))))
     num_blocks = -(-width // m)
-    if num_blocks * m > width:  # +inf past the row's end: never a block's minimum
-        pad = dx.new_full((num_images, num_gts, num_blocks * m - width, per_location), _INF)
+    short = num_blocks * m - width  # past the row's end in its last block
+    if short:  # +inf there: never a block's minimum
+        pad = dx.new_full((num_images, num_gts, short, per_location), _INF)
         dx = torch.cat([dx, pad], dim=2)  # [b, C, nb * m, A]
-    col_low = dx.unflatten(2, (num_blocks, m)).amin(dim=3)  # [b, C, nb, A]
-    low = torch.add(dy[:, :, :, None], col_low[:, :, None]).amin(dim=-1)  # [b, C, H, nb]
+    dx = dx.unflatten(2, (num_blocks, m))  # [b, C, nb, m, A]
+    low = torch.add(dy[:, :, :, None], dx.amin(dim=3)[:, :, None]).amin(dim=-1)  # [b, C, H, nb]
     block_key = low.flatten(2).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
     block_key.bitwise_or_(torch.arange(block_key.shape[-1]))
     r = min(k, block_key.shape[-1])
-    block = block_key.topk(r, dim=-1, largest=False, sorted=False).indices  # [b, C, r]
-    row, col = block // num_blocks, (block % num_blocks)[..., None] * m + torch.arange(m)
+    # In increasing order, so that a candidate's place among the blocks' anchors orders them as
+    # their indices do: the key needs no index computed per anchor.
+    block = block_key.topk(r, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
+    row, col_block = block // num_blocks, block % num_blocks  # [b, C, r]
     dy_row = dy.gather(2, row[..., None].expand(-1, -1, -1, per_location))  # [b, C, r, A]
-    dx_col = dx.gather(2, col.flatten(2)[..., None].expand(-1, -1, -1, per_location))
-    dist = torch.add(dx_col.unflatten(2, (r, m)), dy_row[:, :, :, None])  # [b, C, r, m, A]
-    index = (row[..., None] * width + col)[..., None] * per_location + torch.arange(per_location)
-    # Past the row's end: an index above every anchor's (the distance is +inf), never chosen.
-    index.masked_fill_((col >= width)[..., None], 2**31 - 1)  # [b, C, r, m, A]
-    key = dist.flatten(2).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-    order = key.bitwise_or_(index.flatten(2)).topk(k, dim=-1, largest=False, sorted=True).indices
-    return index.flatten(2).gather(-1, order).add_(grid.start)
+    dx_block = dx.flatten(3).gather(2, col_block[..., None].expand(-1, -1, -1, m * per_location))
+    dist = torch.add(dx_block.unflatten(3, (m, per_location)), dy_row[:, :, :, None])
+    key = dist.flatten(2).view(torch.int32).to(torch.int64).bitwise_left_shift_(32)  # [b, C, r*m*A]
+    key.bitwise_or_(torch.arange(key.shape[-1]))
+    if short:  # past the row's end: after every anchor (infinite distances included)
+        past = torch.arange(m) >= m - short  # [m]
+        last = (col_block == num_blocks - 1)[..., None] & past  # [b, C, r, m]
+        key.view(num_images, num_gts, r, m, per_location).masked_fill_(last[..., None], 2**63 - 1)
+    place = key.topk(k, dim=-1, largest=False, sorted=True).indices  # [b, C, k]
+    which, within = place // (m * per_location), place % (m * per_location)
+    first = (row * width + col_block * m) * per_location  # [b, C, r]: the blocks' first anchors
+    return first.gather(2, which).add_(within).add_(grid.start)
 
 
 def _nearest_blocked(d: Tensor, k: int) -> Tensor:
