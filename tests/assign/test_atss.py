@@ -421,3 +421,112 @@ def test_topk_counts_anchors_by_default_and_locations_by_name() -> None:
     assert torch.equal(by_location.label, nine.label)
     with pytest.raises(ValueError, match="topk_per must be one of"):
         ATSSAssigner(topk_per="locations")
+
+
+def torchvision_anchors(
+    image: tuple[int, int], strides: list[int], sizes: list[tuple[int, ...]], ratios: tuple
+) -> tuple[Tensor, list[int]]:
+    """torchvision's ``AnchorGenerator`` on one image: anchors and their count per level."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    generator = AnchorGenerator(tuple(sizes), (ratios,) * len(sizes))
+    images = ImageList(torch.zeros(1, 3, *image), [image])
+    features = [torch.zeros(1, 1, -(-image[0] // s), -(-image[1] // s)) for s in strides]
+    (anchors,) = generator(images, features)
+    per_location = len(sizes[0]) * len(ratios)
+    return anchors, [f.shape[-1] * f.shape[-2] * per_location for f in features]
+
+
+GRID_CASES = {
+    # A = 1, two levels of at least 256 * 9 anchors (the blocked nearest search) and small ones
+    "one_per_location": ((400, 520), [4, 8, 16, 32], [(16,), (32,), (64,), (128,)], (1.0,)),
+    # torchvision's RetinaNet: 9 per location
+    "nine_per_location": (
+        (256, 320),
+        [8, 16, 32, 64, 128],
+        [(s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512)],
+        (0.5, 1.0, 2.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GRID_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grid_min", [atss._GRID_MIN_ANCHORS, 0])
+def test_grid_path_equals_generic_path(
+    monkeypatch: pytest.MonkeyPatch, case: str, dtype: torch.dtype, grid_min: int
+) -> None:
+    # Anchors on a grid (atss._find_grids) take separable distances and intersections, and their
+    # large levels a search for the nearest without distances: the same bits as the generic
+    # path, which takes them when no level is found to be a grid. grid_min = 0: the small levels
+    # take the separable path too.
+    monkeypatch.setattr(atss, "_GRID_MIN_ANCHORS", grid_min)
+    anchors, num_per_level = torchvision_anchors(*GRID_CASES[case])
+    assert all(g is not None for g in atss._find_grids(anchors[None], num_per_level))
+    height, width = GRID_CASES[case][0]
+    g = torch.Generator().manual_seed(3)
+    gts = [random_boxes(n, g, 60.0, float(min(height, width))) for n in (0, 1, 130)]
+    gts[2][:5] = gts[2][:5].round()  # whole pixels: ties with the grid's centres
+    labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+    ignore = [random_boxes(n, g, 40.0, 200.0) for n in (1, 0, 2)]
+    anchors = anchors.to(dtype)
+    per_image = [anchors.clone() for _ in gts]  # a stacked copy per image, as a model passes them
+    gts = [b.to(dtype) for b in gts]
+    for images, ign, chunk_size in (([anchors] * 3, None, 64), (per_image, ignore, 7)):
+        kwargs = dict(num_per_level=num_per_level, ignore_boxes=ign, chunk_size=chunk_size)
+        grid = assign_atss(images, gts, labels, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(atss, "_find_grids", lambda a, n: [None] * len(n))
+            generic = assign_atss(images, gts, labels, **kwargs)
+        for a, b in zip(grid, generic, strict=True):
+            for field in ("label", "gt_index", "max_iou", "gt_class"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert grid[2].positive.sum() > 0
+
+
+def test_grids_are_verified() -> None:
+    anchors, num_per_level = torchvision_anchors(*GRID_CASES["nine_per_location"])
+    found = atss._find_grids(anchors[None], num_per_level)
+    assert [(g.height, g.width, g.per_location) for g in found] == [
+        (32, 40, 9),
+        (16, 20, 9),
+        (8, 10, 9),
+        (4, 5, 9),
+        (2, 3, 9),
+    ]
+    # Any anchor out of the pattern (one coordinate, one image, a permutation) loses its level.
+    moved = anchors.clone()
+    moved[num_per_level[0] + 100, 2] += 1
+    other = anchors.clone()
+    other[5, 1] = -0.0 if other[5, 1] == 0 else other[5, 1] + 0.5
+    shuffled = anchors.clone()
+    shuffled[: num_per_level[0]] = shuffled[torch.randperm(num_per_level[0])]
+    assert atss._find_grids(moved[None], num_per_level)[1] is None
+    assert atss._find_grids(torch.stack([anchors, other]), num_per_level)[0] is None
+    assert atss._find_grids(shuffled[None], num_per_level)[0] is None
+    assert all(g is not None for g in atss._find_grids(moved[None], num_per_level)[2:])
+    # MMDetection's fixture and random anchors lie on no grid.
+    assert atss._find_grids(PRIORS[None], [4]) == [None]
+    g = torch.Generator().manual_seed(0)
+    assert atss._find_grids(random_anchors([50, 20], g)[None], [50, 20]) == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "per_location", "k"),
+    [(40, 70, 1, 9), (3, 50, 1, 9), (1, 3000, 1, 9), (30, 17, 3, 4), (12, 10, 9, 9), (64, 1, 1, 5)],
+)
+def test_nearest_on_grid_is_the_blocked_search(
+    height: int, width: int, per_location: int, k: int
+) -> None:
+    # Blocks of a row's locations (the last one short), rows fewer than k, one column; whole
+    # numbers make ties, huge ones infinite squared distances, ordered by index like the rest.
+    g = torch.Generator().manual_seed(height * width)
+    dx = (torch.rand(2, 3, width, per_location, generator=g) * 6).round().square()
+    dy = (torch.rand(2, 3, height, per_location, generator=g) * 6).round().square()
+    dx[1, 2] = float("inf")
+    dy[0, 1, : height // 2] = float("inf")
+    grid = atss._Grid(7, height, width, per_location)
+    distance = (dx[:, :, None] + dy[:, :, :, None]).flatten(2)  # [2, 3, n]
+    expected = distance.sort(dim=-1, stable=True).indices[..., :k] + 7
+    assert torch.equal(atss._nearest_on_grid(dx, dy, grid, k), expected)
