@@ -315,6 +315,17 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "--score-thr: must be in [0, 1], got 2",
         ),
+        # The config check agreed with the heads (> 0): 0 passed it and the model raised.
+        "model box_loss_beta 0": (
+            ["train", "--model.box_loss_beta", "0"],
+            2,
+            "model.box_loss_beta: must be a finite number > 0 (or null), got 0.0",
+        ),
+        "compare variant box_loss_beta 0": (
+            ["compare", "--methods", "random,ohem:model.box_loss_beta=0", "--output", f"{r}/cmp"],
+            2,
+            "--methods ohem:model.box_loss_beta=0: model.box_loss_beta: must be a finite",
+        ),
         # Defect D9: eval refuses overrides that inference does not read.
         "eval box_loss_beta": (
             ["eval", "--run", f"{r}/run", "--model.box_loss_beta", "1.0"],

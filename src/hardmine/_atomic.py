@@ -110,8 +110,9 @@ def hold_folder(folder: str | Path, name: str, command: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunError(
-                f"{name}: another {command} is using {folder} (it holds {LOCK_NAME} there); "
-                "wait for it to end, or choose another folder"
+                f"{name}: another {command} is using {folder} (it holds {LOCK_NAME} there, as "
+                "do for a few seconds the data-loading workers of one just killed); wait for it "
+                "to end, or choose another folder"
             ) from None
         held = True
         yield

@@ -132,7 +132,8 @@ class TrainConfig:
             ``gamma``; fractions so that the schedule scales with ``epochs`` (MMDetection's 1x:
             8/12 and 11/12; Detectron's 1x: 2/3 and 8/9).
         gamma: the decay factor.
-        amp: mixed precision (float16 autocast with gradient scaling); None: on CUDA only.
+        amp: mixed precision (autocast with gradient scaling: float16 on CUDA, bfloat16 on the
+            CPU, torch's defaults); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).
         log_every: steps between rows of ``metrics.jsonl``.
         eval_every: epochs between COCO evaluations, and one at the end; 0: never.

@@ -140,6 +140,24 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2]
 
 
+def test_resume_at_an_epoch_end_logs_its_roi_loss_once(tmp_path: Path) -> None:
+    """Killed after the roi_loss row at the end of an epoch without evaluation (found by the
+    stranger's check): the resumed run ends that epoch again, and the row is in the log once."""
+    config = tiny(tmp_path, train__epochs=2, train__eval_every=2)
+    train(config)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    only_roi_loss = [r["step"] for r in rows if set(r) == {"step", "epoch", "roi_loss"}]
+    assert only_roi_loss == [2]  # epoch 1's end (2 steps an epoch); epoch 2's is an evaluation
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    state["position"] = {"epoch": 0, "epoch_step": 2, "step": 2}  # killed early in epoch 2
+    checkpoint.save_atomic(state, tmp_path / "run" / "checkpoint.pt")
+    (tmp_path / "run" / "results.json").unlink()
+    train(config, resume=True)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if set(r) == {"step", "epoch", "roi_loss"}] == [2]
+    assert [r["step"] for r in rows if "eval" in r] == [4]
+
+
 def test_existing_run_needs_resume(tmp_path: Path) -> None:
     config = tiny(tmp_path, train__max_steps=1)
     train(config)

@@ -62,6 +62,18 @@ def load_run_config(
         ConfigError: an unknown key or name (the model's included), or a wrong value.
     """
     config = load_config(path, overrides, registries=RUN_REGISTRIES, dropped=dropped)
+    check_run_config(config)
+    return config
+
+
+def check_run_config(config: RunConfig) -> None:
+    """The checks ``load_run_config`` makes across sections of a loaded configuration: the
+    detector's settings in range, a sampler or assigner the detector takes, data settings that go
+    together (also run on each method's configuration of a comparison).
+
+    Raises:
+        ConfigError: naming the first setting at fault.
+    """
     try:
         check_model_settings(config.model.name or "", config.model.settings)
     except SettingError as error:
@@ -98,7 +110,6 @@ def load_run_config(
                 f"data.kind 'coco' needs data.root, or all of data.train_images, data.train_ann, "
                 f"data.val_images and data.val_ann (missing: {', '.join(missing)})"
             )
-    return config
 
 
 def _trains_on_every_anchor(name: str | None) -> bool:

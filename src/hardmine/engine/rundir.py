@@ -125,8 +125,9 @@ class MetricsLog:
     """``metrics.jsonl`` and TensorBoard scalars of the main process.
 
     On resume, rows after the checkpoint's step are dropped (the killed run may have logged steps
-    that the resumed run takes again), and so are evaluation rows at the checkpoint's step: the
-    resumed run evaluates there again if that evaluation is due, so it is in the log once.
+    that the resumed run takes again), and so are the end-of-epoch rows at the checkpoint's step
+    (an evaluation, or the mean loss over all RoIs alone): the resumed run ends that epoch again,
+    so each is in the log once.
     """
 
     def __init__(self, run_dir: Path, *, resume_step: int | None) -> None:
@@ -139,7 +140,8 @@ class MetricsLog:
             rows = [
                 r
                 for r in read_metrics(self.path)
-                if r["step"] < resume_step or (r["step"] == resume_step and "eval" not in r)
+                if r["step"] < resume_step
+                or (r["step"] == resume_step and "eval" not in r and "roi_loss" not in r)
             ]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=resume_step)

@@ -78,6 +78,7 @@ _FRACTION = ((lambda v: _real(v) and 0 <= v <= 1), "must be in [0, 1]")
 _COUNT = _at_least(1)
 
 # By the setting's name: an exact name, or a pattern (``re.fullmatch``) for a family of them.
+_POSITIVE = ((lambda v: _real(v) and v > 0), "must be a finite number > 0")
 _RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
     (
         "min_size",
@@ -99,8 +100,9 @@ _RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
     (r".*_batch_size_per_image", _COUNT),
     ("topk_candidates", _COUNT),
     ("center_sampling_radius", _at_least(0)),
-    ("anchor_scale", ((lambda v: _real(v) and v > 0), "must be a finite number > 0")),
-    ("box_loss_beta", _or_null(_at_least(0))),
+    ("anchor_scale", _POSITIVE),
+    # The smooth-L1's beta: the heads refuse 0 (torchvision's loss divides by it).
+    ("box_loss_beta", _or_null(_POSITIVE)),
     ("trainable_backbone_layers", _or_null(((lambda v: v in range(6)), "must be in 0..5"))),
 )
 

@@ -49,7 +49,7 @@ import yaml
 
 from hardmine.assign import ASSIGNERS
 from hardmine.config import COMPONENT_SECTIONS, ConfigError, RunConfig, settings_of
-from hardmine.engine.build import build_assigner, build_sampler
+from hardmine.engine.build import build_assigner, build_sampler, check_run_config
 from hardmine.report.compare import DEFAULT_METHODS, Method
 from hardmine.sample import SAMPLERS
 
@@ -276,6 +276,7 @@ def check_method(
         config = method.config(
             base, seed=base.seed, output_dir=Path(base.output_dir), overrides=overrides
         )
+        check_run_config(config)
         build_sampler(config)
         build_assigner(config)
     except (ConfigError, ValueError, TypeError) as error:
