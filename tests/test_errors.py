@@ -315,16 +315,11 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "--score-thr: must be in [0, 1], got 2",
         ),
-        # The config check agreed with the heads (> 0): 0 passed it and the model raised.
-        "model box_loss_beta 0": (
-            ["train", "--model.box_loss_beta", "0"],
+        # A compare variant's model settings are range-checked before any run trains.
+        "compare variant box_loss_beta -1": (
+            ["compare", "--methods", "random,ohem:model.box_loss_beta=-1", "--output", f"{r}/cmp"],
             2,
-            "model.box_loss_beta: must be a finite number > 0 (or null), got 0.0",
-        ),
-        "compare variant box_loss_beta 0": (
-            ["compare", "--methods", "random,ohem:model.box_loss_beta=0", "--output", f"{r}/cmp"],
-            2,
-            "--methods ohem:model.box_loss_beta=0: model.box_loss_beta: must be a finite",
+            "--methods ohem:model.box_loss_beta=-1: model.box_loss_beta: must be at least 0",
         ),
         # Defect D9: eval refuses overrides that inference does not read.
         "eval box_loss_beta": (

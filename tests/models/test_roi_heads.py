@@ -528,3 +528,15 @@ def test_read_only_pass_is_bfloat16_by_default_where_the_cpu_has_it(batch):
     assert roi_heads.resolve_score_dtype("auto", torch.device("meta")) is None
     with pytest.raises(ValueError, match="score_dtype must be"):
         roi_heads.resolve_score_dtype("float32", torch.device("cpu"))
+
+
+def test_box_loss_beta_zero_is_the_l1_loss():
+    """The configuration allows beta 0 and the heads refused it (the stranger's check): at 0 the
+    box loss is L1, ``smooth_l1_loss``'s own reading of beta 0."""
+    model = build("faster_rcnn_tiny", 3, box_loss_beta=0.0).train()
+    image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))
+    target = {"boxes": torch.tensor([[10.0, 10.0, 70.0, 90.0]]), "labels": torch.tensor([1])}
+    losses = model([image], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="box_loss_beta"):
+        build("faster_rcnn_tiny", 3, box_loss_beta=-1.0)

@@ -101,8 +101,7 @@ _RULES: tuple[tuple[str, tuple[Callable[[Any], bool], str]], ...] = (
     ("topk_candidates", _COUNT),
     ("center_sampling_radius", _at_least(0)),
     ("anchor_scale", _POSITIVE),
-    # The smooth-L1's beta: the heads refuse 0 (torchvision's loss divides by it).
-    ("box_loss_beta", _or_null(_POSITIVE)),
+    ("box_loss_beta", _or_null(_at_least(0))),  # 0: the L1 loss
     ("trainable_backbone_layers", _or_null(((lambda v: v in range(6)), "must be in 0..5"))),
 )
 

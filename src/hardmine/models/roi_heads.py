@@ -23,6 +23,7 @@ torchvision's ``select_training_samples`` + ``fastrcnn_loss`` (+ ``maskrcnn_loss
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor
@@ -74,7 +75,8 @@ class SamplingRoIHeads(RoIHeads):
             pass alike: OHEM ranks by the loss the network trains with (the read-only network is
             a copy of the trained one, Shrivastava et al., Sec. 4.2). Default: torchvision's
             1/9 (Detectron's), the detector's own loss; 1 is Fast R-CNN's (Girshick, ICCV 2015,
-            Eq. 3), the loss of the OHEM paper's detector.
+            Eq. 3), the loss of the OHEM paper's detector; 0 is the L1 loss (``smooth_l1_loss``
+            at beta 0).
     """
 
     def __init__(
@@ -87,8 +89,8 @@ class SamplingRoIHeads(RoIHeads):
         score_dtype: torch.dtype | str | None = "auto",
         box_loss_beta: float = TORCHVISION_BOX_BETA,
     ) -> None:
-        if not box_loss_beta > 0:
-            raise ValueError(f"box_loss_beta must be > 0, got {box_loss_beta}")
+        if not (math.isfinite(box_loss_beta) and box_loss_beta >= 0):
+            raise ValueError(f"box_loss_beta must be a finite number >= 0, got {box_loss_beta}")
         matcher, fg_bg = heads.proposal_matcher, heads.fg_bg_sampler
         super().__init__(
             heads.box_roi_pool,
