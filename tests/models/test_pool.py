@@ -7,7 +7,8 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from hardmine.models import _pool
-from hardmine.models._pool import pool_flat, to_rois
+from hardmine.models._pool import pool_flat
+from hardmine.models._roi_align import to_rois
 
 SIZES = [(256, 320), (256, 256)]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from hardmine.models._pool import pool_flat, to_rois
-from hardmine.models._roi_align import GatherMultiScaleRoIAlign, roi_align_gather
+from hardmine.models._pool import pool_flat
+from hardmine.models._roi_align import GatherMultiScaleRoIAlign, roi_align_gather, to_rois
 from hardmine.models.build import faster_rcnn_tiny, mask_rcnn_tiny
 
 

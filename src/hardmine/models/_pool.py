@@ -47,13 +47,6 @@ def _threads(width: int) -> ThreadPoolExecutor:
         return _executor
 
 
-def to_rois(boxes: list[Tensor]) -> Tensor:
-    """Per-image boxes ``[N_i, 4]`` -> ``[sum N_i, 5]`` rows ``(image, x1, y1, x2, y2)``."""
-    return torch.cat(
-        [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
-    )
-
-
 def pool_flat(
     pool: nn.Module,
     features: dict[str, Tensor],

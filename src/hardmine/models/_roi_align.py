@@ -29,6 +29,13 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
 
+def to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes ``[N_i, 4]`` -> ``[sum N_i, 5]`` rows ``(image, x1, y1, x2, y2)``."""
+    return torch.cat(
+        [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
+    )
+
+
 def _sample_points(
     rois: Tensor,
     height: int,
@@ -257,9 +264,7 @@ class GatherMultiScaleRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(
                 maps, image_shapes, self.canonical_scale, self.canonical_level
             )
-        rois = torch.cat(
-            [torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)]
-        )
+        rois = to_rois(boxes)
         if len(maps) == 1:
             return roi_align_gather(
                 maps[0], rois, self.output_size, self.scales[0], self.sampling_ratio

@@ -33,7 +33,8 @@ from torchvision.models.detection.transform import resize_boxes
 from hardmine.assign.max_iou import MaxIoUAssigner
 from hardmine.boxes import upcast
 from hardmine.models._losses import TORCHVISION_BOX_BETA, fastrcnn_roi_losses, matched_boxes
-from hardmine.models._pool import pool_parts, raster_order, to_rois
+from hardmine.models._pool import pool_parts, raster_order
+from hardmine.models._roi_align import to_rois
 from hardmine.models.rpn import propose
 from hardmine.structures import Assigner, Assignment, RoIScores
 
