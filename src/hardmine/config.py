@@ -132,6 +132,11 @@ class TrainConfig:
             ``gamma``; fractions so that the schedule scales with ``epochs`` (MMDetection's 1x:
             8/12 and 11/12; Detectron's 1x: 2/3 and 8/9).
         gamma: the decay factor.
+        grad_clip: the largest 2-norm of all gradients together: a step whose gradients are
+            longer is scaled down to it (``torch.nn.utils.clip_grad_norm_``; MMDetection's
+            ``grad_clip=dict(max_norm=...)``, 35 in its FCOS configurations); None: no clipping.
+            Under AMP the gradients are unscaled first. Each log row holds ``grad_norm``, the mean
+            norm before clipping (absent under AMP without clipping, whose gradients are scaled).
         amp: mixed precision (autocast with gradient scaling: float16 on CUDA, bfloat16 on the
             CPU, torch's defaults); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).
@@ -151,6 +156,7 @@ class TrainConfig:
     warmup_factor: float = 0.001
     decay_at: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])
     gamma: float = 0.1
+    grad_clip: float | None = None
     amp: bool | None = None
     max_steps: int | None = None
     log_every: int = 20
@@ -461,6 +467,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.warmup_factor": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
     "train.decay_at": ((lambda v: all(map(_fraction, v))), "must be fractions in [0, 1]"),
     "train.gamma": ((lambda v: v > 0), "must be positive"),
+    "train.grad_clip": ((lambda v: v is None or v > 0), "must be positive (or null)"),
     "train.max_steps": ((lambda v: v is None or v >= 1), "must be at least 1 (or null)"),
     "train.log_every": _at_least(1),
     "train.eval_every": _at_least(0),

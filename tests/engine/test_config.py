@@ -248,6 +248,8 @@ def test_another_model_drops_the_models_settings() -> None:
         ({"train.decay_at": [0.5, 2]}, "train.decay_at: must be fractions in [0, 1]"),
         ({"train.log_every": 0}, "train.log_every: must be at least 1"),
         ({"train.max_steps": 0}, "train.max_steps: must be at least 1 (or null)"),
+        ({"train.grad_clip": 0}, "train.grad_clip: must be positive (or null)"),
+        ({"train.grad_clip": float("nan")}, "train.grad_clip: must be positive (or null)"),
         ({"data.batch_size": 0}, "data.batch_size: must be at least 1"),
         ({"data.num_workers": -1}, "data.num_workers: must be at least 0"),
         ({"data.num_train": 0}, "data.num_train: must be at least 1"),

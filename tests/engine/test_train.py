@@ -198,6 +198,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_grad_clip_scales_the_step_down_to_the_largest_norm(tmp_path: Path) -> None:
+    """``train.grad_clip``: a first step whose gradients are longer than ``c`` moves the weights by
+    ``lr * c`` along them instead of ``lr * |g|`` (momentum and weight decay act the same in both
+    runs at step 1, so the two runs differ by ``lr * (|g| - c)``); both log the unclipped norm."""
+    run = {"train__max_steps": 1, "train__warmup_steps": 0}
+    free = train(tiny(tmp_path, "free", **run))
+    clip = 0.25
+    clipped = train(tiny(tmp_path, "clipped", train__grad_clip=clip, **run))
+    norm = losses(free.run_dir)[0]["grad_norm"]
+    assert losses(clipped.run_dir)[0]["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    assert norm > 4 * clip  # so the clip acts
+    a, b = weights(free.model), weights(clipped.model)
+    moved = torch.stack([(a[k] - b[k]).double().norm() for k in a if a[k].is_floating_point()])
+    assert moved.norm().item() == pytest.approx(0.01 * (norm - clip), rel=1e-3)  # lr 0.01
+
+
+def test_grad_clip_under_amp_logs_the_unscaled_norm(tmp_path: Path) -> None:
+    """Under AMP (bfloat16 autocast on the CPU) the gradients are unscaled before the clip: the
+    logged norm is the true one, about the float32 run's, not ``2**16`` times it."""
+    run = {"train__max_steps": 1, "train__warmup_steps": 0}
+    plain = losses(train(tiny(tmp_path, "plain", **run)).run_dir)[0]["grad_norm"]
+    amp = train(tiny(tmp_path, "amp", train__amp=True, train__grad_clip=1.0, **run))
+    assert losses(amp.run_dir)[0]["grad_norm"] == pytest.approx(plain, rel=0.2)
+
+
 def test_learning_rate_schedule() -> None:
     config = load_config(
         None, {"train.lr": 0.02, "train.warmup_steps": 10, "train.warmup_factor": 0.1,

@@ -317,10 +317,14 @@ def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> li
     ]
 
 
+def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimiser's parameters that have a gradient."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
 def _gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:
     """The 2-norm of every gradient together: finite exactly when every gradient is."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    grads = [g for g in grads if g is not None]
+    grads = [p.grad for p in _parameters(optimizer)]
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads)
@@ -360,16 +364,22 @@ def train_one_epoch(session: Session, loader: DataLoader) -> None:
         loss = torch.stack(list(losses.values())).sum()
         session.optimizer.zero_grad(set_to_none=True)
         session.scaler.scale(loss).backward()
+        clip = config.train.grad_clip
+        if session.amp and clip is not None:
+            session.scaler.unscale_(session.optimizer)  # clip the true gradients
         # Under AMP the scaler skips steps with non-finite gradients itself.
-        grad_norm = loss.new_zeros(()) if session.amp else _gradient_norm(session.optimizer)
+        measured = not session.amp or clip is not None
+        grad_norm = _gradient_norm(session.optimizer) if measured else loss.new_zeros(())
         # One host synchronisation per step: the process-mean losses, for the check and the bar.
         stacked = torch.stack([loss, *losses.values(), grad_norm.to(loss)]).detach().float()
         total, *parts, norm = mean_over_processes(stacked).tolist()
         if not math.isfinite(total):
             named = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, parts, strict=True))
             raise session.diverged(named)
-        if not math.isfinite(norm):
+        if not session.amp and not math.isfinite(norm):
             raise session.diverged(f"loss={total:.4g}, but its gradient is not finite")
+        if clip is not None and math.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(_parameters(session.optimizer), clip, grad_norm)
         lr = session.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
         session.scaler.step(session.optimizer)
         session.scaler.update()
@@ -379,6 +389,8 @@ def train_one_epoch(session: Session, loader: DataLoader) -> None:
         window = session.window
         for key, value in zip(["loss", *losses, "lr"], [total, *parts, lr], strict=True):
             window[key] = window.get(key, 0.0) + value
+        if measured:
+            window["grad_norm"] = window.get("grad_norm", 0.0) + norm
         session.window_steps += 1
         bar.update()
         bar.set_postfix(loss=f"{total:.3f}")
