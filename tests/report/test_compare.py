@@ -196,6 +196,13 @@ def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> Non
     assert (config.train.epochs, config.train.lr) == (2 * base.train.epochs, base.train.lr / 2)
     report = write_report(tmp_path, [METHODS[0], slower], outcomes[:1], description="A test.")
     assert "slow (2×, 0.5× the learning rate)" in report.read_text()
+    clipped = Method("clipped", {"name": "atss_tiny"}, grad_clip=1.0)
+    assert clipped.config(base, seed=0, output_dir=tmp_path).train.grad_clip == 1.0
+    # A base that clips keeps its own clip: what the user gave as --train.grad_clip.
+    base.train.grad_clip = 5.0
+    assert clipped.config(base, seed=0, output_dir=tmp_path).train.grad_clip == 5.0
+    report = write_report(tmp_path, [METHODS[0], clipped], outcomes[:1], description="A test.")
+    assert "clipped (gradients clipped to a 2-norm of 1)" in report.read_text()
 
 
 def test_recording_a_failure_never_raises(tmp_path, caplog) -> None:

@@ -60,7 +60,10 @@ def test_a_variant_trains_its_baselines_schedule():
     for spec in ("retinanet_max_iou:train.lr=0.01", "retinanet_atss:topk=7"):
         assert parse_method(spec).epochs_scale == 2
         assert _config(spec).train.epochs == 2 * base_epochs
-    assert _config("retinanet_atss:topk=7").train.lr == default_compare_base().train.lr / 2
+    assert _config("retinanet_atss:topk=7").train.lr == default_compare_base().train.lr
+    assert _config("retinanet_atss:topk=7").train.grad_clip == 1.0  # its baseline's clip
+    assert _config("retinanet_atss:train.grad_clip=2").train.grad_clip == 2
+    assert _config("ohem:num=64").train.grad_clip is None
     assert _config("retinanet_atss:train.lr=0.03").train.lr == 0.03
     assert _config("retinanet_atss:train.epochs=5").train.epochs == 5  # said outright: as said
     assert _config("ohem:num=64").train.epochs == base_epochs

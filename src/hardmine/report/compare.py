@@ -83,6 +83,8 @@ class Method:
             of the same scale).
         lr_scale: trains at this multiple of the base configuration's learning rate (a detector
             that the base's rate makes unstable; compared only with methods of the same scale).
+        grad_clip: clips this method's gradients to this 2-norm (``train.grad_clip``) where the
+            base configuration does not clip; a base's own ``train.grad_clip`` applies instead.
         overrides: dotted keys set last, over the sections and the comparison's own overrides:
             a variant's settings (``sampler.strategy``, ``model.box_nms_thresh``, ``train.lr``;
             ``hardmine.report.methods.parse_method``).
@@ -95,6 +97,7 @@ class Method:
     baseline: str | None = None
     epochs_scale: int = 1
     lr_scale: float = 1.0
+    grad_clip: float | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def config(
@@ -127,6 +130,8 @@ class Method:
             own["train.epochs"] = base.train.epochs * self.epochs_scale
         if self.lr_scale != 1:
             own["train.lr"] = base.train.lr * self.lr_scale
+        if self.grad_clip is not None and base.train.grad_clip is None:
+            own["train.grad_clip"] = self.grad_clip
         raw = apply_overrides(config_to_dict(base), own)
         raw = apply_overrides(apply_overrides(raw, applicable), self.overrides)
         return config_from_dict(raw, registries=RUN_REGISTRIES)
@@ -138,10 +143,11 @@ _RCNN = {"name": "faster_rcnn_tiny"}
 # paper's comparison; max-IoU with RetinaNet's thresholds (positive >= 0.5, negative < 0.4).
 # Twice the epochs: a step of the tiny RetinaNet costs about half of the tiny Faster R-CNN's, and
 # with the R-CNN's steps it has not converged (on 512 scenes, AP50 31 / 38 for ATSS / max-IoU
-# after 384 steps, seed to seed ± 10; 67 / 77 after 768). Half the learning rate: at the R-CNN's
-# 0.02 its loss jumps back up mid-run in some seeds (measured on the 3-epoch base, one thread per
-# run, 3 seeds: AP 35.2 ± 5.1 / 25.9 ± 8.3 for max-IoU / ATSS at 0.02, 37.8 ± 2.4 / 41.4 ± 2.4 at
-# 0.01), while the R-CNN learns less at 0.01 (random: AP 47 against 55).
+# after 384 steps, seed to seed ± 10; 67 / 77 after 768). Its gradients clipped to a 2-norm of 1
+# (``train.grad_clip``): unclipped, its loss jumps back up mid-run in some seeds, and its AP varied
+# from seed to seed by 5-8 points at the R-CNN's lr 0.02 and 2.2 at half of it. Measured on the
+# 4-epoch base (8 for these rows), one thread per run, 3 seeds, AP max-IoU / ATSS: lr 0.01
+# unclipped 43.3 ± 2.2 / 46.8 ± 1.2; lr 0.02 clipped at 1, 57.7 ± 0.3 / 57.1 ± 1.0.
 _ONE_ANCHOR = {"name": "atss_tiny"}
 DEFAULT_METHODS: tuple[Method, ...] = (
     Method("random", _RCNN, {"name": "random", "num": 128}),
@@ -153,7 +159,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
         _ONE_ANCHOR,
         assigner={"name": "max_iou", "pos_thr": 0.5, "neg_thr": 0.4, "low_quality": True},
         epochs_scale=2,
-        lr_scale=0.5,
+        grad_clip=1.0,
     ),
     Method(
         "retinanet_atss",
@@ -161,7 +167,7 @@ DEFAULT_METHODS: tuple[Method, ...] = (
         assigner={"name": "atss", "topk": 9},
         baseline="retinanet_max_iou",
         epochs_scale=2,
-        lr_scale=0.5,
+        grad_clip=1.0,
     ),
 )
 
@@ -172,7 +178,7 @@ def default_compare_base() -> RunConfig:
 
     Chosen so that every detector learns the scenes within the budget of ``make compare`` (about 15
     minutes for 6 methods x 3 seeds on two CPU cores, the RetinaNet rows with twice the epochs and
-    half the learning rate, ``DEFAULT_METHODS``): the
+    their gradients clipped, ``DEFAULT_METHODS``): the
     warm-up ends after 50 of the 448 steps, the learning rate drops tenfold at 8/12 and 11/12 of the
     run (MMDetection's 1x shape, ``TrainConfig``'s default; Detectron's 1x, which the Overlap
     Sampler paper uses, decays at 2/3 and 8/9), and the one evaluation at the end is on 256 images.
@@ -655,17 +661,18 @@ def device_name(device: str, *, threads: int | None = None, at_once: int = 1) ->
 
 def _scaled_note(methods: Sequence[Method]) -> str:
     """A sentence naming the methods that train another schedule than the base's, if any."""
-    scaled = [m for m in methods if m.epochs_scale != 1 or m.lr_scale != 1]
+    scaled = [m for m in methods if m.epochs_scale != 1 or m.lr_scale != 1 or m.grad_clip]
     if not scaled:
         return ""
 
     def scales(m: Method) -> str:
         parts = [f"{m.epochs_scale}×" if m.epochs_scale != 1 else ""]
         parts.append(f"{m.lr_scale:g}× the learning rate" if m.lr_scale != 1 else "")
+        parts.append(f"gradients clipped to a 2-norm of {m.grad_clip:g}" if m.grad_clip else "")
         return ", ".join(p for p in parts if p)
 
     names = ", ".join(f"{m.name} ({scales(m)})" for m in scaled)
-    return f" These train a multiple of the epochs or learning rate in *Schedule*: {names}."
+    return f" These train another schedule than *Schedule*'s: {names}."
 
 
 def _curves(

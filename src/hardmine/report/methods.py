@@ -190,6 +190,7 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         baseline=base.baseline or base.name,
         epochs_scale=base.epochs_scale,  # paired with its baseline: the same schedule
         lr_scale=base.lr_scale,
+        grad_clip=base.grad_clip,
         overrides={**base.overrides, **overrides},
     )
 
