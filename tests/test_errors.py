@@ -175,6 +175,22 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             "empty.yaml: the file is empty",
         ),
         "epochs 0": (["train", "--train.epochs", "0"], 2, "train.epochs: must be at least 1"),
+        "grad_clip inf": (
+            ["train", "--train.grad_clip", "inf"],
+            2,
+            "train.grad_clip: must be positive and finite (or null), got inf",
+        ),
+        # The stranger's check of train.grad_clip: values that are no YAML went to a traceback.
+        "override not yaml": (
+            ["train", "--train.grad_clip", "@1"],
+            2,
+            "override --train.grad_clip: '@1' is not a YAML value",
+        ),
+        "override unclosed quote": (
+            ["train", "--train.lr", '"1'],
+            2,
+            "override --train.lr: '\"1' is not a YAML value",
+        ),
         "epochs -1": (["train", "--train.epochs", "-1"], 2, "train.epochs: must be at least 1"),
         "sampler num -5": (["train", "--sampler.num", "-5"], 2, "sampler.num"),
         "ohem num 0": (
@@ -352,6 +368,17 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             ["compare", "--methods", "random:data.num_classes=9"],
             2,
             "a variant may not set data.num_classes",
+        ),
+        "variant value not yaml": (
+            ["compare", "--methods", "retinanet_atss:train.grad_clip=*a"],
+            2,
+            "--methods retinanet_atss:train.grad_clip=*a: train.grad_clip: '*a' is not a YAML",
+        ),
+        # A colon inside brackets split the variant there (a traceback).
+        "variant mapping value": (
+            ["compare", "--methods", "random:train.lr={a: 1}"],
+            2,
+            "train.lr",
         ),
         # Defect D18: a key once per variant; a component's settings need its name.
         "variant key twice": (

@@ -372,7 +372,8 @@ def compare_parser(subparsers: Subparsers) -> None:
         type=_int_at_least(1),
         metavar="E",
         help="epochs per run, train.epochs (default: the base configuration's; the built-in "
-        "one's is 4); the RetinaNet rows train twice E",
+        "one's is 4); the RetinaNet rows train twice E, their gradients clipped to a 2-norm "
+        "of 1 unless --train.grad_clip is given",
     )
     _add_data_option(parser, "COCO data instead of the scenes")
     parser.add_argument(
@@ -471,7 +472,7 @@ def compare_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         )
         print(format_table(summarize(methods, outcomes)))
         description = _describe(base, seeds, slots)
-        report = write_report(args.output, methods, outcomes, description=description)
+        report = write_report(args.output, methods, outcomes, description=description, base=base)
     if report is None:  # every run failed: the earlier call's report and plots stay
         print(
             f"\nevery run failed; {Path(args.output) / REPORT_NAME}, of an earlier call, "

@@ -136,7 +136,9 @@ class TrainConfig:
             longer is scaled down to it (``torch.nn.utils.clip_grad_norm_``; MMDetection's
             ``grad_clip=dict(max_norm=...)``, 35 in its FCOS configurations); None: no clipping.
             Under AMP the gradients are unscaled first. Each log row holds ``grad_norm``, the mean
-            norm before clipping (absent under AMP without clipping, whose gradients are scaled).
+            norm before clipping over its steps with a finite one (absent under AMP without
+            clipping, whose gradients are scaled, and where no step had a finite norm: under AMP
+            the scaler skips such steps).
         amp: mixed precision (autocast with gradient scaling: float16 on CUDA, bfloat16 on the
             CPU, torch's defaults); None: on CUDA only.
         max_steps: stop after this many steps in total (the schedule still spans ``epochs``).
@@ -467,7 +469,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.warmup_factor": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
     "train.decay_at": ((lambda v: all(map(_fraction, v))), "must be fractions in [0, 1]"),
     "train.gamma": ((lambda v: v > 0), "must be positive"),
-    "train.grad_clip": ((lambda v: v is None or v > 0), "must be positive (or null)"),
+    "train.grad_clip": (
+        (lambda v: v is None or 0 < v < math.inf),
+        "must be positive and finite (or null)",
+    ),
     "train.max_steps": ((lambda v: v is None or v >= 1), "must be at least 1 (or null)"),
     "train.log_every": _at_least(1),
     "train.eval_every": _at_least(0),
@@ -537,9 +542,24 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key} has no value")
             i += 1
             text = args[i]
-        out[key] = yaml.safe_load(text) if text else ""
+        out[key] = read_yaml_value(text, f"override --{key}")
         i += 1
     return out
+
+
+def read_yaml_value(text: str, where: str) -> Any:
+    """``text`` read as a YAML value (an empty one as ``""``).
+
+    Raises:
+        ConfigError: ``text`` is no YAML (``@1``, an unclosed quote or bracket), naming ``where``.
+    """
+    if not text:
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = str(getattr(error, "problem", None) or "not a YAML value")
+        raise ConfigError(f"{where}: {text!r} is not a YAML value ({problem})") from None
 
 
 def apply_overrides(
@@ -815,7 +835,12 @@ def differences(
 
 def describe_differences(changes: Sequence[tuple[str, Any, Any]]) -> str:
     """``[("sampler.name", "random", "ohem")]`` -> ``"sampler.name: random -> ohem"``."""
-    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+    return ", ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changes)
+
+
+def _shown(value: Any) -> str:
+    """A setting as written in a configuration: ``null`` for None, strings quoted."""
+    return "null" if value is None else repr(value)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -22,6 +22,7 @@ from hardmine.report.compare import (
     write_report,
 )
 from hardmine.report.jobs import Slot
+from hardmine.report.methods import parse_method
 
 RCNN = {"name": "faster_rcnn_tiny"}
 METHODS = (
@@ -190,19 +191,27 @@ def test_a_method_may_train_a_multiple_of_the_base_epochs(tmp_path: Path) -> Non
     assert METHODS[0].config(base, seed=0, output_dir=tmp_path).train.epochs == base.train.epochs
     outcomes = [outcome(tmp_path, "random", 0, 0.1), outcome(tmp_path, "dense", 0, 0.1)]
     report = write_report(tmp_path, [METHODS[0], longer], outcomes, description="A test.")
-    assert "dense (2×)" in report.read_text()
+    assert "dense (2× the epochs)" in report.read_text()
     slower = Method("slow", {"name": "atss_tiny"}, epochs_scale=2, lr_scale=0.5)
     config = slower.config(base, seed=0, output_dir=tmp_path)
     assert (config.train.epochs, config.train.lr) == (2 * base.train.epochs, base.train.lr / 2)
     report = write_report(tmp_path, [METHODS[0], slower], outcomes[:1], description="A test.")
-    assert "slow (2×, 0.5× the learning rate)" in report.read_text()
+    assert "slow (2× the epochs, 0.5× the learning rate)" in report.read_text()
     clipped = Method("clipped", {"name": "atss_tiny"}, grad_clip=1.0)
     assert clipped.config(base, seed=0, output_dir=tmp_path).train.grad_clip == 1.0
-    # A base that clips keeps its own clip: what the user gave as --train.grad_clip.
+    variant = parse_method("clipped:train.grad_clip=2", {"clipped": clipped})
+    unclipped = parse_method("clipped:train.grad_clip=null", {"clipped": clipped})
+    rows = [METHODS[0], clipped, variant, unclipped]
+    text = write_report(tmp_path, rows, outcomes[:1], description="A test.").read_text()
+    assert "clipped (gradients clipped to a 2-norm of 1)" in text
+    assert "clipped:train.grad_clip=2 (gradients clipped to a 2-norm of 2)" in text
+    assert "clipped:train.grad_clip=null (" not in text  # the base's schedule: unclipped
+    assert "random (" not in text
+    # A base that clips (--train.grad_clip 5) clips every row at 5: no row is named.
     base.train.grad_clip = 5.0
     assert clipped.config(base, seed=0, output_dir=tmp_path).train.grad_clip == 5.0
-    report = write_report(tmp_path, [METHODS[0], clipped], outcomes[:1], description="A test.")
-    assert "clipped (gradients clipped to a 2-norm of 1)" in report.read_text()
+    text = write_report(tmp_path, rows[:2], outcomes[:1], description="A test.", base=base)
+    assert "another schedule" not in text.read_text()
 
 
 def test_recording_a_failure_never_raises(tmp_path, caplog) -> None:

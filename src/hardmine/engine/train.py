@@ -317,6 +317,10 @@ def _to_device(targets: Sequence[Mapping[str, Any]], device: torch.device) -> li
     ]
 
 
+# The window's count of steps with a finite gradient norm, kept beside its sums.
+_NORMED = "grad_norm_steps"
+
+
 def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The optimiser's parameters that have a gradient."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -389,15 +393,18 @@ def train_one_epoch(session: Session, loader: DataLoader) -> None:
         window = session.window
         for key, value in zip(["loss", *losses, "lr"], [total, *parts, lr], strict=True):
             window[key] = window.get(key, 0.0) + value
-        if measured:
+        if measured and math.isfinite(norm):  # under AMP a non-finite step is skipped, not logged
             window["grad_norm"] = window.get("grad_norm", 0.0) + norm
+            window[_NORMED] = window.get(_NORMED, 0) + 1
         session.window_steps += 1
         bar.update()
         bar.set_postfix(loss=f"{total:.3f}")
 
         if pos.step % config.train.log_every == 0 or pos.step == session.last_step:
             picks = session.counter.take()
-            mean = {k: v / session.window_steps for k, v in window.items()}
+            mean = {k: v / session.window_steps for k, v in window.items() if k != _NORMED}
+            if _NORMED in window:  # the mean over the steps whose norm was finite
+                mean["grad_norm"] = window["grad_norm"] / window[_NORMED]
             if session.log is not None:
                 row: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch + 1} | mean
                 if picks:

@@ -615,13 +615,17 @@ def describe(
     else:
         where = f"COCO data ({data.root or data.train_ann})"
     schedule = _plural(train_cfg.epochs, "epoch")
+    clip = ""
+    if train_cfg.grad_clip is not None:
+        clip = f", gradients clipped to a 2-norm of {train_cfg.grad_clip:g}"
     if steps_per_epoch is not None:
         schedule += f" ({_plural(train_cfg.epochs * steps_per_epoch, 'step')})"
     return (
         f"Data: {where}. Schedule: {schedule}, {_plural(data.batch_size, 'image')} per step, "
         f"SGD lr {train_cfg.lr:g}, {_plural(train_cfg.warmup_steps, 'warm-up step')}, decay "
         f"×{train_cfg.gamma:g} at {', '.join(f'{f:.0%}' for f in train_cfg.decay_at)} of the "
-        f"steps. Seeds: {', '.join(map(str, seeds))}. Device: {_devices(config.device, slots)}."
+        f"steps{clip}. Seeds: {', '.join(map(str, seeds))}. "
+        f"Device: {_devices(config.device, slots)}."
     )
 
 
@@ -659,20 +663,28 @@ def device_name(device: str, *, threads: int | None = None, at_once: int = 1) ->
     return f"{name}, chosen by device: auto" if device == "auto" else name
 
 
-def _scaled_note(methods: Sequence[Method]) -> str:
-    """A sentence naming the methods that train another schedule than the base's, if any."""
-    scaled = [m for m in methods if m.epochs_scale != 1 or m.lr_scale != 1 or m.grad_clip]
-    if not scaled:
-        return ""
+def _scaled_note(methods: Sequence[Method], base: RunConfig) -> str:
+    """A sentence naming the methods whose runs train another schedule than ``base``'s, if any:
+    their epochs, learning rate or gradient clip, as each method resolves them (a variant's own
+    ``train.*`` settings, and a base's own clip, included)."""
 
     def scales(m: Method) -> str:
-        parts = [f"{m.epochs_scale}×" if m.epochs_scale != 1 else ""]
-        parts.append(f"{m.lr_scale:g}× the learning rate" if m.lr_scale != 1 else "")
-        parts.append(f"gradients clipped to a 2-norm of {m.grad_clip:g}" if m.grad_clip else "")
-        return ", ".join(p for p in parts if p)
+        own, ref = m.config(base, seed=0, output_dir=Path(".")).train, base.train
+        parts = []
+        if own.epochs != ref.epochs:
+            scaled = own.epochs == ref.epochs * m.epochs_scale
+            parts.append(f"{m.epochs_scale}× the epochs" if scaled else f"{own.epochs} epochs")
+        if own.lr != ref.lr:
+            scaled = own.lr == ref.lr * m.lr_scale
+            parts.append(f"{m.lr_scale:g}× the learning rate" if scaled else f"lr {own.lr:g}")
+        if own.grad_clip != ref.grad_clip:
+            clip = own.grad_clip
+            parts.append(f"gradients clipped to a 2-norm of {clip:g}" if clip else "no clipping")
+        return ", ".join(parts)
 
-    names = ", ".join(f"{m.name} ({scales(m)})" for m in scaled)
-    return f" These train another schedule than *Schedule*'s: {names}."
+    named = ((m.name, scales(m)) for m in methods)
+    names = ", ".join(f"{name} ({what})" for name, what in named if what)
+    return f" These train another schedule than *Schedule*'s: {names}." if names else ""
 
 
 def _curves(
@@ -713,6 +725,7 @@ def write_report(
     outcomes: Sequence[Outcome],
     *,
     description: str,
+    base: RunConfig | None = None,
 ) -> Path | None:
     """Write ``report.md`` and its figures in ``out_dir``.
 
@@ -729,6 +742,8 @@ def write_report(
         methods: the methods, in table order.
         outcomes: what ``run_comparison`` returned.
         description: a paragraph on the setting (data, schedule, seeds) for the report's head.
+        base: the comparison's base configuration, whose schedule ``description`` gives (the
+            methods that train another are named); ``default_compare_base()`` when None.
 
     Returns:
         The report's path; None when it was left as it was.
@@ -777,7 +792,7 @@ def write_report(
         format_table(summaries),
         "",
         f"Training and evaluation took {sum(o.seconds for o in finished) / 60:.1f} min in all "
-        f"({len(finished)} runs).{_scaled_note(methods)}",
+        f"({len(finished)} runs).{_scaled_note(methods, base or default_compare_base())}",
         "",
         "![AP per method, paired differences and where the AP goes](ap.png)",
         "",

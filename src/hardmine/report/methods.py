@@ -45,10 +45,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hardmine.assign import ASSIGNERS
-from hardmine.config import COMPONENT_SECTIONS, ConfigError, RunConfig, settings_of
+from hardmine.config import (
+    COMPONENT_SECTIONS,
+    ConfigError,
+    RunConfig,
+    read_yaml_value,
+    settings_of,
+)
 from hardmine.engine.build import build_assigner, build_sampler, check_run_config
 from hardmine.report.compare import DEFAULT_METHODS, Method
 from hardmine.sample import SAMPLERS
@@ -163,7 +167,7 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
             given twice, or a key a variant may not set (``VARIANT_KEYS``).
     """
     known = known_methods() if known is None else known
-    name, *pairs = (part.strip() for part in spec.split(":"))
+    name, *pairs = (part.strip() for part in _split_spec(spec))
     if name not in known:
         raise ConfigError(
             f"--methods: unknown method {name!r}; valid names: {', '.join(sorted(known))}"
@@ -181,7 +185,7 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         _check_fair(dotted, spec)
         if dotted in overrides:  # num=1:sampler.num=2 too: which would win is no one's guess
             raise ConfigError(f"--methods {spec}: {dotted} given more than once")
-        overrides[dotted] = yaml.safe_load(text) if text.strip() else ""
+        overrides[dotted] = read_yaml_value(text.strip(), f"--methods {spec}: {dotted}")
     return Method(
         spec,
         base.model,
@@ -193,6 +197,25 @@ def parse_method(spec: str, known: Mapping[str, Method] | None = None) -> Method
         grad_clip=base.grad_clip,
         overrides={**base.overrides, **overrides},
     )
+
+
+def _split_spec(spec: str) -> list[str]:
+    """``spec`` split at its colons outside brackets and quotes: ``random:train.lr={a: 1}`` is
+    ``["random", "train.lr={a: 1}"]``, whose value then fails as a value, not as a split."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(spec):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        elif char == ":" and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return [*parts, spec[start:]]
 
 
 #: The keys a variant may set (exactly, or a section with every key under it): what is compared
