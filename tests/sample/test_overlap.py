@@ -520,6 +520,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """Send the CPU's overlaps down the trees (``"tree"``) or away from them (``"sparse"``)."""
     above = 0 if path == "tree" else 1 << 40
     monkeypatch.setattr(overlap_module, "_TREE_ABOVE", {True: above, False: above})
+    monkeypatch.setattr(overlap_module, "_BRUTE_MOST", above)
 
 
 def _brute_force(boxes, flat, positive, examples):
@@ -567,15 +568,16 @@ def test_tree_overlaps_of_all_equal_boxes_and_of_no_positives(monkeypatch) -> No
     assert not iou_pn.any() and not iou_pe.any()
 
 
+@pytest.mark.parametrize("path", ["tree", "sparse"])
 @pytest.mark.parametrize(
     ("strategy", "num_bins"), [("soft", 2), ("soft", 3), ("soft", 7), ("hard", 2), ("uniform", 2)]
 )
-def test_keyed_tree_overlaps_keep_the_key_of_the_maximum(monkeypatch, strategy, num_bins) -> None:
+def test_keyed_overlaps_keep_the_key_of_the_maximum(monkeypatch, path, strategy, num_bins) -> None:
     """What the sampler reads: the soft bin or the side of θ of each maximum, exactly."""
     boxes, flat, positive, examples = _crowded_batch()
     exact = _brute_force(boxes, flat, positive, examples)
     key = _overlap_key(strategy, bins="fixed", num_bins=num_bins, upper=0.7, hard_thr=0.5)
-    _force(monkeypatch, "tree")
+    _force(monkeypatch, path)
     keyed = _overlaps(boxes, flat, positive, examples=examples, pn_key=key, pe_key=key)
     assert torch.equal(key(keyed[0]), key(exact[0]))
     assert torch.equal(key(keyed[1][positive]), key(exact[1][positive]))

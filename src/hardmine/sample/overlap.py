@@ -169,15 +169,17 @@ def _overlaps(
     budget: int = 1 << 18,
     pn_key: Callable[[Tensor], Tensor] | None = None,
     pe_key: Callable[[Tensor], Tensor] | None = None,
+    pn_read: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``overlap_with_positives``, where only a key of each maximum may be wanted.
 
     A key is a monotone map of IoUs (a soft bin's index, the side of the hard threshold): with
     ``pn_key``, each value of ``iou_pn`` is one of the candidate's IoUs with a positive whose key
     is the maximum's, not necessarily the maximum (likewise ``pe_key``). The sampler reads no
-    more than the key, and the trees of ``_tree_overlaps`` then prune much more. On the CPU,
-    where ``_sparse_overlaps`` would compare more pairs per candidate than ``_TREE_ABOVE``, the
-    trees take over.
+    more than the key, and the trees of ``_tree_overlaps`` then prune much more. With
+    ``pn_read: bool [N]``, only those candidates' ``iou_pn`` is wanted; the others may be 0. On
+    the CPU, where ``_sparse_overlaps`` would compare more pairs per candidate than
+    ``_TREE_ABOVE``, the trees take over.
     """
     boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n = boxes.shape[0]
@@ -189,14 +191,69 @@ def _overlaps(
         return boxes.new_zeros(n), boxes.new_zeros(n)
     planes = torch.cat([boxes, box_area(boxes)[:, None]], 1)  # [N, 5]: x1, y1, x2, y2, area
     if boxes.device.type == "cpu":
-        keyed = pn_key is not None and (pe_key is not None or not with_pe)
-        most = _TREE_ABOVE[keyed] * n
+        if pn_key is not None and (pe_key is not None or not with_pe):
+            return _keyed_overlaps(
+                planes, flat, positive, with_pe, examples, budget, pn_key, pe_key, pn_read
+            )
+        most = _TREE_ABOVE[False] * n
         found = _sparse_overlaps(planes, flat, positive, with_pe, examples, budget, p_max, most)
         if found is not None:
             return found
         if flat.num_images * p_max * flat.max_size > most:
-            return _tree_overlaps(planes, flat, positive, with_pe, examples, budget, pn_key, pe_key)
+            return _tree_overlaps(planes, flat, positive, with_pe, examples, budget)
     return _dense_overlaps(planes, flat, positive, pos_count, p_max, with_pe, examples, budget)
+
+
+def _keyed_overlaps(
+    planes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    with_pe: bool,
+    examples: Tensor | None,
+    budget: int,
+    pn_key: Callable[[Tensor], Tensor],
+    pe_key: Callable[[Tensor], Tensor] | None,
+    pn_read: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``_overlaps`` with keys, on the CPU: most keys are settled by a few IoUs each.
+
+    Each candidate read is first compared with the ``_CENTRAL`` positives of its ground truth
+    that overlap it most (``_central_overlaps``), each positive likewise with the other examples
+    among them; where that reaches the largest key, it is the maximum's. The candidates left are
+    compared with the positives that may intersect them (``_sparse_overlaps``), or searched for
+    in a tree of the positives where that would take more than ``_TREE_ABOVE`` IoUs per
+    candidate; the positives left, as in ``_tree_overlaps``.
+    """
+    n, b = planes.shape[0], flat.num_images
+    top = planes.new_tensor(2.0)  # above every IoU: its key is the largest
+    read = torch.arange(n) if pn_read is None else pn_read.nonzero()[:, 0]
+    pos_index = positive.nonzero()[:, 0]
+    counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
+    iou_pn = planes.new_zeros(n)
+    iou_pn[read] = first = _central_overlaps(planes, flat, positive, read, None)
+    rows = torch.zeros(n, dtype=torch.bool)
+    rows[read[pn_key(first) < pn_key(top)]] = True
+    pos_count = flat.count(positive)
+    p_max = int(pos_count.max())
+    most = _TREE_ABOVE[True] * n
+    found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+    if found is not None:
+        torch.maximum(iou_pn, found[0], out=iou_pn)
+    elif b * p_max * flat.max_size <= most:
+        found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
+        torch.maximum(iou_pn, found[0], out=iou_pn)
+    else:
+        tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
+        q = rows.nonzero()[:, 0]
+        iou_pn[q] = _search_tree(tree, planes[q], flat.image[q], None, budget, pn_key, iou_pn[q])
+    iou_pe = planes.new_zeros(n)
+    if with_pe:
+        found = _central_overlaps(planes, flat, positive, pos_index, counted)
+        todo = torch.arange(pos_index.shape[0])
+        if pe_key is not None:
+            todo = (pe_key(found) < pe_key(top)).nonzero()[:, 0]
+        iou_pe[pos_index] = _others(planes, flat, pos_index, todo, counted, found, budget, pe_key)
+    return iou_pn, iou_pe
 
 
 def _iou_block(cand: Tensor, pos: Tensor) -> Tensor:
@@ -285,6 +342,7 @@ def _sparse_overlaps(
     budget: int,
     p_max: int,
     most: int | None = None,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
 
@@ -344,6 +402,10 @@ def _sparse_overlaps(
         meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
         meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
         hit[:, start : start + step] = meet
+    if rows is not None:  # only these candidates' iou_pn is wanted
+        wanted = torch.zeros(b, 1, size, dtype=torch.bool, device=device)
+        wanted[flat.image, 0, flat.position] = rows
+        hit &= wanted
 
     # Largest groups first: the groups with a k-th positive are then a prefix.
     by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
@@ -436,6 +498,11 @@ _SHIFT = _LEAF.bit_length() - 1
 # (``benchmarks/scaling.py``; the keyed trees overtake near 8,000 proposals per image and 20
 # ground truths, the exact ones near 16,000).
 _TREE_ABOVE = {True: 400, False: 1000}
+# Positives per ground truth that ``_central_overlaps`` compares each candidate with.
+_CENTRAL = 4
+# Positives left after ``_leaf_mates`` are compared with every candidate of their image where
+# that is at most this many IoUs per candidate of the batch; else with a tree of the examples.
+_BRUTE_MOST = 16
 
 
 def _tree_overlaps(
@@ -445,31 +512,102 @@ def _tree_overlaps(
     with_pe: bool,
     examples: Tensor | None,
     budget: int,
-    pn_key: Callable[[Tensor], Tensor] | None,
-    pe_key: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor]:
     """``overlap_with_positives`` by branch and bound in trees of boxes, in about linear time.
 
-    ``iou_pn`` searches a tree of each image's positives for each candidate, ``iou_pe`` a tree
-    of each image's examples for each positive, its own box left out (``_search_tree``). With a
-    key, a value is any IoU of the candidate whose key equals the maximum's (see
-    ``_overlaps``). Reads sizes from the host (CPU only).
+    ``iou_pn`` searches a k-d tree of each image's positives for each candidate
+    (``_search_tree``). For ``iou_pe``, each positive first meets the other examples of its leaf
+    of that tree, its nearest neighbours, then searches a tree of its image's examples
+    (``_others``). Reads sizes from the host (CPU only).
     """
     n, b = planes.shape[0], flat.num_images
     pos_index = positive.nonzero()[:, 0]  # [P]
-    image = flat.image
-    tree = _build_tree(planes[pos_index], image[pos_index], b)
-    iou_pn = _search_tree(tree, planes, image, None, budget, pn_key)
+    tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
+    iou_pn = _search_tree(tree, planes, flat.image, None, budget, None)
     iou_pe = planes.new_zeros(n)
     if with_pe:
-        ex_index = torch.arange(n) if examples is None else examples.nonzero()[:, 0]  # [X]
-        rank = torch.full((n,), -1, dtype=torch.int64)
-        rank[ex_index] = torch.arange(ex_index.shape[0])
-        tree = _build_tree(planes[ex_index], image[ex_index], b)
-        iou_pe[pos_index] = _search_tree(
-            tree, planes[pos_index], image[pos_index], rank[pos_index], budget, pe_key
-        )
+        counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
+        found = _leaf_mates(tree, counted[pos_index])  # [P]
+        todo = torch.arange(pos_index.shape[0])
+        iou_pe[pos_index] = _others(planes, flat, pos_index, todo, counted, found, budget, None)
     return iou_pn, iou_pe
+
+
+def _others(
+    planes: Tensor,
+    flat: FlatBatch,
+    pos_index: Tensor,
+    todo: Tensor,
+    counted: Tensor,
+    found: Tensor,
+    budget: int,
+    key: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """IoU(p,e) of the positives ``pos_index[todo]``, at least ``found: [P]``, the IoUs known.
+
+    Where they are few, each is compared with every ``counted`` candidate of its image
+    (``_dense_overlaps``); else they search a k-d tree of those, their own box left out.
+    Returns ``found`` raised to the maxima (their keys, with ``key``): ``[P]``.
+    """
+    n, b = planes.shape[0], flat.num_images
+    left = torch.zeros(n, dtype=torch.bool)
+    left[pos_index[todo]] = True
+    left_count = flat.count(left)
+    left_max = int(left_count.max()) if n else 0
+    found = found.clone()
+    if left_max == 0:
+        return found
+    query = pos_index[todo]
+    if b * left_max * flat.max_size <= _BRUTE_MOST * n:
+        _, pe = _dense_overlaps(planes, flat, left, left_count, left_max, True, counted, budget)
+        found[todo] = torch.maximum(found[todo], pe[query])
+        return found
+    ex_index = counted.nonzero()[:, 0]  # [X]
+    rank = torch.full((n,), -1, dtype=torch.int64)
+    rank[ex_index] = torch.arange(ex_index.shape[0])
+    tree = _build_tree(planes[ex_index], flat.image[ex_index], b)
+    found[todo] = _search_tree(
+        tree, planes[query], flat.image[query], rank[query], budget, key, found[todo]
+    )
+    return found
+
+
+def _central_overlaps(
+    planes: Tensor, flat: FlatBatch, positive: Tensor, query: Tensor, counted: Tensor | None
+) -> Tensor:
+    """Each candidate's largest IoU with the ``_CENTRAL`` positives of its ground truth (in its
+    image) that overlap that ground truth most: a lower bound of ``iou_pn``, or with ``counted:
+    bool [N]`` (the others left out, and the query itself) of ``iou_pe``. ``query: int64 [Q]``
+    -> ``[Q]`` (0 where the ground truth has no positive)."""
+    n, pos_index = planes.shape[0], positive.nonzero()[:, 0]
+    span = int(flat.gt_index.max()) + 2
+    group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
+    order = torch.argsort(flat.max_iou[pos_index], descending=True, stable=True)
+    order = order[torch.argsort(group[pos_index][order], stable=True)]
+    ranked = pos_index[order]  # by group, then by overlap with the ground truth
+    keys, size = torch.unique_consecutive(group[ranked], return_counts=True)
+    j = torch.arange(_CENTRAL)
+    at = (torch.cumsum(size, 0) - size)[:, None] + j  # [G, C]
+    central = torch.where(j < size[:, None], ranked[at.clamp(max=ranked.shape[0] - 1)], n)
+    g = torch.searchsorted(keys, group[query]).clamp_(max=keys.shape[0] - 1)
+    pick = torch.where((keys[g] == group[query])[:, None], central[g], n)  # [Q, C]
+    if counted is not None:
+        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
+        pick = pick.masked_fill(out, n)
+    table = torch.cat([planes, planes.new_zeros(1, 5)]).T  # [5, N + 1]; N: zero-area, IoU 0
+    near = table.index_select(1, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
+    return _iou_block(planes[query].T[:, None], near).amax(0)
+
+
+def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
+    """Each box's largest IoU with another box of its leaf that is ``counted: bool [R]``."""
+    leaves = tree.leaves.view(5, _LEAF, -1)  # [5, LEAF, leaves]
+    iou = _iou_block(leaves[:, :, None], leaves[:, None])  # [LEAF, LEAF, leaves]
+    mask = torch.zeros(leaves.shape[2] * _LEAF, dtype=torch.bool)
+    mask[tree.slot_of] = counted
+    mask = mask.view(-1, _LEAF).T[None] & ~torch.eye(_LEAF, dtype=torch.bool)[..., None]
+    best = iou.masked_fill_(~mask, 0).amax(1)  # [LEAF, leaves]
+    return best.T.reshape(-1).index_select(0, tree.slot_of)
 
 
 def _bound_block(query: Tensor, node: Tensor) -> Tensor:
@@ -628,6 +766,7 @@ def _search_tree(
     own: Tensor | None,
     budget: int,
     key: Callable[[Tensor], Tensor] | None,
+    best: Tensor | None = None,
 ) -> Tensor:
     """Each query box's largest IoU with a box of its image's tree, by branch and bound.
 
@@ -649,11 +788,12 @@ def _search_tree(
         own: ``int64 [Q]``, the box of the tree that is the query itself (left out), or -1.
         budget: bounds the pairs in flight.
         key: a monotone map of IoUs, or None.
+        best: ``float [Q]``, IoUs of each query known already (with boxes of the tree), or None.
 
     Returns:
-        ``float [Q]``: 0 in an image without boxes.
+        ``float [Q]``: 0 in an image without boxes (or ``best``).
     """
-    best = query.new_zeros(query.shape[0])
+    best = query.new_zeros(query.shape[0]) if best is None else best.clone()
     height = tree.height.index_select(0, query_image)
     if query.shape[0] == 0 or int(tree.height.max()) < 0:
         return best
@@ -683,10 +823,13 @@ def _search_tree(
     searched = (height >= 0).nonzero()[:, 0]
     for start in range(0, searched.shape[0], piece):
         q = searched[start : start + piece]
-        best[q] = leaf_max(q, node.index_select(0, q))
+        best[q] = torch.maximum(best[q], leaf_max(q, node.index_select(0, q)))
+    open_ = torch.ones_like(height, dtype=torch.bool)
+    if key is not None:  # no IoU reaches 2: a query at its key is done
+        open_ = key(best) < key(best.new_tensor(2.0))
     stack = []
     for h in range(int(tree.height.max()) + 1):
-        q = (height == h).nonzero()[:, 0]
+        q = ((height == h) & open_).nonzero()[:, 0]
         if q.shape[0]:
             stack.append((h, q, root.index_select(0, q)))
     while stack:
@@ -699,15 +842,17 @@ def _search_tree(
         if level == 0:
             best.scatter_reduce_(0, q, leaf_max(q, node), "amax")
             continue
-        child = torch.cat([node * 2, node * 2 + 1])  # [2E]
-        near = tree.bounds[level - 1].index_select(1, child).view(11, 2, e)
+        near = tree.bounds[level - 1].index_select(1, torch.cat([node * 2, node * 2 + 1]))
+        near = near.view(11, 2, e)
         bound = _bound_block(query_t.index_select(1, q)[:, None], near).mul_(margin)  # [2, E]
         lb = best.index_select(0, q)
         if key is not None:
             bound, lb = key(bound), key(lb)
-        keep = (bound > lb).view(-1).nonzero()[:, 0]
+        side, keep = (bound > lb).nonzero().unbind(1)
         if keep.shape[0]:
-            stack.append((level - 1, q.index_select(0, keep % e), child.index_select(0, keep)))
+            stack.append(
+                (level - 1, q.index_select(0, keep), node.index_select(0, keep) * 2 + side)
+            )
     return best
 
 
@@ -989,9 +1134,12 @@ def sample_overlap(
             examples=None if gt_copies_in_pe else ~gt_copy,
             pn_key=key(strategy),
             pe_key=key(pos_strategy),
+            pn_read=neg,
         )
         if not gt_copies_in_pn and strategy != "uniform":
-            iou_pn, _ = _overlaps(flat_boxes, flat, pn_pos, with_pe=False, pn_key=key(strategy))
+            iou_pn, _ = _overlaps(
+                flat_boxes, flat, pn_pos, with_pe=False, pn_key=key(strategy), pn_read=neg
+            )
     pick = partial(
         _pick,
         num_bins=num_bins,
