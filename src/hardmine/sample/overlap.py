@@ -176,10 +176,10 @@ def _overlaps(
     A key is a monotone map of IoUs (a soft bin's index, the side of the hard threshold): with
     ``pn_key``, each value of ``iou_pn`` is one of the candidate's IoUs with a positive whose key
     is the maximum's, not necessarily the maximum (likewise ``pe_key``). The sampler reads no
-    more than the key, and the trees of ``_tree_overlaps`` then prune much more. With
-    ``pn_read: bool [N]``, only those candidates' ``iou_pn`` is wanted; the others may be 0. On
-    the CPU, where ``_sparse_overlaps`` would compare more pairs per candidate than
-    ``_TREE_ABOVE``, the trees take over.
+    more than the key, which a few IoUs settle for most candidates (``_keyed_overlaps``, on the
+    CPU). With ``pn_read: bool [N]``, only those candidates' ``iou_pn`` is wanted; the others may
+    be 0. On the CPU, where ``_sparse_overlaps`` would compare more pairs per candidate than
+    ``_TREE_ABOVE``, trees of the boxes take over (``_tree_overlaps``).
     """
     boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n = boxes.shape[0]
@@ -222,7 +222,7 @@ def _keyed_overlaps(
     among them; where that reaches the largest key, it is the maximum's. The candidates left are
     compared with the positives that may intersect them (``_sparse_overlaps``), or searched for
     in a tree of the positives where that would take more than ``_TREE_ABOVE`` IoUs per
-    candidate; the positives left, as in ``_tree_overlaps``.
+    candidate; the positives left are compared with the examples by ``_others``.
     """
     n, b = planes.shape[0], flat.num_images
     top = planes.new_tensor(2.0)  # above every IoU: its key is the largest
@@ -236,16 +236,18 @@ def _keyed_overlaps(
     pos_count = flat.count(positive)
     p_max = int(pos_count.max())
     most = _TREE_ABOVE[True] * n
-    found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
-    if found is not None:
-        torch.maximum(iou_pn, found[0], out=iou_pn)
-    elif b * p_max * flat.max_size <= most:
-        found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
-        torch.maximum(iou_pn, found[0], out=iou_pn)
-    else:
-        tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
-        q = rows.nonzero()[:, 0]
-        iou_pn[q] = _search_tree(tree, planes[q], flat.image[q], None, budget, pn_key, iou_pn[q])
+    if bool(rows.any()):
+        found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+        if found is None and b * p_max * flat.max_size <= most:
+            found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
+        if found is not None:
+            torch.maximum(iou_pn, found[0], out=iou_pn)
+        else:
+            tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
+            q = rows.nonzero()[:, 0]
+            iou_pn[q] = _search_tree(
+                tree, planes[q], flat.image[q], None, budget, pn_key, iou_pn[q]
+            )
     iou_pe = planes.new_zeros(n)
     if with_pe:
         found = _central_overlaps(planes, flat, positive, pos_index, counted)
@@ -355,7 +357,9 @@ def _sparse_overlaps(
     Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
     groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
     the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
-    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
+    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it. With
+    ``rows: bool [N]`` (``with_pe`` False), only those candidates are listed: the others'
+    ``iou_pn`` is 0.
 
     Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
     pairs than ``_dense_overlaps``, or more than ``most``.
