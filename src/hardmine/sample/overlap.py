@@ -230,7 +230,7 @@ def _keyed_overlaps(
     pos_index = positive.nonzero()[:, 0]
     counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
     iou_pn = planes.new_zeros(n)
-    iou_pn[read] = first = _central_overlaps(planes, flat, positive, read, None)
+    iou_pn[read] = first = _central_overlaps(planes, flat, pos_index, read, None)
     rows = torch.zeros(n, dtype=torch.bool)
     rows[read[pn_key(first) < pn_key(top)]] = True
     pos_count = flat.count(positive)
@@ -250,7 +250,7 @@ def _keyed_overlaps(
             )
     iou_pe = planes.new_zeros(n)
     if with_pe:
-        found = _central_overlaps(planes, flat, positive, pos_index, counted)
+        found = _central_overlaps(planes, flat, pos_index, pos_index, counted)
         todo = torch.arange(pos_index.shape[0])
         if pe_key is not None:
             todo = (pe_key(found) < pe_key(top)).nonzero()[:, 0]
@@ -577,13 +577,14 @@ def _others(
 
 
 def _central_overlaps(
-    planes: Tensor, flat: FlatBatch, positive: Tensor, query: Tensor, counted: Tensor | None
+    planes: Tensor, flat: FlatBatch, pos_index: Tensor, query: Tensor, counted: Tensor | None
 ) -> Tensor:
     """Each candidate's largest IoU with the ``_CENTRAL`` positives of its ground truth (in its
     image) that overlap that ground truth most: a lower bound of ``iou_pn``, or with ``counted:
-    bool [N]`` (the others left out, and the query itself) of ``iou_pe``. ``query: int64 [Q]``
-    -> ``[Q]`` (0 where the ground truth has no positive)."""
-    n, pos_index = planes.shape[0], positive.nonzero()[:, 0]
+    bool [N]`` (the others left out, and the query itself) of ``iou_pe``. ``pos_index: int64
+    [P]`` lists the positives, ``query: int64 [Q]`` the candidates -> ``[Q]`` (0 where the
+    ground truth has no positive)."""
+    n = planes.shape[0]
     span = int(flat.gt_index.max()) + 2
     group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
     order = torch.argsort(flat.max_iou[pos_index], descending=True, stable=True)
@@ -593,14 +594,16 @@ def _central_overlaps(
     j = torch.arange(_CENTRAL)
     at = (torch.cumsum(size, 0) - size)[:, None] + j  # [G, C]
     central = torch.where(j < size[:, None], ranked[at.clamp(max=ranked.shape[0] - 1)], n)
-    g = torch.searchsorted(keys, group[query]).clamp_(max=keys.shape[0] - 1)
-    pick = torch.where((keys[g] == group[query])[:, None], central[g], n)  # [Q, C]
-    if counted is not None:
+    central = torch.cat([central, central.new_full((1, _CENTRAL), n)])  # group G: none
+    lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
+    lookup[keys] = torch.arange(keys.shape[0])
+    pick = central.index_select(0, lookup.index_select(0, group.index_select(0, query)))
+    if counted is not None:  # [Q, C]
         out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
         pick = pick.masked_fill(out, n)
     table = torch.cat([planes, planes.new_zeros(1, 5)]).T  # [5, N + 1]; N: zero-area, IoU 0
     near = table.index_select(1, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
-    return _iou_block(planes[query].T[:, None], near).amax(0)
+    return _iou_block(table.index_select(1, query)[:, None], near).amax(0)
 
 
 def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
