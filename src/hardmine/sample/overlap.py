@@ -217,9 +217,10 @@ def _keyed_overlaps(
 ) -> tuple[Tensor, Tensor]:
     """``_overlaps`` with keys, on the CPU: most keys are settled by a few IoUs each.
 
-    Each candidate read is first compared with the ``_CENTRAL`` positives of its ground truth
-    that overlap it most (``_central_overlaps``), each positive likewise with the other examples
-    among them; where that reaches the largest key, it is the maximum's. The candidates left are
+    Each candidate read is first compared with the ``_CENTRAL`` positives that overlap its ground
+    truth most (``_central_overlaps``), each positive likewise with the other examples among
+    them; where that reaches the largest key, it is the maximum's (most of them, with proposals
+    around their ground truths). The candidates left are
     compared with the positives that may intersect them (``_sparse_overlaps``), or searched for
     in a tree of the positives where that would take more than ``_TREE_ABOVE`` IoUs per
     candidate; the positives left are compared with the examples by ``_others``.
@@ -497,15 +498,16 @@ def _sparse_overlaps(
 # Boxes per leaf of the trees of ``_tree_overlaps``: the IoUs are computed a whole leaf at a time.
 _LEAF = 8
 _SHIFT = _LEAF.bit_length() - 1
-# Work of ``_sparse_overlaps`` (IoUs per candidate) above which the trees of ``_tree_overlaps``
-# cost less, for keyed and for exact maxima: measured on proposals around their ground truths
-# (``benchmarks/scaling.py``; the keyed trees overtake near 8,000 proposals per image and 20
-# ground truths, the exact ones near 16,000).
+# Work of ``_sparse_overlaps`` (IoUs per candidate of the batch) above which trees cost less,
+# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave) and for
+# exact ones (``_tree_overlaps``): measured on proposals around their ground truths
+# (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between 16,000 and 32,000
+# proposals per image, keyed or exact).
 _TREE_ABOVE = {True: 400, False: 1000}
 # Positives per ground truth that ``_central_overlaps`` compares each candidate with.
 _CENTRAL = 4
-# Positives left after ``_leaf_mates`` are compared with every candidate of their image where
-# that is at most this many IoUs per candidate of the batch; else with a tree of the examples.
+# Positives whose IoU(p,e) is left open (``_others``) are compared with every candidate of their
+# image where that is at most this many IoUs per candidate of the batch; else with a tree.
 _BRUTE_MOST = 16
 
 
