@@ -485,7 +485,8 @@ def _crowded_batch(dtype: torch.dtype = torch.float32):
     """Images of proposals crowding around their ground truths, as ``benchmarks/scaling.py``
     draws them, with the cases every path must handle: images with 0, 1 (one leaf), 9 and
     hundreds of positives (trees of several heights), an empty image, zero-area, inverted,
-    outside-the-image and duplicated boxes, ignored candidates and copies left out of IoU(p,e).
+    outside-the-image and duplicated boxes, negatives matched to no ground truth, ignored
+    candidates and copies left out of IoU(p,e).
     """
     gen = torch.Generator().manual_seed(3)
     boxes, labels, owners = [], [], []
@@ -502,6 +503,7 @@ def _crowded_batch(dtype: torch.dtype = torch.float32):
         iou = box_iou(gt, b) if num_gt else torch.zeros(1, n)
         label = torch.where(iou.amax(0) >= 0.5, 1, 0).to(torch.int8)
         label[torch.rand(n, generator=gen) < 0.03] = -1
+        owner[(label == 0) & (torch.rand(n, generator=gen) < 0.05)] = -1  # matched to none
         boxes.append(b.to(dtype))
         labels.append(label)
         owners.append(owner)
