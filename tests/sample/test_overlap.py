@@ -523,6 +523,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     above = 0 if path == "tree" else 1 << 40
     monkeypatch.setattr(overlap_module, "_TREE_ABOVE", {True: above, False: above})
     monkeypatch.setattr(overlap_module, "_BRUTE_MOST", above)
+    monkeypatch.setattr(overlap_module, "_PAIRS_ABOVE", above)
 
 
 def _brute_force(boxes, flat, positive, examples):

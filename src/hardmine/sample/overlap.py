@@ -238,7 +238,15 @@ def _keyed_overlaps(
     p_max = int(pos_count.max())
     most = _TREE_ABOVE[True] * n
     if bool(rows.any()):
-        found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+        # The grouped path compares about (positives of a ground truth) x (candidates near it):
+        # estimated by the candidates left that are matched to it, before listing any pair.
+        span = int(flat.gt_index.max()) + 2
+        group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
+        pairs = torch.bincount(group[pos_index], minlength=b * span)
+        pairs *= torch.bincount(group[rows], minlength=b * span)
+        found = None
+        if int(pairs.sum()) <= _PAIRS_ABOVE * n:
+            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
         if found is None and b * p_max * flat.max_size <= most:
             found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
         if found is not None:
@@ -504,6 +512,10 @@ _SHIFT = _LEAF.bit_length() - 1
 # (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between 16,000 and 32,000
 # proposals per image, keyed or exact).
 _TREE_ABOVE = {True: 400, False: 1000}
+# The same for ``_keyed_overlaps``, estimated before listing the pairs: (positives of a ground
+# truth) x (candidates left matched to it), per candidate of the batch. 20 ground truths:
+# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000.
+_PAIRS_ABOVE = 110
 # Positives per ground truth that ``_central_overlaps`` compares each candidate with.
 _CENTRAL = 4
 # Positives whose IoU(p,e) is left open (``_others``) are compared with every candidate of their
