@@ -167,8 +167,8 @@ def _overlaps(
     with_pe: bool = True,
     examples: Tensor | None = None,
     budget: int = 1 << 18,
-    pn_key: Callable[[Tensor], Tensor] | None = None,
-    pe_key: Callable[[Tensor], Tensor] | None = None,
+    pn_key: _Key | None = None,
+    pe_key: _Key | None = None,
     pn_read: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``overlap_with_positives``, where only a key of each maximum may be wanted.
@@ -211,8 +211,8 @@ def _keyed_overlaps(
     with_pe: bool,
     examples: Tensor | None,
     budget: int,
-    pn_key: Callable[[Tensor], Tensor],
-    pe_key: Callable[[Tensor], Tensor] | None,
+    pn_key: _Key,
+    pe_key: _Key | None,
     pn_read: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """``_overlaps`` with keys, on the CPU: most keys are settled by a few IoUs each.
@@ -226,14 +226,13 @@ def _keyed_overlaps(
     candidate; the positives left are compared with the examples by ``_others``.
     """
     n, b = planes.shape[0], flat.num_images
-    top = planes.new_tensor(2.0)  # above every IoU: its key is the largest
     read = torch.arange(n) if pn_read is None else pn_read.nonzero()[:, 0]
     pos_index = positive.nonzero()[:, 0]
     counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
     iou_pn = planes.new_zeros(n)
     iou_pn[read] = first = _central_overlaps(planes, flat, pos_index, read, None)
     rows = torch.zeros(n, dtype=torch.bool)
-    rows[read[pn_key(first) < pn_key(top)]] = True
+    rows[read[pn_key.rise(first) < float("inf")]] = True
     pos_count = flat.count(positive)
     p_max = int(pos_count.max())
     most = _TREE_ABOVE[True] * n
@@ -262,7 +261,7 @@ def _keyed_overlaps(
         found = _central_overlaps(planes, flat, pos_index, pos_index, counted)
         todo = torch.arange(pos_index.shape[0])
         if pe_key is not None:
-            todo = (pe_key(found) < pe_key(top)).nonzero()[:, 0]
+            todo = (pe_key.rise(found) < float("inf")).nonzero()[:, 0]
         iou_pe[pos_index] = _others(planes, flat, pos_index, todo, counted, found, budget, pe_key)
     return iou_pn, iou_pe
 
@@ -559,7 +558,7 @@ def _others(
     counted: Tensor,
     found: Tensor,
     budget: int,
-    key: Callable[[Tensor], Tensor] | None,
+    key: _Key | None,
 ) -> Tensor:
     """IoU(p,e) of the positives ``pos_index[todo]``, at least ``found: [P]``, the IoUs known.
 
@@ -795,7 +794,7 @@ def _search_tree(
     query_image: Tensor,
     own: Tensor | None,
     budget: int,
-    key: Callable[[Tensor], Tensor] | None,
+    key: _Key | None,
     best: Tensor | None = None,
 ) -> Tensor:
     """Each query box's largest IoU with a box of its image's tree, by branch and bound.
@@ -808,7 +807,8 @@ def _search_tree(
     and the bound is at least every IoU of the node's boxes: exact arithmetic bounds them, and a
     relative margin of 64 units in the last place covers the rounding of both (a few units at
     most), so the maxima are those of all pairs to the bit. With ``key``, a child is dropped
-    unless the key of its bound exceeds that of the best: the best's key is then the maximum's.
+    unless its bound reaches the least IoU whose key may exceed the best's (``_Key.rise``): the
+    best's key is then the maximum's.
     The pairs are processed ``budget // 16`` at a time: memory stays bounded.
 
     Args:
@@ -831,6 +831,7 @@ def _search_tree(
     own_slot = None if own is None else torch.where(own >= 0, tree.slot_of[own.clamp(min=0)], -1)
     piece = max(1, budget // 16)
     margin = 1 + 64 * torch.finfo(query.dtype).eps
+    inf = float("inf")
 
     def leaf_max(q: Tensor, leaf: Tensor) -> Tensor:
         box = _take(query_t, q)[:, None]  # [5, 1, E]
@@ -854,12 +855,12 @@ def _search_tree(
     for start in range(0, searched.shape[0], piece):
         q = searched[start : start + piece]
         best[q] = torch.maximum(best[q], leaf_max(q, node.index_select(0, q)))
-    open_ = torch.ones_like(height, dtype=torch.bool)
-    if key is not None:  # no IoU reaches 2: a query at its key is done
-        open_ = key(best) < key(best.new_tensor(2.0))
+    # A child is kept where its bound reaches ``need``: above the best, or where its key rises.
+    rise = key.rise if key is not None else partial(torch.nextafter, other=best.new_tensor(inf))
+    need = rise(best)
     stack = []
     for h in range(int(tree.height.max()) + 1):
-        q = ((height == h) & open_).nonzero()[:, 0]
+        q = ((height == h) & (need < inf)).nonzero()[:, 0]
         if q.shape[0]:
             stack.append((h, q, root.index_select(0, q)))
     while stack:
@@ -871,14 +872,12 @@ def _search_tree(
             continue
         if level == 0:
             best.scatter_reduce_(0, q, leaf_max(q, node), "amax")
+            need[q] = rise(best.index_select(0, q))
             continue
         near = _take(tree.bounds[level - 1], torch.cat([node * 2, node * 2 + 1]))
         near = near.view(11, 2, e)
         bound = _bound_block(_take(query_t, q)[:, None], near).mul_(margin)  # [2, E]
-        lb = best.index_select(0, q)
-        if key is not None:
-            bound, lb = key(bound), key(lb)
-        side, keep = (bound > lb).nonzero().unbind(1)
+        side, keep = (bound >= need.index_select(0, q)).nonzero().unbind(1)
         if keep.shape[0]:
             stack.append(
                 (level - 1, q.index_select(0, keep), node.index_select(0, keep) * 2 + side)
@@ -891,16 +890,34 @@ def _fixed_bin(overlap: Tensor, upper: float, num_bins: int) -> Tensor:
     return (overlap / (upper / num_bins)).floor().long().clamp(0, num_bins - 1)
 
 
+@dataclass(frozen=True)
+class _Key:
+    """What ``_pick`` reads of an overlap: a monotone step function ``read`` to ``0 ..
+    len(edges)``, and ``edges``, IoUs at or below each step's least IoU."""
+
+    read: Callable[[Tensor], Tensor]
+    edges: tuple[float, ...]
+
+    def __call__(self, overlap: Tensor) -> Tensor:
+        return self.read(overlap)
+
+    def rise(self, overlap: Tensor) -> Tensor:
+        """Below this, no IoU's key exceeds that of each ``overlap`` (infinite at the top)."""
+        return overlap.new_tensor([*self.edges, float("inf")])[self.read(overlap)]
+
+
 def _overlap_key(
     strategy: Strategy, *, bins: Bins, num_bins: int, upper: float, hard_thr: float
-) -> Callable[[Tensor], Tensor] | None:
+) -> _Key | None:
     """What ``_pick`` reads of the overlaps under ``strategy``, or None where it reads them all."""
     if strategy == "uniform":
-        return torch.zeros_like
+        return _Key(partial(torch.zeros_like, dtype=torch.int64), ())
     if strategy == "hard":
-        return lambda overlap: (overlap >= hard_thr).long()
+        return _Key(lambda overlap: (overlap >= hard_thr).long(), (hard_thr,))
     if strategy == "soft" and bins == "fixed":
-        return partial(_fixed_bin, upper=upper, num_bins=num_bins)
+        # The division rounds: a hair below each edge, so that no IoU of a bin falls below it.
+        edges = tuple(upper / num_bins * k * (1 - 1e-5) for k in range(1, num_bins))
+        return _Key(partial(_fixed_bin, upper=upper, num_bins=num_bins), edges)
     return None
 
 
