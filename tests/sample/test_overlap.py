@@ -524,6 +524,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     monkeypatch.setattr(overlap_module, "_TREE_ABOVE", {True: above, False: above})
     monkeypatch.setattr(overlap_module, "_BRUTE_MOST", above)
     monkeypatch.setattr(overlap_module, "_PAIRS_ABOVE", above)
+    monkeypatch.setattr(overlap_module, "_KEYED_ABOVE", 0)
 
 
 def _brute_force(boxes, flat, positive, examples):

@@ -177,9 +177,10 @@ def _overlaps(
     ``pn_key``, each value of ``iou_pn`` is one of the candidate's IoUs with a positive whose key
     is the maximum's, not necessarily the maximum (likewise ``pe_key``). The sampler reads no
     more than the key, which a few IoUs settle for most candidates (``_keyed_overlaps``, on the
-    CPU). With ``pn_read: bool [N]``, only those candidates' ``iou_pn`` is wanted; the others may
-    be 0. On the CPU, where ``_sparse_overlaps`` would compare more pairs per candidate than
-    ``_TREE_ABOVE``, trees of the boxes take over (``_tree_overlaps``).
+    CPU, above ``_KEYED_ABOVE`` candidates). With ``pn_read: bool [N]``, only those candidates'
+    ``iou_pn`` is wanted; the others may be 0. On the CPU, where ``_sparse_overlaps`` would
+    compare more pairs per candidate than ``_TREE_ABOVE``, trees of the boxes take over
+    (``_tree_overlaps``).
     """
     boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n = boxes.shape[0]
@@ -191,7 +192,7 @@ def _overlaps(
         return boxes.new_zeros(n), boxes.new_zeros(n)
     planes = torch.cat([boxes, box_area(boxes)[:, None]], 1)  # [N, 5]: x1, y1, x2, y2, area
     if boxes.device.type == "cpu":
-        if pn_key is not None and (pe_key is not None or not with_pe):
+        if pn_key is not None and (pe_key is not None or not with_pe) and n > _KEYED_ABOVE:
             return _keyed_overlaps(
                 planes, flat, positive, with_pe, examples, budget, pn_key, pe_key, pn_read
             )
@@ -515,6 +516,9 @@ _TREE_ABOVE = {True: 400, False: 1000}
 # truth) x (candidates left matched to it), per candidate of the batch. 20 ground truths:
 # about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000.
 _PAIRS_ABOVE = 110
+# Candidates per batch above which keys pay: below, ``_keyed_overlaps``'s passes cost more than
+# they save (measured on proposals around their ground truths).
+_KEYED_ABOVE = 2048
 # Positives per ground truth that ``_central_overlaps`` compares each candidate with.
 _CENTRAL = 4
 # Positives whose IoU(p,e) is left open (``_others``) are compared with every candidate of their
