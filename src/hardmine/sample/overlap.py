@@ -821,7 +821,7 @@ def _search_tree(
         query_image: ``int64 [Q]``.
         own: ``int64 [Q]``, the box of the tree that is the query itself (left out), or -1.
         budget: bounds the pairs in flight.
-        key: a monotone map of IoUs, or None.
+        key: what is read of each maximum (``_Key``), or None: the exact maximum.
         best: ``float [Q]``, IoUs of each query known already (with boxes of the tree), or None.
 
     Returns:
