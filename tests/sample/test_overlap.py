@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from hardmine.boxes import box_area, box_iou
+import hardmine.sample.overlap as overlap_module
+from hardmine.boxes import box_area, box_iou, upcast
 from hardmine.sample import OverlapSampler, overlap_with_positives, sample_overlap
-from hardmine.sample.overlap import _dense_overlaps, _sparse_overlaps
+from hardmine.sample.overlap import _dense_overlaps, _overlap_key, _overlaps, _sparse_overlaps
 from hardmine.sample.quota import flatten
 from hardmine.structures import Assignment
 
@@ -478,3 +479,143 @@ def test_iou_pn_without_copies_is_uniform_where_only_copies_are_positive():
             far[gt_copies_in_pn] += int(s.mask[1])
     assert far[True] == 0  # IoU(p,n) 0 with the copy: linear never picks it
     assert 30 < far[False] < 70
+
+
+def _crowded_batch(dtype: torch.dtype = torch.float32):
+    """Images of proposals crowding around their ground truths, as ``benchmarks/scaling.py``
+    draws them, with the cases every path must handle: images with 0, 1 (one leaf), 9 and
+    hundreds of positives (trees of several heights), an empty image, zero-area, inverted,
+    outside-the-image and duplicated boxes, negatives matched to no ground truth, ignored
+    candidates and copies left out of IoU(p,e).
+    """
+    gen = torch.Generator().manual_seed(3)
+    boxes, labels, owners = [], [], []
+    for n, num_gt in [(900, 3), (40, 1), (0, 0), (300, 0), (1500, 6), (14, 1), (25, 2)]:
+        gt_xy = torch.rand(max(num_gt, 1), 2, generator=gen) * 500 - 50  # some leave the image
+        gt = torch.cat([gt_xy, gt_xy + torch.rand(max(num_gt, 1), 2, generator=gen) * 150 + 20], 1)
+        owner = torch.randint(max(num_gt, 1), (n,), generator=gen)
+        wh = (gt[owner, 2:] - gt[owner, :2]).repeat(1, 2)
+        b = gt[owner] + (torch.rand(n, 4, generator=gen) - 0.5) * wh * 0.8
+        if n:
+            b[:5, 2:] = b[:5, :2]  # zero-area
+            b[5:8] = b[5:8, [2, 3, 0, 1]]  # inverted
+            b[8:12] = b[12]  # duplicates
+        iou = box_iou(gt, b) if num_gt else torch.zeros(1, n)
+        label = torch.where(iou.amax(0) >= 0.5, 1, 0).to(torch.int8)
+        label[torch.rand(n, generator=gen) < 0.03] = -1
+        owner[(label == 0) & (torch.rand(n, generator=gen) < 0.05)] = -1  # matched to none
+        boxes.append(b.to(dtype))
+        labels.append(label)
+        owners.append(owner)
+    flat = flatten(
+        [
+            Assignment(lab, o, torch.zeros(lab.shape[0]), lab.long())
+            for lab, o in zip(labels, owners, strict=True)
+        ]
+    )
+    positive = torch.cat(labels) == 1
+    examples = torch.rand(positive.shape[0], generator=gen) > 0.05  # some copies
+    return torch.cat(boxes), flat, positive, examples
+
+
+def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Send the CPU's overlaps down the trees (``"tree"``) or away from them (``"sparse"``)."""
+    above = 0 if path == "tree" else 1 << 40
+    monkeypatch.setattr(overlap_module, "_TREE_ABOVE", {True: above, False: above})
+    monkeypatch.setattr(overlap_module, "_BRUTE_MOST", above)
+    monkeypatch.setattr(overlap_module, "_PAIRS_ABOVE", above)
+    monkeypatch.setattr(overlap_module, "_KEYED_ABOVE", 0)
+
+
+def _brute_force(boxes, flat, positive, examples):
+    """IoU(p,n) and IoU(p,e) from ``box_iou`` of each image's every pair."""
+    iou_pn, iou_pe = [], []
+    for b, pos, ex in zip(
+        *(t.split(flat.bounds.diff().tolist()) for t in (boxes, positive, examples)), strict=True
+    ):
+        iou = box_iou(b, b)  # [N, N], float32 for half precision
+        iou_pn.append(torch.where(pos[None], iou, 0).amax(1) if b.shape[0] else iou.new_zeros(0))
+        others = torch.where(ex[None], iou.fill_diagonal_(0), 0)
+        iou_pe.append(torch.where(pos, others.amax(1), 0) if b.shape[0] else iou.new_zeros(0))
+    return torch.cat(iou_pn), torch.cat(iou_pe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_tree_overlaps_equal_box_iou_to_the_bit(monkeypatch, dtype: torch.dtype) -> None:
+    boxes, flat, positive, examples = _crowded_batch(dtype)
+    everyone = torch.ones_like(examples)
+    want = {True: _brute_force(boxes, flat, positive, examples)}
+    want[False] = _brute_force(boxes, flat, positive, everyone)
+    assert want[True][0].dtype == upcast(boxes).dtype and bool((want[True][0] > 0).any())
+    _force(monkeypatch, "tree")
+    # A small budget: the pairs are searched a few hundred at a time.
+    for with_pe, ex, budget in [(True, examples, 1 << 18), (True, None, 3000), (False, None, 2048)]:
+        iou_pn, iou_pe = overlap_with_positives(
+            boxes, flat, positive, with_pe=with_pe, examples=ex, budget=budget
+        )
+        assert torch.equal(iou_pn, want[ex is not None][0])
+        assert torch.equal(iou_pe, want[ex is not None][1] if with_pe else torch.zeros_like(iou_pe))
+
+
+def test_tree_overlaps_of_all_equal_boxes_and_of_no_positives(monkeypatch) -> None:
+    _force(monkeypatch, "tree")
+    box = torch.tensor([[10.0, 20.0, 110.0, 70.0]])
+    boxes = torch.cat([box.repeat(40, 1), box.repeat(5, 1) + 500])
+    label = torch.tensor([1] * 30 + [0] * 15, dtype=torch.int8)
+    flat = flatten(
+        [Assignment(label, torch.zeros(45, dtype=torch.long), torch.zeros(45), label.long())]
+    )
+    iou_pn, iou_pe = overlap_with_positives(boxes, flat, label == 1)
+    assert iou_pn.tolist() == [1.0] * 40 + [0.0] * 5
+    assert iou_pe.tolist() == [1.0] * 30 + [0.0] * 15
+    iou_pn, iou_pe = overlap_with_positives(boxes, flat, torch.zeros(45, dtype=torch.bool))
+    assert not iou_pn.any() and not iou_pe.any()
+
+
+@pytest.mark.parametrize("path", ["tree", "sparse"])
+@pytest.mark.parametrize(
+    ("strategy", "num_bins"), [("soft", 2), ("soft", 3), ("soft", 7), ("hard", 2), ("uniform", 2)]
+)
+def test_keyed_overlaps_keep_the_key_of_the_maximum(monkeypatch, path, strategy, num_bins) -> None:
+    """What the sampler reads: the soft bin or the side of θ of each maximum, exactly."""
+    boxes, flat, positive, examples = _crowded_batch()
+    exact = _brute_force(boxes, flat, positive, examples)
+    key = _overlap_key(strategy, bins="fixed", num_bins=num_bins, upper=0.7, hard_thr=0.5)
+    _force(monkeypatch, path)
+    keyed = _overlaps(boxes, flat, positive, examples=examples, pn_key=key, pe_key=key)
+    assert torch.equal(key(keyed[0]), key(exact[0]))
+    assert torch.equal(key(keyed[1][positive]), key(exact[1][positive]))
+    assert not keyed[1][~positive].any()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"strategy": "hard", "pos_strategy": "hard"},
+        {"num_bins": 3, "pos_strategy": "uniform", "gt_copies_in_pn": False},
+        {"strategy": "linear", "pos_strategy": "soft", "bins": "observed"},
+    ],
+)
+def test_trees_pick_what_the_grouped_path_picks(monkeypatch, settings) -> None:
+    boxes, flat, positive, examples = _crowded_batch()
+    sizes = flat.bounds.diff().tolist()
+    per_image = list(boxes.split(sizes))
+    gt_index = flat.gt_index.split(sizes)
+    label = torch.where(positive, 1, flat.label).split(sizes)
+    # Copies (max IoU 1) among the positives, as the model integration appends them.
+    max_iou = torch.where(positive & ~examples, 1.0, 0.6).split(sizes)
+    assignments = [
+        Assignment(lab, g, m, lab.long())
+        for lab, g, m in zip(label, gt_index, max_iou, strict=True)
+    ]
+    picks = {}
+    for path in ("sparse", "tree"):
+        _force(monkeypatch, path)
+        gen = torch.Generator().manual_seed(0)
+        sels = sample_overlap(per_image, assignments, num=256, generator=gen, **settings)
+        picks[path] = [(s.mask, s.weight) for s in sels]
+    for (mask, weight), (tree_mask, tree_weight) in zip(
+        picks["sparse"], picks["tree"], strict=True
+    ):
+        assert torch.equal(mask, tree_mask) and torch.equal(weight, tree_weight)

@@ -10,7 +10,7 @@ docstring, the text's reading as the default and the others by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -136,8 +136,10 @@ def overlap_with_positives(
     (``_sparse_overlaps``); about a fifth of all pairs for proposals around their ground truths.
     On other devices, and where that is no smaller, every candidate is compared with every
     positive of its image (``_dense_overlaps``); the CUDA path so stays free of host
-    synchronisation beyond the one read of the positives' count. Both compute each IoU as
-    ``box_iou`` does, so the maxima are the same to the bit.
+    synchronisation beyond the one read of the positives' count. Where positives crowd around
+    their ground truths (thousands of proposals each), pairs grow as their square; there the CPU
+    searches k-d trees of the boxes by branch and bound instead (``_tree_overlaps``). All compute
+    each IoU as ``box_iou`` does, so the maxima are the same to the bit.
 
     Args:
         boxes: ``float [N, 4]``, the flat batch's candidates.
@@ -154,6 +156,32 @@ def overlap_with_positives(
         positives, max IoU with any *other* candidate of the image among ``examples``, 0
         elsewhere. ``float32`` for half-precision boxes.
     """
+    return _overlaps(boxes, flat, positive, with_pe=with_pe, examples=examples, budget=budget)
+
+
+def _overlaps(
+    boxes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    *,
+    with_pe: bool = True,
+    examples: Tensor | None = None,
+    budget: int = 1 << 18,
+    pn_key: _Key | None = None,
+    pe_key: _Key | None = None,
+    pn_read: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``overlap_with_positives``, where only a key of each maximum may be wanted.
+
+    A key is a monotone map of IoUs (a soft bin's index, the side of the hard threshold): with
+    ``pn_key``, each value of ``iou_pn`` is one of the candidate's IoUs with a positive whose key
+    is the maximum's, not necessarily the maximum (likewise ``pe_key``). The sampler reads no
+    more than the key, which a few IoUs settle for most candidates (``_keyed_overlaps``, on the
+    CPU, above ``_KEYED_ABOVE`` candidates). With ``pn_read: bool [N]``, only those candidates'
+    ``iou_pn`` is wanted; the others may be 0. On the CPU, where ``_sparse_overlaps`` would
+    compare more pairs per candidate than ``_TREE_ABOVE``, trees of the boxes take over
+    (``_tree_overlaps``).
+    """
     boxes = upcast(boxes)  # the maxima are stored in the boxes' type: never a half one
     n = boxes.shape[0]
     pos_count = flat.count(positive)  # [B]
@@ -164,10 +192,79 @@ def overlap_with_positives(
         return boxes.new_zeros(n), boxes.new_zeros(n)
     planes = torch.cat([boxes, box_area(boxes)[:, None]], 1)  # [N, 5]: x1, y1, x2, y2, area
     if boxes.device.type == "cpu":
-        found = _sparse_overlaps(planes, flat, positive, with_pe, examples, budget, p_max)
+        if pn_key is not None and (pe_key is not None or not with_pe) and n > _KEYED_ABOVE:
+            return _keyed_overlaps(
+                planes, flat, positive, with_pe, examples, budget, pn_key, pe_key, pn_read
+            )
+        most = _TREE_ABOVE[False] * n
+        found = _sparse_overlaps(planes, flat, positive, with_pe, examples, budget, p_max, most)
         if found is not None:
             return found
+        if flat.num_images * p_max * flat.max_size > most:
+            return _tree_overlaps(planes, flat, positive, with_pe, examples, budget)
     return _dense_overlaps(planes, flat, positive, pos_count, p_max, with_pe, examples, budget)
+
+
+def _keyed_overlaps(
+    planes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    with_pe: bool,
+    examples: Tensor | None,
+    budget: int,
+    pn_key: _Key,
+    pe_key: _Key | None,
+    pn_read: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``_overlaps`` with keys, on the CPU: most keys are settled by a few IoUs each.
+
+    Each candidate read is first compared with the ``_CENTRAL`` positives that overlap its ground
+    truth most (``_central_overlaps``), each positive likewise with the other examples among
+    them; where that reaches the largest key, it is the maximum's (most of them, with proposals
+    around their ground truths). The candidates left are
+    compared with the positives that may intersect them (``_sparse_overlaps``), or searched for
+    in a tree of the positives where that would take more than ``_TREE_ABOVE`` IoUs per
+    candidate; the positives left are compared with the examples by ``_others``.
+    """
+    n, b = planes.shape[0], flat.num_images
+    read = torch.arange(n) if pn_read is None else pn_read.nonzero()[:, 0]
+    pos_index = positive.nonzero()[:, 0]
+    counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
+    iou_pn = planes.new_zeros(n)
+    iou_pn[read] = first = _central_overlaps(planes, flat, pos_index, read, None)
+    rows = torch.zeros(n, dtype=torch.bool)
+    rows[read[pn_key.rise(first) < float("inf")]] = True
+    pos_count = flat.count(positive)
+    p_max = int(pos_count.max())
+    most = _TREE_ABOVE[True] * n
+    if bool(rows.any()):
+        # The grouped path compares about (positives of a ground truth) x (candidates near it):
+        # estimated by the candidates left that are matched to it, before listing any pair.
+        span = int(flat.gt_index.max()) + 2
+        group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
+        pairs = torch.bincount(group[pos_index], minlength=b * span)
+        pairs *= torch.bincount(group[rows], minlength=b * span)
+        found = None
+        if int(pairs.sum()) <= _PAIRS_ABOVE * n:
+            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+        if found is None and b * p_max * flat.max_size <= most:
+            found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
+        if found is not None:
+            torch.maximum(iou_pn, found[0], out=iou_pn)
+        else:
+            tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
+            q = rows.nonzero()[:, 0]
+            iou_pn[q] = _search_tree(
+                tree, planes[q], flat.image[q], None, budget, pn_key, iou_pn[q]
+            )
+    iou_pe = planes.new_zeros(n)
+    if with_pe:
+        found = _central_overlaps(planes, flat, pos_index, pos_index, counted)
+        todo = torch.arange(pos_index.shape[0])
+        if pe_key is not None:
+            todo = (pe_key.rise(found) < float("inf")).nonzero()[:, 0]
+        iou_pe[pos_index] = _others(planes, flat, pos_index, todo, counted, found, budget, pe_key)
+    return iou_pn, iou_pe
 
 
 def _iou_block(cand: Tensor, pos: Tensor) -> Tensor:
@@ -255,6 +352,8 @@ def _sparse_overlaps(
     examples: Tensor | None,
     budget: int,
     p_max: int,
+    most: int | None = None,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
 
@@ -267,10 +366,12 @@ def _sparse_overlaps(
     Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
     groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
     the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
-    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
+    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it. With
+    ``rows: bool [N]`` (``with_pe`` False), only those candidates are listed: the others'
+    ``iou_pn`` is 0.
 
     Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
-    pairs than ``_dense_overlaps``.
+    pairs than ``_dense_overlaps``, or more than ``most``.
     """
     n, device = planes.shape[0], planes.device
     b, size = flat.num_images, flat.max_size
@@ -314,6 +415,10 @@ def _sparse_overlaps(
         meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
         meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
         hit[:, start : start + step] = meet
+    if rows is not None:  # only these candidates' iou_pn is wanted
+        wanted = torch.zeros(b, 1, size, dtype=torch.bool, device=device)
+        wanted[flat.image, 0, flat.position] = rows
+        hit &= wanted
 
     # Largest groups first: the groups with a k-th positive are then a prefix.
     by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
@@ -348,7 +453,7 @@ def _sparse_overlaps(
     starts = range(0, k_max, chunk)
     active = [sum(s > k for s in sizes) for k in starts]  # groups with a k-th positive
     work = sum(min(chunk, k_max - k) * prefix[g] for k, g in zip(starts, active, strict=True))
-    if work * _TILE >= b * p_max * size:
+    if work * _TILE >= b * p_max * size or (most is not None and work * _TILE > most):
         return None
     seg_first = torch.cumsum(seg_count, 0) - seg_count
     seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * _TILE
@@ -398,6 +503,428 @@ def _sparse_overlaps(
     return iou_pn, iou_pe
 
 
+# Boxes per leaf of the trees of ``_tree_overlaps``: the IoUs are computed a whole leaf at a time.
+_LEAF = 8
+_SHIFT = _LEAF.bit_length() - 1
+# Work of ``_sparse_overlaps`` (IoUs per candidate of the batch) above which trees cost less,
+# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave) and for
+# exact ones (``_tree_overlaps``): measured on proposals around their ground truths
+# (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between 16,000 and 32,000
+# proposals per image, keyed or exact).
+_TREE_ABOVE = {True: 400, False: 1000}
+# The same for ``_keyed_overlaps``, estimated before listing the pairs: (positives of a ground
+# truth) x (candidates left matched to it), per candidate of the batch. 20 ground truths:
+# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000.
+_PAIRS_ABOVE = 110
+# Candidates per batch above which keys pay: below, ``_keyed_overlaps``'s passes cost more than
+# they save (measured on proposals around their ground truths).
+_KEYED_ABOVE = 2048
+# Positives per ground truth that ``_central_overlaps`` compares each candidate with.
+_CENTRAL = 4
+# Positives whose IoU(p,e) is left open (``_others``) are compared with every candidate of their
+# image where that is at most this many IoUs per candidate of the batch; else with a tree.
+_BRUTE_MOST = 16
+
+
+def _tree_overlaps(
+    planes: Tensor,
+    flat: FlatBatch,
+    positive: Tensor,
+    with_pe: bool,
+    examples: Tensor | None,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """``overlap_with_positives`` by branch and bound in trees of boxes, in about linear time.
+
+    ``iou_pn`` searches a k-d tree of each image's positives for each candidate
+    (``_search_tree``). For ``iou_pe``, each positive first meets the other examples of its leaf
+    of that tree, its nearest neighbours, then searches a tree of its image's examples
+    (``_others``). Reads sizes from the host (CPU only).
+    """
+    n, b = planes.shape[0], flat.num_images
+    pos_index = positive.nonzero()[:, 0]  # [P]
+    tree = _build_tree(planes[pos_index], flat.image[pos_index], b)
+    iou_pn = _search_tree(tree, planes, flat.image, None, budget, None)
+    iou_pe = planes.new_zeros(n)
+    if with_pe:
+        counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
+        found = _leaf_mates(tree, counted[pos_index])  # [P]
+        todo = torch.arange(pos_index.shape[0])
+        iou_pe[pos_index] = _others(planes, flat, pos_index, todo, counted, found, budget, None)
+    return iou_pn, iou_pe
+
+
+def _others(
+    planes: Tensor,
+    flat: FlatBatch,
+    pos_index: Tensor,
+    todo: Tensor,
+    counted: Tensor,
+    found: Tensor,
+    budget: int,
+    key: _Key | None,
+) -> Tensor:
+    """IoU(p,e) of the positives ``pos_index[todo]``, at least ``found: [P]``, the IoUs known.
+
+    Where they are few, each is compared with every ``counted`` candidate of its image
+    (``_dense_overlaps``); else they search a k-d tree of those, their own box left out.
+    Returns ``found`` raised to the maxima (their keys, with ``key``): ``[P]``.
+    """
+    n, b = planes.shape[0], flat.num_images
+    left = torch.zeros(n, dtype=torch.bool)
+    left[pos_index[todo]] = True
+    left_count = flat.count(left)
+    left_max = int(left_count.max()) if n else 0
+    found = found.clone()
+    if left_max == 0:
+        return found
+    query = pos_index[todo]
+    if b * left_max * flat.max_size <= _BRUTE_MOST * n:
+        _, pe = _dense_overlaps(planes, flat, left, left_count, left_max, True, counted, budget)
+        found[todo] = torch.maximum(found[todo], pe[query])
+        return found
+    ex_index = counted.nonzero()[:, 0]  # [X]
+    rank = torch.full((n,), -1, dtype=torch.int64)
+    rank[ex_index] = torch.arange(ex_index.shape[0])
+    tree = _build_tree(planes[ex_index], flat.image[ex_index], b)
+    found[todo] = _search_tree(
+        tree, planes[query], flat.image[query], rank[query], budget, key, found[todo]
+    )
+    return found
+
+
+def _central_overlaps(
+    planes: Tensor, flat: FlatBatch, pos_index: Tensor, query: Tensor, counted: Tensor | None
+) -> Tensor:
+    """Each candidate's largest IoU with the ``_CENTRAL`` positives of its ground truth (in its
+    image) that overlap that ground truth most: a lower bound of ``iou_pn``, or with ``counted:
+    bool [N]`` (the others left out, and the query itself) of ``iou_pe``. ``pos_index: int64
+    [P]`` lists the positives, ``query: int64 [Q]`` the candidates -> ``[Q]`` (0 where the
+    ground truth has no positive)."""
+    n = planes.shape[0]
+    span = int(flat.gt_index.max()) + 2
+    group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
+    order = torch.argsort(flat.max_iou[pos_index], descending=True, stable=True)
+    order = order[torch.argsort(group[pos_index][order], stable=True)]
+    ranked = pos_index[order]  # by group, then by overlap with the ground truth
+    keys, size = torch.unique_consecutive(group[ranked], return_counts=True)
+    j = torch.arange(_CENTRAL)
+    at = (torch.cumsum(size, 0) - size)[:, None] + j  # [G, C]
+    central = torch.where(j < size[:, None], ranked[at.clamp(max=ranked.shape[0] - 1)], n)
+    central = torch.cat([central, central.new_full((1, _CENTRAL), n)])  # group G: none
+    lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
+    lookup[keys] = torch.arange(keys.shape[0])
+    pick = central.index_select(0, lookup.index_select(0, group.index_select(0, query)))
+    if counted is not None:  # [Q, C]
+        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
+        pick = pick.masked_fill(out, n)
+    table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
+    near = _take(table, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
+    return _iou_block(_take(table, query)[:, None], near).amax(0)
+
+
+def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
+    """Each box's largest IoU with another box of its leaf that is ``counted: bool [R]``."""
+    leaves = tree.leaves.view(5, _LEAF, -1)  # [5, LEAF, leaves]
+    iou = _iou_block(leaves[:, :, None], leaves[:, None])  # [LEAF, LEAF, leaves]
+    mask = torch.zeros(leaves.shape[2] * _LEAF, dtype=torch.bool)
+    mask[tree.slot_of] = counted
+    mask = mask.view(-1, _LEAF).T[None] & ~torch.eye(_LEAF, dtype=torch.bool)[..., None]
+    best = iou.masked_fill_(~mask, 0).amax(1)  # [LEAF, leaves]
+    return best.T.reshape(-1).index_select(0, tree.slot_of)
+
+
+def _take(table: Tensor, index: Tensor) -> Tensor:
+    """``table[:, index]`` for ``table: [K, M]``, ``index: int64 [E]`` -> ``[K, E]``, a row at a
+    time: on the CPU a fraction of the time ``index_select`` takes across rows."""
+    out = table.new_empty(table.shape[0], index.shape[0])
+    for row, dest in zip(table, out, strict=True):
+        torch.index_select(row, 0, index, out=dest)
+    return out
+
+
+def _bound_block(query: Tensor, node: Tensor) -> Tensor:
+    """An upper bound of the IoU of ``query: [5, ...]`` planes with any box of a node.
+
+    ``node: [11, ...]``: the least and greatest x1, y1, x2, y2 (in pairs), the least width and
+    height, and the least area of the node's boxes. The intersection is at most what the extreme
+    corners allow; the union is at least the query's area plus what any box of the node must
+    stick out of it (a strip left, right, above or below, at least the node's least height or
+    width across), and at least both areas less the intersection. Exact arithmetic; see
+    ``_search_tree`` for the rounding.
+    """
+    w = torch.minimum(query[2], node[5])
+    w -= torch.maximum(query[0], node[0])
+    h = torch.minimum(query[3], node[7])
+    h -= torch.maximum(query[1], node[2])
+    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+    torch.minimum(inter, query[4], out=inter)
+    out_x = (query[0] - node[1]).clamp_(min=0) + (node[4] - query[2]).clamp_(min=0)
+    out_y = (query[1] - node[3]).clamp_(min=0) + (node[6] - query[3]).clamp_(min=0)
+    out = torch.maximum(out_x.mul_(node[9]), out_y.mul_(node[8]))
+    union = query[4] + node[10]
+    union -= inter
+    torch.maximum(union, out.add_(query[4]), out=union)
+    return inter.div_(union.clamp_(min=BOX_EPS))
+
+
+def _kd_order(table: Tensor, filled: Tensor, height: Tensor) -> Tensor:
+    """The slots of a k-d tree: a permutation of ``table: [S, 5]``'s rows -> ``int64 [S]``.
+
+    ``table`` holds each image's boxes as a prefix of its aligned run of slots, padding after
+    (``filled: bool [S]`` marks the boxes); ``height: [S]`` is the height of the subtree of the
+    slot's image (in levels above the leaves of ``_LEAF``), -1 outside every image. From the top
+    down, each node's boxes are sorted along the corner coordinate they spread most, so that its
+    left child takes the lowest (all it holds) and the right one the rest, padding last: the
+    tight nodes that ``_bound_block`` needs. Each node stays a prefix of boxes, so ``filled``
+    holds for the result too.
+    """
+    slots = table.shape[0]
+    order = torch.arange(slots)
+    filled = filled.view(1, -1)
+    columns = table[:, :4].T.masked_fill(~filled, float("inf")).unbind()  # 4 x [S]
+    top = (1 << 21) - 1  # padding sorts last
+    for level in range(int(height.max()), 0, -1):
+        size = _LEAF << level
+        corners = torch.stack(columns).view(4, -1, size)  # [4, nodes, size]
+        low = corners.amin(2)  # padding: +inf
+        span = torch.where(filled.view(1, -1, size), corners, float("-inf")).amax(2) - low
+        axis = span.argmax(0)  # [nodes]
+        at = axis * low.shape[1] + torch.arange(low.shape[1])
+        start, width = low.view(-1).index_select(0, at), span.view(-1).index_select(0, at)
+        pick = axis.repeat_interleave(size) * slots + torch.arange(slots)
+        value = corners.view(-1).index_select(0, pick).view(-1, size)
+        scaled = (
+            value.sub_(start[:, None]).div_(width[:, None]).mul_(top - 1).nan_to_num_(0, top, 0)
+        )
+        scaled = scaled.long().clamp_(0, top).view(-1)
+        # Nodes above their image's subtree keep their order: they may hold several images.
+        keep = height < level
+        position = torch.arange(slots)
+        scaled = torch.where(keep, position & (size - 1), scaled)
+        step = torch.sort(((position >> (level + _SHIFT)) << 21) | scaled).indices
+        order = order.index_select(0, step)
+        columns = [c.index_select(0, step) for c in columns]
+    return order
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """Boxes in the leaves of a binary tree per image (``_build_tree``).
+
+    Per level from the leaves up: ``bounds[k]: [11, nodes]`` (see ``_bound_block``); from level
+    1: ``splits[k]``, the axis (x1, y1, x2, y2) along which the node was split and the left
+    child's greatest coordinate along it (infinite where the right child is empty).
+    ``leaves: [5 * _LEAF, leaves]`` holds the planes of each leaf's boxes (padding: a box that
+    meets nothing); ``slot_of: [R]`` each box's slot; ``root, height: [B]`` each image's subtree
+    (height -1: the image has no box).
+    """
+
+    bounds: list[Tensor]
+    splits: list[tuple[Tensor, Tensor]]
+    leaves: Tensor
+    slot_of: Tensor
+    root: Tensor
+    height: Tensor
+
+
+def _build_tree(ref: Tensor, ref_image: Tensor, num_images: int) -> _Tree:
+    """A k-d tree of ``ref: float [R, 5]`` planes per image (``ref_image: int64 [R]``).
+
+    Each image's boxes fill ``_LEAF``-box leaves, padded to a power of two; the images' runs of
+    leaves are laid out largest first, so that each is aligned, the subtree of one node.
+    """
+    count = torch.bincount(ref_image, minlength=num_images)
+    leaves = [-(-c // _LEAF) for c in count.tolist()]
+    height = [max(c - 1, 0).bit_length() if c else -1 for c in leaves]
+    top = max(height)
+    offset, total = [0] * num_images, 0
+    for i in sorted(range(num_images), key=lambda i: -height[i]):
+        if leaves[i]:
+            offset[i], total = total, total + (1 << height[i])
+    slots = -(-total >> max(top, 0)) << max(top, 0) << _SHIFT  # whole nodes of the top level
+    first = torch.tensor(offset) << _SHIFT  # [B]: each image's first slot
+    order = torch.argsort(ref_image, stable=True)
+    by_image = ref_image[order]
+    slot_of = torch.empty_like(order)
+    slot_of[order] = (
+        first[by_image] + torch.arange(order.shape[0]) - (count.cumsum(0) - count)[by_image]
+    )
+    inf = float("inf")
+    table = ref.new_tensor([inf, inf, -inf, -inf, inf]).repeat(slots, 1)  # padding meets nothing
+    table[slot_of] = ref
+    filled = torch.zeros(slots, dtype=torch.bool)
+    filled[slot_of] = True
+    slot_height = torch.full((slots,), -1, dtype=torch.int64)
+    for i in range(num_images):
+        if leaves[i]:
+            slot_height[offset[i] << _SHIFT : (offset[i] + (1 << height[i])) << _SHIFT] = height[i]
+    kd = _kd_order(table, filled, slot_height)
+    table = table.index_select(0, kd)
+    rank = torch.empty_like(kd)
+    rank[kd] = torch.arange(slots)
+    slot_of = rank.index_select(0, slot_of)
+    # Bounds of the leaves, then of each level's pairs of nodes. The kd order keeps the boxes of
+    # every node a prefix of its slots, so ``filled`` still marks them.
+    x1, y1, x2, y2, area = table.unbind(1)
+    mask = [(x1, inf), (x1, -inf), (y1, inf), (y1, -inf), (x2, inf), (x2, -inf), (y2, inf)]
+    mask += [(y2, -inf), ((x2 - x1).clamp_(min=0), inf), ((y2 - y1).clamp_(min=0), inf)]
+    mask += [(area, inf)]
+    stats = torch.stack([torch.where(filled, v, pad) for v, pad in mask]).view(11, -1, _LEAF)
+    low = torch.tensor([True, False] * 4 + [True] * 3)[:, None]  # [11, 1]: least, else greatest
+    bound = torch.where(low, stats.amin(2), stats.amax(2))  # [11, leaves]
+    bounds, splits = [bound], [(bound.new_empty(0), bound.new_empty(0))]
+    for _ in range(max(top, 0)):
+        pair = bound.view(11, -1, 2)
+        child = bound
+        bound = torch.where(low, pair.amin(2), pair.amax(2))
+        axis = (bound[1:8:2] - bound[0:8:2]).argmax(0)  # [nodes]
+        left = child[1:8:2, 0::2].gather(0, axis[None])[0]
+        splits.append((axis, left.masked_fill_(child[0, 1::2] == inf, inf)))
+        bounds.append(bound)
+    return _Tree(
+        bounds=bounds,
+        splits=splits,
+        leaves=table.view(-1, _LEAF, 5).permute(2, 1, 0).reshape(5 * _LEAF, -1).contiguous(),
+        slot_of=slot_of,
+        root=torch.tensor(offset) >> torch.tensor(height).clamp(min=0),
+        height=torch.tensor(height),
+    )
+
+
+def _search_tree(
+    tree: _Tree,
+    query: Tensor,
+    query_image: Tensor,
+    own: Tensor | None,
+    budget: int,
+    key: _Key | None,
+    best: Tensor | None = None,
+) -> Tensor:
+    """Each query box's largest IoU with a box of its image's tree, by branch and bound.
+
+    First, each query is compared with the leaf where it would sit itself (following the
+    splits): a good first best. Then all queries descend together from their image's root, as
+    a list of (query, node) pairs: each pair's two children get ``_bound_block``'s bound, and a
+    child whose bound does not exceed the query's best cannot raise it and is dropped; the
+    leaves reached are compared box by box. Every IoU is computed as ``_iou_block`` computes it,
+    and the bound is at least every IoU of the node's boxes: exact arithmetic bounds them, and a
+    relative margin of 64 units in the last place covers the rounding of both (a few units at
+    most), so the maxima are those of all pairs to the bit. With ``key``, a child is dropped
+    unless its bound reaches the least IoU whose key may exceed the best's (``_Key.rise``): the
+    best's key is then the maximum's.
+    The pairs are processed ``budget // 16`` at a time: memory stays bounded.
+
+    Args:
+        tree: the boxes searched.
+        query: ``float [Q, 5]`` planes (``x1, y1, x2, y2, area``).
+        query_image: ``int64 [Q]``.
+        own: ``int64 [Q]``, the box of the tree that is the query itself (left out), or -1.
+        budget: bounds the pairs in flight.
+        key: what is read of each maximum (``_Key``), or None: the exact maximum.
+        best: ``float [Q]``, IoUs of each query known already (with boxes of the tree), or None.
+
+    Returns:
+        ``float [Q]``: 0 in an image without boxes (or ``best``).
+    """
+    best = query.new_zeros(query.shape[0]) if best is None else best.clone()
+    height = tree.height.index_select(0, query_image)
+    if query.shape[0] == 0 or int(tree.height.max()) < 0:
+        return best
+    query_t = query.T.contiguous()  # [5, Q]
+    own_slot = None if own is None else torch.where(own >= 0, tree.slot_of[own.clamp(min=0)], -1)
+    piece = max(1, budget // 16)
+    margin = 1 + 64 * torch.finfo(query.dtype).eps
+    inf = float("inf")
+
+    def leaf_max(q: Tensor, leaf: Tensor) -> Tensor:
+        box = _take(query_t, q)[:, None]  # [5, 1, E]
+        iou = _iou_block(box, _take(tree.leaves, leaf).view(5, _LEAF, -1))  # [LEAF, E]
+        if own_slot is not None:
+            at = own_slot.index_select(0, q) - (leaf << _SHIFT)
+            mine = (at >= 0) & (at < _LEAF)
+            at = at.clamp_(0, _LEAF - 1)[None]
+            iou.scatter_(0, at, torch.where(mine, 0, iou.gather(0, at)))
+        return iou.amax(0)
+
+    # Where each query would sit: the leaf reached by following the splits.
+    root = tree.root.index_select(0, query_image)
+    node = root.clone()
+    for level in range(int(tree.height.max()), 0, -1):
+        axis, threshold = tree.splits[level]
+        at = node.clamp(max=axis.shape[0] - 1)
+        side = query_t.gather(0, axis.index_select(0, at)[None])[0] > threshold.index_select(0, at)
+        node = torch.where(height >= level, node * 2 + side, node)
+    searched = (height >= 0).nonzero()[:, 0]
+    for start in range(0, searched.shape[0], piece):
+        q = searched[start : start + piece]
+        best[q] = torch.maximum(best[q], leaf_max(q, node.index_select(0, q)))
+    # A child is kept where its bound reaches ``need``: above the best, or where its key rises.
+    rise = key.rise if key is not None else partial(torch.nextafter, other=best.new_tensor(inf))
+    need = rise(best)
+    stack = []
+    for h in range(int(tree.height.max()) + 1):
+        q = ((height == h) & (need < inf)).nonzero()[:, 0]
+        if q.shape[0]:
+            stack.append((h, q, root.index_select(0, q)))
+    while stack:
+        level, q, node = stack.pop()
+        e = q.shape[0]
+        if e > piece:
+            stack.append((level, q[piece:], node[piece:]))
+            stack.append((level, q[:piece], node[:piece]))
+            continue
+        if level == 0:
+            best.scatter_reduce_(0, q, leaf_max(q, node), "amax")
+            need[q] = rise(best.index_select(0, q))
+            continue
+        near = _take(tree.bounds[level - 1], torch.cat([node * 2, node * 2 + 1]))
+        near = near.view(11, 2, e)
+        bound = _bound_block(_take(query_t, q)[:, None], near).mul_(margin)  # [2, E]
+        side, keep = (bound >= need.index_select(0, q)).nonzero().unbind(1)
+        if keep.shape[0]:
+            stack.append(
+                (level - 1, q.index_select(0, keep), node.index_select(0, keep) * 2 + side)
+            )
+    return best
+
+
+def _fixed_bin(overlap: Tensor, upper: float, num_bins: int) -> Tensor:
+    """The soft strategy's fixed bin of each ``overlap: float [...]`` -> ``int64 [...]``."""
+    return (overlap / (upper / num_bins)).floor().long().clamp(0, num_bins - 1)
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What ``_pick`` reads of an overlap: a monotone step function ``read`` to ``0 ..
+    len(edges)``, and ``edges``, IoUs at or below each step's least IoU."""
+
+    read: Callable[[Tensor], Tensor]
+    edges: tuple[float, ...]
+
+    def __call__(self, overlap: Tensor) -> Tensor:
+        return self.read(overlap)
+
+    def rise(self, overlap: Tensor) -> Tensor:
+        """Below this, no IoU's key exceeds that of each ``overlap`` (infinite at the top)."""
+        return overlap.new_tensor([*self.edges, float("inf")])[self.read(overlap)]
+
+
+def _overlap_key(
+    strategy: Strategy, *, bins: Bins, num_bins: int, upper: float, hard_thr: float
+) -> _Key | None:
+    """What ``_pick`` reads of the overlaps under ``strategy``, or None where it reads them all."""
+    if strategy == "uniform":
+        return _Key(partial(torch.zeros_like, dtype=torch.int64), ())
+    if strategy == "hard":
+        return _Key(lambda overlap: (overlap >= hard_thr).long(), (hard_thr,))
+    if strategy == "soft" and bins == "fixed":
+        # The division rounds: a hair below each edge, so that no IoU of a bin falls below it.
+        edges = tuple(upper / num_bins * k * (1 - 1e-5) for k in range(1, num_bins))
+        return _Key(partial(_fixed_bin, upper=upper, num_bins=num_bins), edges)
+    return None
+
+
 def _pick(
     strategy: Strategy,
     flat: FlatBatch,
@@ -427,7 +954,7 @@ def _pick(
     elif strategy == "soft" and bins == "observed":
         return _soft_observed(flat, eligible, overlap, target, num_bins, max_quota, generator)
     elif strategy == "soft":
-        bin_index = (overlap / (upper / num_bins)).floor().long().clamp(0, num_bins - 1)
+        bin_index = _fixed_bin(overlap, upper, num_bins)
         quota = (target // num_bins)[:, None].expand(-1, num_bins)  # [B, K]
         group = torch.where(eligible, bin_index, -1)
         picked = draw(
@@ -648,15 +1175,22 @@ def sample_overlap(
         # IoU(p,e) only matters where an image has more positives than its quota ("it is common
         # to sample all positives"); overlap_with_positives synchronises with the host anyway.
         over_quota = bool((flat.count(pos) > int(num * pos_fraction)).any())
-        iou_pn, iou_pe = overlap_with_positives(
+        # Only what _pick reads of each maximum, where that is less than its value.
+        key = partial(_overlap_key, bins=bins, num_bins=num_bins, upper=upper, hard_thr=hard_thr)
+        iou_pn, iou_pe = _overlaps(
             flat_boxes,
             flat,
             pos,
             with_pe=pos_strategy != "uniform" and over_quota,
             examples=None if gt_copies_in_pe else ~gt_copy,
+            pn_key=key(strategy),
+            pe_key=key(pos_strategy),
+            pn_read=neg,
         )
         if not gt_copies_in_pn and strategy != "uniform":
-            iou_pn, _ = overlap_with_positives(flat_boxes, flat, pn_pos, with_pe=False)
+            iou_pn, _ = _overlaps(
+                flat_boxes, flat, pn_pos, with_pe=False, pn_key=key(strategy), pn_read=neg
+            )
     pick = partial(
         _pick,
         num_bins=num_bins,
