@@ -577,6 +577,7 @@ def test_windows_equal_the_matrix(monkeypatch: pytest.MonkeyPatch, dtype: torch.
     monkeypatch.setattr(atss, "_best_in_windows", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(atss, "_GRID_MIN_ANCHORS", 0)
     monkeypatch.setattr(atss, "_WINDOW_MIN_ANCHORS", 0)
+    monkeypatch.setattr(atss, "_WINDOW_MIN_ELEMENTS", 0)
     for (anchors, num_per_level), image in zip(
         cases.values(), [(96, 128), (200, 264), (264, 72)], strict=True
     ):

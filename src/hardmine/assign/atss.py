@@ -385,6 +385,12 @@ def assign_atss(
     # anchors (benchmarks/samplers.py): 2.4 -> 1.8 ms per image; without the grid search four
     # times is slower (2.4 -> 2.6). The workspace stays within its cap (21 MB there).
     factor = 4 if search else 2
+    if any(g is not None and g.sparse and g.start in search for g in grids):
+        # Eight times where a large level takes windows: most of the [b, C, N] matrices' columns
+        # are never formed (neither distances nor IoUs), so larger blocks fit the caches alike
+        # and fewer of them cost fewer small operations. Measured as above: 1.9 -> 1.4 ms (the
+        # matrix's pages stay untouched where a window took the level).
+        factor = 8
     blocks = batch.blocks(chunk_size, factor * _batch.CPU_BLOCK_ELEMENTS)
     size = max(
         blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
@@ -409,10 +415,11 @@ def _workspace(like: Tensor, size: int) -> Tensor:
     On the CPU memory not freshly touched is speed: a matrix allocated per step faults in fresh
     pages every time (glibc hands blocks this large back to the system when freed), which cost
     more than the arithmetic. So each thread keeps its scratch between calls, up to the size that
-    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: 24 MB of ``float32``); larger or other
-    devices' is allocated per call (CUDA's caching allocator reuses it anyway).
+    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: up to 48 MB of ``float32``, mostly
+    untouched where windows take the large levels); larger or other devices' is allocated per
+    call (CUDA's caching allocator reuses it anyway).
     """
-    if like.device.type != "cpu" or size > 4 * _batch.CPU_BLOCK_ELEMENTS:
+    if like.device.type != "cpu" or size > 8 * _batch.CPU_BLOCK_ELEMENTS:
         return like.new_empty(3, size)
     work = getattr(_scratch, "work", None)
     if work is None or work.dtype != like.dtype or work.numel() < 3 * size:
@@ -693,6 +700,11 @@ _WINDOW_FRACTION = 1 / 6
 #: Sparse grid levels of fewer anchors take the matrix: their windows (a box plus an anchor's
 #: size, in cells) cover too much of them, and save less than the windows' host work costs.
 _WINDOW_MIN_ANCHORS = 8192
+#: Nor do windows pay where the level's matrix in a chunk (images x ground truths x anchors) is
+#: smaller: their fixed costs (host work, keys, the candidates' IoUs computed apart) then cancel
+#: what they save. Measured on benchmarks/samplers.py's stride-8 level: 2 images of 20 ground
+#: truths (668k elements) took 1.34 ms per image with windows, 1.30 without.
+_WINDOW_MIN_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -836,7 +848,9 @@ def _best_of(
     num_images, num_gts = gts.shape[:2]
     windows = [
         _windows(seg, gts, corners)
-        if isinstance(seg, _Grid) and seg.sparse and seg.stop - seg.start >= _WINDOW_MIN_ANCHORS
+        if isinstance(seg, _Grid)
+        and seg.sparse
+        and num_images * num_gts * (seg.stop - seg.start) >= _WINDOW_MIN_ELEMENTS
         else None
         for seg in segments
     ]
