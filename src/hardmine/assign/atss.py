@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import ClassVar, Literal, get_args
 
 import numpy as np
@@ -662,8 +663,8 @@ def _iou_into(
         h = torch.minimum(y2, v2, out=tmp[0][..., cols])
         h -= torch.maximum(y1, v1, out=tmp[1][..., cols])
         w.clamp_(min=0).mul_(h.clamp_(min=0))
-    if len(spans) == 1:
-        area = area[:, spans[0][0] : spans[0][1]]
+    if all(a[1] == b[0] for a, b in pairwise(spans)):  # one run
+        area = area[:, spans[0][0] : spans[-1][1]]
     else:
         area = torch.cat([area[:, lo:hi] for lo, hi in spans], dim=1)  # [B, n]
     union = torch.add(box_area(gts)[..., None], area[:, None], out=tmp[0])
