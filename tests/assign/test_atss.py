@@ -619,8 +619,15 @@ def test_sparse_grids_are_verified() -> None:
     # a row (y1, y2 down a column), positive sizes, float32, and no overflow of areas.
     anchors, num_per_level = torchvision_anchors((400, 520), [4, 8], [(16,), (32,)], (1.0,))
     assert num_per_level[0] >= atss._WINDOW_MIN_ANCHORS > num_per_level[1]
-    found = atss._find_grids(anchors[None], num_per_level)
-    assert [g.sparse for g in found] == [True, False]
+
+    def sparse(anchors: Tensor) -> list[bool]:
+        found = atss._find_grids(anchors[None], num_per_level)
+        return [atss._sparse(anchors[None], g, 100).sparse for g in found]
+
+    assert sparse(anchors) == [True, False]
+    assert not atss._sparse(
+        anchors[None], atss._find_grids(anchors[None], num_per_level)[0], 1
+    ).sparse
     level = anchors[: num_per_level[0]].view(100, 130, 4)
     flipped = level.flip(1).reshape(-1, 4)  # columns right to left: a grid, not sorted
     thin = level.clone()
@@ -628,8 +635,5 @@ def test_sparse_grids_are_verified() -> None:
     huge = level.clone()
     huge[:, -1, 2] = 3e19
     for other in (flipped, thin.reshape(-1, 4), huge.reshape(-1, 4)):
-        moved = torch.cat([other, anchors[num_per_level[0] :]])
-        (grid, _) = atss._find_grids(moved[None], num_per_level)
-        assert grid is not None and not grid.sparse
-    (grid, _) = atss._find_grids(anchors[None].double(), num_per_level)
-    assert grid is not None and not grid.sparse
+        assert sparse(torch.cat([other, anchors[num_per_level[0] :]])) == [False, False]
+    assert sparse(anchors.double()) == [False, False]

@@ -379,20 +379,23 @@ def assign_atss(
         for g, n, k in zip(grids, num_per_level, level_k, strict=True)
         if g is not None and batch.ignored is None and _blocked(batch.candidates, n, k)
     }
-    # Twice the default block: the [b, C, N] matrices live in one reused workspace (below), whose
-    # pages stay mapped; halving the blocks' count halves their fixed costs. Four times where the
-    # large levels are searched on their grid: then a block makes fewer passes over its matrices,
-    # and its fixed costs (hundreds of small operations) weigh more. Measured on 16 images of 22k
-    # anchors (benchmarks/samplers.py): 2.4 -> 1.8 ms per image; without the grid search four
-    # times is slower (2.4 -> 2.6). The workspace stays within its cap (21 MB there).
-    factor = 4 if search else 2
-    if any(g is not None and g.sparse and g.start in search for g in grids):
-        # Eight times where a large level takes windows: most of the [b, C, N] matrices' columns
-        # are never formed (neither distances nor IoUs), so larger blocks fit the caches alike
-        # and fewer of them cost fewer small operations. Measured as above: 1.9 -> 1.4 ms (the
-        # matrix's pages stay untouched where a window took the level).
-        factor = 8
-    blocks = batch.blocks(chunk_size, factor * _batch.CPU_BLOCK_ELEMENTS)
+    # Large grid levels take windows (``_Grid.sparse``) where their matrix in a chunk can be
+    # large enough, in blocks of eight times the default where a level searched on its grid
+    # takes them: most of the [b, C, N] matrices' columns are then never formed (neither
+    # distances nor IoUs), so larger blocks fit the caches alike and fewer of them cost fewer
+    # small operations. Measured on 16 images of 22k anchors (benchmarks/samplers.py): 1.9 ->
+    # 1.4 ms per image (the matrices' untouched pages stay unmapped).
+    # Otherwise twice the default block: the [b, C, N] matrices live in one reused workspace
+    # (below), whose pages stay mapped; halving the blocks' count halves their fixed costs. Four
+    # times where the large levels are searched on their grid: then a block makes fewer passes
+    # over its matrices, and its fixed costs (hundreds of small operations) weigh more. Measured
+    # as above: 2.4 -> 1.8 ms per image; without the grid search four times is slower (2.4 ->
+    # 2.6). The workspace stays within its cap (21 MB there; 43 MB with windows).
+    blocks = batch.blocks(chunk_size, 8 * _batch.CPU_BLOCK_ELEMENTS)
+    per_anchor = max(blk.gt_boxes.shape[0] * min(c, blk.gt_boxes.shape[1]) for blk, c in blocks)
+    grids = [_sparse(batch.candidates, g, per_anchor) for g in grids]
+    if not any(g is not None and g.sparse and g.start in search for g in grids):
+        blocks = batch.blocks(chunk_size, (4 if search else 2) * _batch.CPU_BLOCK_ELEMENTS)
     size = max(
         blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
         for blk, chunk in blocks
@@ -500,8 +503,7 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
     # as integers (bit for bit: 0.0 and -0.0 differ), on planes: neighbours compared along a
     # contiguous axis run several times faster than broadcasts over the [N, 4] rows.
     first = anc[0].detach().numpy()  # [N, 4]
-    values = anc.detach().numpy()  # [b, N, 4]
-    bits = values.view(np.int32 if anc.element_size() == 4 else np.int64)
+    bits = anc.detach().numpy().view(np.int32 if anc.element_size() == 4 else np.int64)
     planes = np.ascontiguousarray(bits.transpose(0, 2, 1))  # [b, 4, N]
     grids: list[_Grid | None] = []
     start = 0
@@ -526,26 +528,34 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
             y[..., per_location:] == y[..., :-per_location]
         ).all():
             grids[-1] = grid
-            if per_location == 1 and n >= _WINDOW_MIN_ANCHORS and anc.dtype == torch.float32:
-                level = values[:, start - n : start].reshape(-1, grid.height, grid.width, 4)
-                row, column = level[:, 0, :, 0::2], level[:, :, 0, 1::2]  # x1, x2; y1, y2
-                grids[-1] = replace(grid, sparse=_sparse(row, column))
     return grids
 
 
-def _sparse(row: np.ndarray, column: np.ndarray) -> bool:
-    """Whether a grid level of one anchor per location is sparse (see ``_Grid.sparse``), from its
-    ``float32`` x1, x2 along a row (``row: [b, W, 2]``) and y1, y2 down a column (``column:
-    [b, H, 2]``)."""
+def _sparse(anchors: Tensor, grid: _Grid | None, per_anchor: int) -> _Grid | None:
+    """``grid`` with ``sparse`` set where it holds (see ``_Grid.sparse``) and its windows may pay:
+    its ``[b, C, n]`` matrix in a chunk (``per_anchor`` elements per anchor at most) holds at
+    least ``_WINDOW_MIN_ELEMENTS``. ``anchors: [B, N, 4]`` as ``_find_grids`` takes them."""
+    if (
+        grid is None
+        or grid.per_location > 1
+        or anchors.dtype != torch.float32
+        or grid.stop - grid.start < _WINDOW_MIN_ANCHORS
+        or per_anchor * (grid.stop - grid.start) < _WINDOW_MIN_ELEMENTS
+    ):
+        return grid
+    anc = anchors[:1] if anchors.stride(0) == 0 else anchors
+    level = anc[:, grid.start : grid.stop].detach().numpy().reshape(-1, grid.height, grid.width, 4)
     # A location's anchors share their x (y) with the row's (column's): these are all of them.
+    row, column = level[:, 0, :, 0::2], level[:, :, 0, 1::2]  # x1, x2; y1, y2
     limit = math.sqrt(np.finfo(np.float32).max) / 4  # no area, sum or IoU overflows below it
-    return bool(
+    sparse = (
         max(np.abs(row).max(), np.abs(column).max()) < limit
         and (row[..., 1] > row[..., 0]).all()
         and (column[..., 1] > column[..., 0]).all()
         and (np.diff(row, axis=1) >= 0).all()
         and (np.diff(column, axis=1) >= 0).all()
     )
+    return replace(grid, sparse=bool(sparse))
 
 
 def _first_change(boxes: np.ndarray) -> int:
@@ -832,16 +842,15 @@ def _best_in_windows(
 def _best_of(
     segments: Sequence[_Grid | tuple[int, int]],
     gts: Tensor,
-    gt_area: Tensor,
     candidate: Tensor,
     corners: Tensor,
     area: Tensor,
     work: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """What the ``[B, C, N]`` IoU matrix of ``gts: [B, C, 4]`` (``gt_area: [B, C]``) and the
-    anchors (``corners``, ``area`` as ``_iou_into`` takes them) is needed for: the IoUs of the
-    ``candidate: [B, C, K]`` anchors, and ``best_of_chunk`` of it -> ``(cand_iou [B, C, K],
-    value [B, N], index int64 [B, N])``, the same bits.
+    """What the ``[B, C, N]`` IoU matrix of ``gts: [B, C, 4]`` and the anchors (``corners``,
+    ``area`` as ``_iou_into`` takes them) is needed for: the IoUs of the ``candidate: [B, C, K]``
+    anchors, and ``best_of_chunk`` of it -> ``(cand_iou [B, C, K], value [B, N], index int64
+    [B, N])``, the same bits.
 
     Large sparse grid levels take their windows (``_best_in_windows``) where they have them, the
     other anchors their columns of the matrix, computed in ``work: [3, M]``.
@@ -866,6 +875,7 @@ def _best_of(
             cand_iou = iou.gather(2, candidate)  # [B, C, K]
             return cand_iou, *best_of_chunk(iou)  # overwrites iou
         dense_value, dense_index = best_of_chunk(iou)  # [B, n]; overwrites iou
+    gt_area = box_area(gts)  # [B, C]
     cand_iou = _candidate_iou(gts, gt_area, candidate, corners, area)
     value = area.new_empty(area.shape)  # [B, N]
     index = torch.empty_like(value, dtype=torch.int64)
@@ -926,7 +936,7 @@ def _assign_block(
         # before them, and never pass the centre test.
         # The threshold and the centre test need only the K candidates of each ground truth.
         cand_iou, value, index = _best_of(
-            segments, chunk, box_area(chunk), candidate, corners, area, work
+            segments, chunk, candidate, corners, area, work
         )  # [B, C, K], [B, N], [B, N]
         if best_iou is None:
             best_iou, best_gt = value, index
