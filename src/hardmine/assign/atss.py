@@ -706,7 +706,7 @@ def _candidate_iou(
 #: Sparse grid levels take their windows (``_windows``) where these hold at most this fraction
 #: of the level's cells: each window cell costs several times a cell of the IoU matrix (keys, a
 #: scatter). Measured on benchmarks/samplers.py's levels: the stride-8 level's windows (about 13%)
-#: save a third of its time, the stride-16 level's (about 19%) cost a little more than its matrix.
+#: save a third of its time, the stride-16 level's (about 19%) cost about as much as its matrix.
 _WINDOW_FRACTION = 1 / 6
 #: Sparse grid levels of fewer anchors take the matrix: their windows (a box plus an anchor's
 #: size, in cells) cover too much of them, and save less than the windows' host work costs.
@@ -714,7 +714,7 @@ _WINDOW_MIN_ANCHORS = 8192
 #: Nor do windows pay where the level's matrix in a chunk (images x ground truths x anchors) is
 #: smaller: their fixed costs (host work, keys, the candidates' IoUs computed apart) then cancel
 #: what they save. Measured on benchmarks/samplers.py's stride-8 level: 2 images of 20 ground
-#: truths (668k elements) took 1.34 ms per image with windows, 1.30 without.
+#: truths (668k elements) took as long with windows as without (1.34 and 1.30 ms per image).
 _WINDOW_MIN_ELEMENTS = 2**20
 
 
