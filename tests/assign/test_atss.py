@@ -612,6 +612,18 @@ def test_windows_equal_the_matrix(monkeypatch: pytest.MonkeyPatch, dtype: torch.
                     assert torch.equal(getattr(w, field), getattr(gen, field)), field
             positives += sum(int(a.positive.sum()) for a in windows)
     assert positives > 0
+    # No window at all: no ground truth, or only ones without area.
+    anchors, num_per_level = cases["levels"]
+    for gts in ([torch.zeros(0, 4)] * 2, [torch.tensor([[10.0, 10.0, 10.0, 50.0]])]):
+        labels = [torch.ones(len(b), dtype=torch.int64) for b in gts]
+        args = ([anchors] * len(gts), gts, labels)
+        monkeypatch.setattr(atss, "_WINDOW_FRACTION", 1.0)
+        windows = assign_atss(*args, num_per_level=num_per_level)
+        monkeypatch.setattr(atss, "_WINDOW_FRACTION", -1.0)
+        matrix = assign_atss(*args, num_per_level=num_per_level)
+        for w, mat in zip(windows, matrix, strict=True):
+            for field in ("label", "gt_index", "max_iou", "gt_class"):
+                assert torch.equal(getattr(w, field), getattr(mat, field)), field
 
 
 def test_sparse_grids_are_verified() -> None:
