@@ -649,3 +649,9 @@ def test_sparse_grids_are_verified() -> None:
     for other in (flipped, thin.reshape(-1, 4), huge.reshape(-1, 4)):
         assert sparse(torch.cat([other, anchors[num_per_level[0] :]])) == [False, False]
     assert sparse(anchors.double()) == [False, False]
+    # Ground truths so large that their areas overflow take the matrix.
+    grid = atss._sparse(anchors[None], atss._find_grids(anchors[None], num_per_level)[0], 100)
+    corners = anchors[None].mT
+    assert atss._windows(grid, torch.tensor([[[0.0, 5.0, 40.0, 60.0]]]), corners) is not None
+    huge_gt = torch.tensor([[[-3e38, 5.0, 3e38, 5.0]]])  # width inf, height 0: area NaN
+    assert atss._windows(grid, huge_gt, corners) is None

@@ -531,6 +531,11 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
     return grids
 
 
+#: Coordinates below which no width, area, sum of areas or intersection overflows ``float32``:
+#: windows need finite IoUs in ``[0, 1]`` (a NaN would order differently in the two reductions).
+_SPARSE_LIMIT = math.sqrt(np.finfo(np.float32).max) / 4
+
+
 def _sparse(anchors: Tensor, grid: _Grid | None, per_anchor: int) -> _Grid | None:
     """``grid`` with ``sparse`` set where it holds (see ``_Grid.sparse``) and its windows may pay:
     its ``[b, C, n]`` matrix in a chunk (``per_anchor`` elements per anchor at most) holds at
@@ -547,9 +552,8 @@ def _sparse(anchors: Tensor, grid: _Grid | None, per_anchor: int) -> _Grid | Non
     level = anc[:, grid.start : grid.stop].detach().numpy().reshape(-1, grid.height, grid.width, 4)
     # A location's anchors share their x (y) with the row's (column's): these are all of them.
     row, column = level[:, 0, :, 0::2], level[:, :, 0, 1::2]  # x1, x2; y1, y2
-    limit = math.sqrt(np.finfo(np.float32).max) / 4  # no area, sum or IoU overflows below it
     sparse = (
-        max(np.abs(row).max(), np.abs(column).max()) < limit
+        max(np.abs(row).max(), np.abs(column).max()) < _SPARSE_LIMIT
         and (row[..., 1] > row[..., 0]).all()
         and (column[..., 1] > column[..., 0]).all()
         and (np.diff(row, axis=1) >= 0).all()
@@ -735,7 +739,8 @@ class _Windows:
 def _windows(grid: _Grid, gts: Tensor, corners: Tensor) -> _Windows | None:
     """The windows of ``gts: [B, C, 4]`` on a sparse grid level (``_Grid.sparse``; ``corners:
     [B, 4, N]`` as ``_iou_into`` takes them), or ``None`` where they would hold more than
-    ``_WINDOW_FRACTION`` of the level (the IoU matrix is cheaper there).
+    ``_WINDOW_FRACTION`` of the level (the IoU matrix is cheaper there) or a ground truth's
+    coordinates reach ``_SPARSE_LIMIT``.
 
     Only anchors that a ground truth meets with positive width and height (both clamped as in
     ``_iou_into``) have a non-zero IoU with it. On a sparse level those widths are positive on
@@ -753,7 +758,10 @@ def _windows(grid: _Grid, gts: Tensor, corners: Tensor) -> _Windows | None:
     planes = corners[:1] if corners.stride(0) == 0 else corners  # [b, 4, N]
     level = planes.detach().numpy()[:, :, grid.start : grid.stop].reshape(-1, 4, height, width)
     u1, u2, v1, v2 = level[:, 0, 0], level[:, 2, 0], level[:, 1, :, 0], level[:, 3, :, 0]
-    x1, y1, x2, y2 = gts.detach().numpy().transpose(2, 0, 1)[..., None]  # [B, C, 1] each
+    boxes = gts.detach().numpy()  # [B, C, 4]
+    if np.abs(boxes).max(initial=0) >= _SPARSE_LIMIT:  # a ground truth's area may be NaN
+        return None
+    x1, y1, x2, y2 = boxes.transpose(2, 0, 1)[..., None]  # [B, C, 1] each
     image = np.arange(num_images)[:, None, None] if len(level) > 1 else 0
     (first_col, cols), (first_row, rows) = (
         _span(u1, u2, x1, x2, image),
