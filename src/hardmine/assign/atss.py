@@ -708,13 +708,15 @@ def _candidate_iou(
 
 
 #: Sparse grid levels take their windows (``_windows``) where these hold at most this fraction
-#: of the level's cells: each window cell costs several times a cell of the IoU matrix (keys, a
-#: scatter). Measured on benchmarks/samplers.py's levels: the stride-8 level's windows (about 13%)
-#: save a third of its time, the stride-16 level's (about 19%) cost about as much as its matrix.
+#: of the level's IoU matrix: each window cell costs several times a cell of the matrix (keys, a
+#: scatter). On benchmarks/samplers.py's boxes the stride-8 level's windows hold about 7% of it,
+#: the stride-16 level's about 11%.
 _WINDOW_FRACTION = 1 / 6
 #: Sparse grid levels of fewer anchors take the matrix: their windows (a box plus an anchor's
 #: size, in cells) cover too much of them, and save less than the windows' host work costs.
-_WINDOW_MIN_ANCHORS = 8192
+#: Measured on benchmarks/samplers.py (16 images): windows on its 4200-anchor level too, 1.37 ->
+#: 1.44 times the matrix's speed.
+_WINDOW_MIN_ANCHORS = 4096
 #: Nor do windows pay where the level's matrix in a chunk (images x ground truths x anchors) is
 #: smaller: their fixed costs (host work, keys, the candidates' IoUs computed apart) then cancel
 #: what they save. Measured on benchmarks/samplers.py's stride-8 level: 2 images of 20 ground
@@ -724,36 +726,39 @@ _WINDOW_MIN_ELEMENTS = 2**20
 
 @dataclass(frozen=True)
 class _Windows:
-    """Where ground truths meet a sparse grid level's anchors: for each of ``[B, C]`` ground
-    truths a window of ``rows x cols`` cells holding every anchor it meets (see
-    ``_windows``), and the clamped widths and heights (``_iou_into``'s) of the intersections
-    and anchors there."""
+    """Where ground truths meet a sparse grid level's anchors, row by row: for each row of cells
+    that a ground truth meets, a window of ``cols`` cells there holding every anchor it meets
+    (see ``_windows``), and the clamped widths and heights (``_iou_into``'s) of the
+    intersections and anchors. ``R`` rows in all; ground truths numbered ``b * C + c``, anchors
+    ``b * n + i`` (``i`` in the level of ``n``)."""
 
-    first: Tensor  # int32 [B, C, 1]: the window's first anchor in the level
-    inter_w: Tensor  # [B, C, cols]
-    inter_h: Tensor  # [B, C, rows]
-    anchor_w: Tensor  # [B, C, cols]
-    anchor_h: Tensor  # [B, C, rows]
+    pair: Tensor  # int64 [R]: each row's ground truth
+    first: Tensor  # int32 (int64 past 2**31 anchors) [R]: each window's first anchor
+    inter_w: Tensor  # [B * C, cols]: per ground truth, along its window
+    anchor_w: Tensor  # [B * C, cols]
+    inter_h: Tensor  # [R]
+    anchor_h: Tensor  # [R]
 
 
 def _windows(grid: _Grid, gts: Tensor, corners: Tensor) -> _Windows | None:
     """The windows of ``gts: [B, C, 4]`` on a sparse grid level (``_Grid.sparse``; ``corners:
     [B, 4, N]`` as ``_iou_into`` takes them), or ``None`` where they would hold more than
-    ``_WINDOW_FRACTION`` of the level (the IoU matrix is cheaper there) or a ground truth's
-    coordinates reach ``_SPARSE_LIMIT``.
+    ``_WINDOW_FRACTION`` of the level's IoU matrix (the matrix is cheaper there) or a ground
+    truth's coordinates reach ``_SPARSE_LIMIT``.
 
     Only anchors that a ground truth meets with positive width and height (both clamped as in
     ``_iou_into``) have a non-zero IoU with it. On a sparse level those widths are positive on
     an interval of columns (an anchor's x1 below the box's x2: a prefix; its x2 above the box's
-    x1: a suffix), the heights on an interval of rows: the anchors form a rectangle of cells. A
-    window of the largest rectangle's size lies over each, moved back where it would pass the
-    grid's edge.
+    x1: a suffix), the heights on an interval of rows: the anchors form a rectangle of cells.
+    Each of its rows takes a window of the widest rectangle's width, moved back where it would
+    pass the grid's edge (windows of one size, rows exactly: a third of the padding of whole
+    rectangles' windows on benchmarks/samplers.py's boxes).
 
-    On the host: a few dozen operations on ``[B, C]`` numbers, where torch's per-operation
+    On the host: a few dozen operations on some thousand numbers, where torch's per-operation
     overhead would cost more than the work (as in ``_find_grids``; CPU only). IEEE minimum,
     maximum and subtraction are exact: the same bits as torch's.
     """
-    num_images = gts.shape[0]
+    num_images, num_gts = gts.shape[:2]
     height, width = grid.height, grid.width
     planes = corners[:1] if corners.stride(0) == 0 else corners  # [b, 4, N]
     level = planes.detach().numpy()[:, :, grid.start : grid.stop].reshape(-1, 4, height, width)
@@ -768,19 +773,26 @@ def _windows(grid: _Grid, gts: Tensor, corners: Tensor) -> _Windows | None:
         _span(v1, v2, y1, y2, image),
     )
     meets = (cols > 0) & (rows > 0)  # [B, C, 1]: a rectangle with area (else no window)
-    num_cols, num_rows = int((cols * meets).max()), int((rows * meets).max())
-    if num_cols * num_rows > _WINDOW_FRACTION * height * width:
+    num_cols, rows = int((cols * meets).max()), (rows * meets).ravel()  # [B * C]
+    if num_cols * rows.sum() > _WINDOW_FRACTION * num_images * num_gts * height * width:
         return None
-    col = np.minimum(first_col, width - num_cols) + np.arange(num_cols)  # [B, C, cols]
-    row = np.minimum(first_row, height - num_rows) + np.arange(num_rows)  # [B, C, rows]
-    u1, u2, v1, v2 = u1[image, col], u2[image, col], v1[image, row], v2[image, row]
-    inter_w, inter_h = (
-        torch.from_numpy(np.maximum(np.minimum(hi, b) - np.maximum(lo, a), 0))
-        for lo, hi, a, b in ((x1, x2, u1, u2), (y1, y2, v1, v2))
+    start = np.minimum(first_col, width - num_cols)  # [B, C, 1]
+    col = start + np.arange(num_cols)  # [B, C, cols]
+    u1, u2 = u1[image, col], u2[image, col]
+    inter_w = np.maximum(np.minimum(x2, u2) - np.maximum(x1, u1), 0).reshape(rows.size, -1)
+    anchor_w = np.maximum(u2 - u1, 0).reshape(rows.size, -1)
+    pair = np.repeat(np.arange(rows.size), rows)  # [R]
+    row = first_row.ravel()[pair] + np.arange(pair.size) - np.repeat(rows.cumsum() - rows, rows)
+    img = pair // num_gts
+    v1, v2 = (v[img if len(level) > 1 else 0, row] for v in (v1, v2))  # [R]
+    y1, y2 = y1.ravel()[pair], y2.ravel()[pair]
+    inter_h = np.maximum(np.minimum(y2, v2) - np.maximum(y1, v1), 0)
+    anchor_h = np.maximum(v2 - v1, 0)
+    first = img * (height * width) + row * width + start.ravel()[pair]
+    first = first.astype(np.int32 if num_images * height * width < 2**31 else np.int64)
+    return _Windows(
+        *(torch.from_numpy(t) for t in (pair, first, inter_w, anchor_w, inter_h, anchor_h))
     )
-    anchor_w, anchor_h = (torch.from_numpy(np.maximum(b - a, 0)) for a, b in ((u1, u2), (v1, v2)))
-    first = torch.from_numpy((row[..., :1] * width + col[..., :1]).astype(np.int32))
-    return _Windows(first, inter_w, inter_h, anchor_w, anchor_h)
 
 
 def _span(
@@ -806,12 +818,12 @@ def _span(
 
 
 def _best_in_windows(
-    windows: _Windows, width: int, gt_area: Tensor, work: Tensor, value: Tensor, index: Tensor
+    windows: _Windows, gt_area: Tensor, work: Tensor, value: Tensor, index: Tensor
 ) -> None:
     """``best_of_chunk`` of the IoUs of ``[B, C]`` ground truths (``gt_area: [B, C]``) with the
-    anchors of a grid level ``width`` cells wide, from their ``windows`` (``_windows``), to the
-    bit: written into ``value: float32 [B, n]`` and ``index: int64 [B, n]`` (``n`` the level's
-    anchors). ``work`` is scratch (``_workspace``).
+    anchors of a grid level, from their ``windows`` (``_windows``), to the bit: written into
+    ``value: float32 [B, n]`` and ``index: int64 [B, n]`` (``n`` the level's anchors). ``work`` is
+    scratch (``_workspace``).
 
     The IoUs are ``_iou_into``'s operations, in the windows only (an anchor's area is its width
     times its height there too). An anchor's best IoU is the largest in the windows over it, or
@@ -820,30 +832,26 @@ def _best_in_windows(
     ``int64`` keys that order as ``(IoU, -ground truth)``: the IoU's bits (which order
     non-negative floats as their values) above ``C - 1 - g``.
     """
-    num_images, num_gts, num_rows = windows.inter_h.shape
-    num_cols = windows.inter_w.shape[-1]
-    shape = (num_images, num_gts, num_rows, num_cols)
+    num_gts = gt_area.shape[1]
+    shape = (windows.pair.shape[0], windows.inter_w.shape[1])  # [R, cols]
     size = math.prod(shape)
-    specs = [(value.dtype, size)] * 2 + [(torch.int64, size), (torch.int32, size)]
+    specs = [(value.dtype, size)] * 2 + [(torch.int64, size), (windows.first.dtype, size)]
     inter, union, key, cell, best = _scratch_views(work, [*specs, (torch.int64, value.numel())])
     inter, union, key, cell = (t.view(shape) for t in (inter, union, key, cell))
-    torch.mul(windows.inter_w[:, :, None], windows.inter_h[..., None], out=inter)
-    torch.mul(windows.anchor_w[:, :, None], windows.anchor_h[..., None], out=union)
-    union += gt_area[..., None, None]
+    pair = windows.pair
+    torch.index_select(windows.inter_w, 0, pair, out=inter).mul_(windows.inter_h[:, None])
+    torch.index_select(windows.anchor_w, 0, pair, out=union).mul_(windows.anchor_h[:, None])
+    union += gt_area.reshape(-1).index_select(0, pair)[:, None]
     union -= inter
     # The low 32 bits: C - 1 - g, written as whole keys (contiguous: three times faster than a
     # half's strided writes), whose high halves then take the IoU's bits.
-    key.copy_(num_gts - 1 - torch.arange(num_gts, device=key.device)[:, None, None])
+    key.copy_((num_gts - 1 - pair % num_gts)[:, None])
     halves = key.view(value.dtype).view(*shape, 2)  # the 32-bit halves of each key, in memory
     torch.div(inter, union.clamp_(min=_EPS), out=halves[..., _HIGH])
-    # The cells' anchors: each window's first plus the offsets within a window.
-    offset = torch.arange(num_rows, dtype=torch.int32)[:, None] * width
-    offset = (offset + torch.arange(num_cols, dtype=torch.int32)).view(-1)  # [rows * cols]
-    torch.add(windows.first, offset, out=cell.view(num_images, num_gts, -1))
+    torch.add(windows.first[:, None], torch.arange(shape[1], dtype=cell.dtype), out=cell)
     # An anchor no window gives a positive IoU keeps the first ground truth (key C - 1): IoU 0.
-    best = best.view_as(value).fill_(num_gts - 1)
-    best.scatter_reduce_(1, cell.view(num_images, -1), key.view(num_images, -1), "amax")
-    best_halves = best.view(torch.int32).view(*best.shape, 2)
+    best = best.fill_(num_gts - 1).scatter_reduce_(0, cell.view(-1), key.view(-1), "amax")
+    best_halves = best.view(torch.int32).view(*value.shape, 2)
     value.copy_(best_halves[..., _HIGH].view(value.dtype))
     torch.sub(num_gts - 1, best_halves[..., 1 - _HIGH], out=index)
 
@@ -889,9 +897,9 @@ def _best_of(
     value = area.new_empty(area.shape)  # [B, N]
     index = torch.empty_like(value, dtype=torch.int64)
     at = 0
-    for seg, (lo, hi), win in zip(segments, spans, windows, strict=True):
+    for (lo, hi), win in zip(spans, windows, strict=True):
         if win is not None:
-            _best_in_windows(win, seg.width, gt_area, work, value[:, lo:hi], index[:, lo:hi])
+            _best_in_windows(win, gt_area, work, value[:, lo:hi], index[:, lo:hi])
         else:
             value[:, lo:hi] = dense_value[:, at : at + hi - lo]
             index[:, lo:hi] = dense_index[:, at : at + hi - lo]
