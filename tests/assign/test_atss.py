@@ -530,3 +530,128 @@ def test_nearest_on_grid_is_the_blocked_search(
     distance = (dx[:, :, None] + dy[:, :, :, None]).flatten(2)  # [2, 3, n]
     expected = distance.sort(dim=-1, stable=True).indices[..., :k] + 7
     assert torch.equal(atss._nearest_on_grid(dx, dy, grid, k), expected)
+
+
+def window_gts(anchors: Tensor, image: tuple[int, int], generator: torch.Generator) -> list[Tensor]:
+    """Ground truths for the windows' tests, per image: random ones and the hard cases."""
+    height, width = image
+    a = anchors[len(anchors) // 3]  # an anchor inside the image
+    special = torch.stack(
+        [
+            torch.tensor([2000.0, 2000.0, 2100.0, 2100.0]),  # meets no anchor
+            torch.tensor([-400.0, -300.0, -200.0, -250.0]),  # meets no anchor either
+            torch.tensor([0.0, 0.0, width, height]),  # the whole image
+            torch.tensor([-50.0, -50.0, width + 50.0, height + 50.0]),  # beyond it
+            torch.tensor([50.0, 60.0, 50.0, 120.0]),  # zero width
+            torch.tensor([70.0, 70.0, 70.0, 70.0]),  # a point
+            torch.tensor([70.0, 90.0, 130.0, 90.0]),  # zero height
+            torch.stack([a[2], a[1], a[2] + 30, a[3]]),  # touches anchor a: IoU exactly 0
+            torch.stack([a[0], a[3], a[2], a[3] + 0.5]),  # touches it below
+            a.clone(),  # equals it: IoU 1
+        ]
+    )
+    boxes = random_boxes(12, generator, 60.0, float(min(height, width)))
+    boxes[:4] = boxes[:4].round()  # whole pixels: ties with the grid's edges and centres
+    dup = torch.cat([boxes[:3], boxes[:3]])  # identical ground truths: ties between them
+    many = torch.cat([boxes, special, dup, random_boxes(5, generator, 20.0, 100.0)])
+    return [many, boxes[4:7], torch.zeros(0, 4), special[[7, 2, 9, 7]], many.flip(0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_windows_equal_the_matrix(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    # Sparse grid levels' best IoUs and ground truths from windows around each ground truth
+    # (atss._windows) equal those of the IoU matrix, bit for bit: forced on every grid level of
+    # one anchor per location (small ones too, whatever the windows' size), against the matrix
+    # (windows refused) and the generic path (no grids). One level and several; shared anchors
+    # and a copy per image; ignore regions; one chunk and several; B = 1 and B > 1.
+    cases = {
+        "one_level": torchvision_anchors((96, 128), [8], [(32,)], (1.0,)),
+        "levels": torchvision_anchors(
+            (200, 264), [4, 8, 16, 32], [(16,), (32,), (64,), (96,)], (1.0,)
+        ),
+        "tall": torchvision_anchors((264, 72), [8, 16], [(24,), (56,)], (0.5,)),
+    }
+    g = torch.Generator().manual_seed(5)
+    calls, positives = [], 0
+    real = atss._best_in_windows
+    monkeypatch.setattr(atss, "_best_in_windows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(atss, "_GRID_MIN_ANCHORS", 0)
+    monkeypatch.setattr(atss, "_WINDOW_MIN_ANCHORS", 0)
+    monkeypatch.setattr(atss, "_WINDOW_MIN_ELEMENTS", 0)
+    for (anchors, num_per_level), image in zip(
+        cases.values(), [(96, 128), (200, 264), (264, 72)], strict=True
+    ):
+        gts = window_gts(anchors, image, g)
+        labels = [torch.randint(1, 9, (len(b),), generator=g) for b in gts]
+        ignore = [random_boxes(n, g, 40.0, 100.0) for n in (1, 0, 2, 0, 1)]
+        anchors, gts = anchors.to(dtype), [b.to(dtype) for b in gts]
+        for images, ign, chunk_size, take in (
+            ([anchors] * 5, None, 64, slice(None)),
+            ([anchors.clone() for _ in gts], ignore, 4, slice(None)),
+            ([anchors], None, 64, slice(0, 1)),
+            ([anchors], None, 64, slice(1, 2)),  # small windows: most anchors outside them
+            ([anchors] * 2, None, 64, slice(1, 3)),
+            ([anchors] * 2, None, 3, slice(3, 5)),
+        ):
+            kwargs = dict(num_per_level=num_per_level, ignore_boxes=ign, chunk_size=chunk_size)
+            if ign is not None:
+                kwargs["ignore_boxes"] = ign[take]
+            args = (images[: len(gts[take])], gts[take], labels[take])
+            before = len(calls)
+            monkeypatch.setattr(atss, "_WINDOW_FRACTION", 1.0)
+            windows = assign_atss(*args, **kwargs)
+            assert (len(calls) > before) == (dtype != torch.float64)  # float32 keys only
+            monkeypatch.setattr(atss, "_WINDOW_FRACTION", -1.0)
+            matrix = assign_atss(*args, **kwargs)
+            with monkeypatch.context() as m:
+                m.setattr(atss, "_find_grids", lambda a, n: [None] * len(n))
+                generic = assign_atss(*args, **kwargs)
+            for w, mat, gen in zip(windows, matrix, generic, strict=True):
+                for field in ("label", "gt_index", "max_iou", "gt_class"):
+                    assert torch.equal(getattr(w, field), getattr(mat, field)), field
+                    assert torch.equal(getattr(w, field), getattr(gen, field)), field
+            positives += sum(int(a.positive.sum()) for a in windows)
+    assert positives > 0
+    # No window at all: no ground truth, or only ones without area.
+    anchors, num_per_level = cases["levels"]
+    for gts in ([torch.zeros(0, 4)] * 2, [torch.tensor([[10.0, 10.0, 10.0, 50.0]])]):
+        labels = [torch.ones(len(b), dtype=torch.int64) for b in gts]
+        args = ([anchors] * len(gts), gts, labels)
+        monkeypatch.setattr(atss, "_WINDOW_FRACTION", 1.0)
+        windows = assign_atss(*args, num_per_level=num_per_level)
+        monkeypatch.setattr(atss, "_WINDOW_FRACTION", -1.0)
+        matrix = assign_atss(*args, num_per_level=num_per_level)
+        for w, mat in zip(windows, matrix, strict=True):
+            for field in ("label", "gt_index", "max_iou", "gt_class"):
+                assert torch.equal(getattr(w, field), getattr(mat, field)), field
+
+
+def test_sparse_grids_are_verified() -> None:
+    # Windows need anchors that the boxes meet in a rectangle of cells: x1 and x2 sorted along
+    # a row (y1, y2 down a column), positive sizes, float32, and no overflow of areas.
+    anchors, num_per_level = torchvision_anchors((400, 520), [4, 8], [(16,), (32,)], (1.0,))
+    assert num_per_level[0] >= atss._WINDOW_MIN_ANCHORS > num_per_level[1]
+
+    def sparse(anchors: Tensor) -> list[bool]:
+        found = atss._find_grids(anchors[None], num_per_level)
+        return [atss._sparse(anchors[None], g, 100).sparse for g in found]
+
+    assert sparse(anchors) == [True, False]
+    assert not atss._sparse(
+        anchors[None], atss._find_grids(anchors[None], num_per_level)[0], 1
+    ).sparse
+    level = anchors[: num_per_level[0]].view(100, 130, 4)
+    flipped = level.flip(1).reshape(-1, 4)  # columns right to left: a grid, not sorted
+    thin = level.clone()
+    thin[:, 7, 2] = thin[:, 7, 0]  # a column of zero width
+    huge = level.clone()
+    huge[:, -1, 2] = 3e19
+    for other in (flipped, thin.reshape(-1, 4), huge.reshape(-1, 4)):
+        assert sparse(torch.cat([other, anchors[num_per_level[0] :]])) == [False, False]
+    assert sparse(anchors.double()) == [False, False]
+    # Ground truths so large that their areas overflow take the matrix.
+    grid = atss._sparse(anchors[None], atss._find_grids(anchors[None], num_per_level)[0], 100)
+    corners = anchors[None].mT
+    assert atss._windows(grid, torch.tensor([[[0.0, 5.0, 40.0, 60.0]]]), corners) is not None
+    huge_gt = torch.tensor([[[-3e38, 5.0, 3e38, 5.0]]])  # width inf, height 0: area NaN
+    assert atss._windows(grid, huge_gt, corners) is None

@@ -11,9 +11,11 @@ of ``assign_atss`` says so.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import ClassVar, Literal, get_args
 
 import numpy as np
@@ -29,6 +31,8 @@ TopkPer = Literal["anchor", "location"]
 
 _INF = float("inf")
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+#: Which 32-bit half of an ``int64`` holds its high bits, in memory.
+_HIGH = 1 if sys.byteorder == "little" else 0
 
 
 def _nearest(
@@ -375,14 +379,23 @@ def assign_atss(
         for g, n, k in zip(grids, num_per_level, level_k, strict=True)
         if g is not None and batch.ignored is None and _blocked(batch.candidates, n, k)
     }
-    # Twice the default block: the [b, C, N] matrices live in one reused workspace (below), whose
-    # pages stay mapped; halving the blocks' count halves their fixed costs. Four times where the
-    # large levels are searched on their grid: then a block makes fewer passes over its matrices,
-    # and its fixed costs (hundreds of small operations) weigh more. Measured on 16 images of 22k
-    # anchors (benchmarks/samplers.py): 2.4 -> 1.8 ms per image; without the grid search four
-    # times is slower (2.4 -> 2.6). The workspace stays within its cap (21 MB there).
-    factor = 4 if search else 2
-    blocks = batch.blocks(chunk_size, factor * _batch.CPU_BLOCK_ELEMENTS)
+    # Large grid levels take windows (``_Grid.sparse``) where their matrix in a chunk can be
+    # large enough, in blocks of eight times the default where a level searched on its grid
+    # takes them: most of the [b, C, N] matrices' columns are then never formed (neither
+    # distances nor IoUs), so larger blocks fit the caches alike and fewer of them cost fewer
+    # small operations. Measured on 16 images of 22k anchors (benchmarks/samplers.py): 1.9 ->
+    # 1.4 ms per image (the matrices' untouched pages stay unmapped).
+    # Otherwise twice the default block: the [b, C, N] matrices live in one reused workspace
+    # (below), whose pages stay mapped; halving the blocks' count halves their fixed costs. Four
+    # times where the large levels are searched on their grid: then a block makes fewer passes
+    # over its matrices, and its fixed costs (hundreds of small operations) weigh more. Measured
+    # as above: 2.4 -> 1.8 ms per image; without the grid search four times is slower (2.4 ->
+    # 2.6). The workspace stays within its cap (21 MB there; 43 MB with windows).
+    blocks = batch.blocks(chunk_size, 8 * _batch.CPU_BLOCK_ELEMENTS)
+    per_anchor = max(blk.gt_boxes.shape[0] * min(c, blk.gt_boxes.shape[1]) for blk, c in blocks)
+    grids = [_sparse(batch.candidates, g, per_anchor) for g in grids]
+    if not any(g is not None and g.sparse and g.start in search for g in grids):
+        blocks = batch.blocks(chunk_size, (4 if search else 2) * _batch.CPU_BLOCK_ELEMENTS)
     size = max(
         blk.candidates.shape[0] * min(chunk, blk.gt_boxes.shape[1]) * blk.candidates.shape[1]
         for blk, chunk in blocks
@@ -406,16 +419,32 @@ def _workspace(like: Tensor, size: int) -> Tensor:
     On the CPU memory not freshly touched is speed: a matrix allocated per step faults in fresh
     pages every time (glibc hands blocks this large back to the system when freed), which cost
     more than the arithmetic. So each thread keeps its scratch between calls, up to the size that
-    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: 24 MB of ``float32``); larger or other
-    devices' is allocated per call (CUDA's caching allocator reuses it anyway).
+    ``Batch.blocks`` aims at (a few ``CPU_BLOCK_ELEMENTS``: up to 48 MB of ``float32``, mostly
+    untouched where windows take the large levels); larger or other devices' is allocated per
+    call (CUDA's caching allocator reuses it anyway).
     """
-    if like.device.type != "cpu" or size > 4 * _batch.CPU_BLOCK_ELEMENTS:
+    if like.device.type != "cpu" or size > 8 * _batch.CPU_BLOCK_ELEMENTS:
         return like.new_empty(3, size)
     work = getattr(_scratch, "work", None)
-    if work is None or work.dtype != like.dtype or work.shape[1] < size:
-        work = like.new_empty(3, size)
+    if work is None or work.dtype != like.dtype or work.numel() < 3 * size:
+        work = like.new_empty(3 * size)
         _scratch.work = work
-    return work[:, :size]
+    return work[: 3 * size].view(3, size)  # contiguous: ``_scratch_views`` carves it
+
+
+def _scratch_views(work: Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> list[Tensor]:
+    """One 1-D tensor per ``(dtype, numel)`` of ``specs``, side by side in the memory of ``work``
+    (contiguous scratch from ``_workspace``, whose contents they overwrite) where they all fit,
+    else fresh (see ``_workspace`` for why)."""
+    raw = work.view(-1).view(torch.uint8)
+    views, at = [], 0
+    for dtype, numel in specs:
+        at = -(-at // 8) * 8  # aligned for any dtype
+        if at + numel * dtype.itemsize > raw.numel():
+            return [torch.empty(n, dtype=d, device=work.device) for d, n in specs]
+        views.append(raw[at : at + numel * dtype.itemsize].view(dtype))
+        at += numel * dtype.itemsize
+    return views
 
 
 @dataclass(frozen=True)
@@ -432,6 +461,11 @@ class _Grid:
     height: int
     width: int
     per_location: int
+    #: Whether its IoUs may be computed only where ground truths meet anchors (``_windows``):
+    #: at least ``_WINDOW_MIN_ANCHORS`` of one per location, in ``float32``, of positive width and
+    #: height, x1 and x2 non-decreasing along a row and y1 and y2 down a column (so the anchors
+    #: that a box meets form a rectangle of cells), and coordinates too small to overflow areas.
+    sparse: bool = False
 
     @property
     def stop(self) -> int:
@@ -495,6 +529,37 @@ def _find_grids(anchors: Tensor, num_per_level: Sequence[int]) -> list[_Grid | N
         ).all():
             grids[-1] = grid
     return grids
+
+
+#: Coordinates below which no width, area, sum of areas or intersection overflows ``float32``:
+#: windows need finite IoUs in ``[0, 1]`` (a NaN would order differently in the two reductions).
+_SPARSE_LIMIT = math.sqrt(np.finfo(np.float32).max) / 4
+
+
+def _sparse(anchors: Tensor, grid: _Grid | None, per_anchor: int) -> _Grid | None:
+    """``grid`` with ``sparse`` set where it holds (see ``_Grid.sparse``) and its windows may pay:
+    its ``[b, C, n]`` matrix in a chunk (``per_anchor`` elements per anchor at most) holds at
+    least ``_WINDOW_MIN_ELEMENTS``. ``anchors: [B, N, 4]`` as ``_find_grids`` takes them."""
+    if (
+        grid is None
+        or grid.per_location > 1
+        or anchors.dtype != torch.float32
+        or grid.stop - grid.start < _WINDOW_MIN_ANCHORS
+        or per_anchor * (grid.stop - grid.start) < _WINDOW_MIN_ELEMENTS
+    ):
+        return grid
+    anc = anchors[:1] if anchors.stride(0) == 0 else anchors
+    level = anc[:, grid.start : grid.stop].detach().numpy().reshape(-1, grid.height, grid.width, 4)
+    # A location's anchors share their x (y) with the row's (column's): these are all of them.
+    row, column = level[:, 0, :, 0::2], level[:, :, 0, 1::2]  # x1, x2; y1, y2
+    sparse = (
+        max(np.abs(row).max(), np.abs(column).max()) < _SPARSE_LIMIT
+        and (row[..., 1] > row[..., 0]).all()
+        and (column[..., 1] > column[..., 0]).all()
+        and (np.diff(row, axis=1) >= 0).all()
+        and (np.diff(column, axis=1) >= 0).all()
+    )
+    return replace(grid, sparse=bool(sparse))
 
 
 def _first_change(boxes: np.ndarray) -> int:
@@ -582,8 +647,9 @@ def _iou_into(
     out: Tensor,
     tmp: tuple[Tensor, Tensor],
 ) -> Tensor:
-    """``iou_matrix(gts, anchors)`` written into ``out``, the two ``tmp`` as scratch (all
-    ``[B, C, N]``): the same operations in the same order, so the same bits. On a grid level
+    """``iou_matrix(gts, anchors)`` for the anchors of ``segments``, side by side in their order,
+    written into ``out``, the two ``tmp`` as scratch (all ``[B, C, n]``, ``n`` the segments'
+    anchors): the same operations in the same order, so the same bits. On a grid level
     (``segments``, see ``_distance_into``) the intersection is one broadcast product of its
     clamped width (``[B, C, W, A]``) and height (``[B, C, H, A]``).
 
@@ -591,27 +657,254 @@ def _iou_into(
     ``area: [B, N]`` (``box_area`` of the anchors) -> ``out``.
     """
     x1, y1, x2, y2 = (gts[..., i, None] for i in range(4))  # [B, C, 1]
+    spans, at = [], 0
     for seg in segments:
+        lo, hi = (seg.start, seg.stop) if isinstance(seg, _Grid) else seg
+        spans.append((lo, hi))
+        cols, at = slice(at, at + hi - lo), at + hi - lo
         if isinstance(seg, _Grid) and seg.per_location == 1:
             (u1, _), (_, v1), (u2, _), (_, v2) = (seg.parts(corners[:, i]) for i in range(4))
             w = torch.minimum(x2[..., None], u2[:, None])  # [B, C, W, A]
             w -= torch.maximum(x1[..., None], u1[:, None])
             h = torch.minimum(y2[..., None], v2[:, None])  # [B, C, H, A]
             h -= torch.maximum(y1[..., None], v1[:, None])
-            torch.mul(
-                w.clamp_(min=0)[:, :, None], h.clamp_(min=0)[:, :, :, None], out=seg.view(out)
-            )
+            level = out[..., cols].unflatten(-1, (seg.height, seg.width, 1))  # [B, C, H, W, A]
+            torch.mul(w.clamp_(min=0)[:, :, None], h.clamp_(min=0)[:, :, :, None], out=level)
             continue
-        lo, hi = (seg.start, seg.stop) if isinstance(seg, _Grid) else seg
         u1, v1, u2, v2 = (corners[:, None, i, lo:hi] for i in range(4))  # [B, 1, n]
-        w = torch.minimum(x2, u2, out=out[..., lo:hi])
-        w -= torch.maximum(x1, u1, out=tmp[0][..., lo:hi])
-        h = torch.minimum(y2, v2, out=tmp[0][..., lo:hi])
-        h -= torch.maximum(y1, v1, out=tmp[1][..., lo:hi])
+        w = torch.minimum(x2, u2, out=out[..., cols])
+        w -= torch.maximum(x1, u1, out=tmp[0][..., cols])
+        h = torch.minimum(y2, v2, out=tmp[0][..., cols])
+        h -= torch.maximum(y1, v1, out=tmp[1][..., cols])
         w.clamp_(min=0).mul_(h.clamp_(min=0))
+    if all(a[1] == b[0] for a, b in pairwise(spans)):  # one run
+        area = area[:, spans[0][0] : spans[-1][1]]
+    else:
+        area = torch.cat([area[:, lo:hi] for lo, hi in spans], dim=1)  # [B, n]
     union = torch.add(box_area(gts)[..., None], area[:, None], out=tmp[0])
     union -= out
     return out.div_(union.clamp_(min=_EPS))
+
+
+def _candidate_iou(
+    gts: Tensor, gt_area: Tensor, candidate: Tensor, corners: Tensor, area: Tensor
+) -> Tensor:
+    """``iou_matrix`` of each ground truth with its candidates only, with ``_iou_into``'s
+    operations (the same bits): ``gts: [B, C, 4]``, ``gt_area: [B, C]`` (their ``box_area``),
+    ``candidate: int64 [B, C, K]`` anchor indices, ``corners: [B, 4, N]``, ``area: [B, N]`` ->
+    ``[B, C, K]``."""
+    flat = candidate.flatten(1)  # [B, C * K]
+    planes = corners.gather(2, flat[:, None].expand(-1, 4, -1)).view(-1, 4, *candidate.shape[1:])
+    u1, v1, u2, v2 = planes.unbind(1)  # [B, C, K] each
+    x1, y1, x2, y2 = (gts[..., i, None] for i in range(4))  # [B, C, 1]
+    w = torch.minimum(x2, u2)
+    w -= torch.maximum(x1, u1)
+    h = torch.minimum(y2, v2)
+    h -= torch.maximum(y1, v1)
+    inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+    union = gt_area[..., None] + area.gather(1, flat).view_as(candidate)
+    union -= inter
+    return inter.div_(union.clamp_(min=_EPS))
+
+
+#: Sparse grid levels take their windows (``_windows``) where these hold at most this fraction
+#: of the level's IoU matrix: each window cell costs several times a cell of the matrix (keys, a
+#: scatter). On benchmarks/samplers.py's boxes the stride-8 level's windows hold about 7% of it,
+#: the stride-16 level's about 11%.
+_WINDOW_FRACTION = 1 / 6
+#: Sparse grid levels of fewer anchors take the matrix: their windows (a box plus an anchor's
+#: size, in cells) cover too much of them, and save less than the windows' host work costs.
+#: Measured on benchmarks/samplers.py (16 images): windows on its 4200-anchor level too, 1.37 ->
+#: 1.44 times the matrix's speed.
+_WINDOW_MIN_ANCHORS = 4096
+#: Nor do windows pay where the level's matrix in a chunk (images x ground truths x anchors) is
+#: smaller: their fixed costs (host work, keys, the candidates' IoUs computed apart) then cancel
+#: what they save. Measured on benchmarks/samplers.py's stride-8 level: 2 images of 20 ground
+#: truths (668k elements) took as long with windows as without (1.34 and 1.30 ms per image).
+_WINDOW_MIN_ELEMENTS = 2**20
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Where ground truths meet a sparse grid level's anchors, row by row: for each row of cells
+    that a ground truth meets, a window of ``cols`` cells there holding every anchor it meets
+    (see ``_windows``), and the clamped widths and heights (``_iou_into``'s) of the
+    intersections and anchors. ``R`` rows in all; ground truths numbered ``b * C + c``, anchors
+    ``b * n + i`` (``i`` in the level of ``n``)."""
+
+    pair: Tensor  # int64 [R]: each row's ground truth
+    first: Tensor  # int32 (int64 past 2**31 anchors) [R]: each window's first anchor
+    inter_w: Tensor  # [B * C, cols]: per ground truth, along its window
+    anchor_w: Tensor  # [B * C, cols]
+    inter_h: Tensor  # [R]
+    anchor_h: Tensor  # [R]
+
+
+def _windows(grid: _Grid, gts: Tensor, corners: Tensor) -> _Windows | None:
+    """The windows of ``gts: [B, C, 4]`` on a sparse grid level (``_Grid.sparse``; ``corners:
+    [B, 4, N]`` as ``_iou_into`` takes them), or ``None`` where they would hold more than
+    ``_WINDOW_FRACTION`` of the level's IoU matrix (the matrix is cheaper there) or a ground
+    truth's coordinates reach ``_SPARSE_LIMIT``.
+
+    Only anchors that a ground truth meets with positive width and height (both clamped as in
+    ``_iou_into``) have a non-zero IoU with it. On a sparse level those widths are positive on
+    an interval of columns (an anchor's x1 below the box's x2: a prefix; its x2 above the box's
+    x1: a suffix), the heights on an interval of rows: the anchors form a rectangle of cells.
+    Each of its rows takes a window of the widest rectangle's width, moved back where it would
+    pass the grid's edge (windows of one size, rows exactly: a third of the padding of whole
+    rectangles' windows on benchmarks/samplers.py's boxes).
+
+    On the host: a few dozen operations on some thousand numbers, where torch's per-operation
+    overhead would cost more than the work (as in ``_find_grids``; CPU only). IEEE minimum,
+    maximum and subtraction are exact: the same bits as torch's.
+    """
+    num_images, num_gts = gts.shape[:2]
+    height, width = grid.height, grid.width
+    planes = corners[:1] if corners.stride(0) == 0 else corners  # [b, 4, N]
+    level = planes.detach().numpy()[:, :, grid.start : grid.stop].reshape(-1, 4, height, width)
+    u1, u2, v1, v2 = level[:, 0, 0], level[:, 2, 0], level[:, 1, :, 0], level[:, 3, :, 0]
+    boxes = gts.detach().numpy()  # [B, C, 4]
+    if np.abs(boxes).max(initial=0) >= _SPARSE_LIMIT:  # a ground truth's area may be NaN
+        return None
+    x1, y1, x2, y2 = boxes.transpose(2, 0, 1)[..., None]  # [B, C, 1] each
+    image = np.arange(num_images)[:, None, None] if len(level) > 1 else 0
+    (first_col, cols), (first_row, rows) = (
+        _span(u1, u2, x1, x2, image),
+        _span(v1, v2, y1, y2, image),
+    )
+    meets = (cols > 0) & (rows > 0)  # [B, C, 1]: a rectangle with area (else no window)
+    num_cols, rows = int((cols * meets).max()), (rows * meets).ravel()  # [B * C]
+    if num_cols * rows.sum() > _WINDOW_FRACTION * num_images * num_gts * height * width:
+        return None
+    start = np.minimum(first_col, width - num_cols)  # [B, C, 1]
+    col = start + np.arange(num_cols)  # [B, C, cols]
+    u1, u2 = u1[image, col], u2[image, col]
+    inter_w = np.maximum(np.minimum(x2, u2) - np.maximum(x1, u1), 0).reshape(rows.size, -1)
+    anchor_w = np.maximum(u2 - u1, 0).reshape(rows.size, -1)
+    pair = np.repeat(np.arange(rows.size), rows)  # [R]
+    row = first_row.ravel()[pair] + np.arange(pair.size) - np.repeat(rows.cumsum() - rows, rows)
+    img = pair // num_gts
+    v1, v2 = (v[img if len(level) > 1 else 0, row] for v in (v1, v2))  # [R]
+    y1, y2 = y1.ravel()[pair], y2.ravel()[pair]
+    inter_h = np.maximum(np.minimum(y2, v2) - np.maximum(y1, v1), 0)
+    anchor_h = np.maximum(v2 - v1, 0)
+    first = img * (height * width) + row * width + start.ravel()[pair]
+    first = first.astype(np.int32 if num_images * height * width < 2**31 else np.int64)
+    return _Windows(
+        *(torch.from_numpy(t) for t in (pair, first, inter_w, anchor_w, inter_h, anchor_h))
+    )
+
+
+def _span(
+    lo_edges: np.ndarray, hi_edges: np.ndarray, lo: np.ndarray, hi: np.ndarray, image: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of a sparse grid's row (or column) that boxes meet with positive length:
+    ``lo_edges, hi_edges: [b, W]`` (the cells' x1 and x2, see ``_Grid.sparse``), ``lo, hi:
+    [B, C, 1]`` (the boxes' x1 and x2), ``image``: each box's image in the edges (``0`` where
+    the images share them) -> the first cell and the cells' count (``int64 [B, C, 1]`` each).
+
+    A cell meets a box where its x1 lies below the box's x2 (a prefix of the cells), its x2
+    above the box's x1 (a suffix) and the box has positive length.
+    """
+    if isinstance(image, int):
+        first = np.searchsorted(hi_edges[0], lo, side="right")  # [B, C, 1]
+        stop = np.searchsorted(lo_edges[0], hi, side="left")
+    else:
+        edges_lo = zip(hi_edges, lo, strict=True)
+        first = np.stack([np.searchsorted(e, v, side="right") for e, v in edges_lo])
+        edges_hi = zip(lo_edges, hi, strict=True)
+        stop = np.stack([np.searchsorted(e, v, side="left") for e, v in edges_hi])
+    return first, np.where(hi > lo, stop - first, 0).clip(min=0)
+
+
+def _best_in_windows(
+    windows: _Windows, gt_area: Tensor, work: Tensor, value: Tensor, index: Tensor
+) -> None:
+    """``best_of_chunk`` of the IoUs of ``[B, C]`` ground truths (``gt_area: [B, C]``) with the
+    anchors of a grid level, from their ``windows`` (``_windows``), to the bit: written into
+    ``value: float32 [B, n]`` and ``index: int64 [B, n]`` (``n`` the level's anchors). ``work`` is
+    scratch (``_workspace``).
+
+    The IoUs are ``_iou_into``'s operations, in the windows only (an anchor's area is its width
+    times its height there too). An anchor's best IoU is the largest in the windows over it, or
+    0 (its other IoUs are 0), and its ground truth the first that reaches it, or 0 where that is
+    0 (all its IoUs are 0): what ``best_of_chunk`` gives. One ``scatter_reduce`` finds both, on
+    ``int64`` keys that order as ``(IoU, -ground truth)``: the IoU's bits (which order
+    non-negative floats as their values) above ``C - 1 - g``.
+    """
+    num_gts = gt_area.shape[1]
+    shape = (windows.pair.shape[0], windows.inter_w.shape[1])  # [R, cols]
+    size = math.prod(shape)
+    specs = [(value.dtype, size)] * 2 + [(torch.int64, size), (windows.first.dtype, size)]
+    inter, union, key, cell, best = _scratch_views(work, [*specs, (torch.int64, value.numel())])
+    inter, union, key, cell = (t.view(shape) for t in (inter, union, key, cell))
+    pair = windows.pair
+    torch.index_select(windows.inter_w, 0, pair, out=inter).mul_(windows.inter_h[:, None])
+    torch.index_select(windows.anchor_w, 0, pair, out=union).mul_(windows.anchor_h[:, None])
+    union += gt_area.reshape(-1).index_select(0, pair)[:, None]
+    union -= inter
+    # The low 32 bits: C - 1 - g, written as whole keys (contiguous: three times faster than a
+    # half's strided writes), whose high halves then take the IoU's bits.
+    key.copy_((num_gts - 1 - pair % num_gts)[:, None])
+    halves = key.view(value.dtype).view(*shape, 2)  # the 32-bit halves of each key, in memory
+    torch.div(inter, union.clamp_(min=_EPS), out=halves[..., _HIGH])
+    torch.add(windows.first[:, None], torch.arange(shape[1], dtype=cell.dtype), out=cell)
+    # An anchor no window gives a positive IoU keeps the first ground truth (key C - 1): IoU 0.
+    best = best.fill_(num_gts - 1).scatter_reduce_(0, cell.view(-1), key.view(-1), "amax")
+    best_halves = best.view(torch.int32).view(*value.shape, 2)
+    value.copy_(best_halves[..., _HIGH].view(value.dtype))
+    torch.sub(num_gts - 1, best_halves[..., 1 - _HIGH], out=index)
+
+
+def _best_of(
+    segments: Sequence[_Grid | tuple[int, int]],
+    gts: Tensor,
+    candidate: Tensor,
+    corners: Tensor,
+    area: Tensor,
+    work: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the ``[B, C, N]`` IoU matrix of ``gts: [B, C, 4]`` and the anchors (``corners``,
+    ``area`` as ``_iou_into`` takes them) is needed for: the IoUs of the ``candidate: [B, C, K]``
+    anchors, and ``best_of_chunk`` of it -> ``(cand_iou [B, C, K], value [B, N], index int64
+    [B, N])``, the same bits.
+
+    Large sparse grid levels take their windows (``_best_in_windows``) where they have them, the
+    other anchors their columns of the matrix, computed in ``work: [3, M]``.
+    """
+    num_images, num_gts = gts.shape[:2]
+    windows = [
+        _windows(seg, gts, corners)
+        if isinstance(seg, _Grid)
+        and seg.sparse
+        and num_images * num_gts * (seg.stop - seg.start) >= _WINDOW_MIN_ELEMENTS
+        else None
+        for seg in segments
+    ]
+    spans = [(s.start, s.stop) if isinstance(s, _Grid) else s for s in segments]
+    dense = [seg for seg, win in zip(segments, windows, strict=True) if win is None]
+    num_dense = sum(hi - lo for (lo, hi), win in zip(spans, windows, strict=True) if win is None)
+    if num_dense:
+        shape = (num_images, num_gts, num_dense)
+        mat, tmp, tmp2 = (w[: math.prod(shape)].view(shape) for w in work)
+        iou = _iou_into(dense, gts, corners, area, mat, (tmp, tmp2))  # [B, C, n]
+        if num_dense == area.shape[1]:  # the matrix holds the candidates' IoUs
+            cand_iou = iou.gather(2, candidate)  # [B, C, K]
+            return cand_iou, *best_of_chunk(iou)  # overwrites iou
+        dense_value, dense_index = best_of_chunk(iou)  # [B, n]; overwrites iou
+    gt_area = box_area(gts)  # [B, C]
+    cand_iou = _candidate_iou(gts, gt_area, candidate, corners, area)
+    value = area.new_empty(area.shape)  # [B, N]
+    index = torch.empty_like(value, dtype=torch.int64)
+    at = 0
+    for (lo, hi), win in zip(spans, windows, strict=True):
+        if win is not None:
+            _best_in_windows(win, gt_area, work, value[:, lo:hi], index[:, lo:hi])
+        else:
+            value[:, lo:hi] = dense_value[:, at : at + hi - lo]
+            index[:, lo:hi] = dense_index[:, at : at + hi - lo]
+            at += hi - lo
+    return cand_iou, value, index
 
 
 def _assign_block(
@@ -650,7 +943,7 @@ def _assign_block(
     for start in range(0, gts.shape[1], chunk_size):
         chunk = gts[:, start : start + chunk_size]  # [B, C, 4]
         shape = (num_images, chunk.shape[1], num_anchors)
-        mat, tmp, tmp2 = (w[: shape[0] * shape[1] * shape[2]].view(shape) for w in work)
+        mat, tmp = (w[: math.prod(shape)].view(shape) for w in work[:2])
         gt_centers = box_centers(chunk)  # [B, C, 2]
         found = _distance_into(segments, near, centers, batch.ignored, gt_centers, mat, tmp, search)
         # Ties (anchors sharing a location always tie) go to the lower anchor index.
@@ -658,10 +951,10 @@ def _assign_block(
 
         # Padded ground truths have IoU 0 with everything: they never win a max from the real ones
         # before them, and never pass the centre test.
-        iou = _iou_into(segments, chunk, corners, area, mat, (tmp, tmp2))  # [B, C, N]
         # The threshold and the centre test need only the K candidates of each ground truth.
-        cand_iou = iou.gather(2, candidate)  # [B, C, K]
-        value, index = best_of_chunk(iou)  # [B, N]; overwrites iou
+        cand_iou, value, index = _best_of(
+            segments, chunk, candidate, corners, area, work
+        )  # [B, C, K], [B, N], [B, N]
         if best_iou is None:
             best_iou, best_gt = value, index
         else:
