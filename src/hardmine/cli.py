@@ -350,8 +350,8 @@ def compare_parser(subparsers: Subparsers) -> None:
         metavar="YAML",
         help="base run configuration; the methods replace its model, sampler and assigner "
         "(default: the built-in scenes and a short schedule: 18 runs of 1-1.5 minutes on a CPU "
-        "core; make compare, which adds --jobs auto, took 12.6 minutes on two quiet cores, "
-        "about 16 beside another job)",
+        "core; make compare, which adds --jobs auto, took 12.2 minutes on two quiet cores, "
+        "about 16 beside another job, 35 at a load of 5)",
     )
     parser.add_argument(
         "--methods",
