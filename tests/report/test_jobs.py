@@ -7,6 +7,7 @@ import contextlib
 import logging
 import operator
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -79,9 +80,13 @@ def _compare_until_training(out: Path, *extra: str):
     argv += ["--data.image_size", "64", "--model.min_size", "64", "--model.max_size", "64"]
     argv += ["--device", "cpu", "--jobs", "2", "--output", str(out), *extra]
     env = {k: v for k, v in os.environ.items() if k != "HARDMINE_DEBUG"} | {"PYTHONPATH": src}
+    # SIGINT back to its default in the child: a shell's background job (``cmd &``) ignores it,
+    # and Python then installs no KeyboardInterrupt, so the Ctrl-C below would stop nothing and
+    # the test would wait for ever (seen when the suite ran as such a job).
     process = subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     metrics = [out / m / "seed0" / "metrics.jsonl" for m in ("random", "ohem")]
     deadline = time.monotonic() + 180
