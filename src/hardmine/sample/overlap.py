@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -231,7 +231,8 @@ def _keyed_overlaps(
     pos_index = positive.nonzero()[:, 0]
     counted = torch.ones(n, dtype=torch.bool) if examples is None else examples
     iou_pn = planes.new_zeros(n)
-    iou_pn[read] = first = _central_overlaps(planes, flat, pos_index, read, None)
+    central = _central_positives(planes, flat, pos_index)
+    iou_pn[read] = first = _central_overlaps(central, read, None)
     rows = torch.zeros(n, dtype=torch.bool)
     rows[read[pn_key.rise(first) < float("inf")]] = True
     pos_count = flat.count(positive)
@@ -240,8 +241,7 @@ def _keyed_overlaps(
     if bool(rows.any()):
         # The grouped path compares about (positives of a ground truth) x (candidates near it):
         # estimated by the candidates left that are matched to it, before listing any pair.
-        span = int(flat.gt_index.max()) + 2
-        group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
+        group, span = central.group, central.span  # [N]: (image, ground truth)
         pairs = torch.bincount(group[pos_index], minlength=b * span)
         pairs *= torch.bincount(group[rows], minlength=b * span)
         found = None
@@ -259,7 +259,7 @@ def _keyed_overlaps(
             )
     iou_pe = planes.new_zeros(n)
     if with_pe:
-        found = _central_overlaps(planes, flat, pos_index, pos_index, counted)
+        found = _central_overlaps(central, pos_index, counted)
         todo = torch.arange(pos_index.shape[0])
         if pe_key is not None:
             todo = (pe_key.rise(found) < float("inf")).nonzero()[:, 0]
@@ -593,14 +593,20 @@ def _others(
     return found
 
 
-def _central_overlaps(
-    planes: Tensor, flat: FlatBatch, pos_index: Tensor, query: Tensor, counted: Tensor | None
-) -> Tensor:
-    """Each candidate's largest IoU with the ``_CENTRAL`` positives of its ground truth (in its
-    image) that overlap that ground truth most: a lower bound of ``iou_pn``, or with ``counted:
-    bool [N]`` (the others left out, and the query itself) of ``iou_pe``. ``pos_index: int64
-    [P]`` lists the positives, ``query: int64 [Q]`` the candidates -> ``[Q]`` (0 where the
-    ground truth has no positive)."""
+class _Central(NamedTuple):
+    """The ``_CENTRAL`` positives of each (image, ground truth) group that overlap its ground
+    truth most (``_central_positives``), for ``_central_overlaps``."""
+
+    group: Tensor  # int64 [N]: each candidate's (image, ground truth) number
+    span: int  # ground-truth numbers per image in ``group``
+    index: Tensor  # int64 [G + 1, C]: the group's central positives, N where it has fewer
+    lookup: Tensor  # int64 [B * span]: a group number's row of ``index`` (G: none)
+    table: Tensor  # [5, N + 1]: the candidates' planes, column N a box of IoU 0
+
+
+def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _Central:
+    """Each (image, ground truth) group's ``_CENTRAL`` positives of ``pos_index: int64 [P]``
+    that overlap the ground truth most, ties to the lower index."""
     n = planes.shape[0]
     span = int(flat.gt_index.max()) + 2
     group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
@@ -614,13 +620,23 @@ def _central_overlaps(
     central = torch.cat([central, central.new_full((1, _CENTRAL), n)])  # group G: none
     lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
     lookup[keys] = torch.arange(keys.shape[0])
-    pick = central.index_select(0, lookup.index_select(0, group.index_select(0, query)))
-    if counted is not None:  # [Q, C]
+    table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
+    return _Central(group, span, central, lookup, table)
+
+
+def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) -> Tensor:
+    """Each candidate's largest IoU with the central positives of its ground truth
+    (``_central_positives``): a lower bound of ``iou_pn``, or with ``counted: bool [N]`` (the
+    others left out, and the query itself) of ``iou_pe``. ``query: int64 [Q]`` lists the
+    candidates -> ``[Q]`` (0 where the ground truth has no positive)."""
+    n = central.group.shape[0]
+    row = central.lookup.index_select(0, central.group.index_select(0, query))
+    pick = central.index.index_select(0, row)  # [Q, C]
+    if counted is not None:
         out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
         pick = pick.masked_fill(out, n)
-    table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
-    near = _take(table, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
-    return _iou_block(_take(table, query)[:, None], near).amax(0)
+    near = _take(central.table, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
+    return _iou_block(_take(central.table, query)[:, None], near).amax(0)
 
 
 def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
