@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hardmine.boxes import box_iof, box_iou, iof_matrix, iou_matrix
+from hardmine.boxes import box_iof, box_iou, coordinate_limit, iof_matrix, iou_matrix
 from hardmine.errors import NonFiniteError
 
 GOOD = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0]])
@@ -45,3 +45,23 @@ def test_finite_input_gives_the_unchecked_matrices() -> None:
     # By hand: intersection 25, union 175; IoF of a 100 px box: 0.25.
     assert box_iou(GOOD, GOOD)[0, 1].item() == pytest.approx(25 / 175)
     assert box_iof(GOOD, GOOD)[0, 1].item() == pytest.approx(0.25)
+
+
+def test_the_coordinate_limit_keeps_eight_squares_finite() -> None:
+    # Widths, areas, unions and squared centre distances within ±L are at most 8 L².
+    for dtype, limit in ((torch.float32, 2.0**62), (torch.float64, 2.0**510)):
+        assert coordinate_limit(dtype) == limit
+        assert math.isfinite(float(torch.tensor(8 * limit * limit, dtype=dtype)))
+        assert not math.isfinite(float(torch.tensor(2 * 8 * limit * limit, dtype=dtype) * 4))
+    assert coordinate_limit(torch.float16) == coordinate_limit(torch.bfloat16) == 2.0**62
+
+
+@pytest.mark.parametrize("function", [box_iou, box_iof])
+def test_boxes_whose_areas_overflow_are_refused(function) -> None:
+    # Finite coordinates, infinite area: every IoU with [0, 0, 3e38, 3e38] would be 0, and a box
+    # 6e38 wide and 0 high has a NaN area.
+    for bad in ([0.0, 0.0, 3e38, 3e38], [-3e38, 5.0, 3e38, 5.0]):
+        with pytest.raises(NonFiniteError, match=r"^b: coordinates up to 3e\+38, beyond"):
+            function(GOOD, torch.tensor([bad]))
+    at_limit = torch.tensor([[0.0, 0.0, 2.0**62, 2.0**62]])
+    assert torch.isfinite(function(GOOD, at_limit)).all()

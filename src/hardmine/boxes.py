@@ -8,6 +8,8 @@ autocast hands them over) are computed in ``float32``, as ``torchvision.ops.box_
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
@@ -20,11 +22,29 @@ _EPS = 1e-6
 NMS_TABLE_CELLS = 2**24
 
 
+def coordinate_limit(dtype: torch.dtype) -> float:
+    """The largest box coordinate (in absolute value) whose geometry stays finite in ``dtype``.
+
+    Widths, areas, unions and squared centre distances of boxes within ``±L`` are at most
+    ``8 L²``, so ``L`` is the power of two with ``8 L² <= finfo.max`` of the type the geometry is
+    computed in (``upcast``: float32 for the half types): ``2**62`` (4.6e18) in float32,
+    ``2**510`` in float64. A box beyond it is finite but its area is not, and every IoU with it
+    would be 0 or NaN: a silent wrong answer.
+    """
+    return 2.0 ** ((math.frexp(torch.finfo(_geometry_dtype(dtype)).max)[1] - 4) // 2)
+
+
+def _geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type box geometry is computed in for boxes in ``dtype`` (``upcast``)."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
 def check_boxes(boxes: Tensor, name: str) -> None:
     """Raise ``ValueError`` unless ``boxes`` is a finite floating ``[N, 4]`` tensor.
 
-    Zero-area and out-of-image boxes are valid input (they match nothing); only non-finite values
-    (``NonFiniteError``, a ``ValueError``), wrong shapes and integer dtypes are errors.
+    Zero-area and out-of-image boxes are valid input (they match nothing). Errors: wrong shapes
+    and integer dtypes; non-finite values, and coordinates beyond ``±coordinate_limit(dtype)``,
+    whose areas would overflow (both ``NonFiniteError``, a ``ValueError``).
     """
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(boxes).__name__}")
@@ -32,8 +52,22 @@ def check_boxes(boxes: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected shape [N, 4], got {list(boxes.shape)}")
     if not boxes.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got {boxes.dtype}")
-    if boxes.numel() and not bool(torch.isfinite(boxes).all()):
+    if boxes.numel():
+        # One reduction and one sync for both checks: amax propagates NaN.
+        check_magnitude(float(boxes.detach().abs().amax()), boxes.dtype, name)
+
+
+def check_magnitude(largest: float, dtype: torch.dtype, name: str) -> None:
+    """Raise ``NonFiniteError`` if ``largest``, the largest absolute coordinate of boxes in
+    ``dtype``, is NaN, infinite or beyond ``coordinate_limit(dtype)``, naming ``name``."""
+    if not math.isfinite(largest):
         raise NonFiniteError(f"{name}: contains NaN or infinite coordinates")
+    limit = coordinate_limit(dtype)
+    if largest > limit:
+        raise NonFiniteError(
+            f"{name}: coordinates up to {largest:.3g}, beyond ±{limit:.3g}: the boxes' widths "
+            f"and areas would overflow {str(_geometry_dtype(dtype)).removeprefix('torch.')}"
+        )
 
 
 def check_finite(values: Tensor, name: str) -> None:
@@ -131,7 +165,8 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
     for name, boxes in (("a", a), ("b", b)):
         if boxes.shape[-1:] != (4,):
             raise ValueError(f"{name}: expected boxes of shape [..., 4], got {list(boxes.shape)}")
-        check_finite(boxes, name)
+        if boxes.is_floating_point() and boxes.numel():
+            check_magnitude(float(boxes.detach().abs().amax()), boxes.dtype, name)
 
 
 def iou_matrix(a: Tensor, b: Tensor) -> Tensor:

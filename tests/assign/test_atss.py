@@ -655,3 +655,12 @@ def test_sparse_grids_are_verified() -> None:
     assert atss._windows(grid, torch.tensor([[[0.0, 5.0, 40.0, 60.0]]]), corners) is not None
     huge_gt = torch.tensor([[[-3e38, 5.0, 3e38, 5.0]]])  # width inf, height 0: area NaN
     assert atss._windows(grid, huge_gt, corners) is None
+
+
+@pytest.mark.parametrize("bad", [[-3e38, 5.0, 3e38, 5.0], [0.0, 0.0, 3e38, 3e38]])
+def test_a_ground_truth_whose_area_overflows_is_a_value_error(bad: list[float]) -> None:
+    # Finite coordinates whose width or area overflows float32: the first made ATSS fail with an
+    # index error (its area 6e38 * 0 is NaN), the second gave every anchor an IoU of 0.
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [0.0, 0.0, 30.0, 30.0]])
+    with pytest.raises(ValueError, match=r"gt_boxes\[0\]: coordinates up to 3e\+38, beyond"):
+        assign_atss([anchors], [torch.tensor([bad])], [torch.tensor([1])], num_per_level=[3])

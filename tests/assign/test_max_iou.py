@@ -8,7 +8,8 @@ from torch import Tensor
 from torchvision.models.detection._utils import Matcher
 
 from hardmine.assign import MaxIoUAssigner, _batch, assign_max_iou
-from hardmine.boxes import box_iou
+from hardmine.boxes import box_iou, coordinate_limit
+from hardmine.errors import NonFiniteError
 from hardmine.structures import Assigner, Assignment
 
 GT = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
@@ -359,16 +360,33 @@ def test_best_of_chunk_is_max_with_the_first_index() -> None:
             assert torch.equal(value, expected_value) and torch.equal(index, expected_index)
 
 
-def test_finiteness_is_checked_per_image_and_huge_finite_boxes_pass() -> None:
-    # The batch check sums the boxes: a non-finite sum names the image; one that overflows from
-    # huge finite coordinates is checked box by box and passes.
+def test_finiteness_is_checked_per_image_and_overflowing_boxes_are_refused() -> None:
+    # The batch check takes the largest |coordinate|: a non-finite one names the image; so does
+    # one beyond coordinate_limit, whose areas overflow float32 (a ground truth 6e38 wide made
+    # ATSS fail with an index error, and every IoU with a 2e19 one was 0).
     bad = CANDIDATES.clone()
     bad[1, 3] = float("-inf")
-    with pytest.raises(ValueError, match=r"candidates\[2\]"):
+    with pytest.raises(ValueError, match=r"candidates\[2\]: contains NaN or infinite"):
         assign_max_iou([CANDIDATES, CANDIDATES, bad], [GT] * 3, labels(1, 1, 1))
-    huge = torch.full((3, 4), 3e38)
-    (a,) = assign_max_iou([huge], [GT], labels(1))
-    assert a.label.tolist() == [0, 0, 0]
-    half = CANDIDATES.half() * 1000  # a float16 sum would overflow; the check sums in float32
+    limit = coordinate_limit(torch.float32)
+    assert limit == 2.0**62
+    for coordinate in (3e38, 2 * limit):
+        huge = torch.tensor([[0.0, 0.0, coordinate, coordinate]])
+        with pytest.raises(ValueError, match=r"gt_boxes\[1\]: coordinates up to .* overflow"):
+            assign_max_iou([CANDIDATES] * 2, [GT, huge], labels(1, 1))
+    wide = torch.tensor([[-3e38, 5.0, 3e38, 5.0]])
+    with pytest.raises(NonFiniteError, match=r"candidates\[0\]: .* float32"):
+        assign_max_iou([wide], [GT], labels(1))
+    # float64 ground truths beside float32 candidates are checked in float32, the type the
+    # padded batch computes in.
+    with pytest.raises(ValueError, match=r"gt_boxes\[0\]: coordinates up to 1e\+300"):
+        assign_max_iou(
+            [CANDIDATES], [torch.tensor([[0.0, 0.0, 1e300, 5.0]], dtype=torch.float64)], labels(1)
+        )
+    # At the limit, the geometry is finite and the answer exact: the box is far from all.
+    far = torch.full((3, 4), limit)
+    (a,) = assign_max_iou([far], [GT], labels(1))
+    assert a.label.tolist() == [0, 0, 0] and a.max_iou.tolist() == [0.0, 0.0, 0.0]
+    half = CANDIDATES.half() * 1000  # float16 coordinates are checked against float32's limit
     (a,) = assign_max_iou([half], [GT.half()], labels(1))
     assert a.label.shape == (5,)

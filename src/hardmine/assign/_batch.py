@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from hardmine._host import host_tensor
-from hardmine.boxes import check_boxes, iof_matrix, upcast
-from hardmine.errors import NonFiniteError
+from hardmine.boxes import check_boxes, check_magnitude, coordinate_limit, iof_matrix, upcast
 from hardmine.structures import POSITIVE, Assignment
 
 #: Ground truths per chunk of the ``[B, G, N]`` matrices. With 100k candidates a chunk's IoU
@@ -141,18 +140,20 @@ def _check_box_batch(boxes: Sequence[Tensor], name: str) -> None:
 
 
 def _check_finite(boxes: Sequence[Tensor], padded: Tensor, name: str) -> None:
-    """Raise ``NonFiniteError`` (a ``ValueError``) naming the first image with NaN or infinity.
+    """Raise ``NonFiniteError`` (a ``ValueError``) naming the first image with NaN, infinity or
+    coordinates whose geometry would overflow (``check_boxes``).
 
-    One host sync for the batch, on a sum of ``padded`` (the boxes, zero-padded): a sum is finite
-    when every term is, and one vectorised reduction costs a fraction of ``isfinite`` and ``all``.
-    A non-finite sum (or an overflow of huge finite values) is then checked box by box.
+    One host sync for the batch, on the largest absolute value of ``padded`` (the boxes,
+    zero-padded; ``amax`` propagates NaN); only a batch that fails is checked image by image.
     """
-    total = padded.sum(dtype=torch.promote_types(padded.dtype, torch.float32))
+    if not padded.numel():
+        return
     # math.isfinite on the host: torch.isfinite on a scalar tensor is four small kernels.
-    if padded.numel() and not math.isfinite(total.item()):
+    largest = float(padded.abs().amax())
+    if not math.isfinite(largest) or largest > coordinate_limit(padded.dtype):
         for i, b in enumerate(boxes):
-            if b.numel() and not bool(torch.isfinite(b).all()):
-                raise NonFiniteError(f"{name}[{i}]: contains NaN or infinite coordinates")
+            if b.numel():  # against the limit of the type the geometry is computed in
+                check_magnitude(float(b.detach().abs().amax()), padded.dtype, f"{name}[{i}]")
 
 
 def _pad(tensors: Sequence[Tensor], length: int, like: Tensor) -> Tensor:
@@ -192,8 +193,9 @@ def prepare_batch(
         The padded batch, its boxes in the candidates' dtype, at least ``float32``.
 
     Raises:
-        ValueError: on mismatched lengths or shapes, non-finite boxes, non-integer labels or
-            labels below 1, or a threshold outside ``[0, 1]``; naming the argument and image.
+        ValueError: on mismatched lengths or shapes, non-finite or overflowing boxes (see
+            ``hardmine.boxes.check_boxes``), non-integer labels or labels below 1, or a threshold
+            outside ``[0, 1]``; naming the argument and image.
     """
     num_images = len(candidates)
     if len(gt_boxes) != num_images or len(gt_labels) != num_images:

@@ -332,8 +332,9 @@ def assign_atss(
         elsewhere.
 
     Raises:
-        ValueError: on non-finite boxes, anchor counts that differ from ``sum(num_per_level)`` or
-            invalid settings.
+        ValueError: on non-finite boxes or coordinates beyond ``hardmine.boxes.coordinate_limit``
+            (±4.6e18 in float32: their areas would overflow), anchor counts that differ from
+            ``sum(num_per_level)`` or invalid settings.
 
     Example:
         Four 10-px anchors on one level; the three nearest the ground truth's centre are

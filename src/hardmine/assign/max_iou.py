@@ -133,7 +133,9 @@ def assign_max_iou(
         candidates' dtype, ``float32`` for half-precision candidates.
 
     Raises:
-        ValueError: on non-finite boxes, mismatched inputs or inconsistent thresholds.
+        ValueError: on non-finite boxes or coordinates beyond ``hardmine.boxes.coordinate_limit``
+            (±4.6e18 in float32: their areas would overflow), mismatched inputs or inconsistent
+            thresholds.
 
     Example:
         IoUs 1, 0 and 0.45 with the one ground truth: positive, negative, and ignored between
