@@ -148,6 +148,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    known = list(calls(1, 1, device))
+    if args.methods and (unknown := [m for m in args.methods if m not in known]):
+        parser.error(f"--methods: unknown {unknown}; the names are {known}")
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     peak = PeakMemory(device)
 
