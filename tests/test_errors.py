@@ -33,6 +33,9 @@ TINY = [
     "--data.batch_size", "2", "--train.epochs", "1", "--train.warmup_steps", "1",
     "--train.log_every", "1000", "--train.eval_every", "0", "--device", "cpu",
 ]  # fmt: skip
+# A comparison is of its runs' AP, so they are evaluated, once, at the end (two 64-px images).
+TINY_COMPARE = list(TINY)
+TINY_COMPARE[TINY.index("--train.eval_every") + 1] = "1"
 
 ATSS_TOPK_0 = [
     "train", "--model.name", "atss_tiny", "--sampler", "null",
@@ -462,33 +465,44 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         ),
         # S15 D7: every run started and failed, a report of failures written.
         "compare device cuda without CUDA": (
-            ["compare", *TINY, "--device", "cuda", "--output", f"{r}/cmp_cuda"],
+            ["compare", *TINY_COMPARE, "--device", "cuda", "--output", f"{r}/cmp_cuda"],
             2,
             "device 'cuda': this machine has no CUDA device; use cpu or auto",
         ),
         # S16: the data, an unmakeable --output or run folder, each refused before any run
         # (every run started and failed, or the comparison crashed with a traceback).
         "compare data folder missing": (
-            ["compare", *TINY, "--data", f"{r}/nodata", "--output", f"{r}/cmp_nodata"],
+            ["compare", *TINY_COMPARE, "--data", f"{r}/nodata", "--output", f"{r}/cmp_nodata"],
             2,
             f"data.root {r}/nodata: no such folder",
         ),
         "compare coco annotations missing": (
-            ["compare", *TINY, "--data", *no_ann, "--output", f"{r}/cmp_nococo"],
+            ["compare", *TINY_COMPARE, "--data", *no_ann, "--output", f"{r}/cmp_nococo"],
             2,
             f"{r}/nope.json: annotation file not found",
         ),
         "compare output that cannot be made": (
-            ["compare", *TINY, "--output", "/proc/hardmine_cmp"],
+            ["compare", *TINY_COMPARE, "--output", "/proc/hardmine_cmp"],
             2,
             "--output /proc/hardmine_cmp: cannot make /proc/hardmine_cmp: No such file",
         ),
         "compare method name too long for a folder": (
-            ["compare", *TINY, "--methods", long_name, "--output", f"{r}/cmp_long"],
+            ["compare", *TINY_COMPARE, "--methods", long_name, "--output", f"{r}/cmp_long"],
             2,
             ": File name too long",
         ),
         "compare methods empty": (["compare", "--methods", ""], 2, "--methods"),
+        # Without evaluation there is no AP to compare (it printed "0 runs" and AP n/a).
+        "compare without evaluation": (
+            ["compare", "--train.eval_every", "0", "--output", f"{r}/cmp_noeval"],
+            2,
+            "random: train.eval_every 0 trains without evaluation",
+        ),
+        "compare variant without evaluation": (
+            ["compare", "--methods", "random:train.eval_every=0", "--plan"],
+            2,
+            "random:train.eval_every=0: train.eval_every 0 trains without",
+        ),
         "compare jobs neither a number nor auto": (
             ["compare", "--jobs", "many"],
             2,
@@ -619,7 +633,7 @@ def test_refused_commands_start_no_work(outcomes: dict[str, Any]) -> None:
 
 
 def test_refused_comparisons_make_no_folder(outcomes: dict[str, Any]) -> None:
-    for name in ("cmp_nodata", "cmp_nococo", "cmp_long"):
+    for name in ("cmp_nodata", "cmp_nococo", "cmp_long", "cmp_noeval"):
         assert not (outcomes["_root"] / name).exists(), name
 
 
@@ -782,7 +796,7 @@ def test_one_comparison_per_folder_at_a_time(tmp_path: Path) -> None:
 
     out = tmp_path / "cmp"
     out.mkdir()
-    argv = ["compare", *TINY, "--methods", "random", "--seeds", "1", "--output", str(out)]
+    argv = ["compare", *TINY_COMPARE, "--methods", "random", "--seeds", "1", "--output", str(out)]
     with _lock_held_elsewhere(out / LOCK_NAME):  # what a running comparison holds
         for extra in ([], ["--plan"]):
             done = _cli(*argv, *extra, cwd=tmp_path)
@@ -826,7 +840,7 @@ def test_one_training_per_run_at_a_time(tmp_path: Path) -> None:
 def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     """S16: ``hardmine compare ... | head -2`` ended in a BrokenPipeError traceback (twice: the
     print, then the interpreter's flush at exit); now quietly, with the shells' 141."""
-    argv = ["compare", *TINY, "--methods", "random,ohem", "--seeds", "3", "--plan"]
+    argv = ["compare", *TINY_COMPARE, "--methods", "random,ohem", "--seeds", "3", "--plan"]
     process = subprocess.Popen(
         [sys.executable, "-m", "hardmine.cli", *argv, "--output", str(tmp_path / "cmp")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,

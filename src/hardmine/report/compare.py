@@ -46,7 +46,7 @@ from hardmine.engine.rundir import (
     read_metrics,
 )
 from hardmine.engine.train import train
-from hardmine.errors import RunError
+from hardmine.errors import ConfigError, RunError
 from hardmine.models import DETECTORS
 from hardmine.report.draw import MIN_IOU_PN
 from hardmine.report.inspect import inspect_run
@@ -314,8 +314,13 @@ def _run_configs(
     out_dir: Path,
     overrides: Mapping[str, Any] | None,
 ) -> dict[tuple[str, int], RunConfig]:
-    """Every run's configuration, by (method, seed), methods in order and seeds within each."""
-    return {
+    """Every run's configuration, by (method, seed), methods in order and seeds within each.
+
+    Raises:
+        ConfigError: a method's configuration is invalid, or trains without evaluation
+            (``train.eval_every`` 0): the comparison is of the runs' AP.
+    """
+    configs = {
         (method.name, seed): method.config(
             base,
             seed=seed,
@@ -325,6 +330,13 @@ def _run_configs(
         for method in methods
         for seed in seeds
     }
+    for (name, _), config in configs.items():
+        if not config.train.eval_every:
+            raise ConfigError(
+                f"{name}: train.eval_every 0 trains without evaluation, and the comparison is of "
+                "each run's AP: give 1 or more (the runs are evaluated at the end whatever it is)"
+            )
+    return configs
 
 
 def resolved_components(config: RunConfig) -> dict[str, str]:
