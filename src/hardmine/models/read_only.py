@@ -292,12 +292,15 @@ def _scoring_precision(device_type: str, dtype: torch.dtype | None) -> Iterator[
 
 
 def _slice_rows(pool: nn.Module, feature: Tensor, total: int) -> int:
-    """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
+    """RoIs per slice of the read-only pass: at most ``READ_ONLY_SLICE_BYTES`` of pooled features,
+    in slices of equal size (none of a few RoIs left over, each costing a call of the box head)."""
     size = getattr(pool, "output_size", None)
     if size is None:  # not torchvision's pooler: one slice
         return max(1, total)
     h, w = (size, size) if isinstance(size, int) else size
-    return max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
+    rows = max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
+    slices = -(-total // rows)  # ceil
+    return max(1, -(-total // max(1, slices)))
 
 
 def rcnn_heads(model: nn.Module) -> RoIHeads | None:
