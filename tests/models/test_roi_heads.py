@@ -469,6 +469,24 @@ def test_read_only_pass_shares_no_weight_casts_with_an_enclosing_autocast(batch)
     assert torch.equal(after, before)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_read_only_pass_with_no_rois(dtype):
+    """No proposals and no ground truth: every field empty, predictions (PISA's) included."""
+    heads = build("faster_rcnn_tiny", 3).train().roi_heads
+    features = {k: torch.randn(1, 64, s, s) for k, s in (("0", 16), ("1", 8), ("2", 4))}
+    none = [torch.zeros(0, 4)]
+    (assignment,) = MaxIoUAssigner()(none, none, [torch.zeros(0, dtype=torch.int64)])
+    with torch.no_grad():
+        (scores,) = roi_heads.predict_rois(
+            heads, features, none, [(128, 128)], none, [assignment], score_dtype=dtype
+        )
+        (losses,) = roi_heads.score_rois(
+            heads, features, none, [(128, 128)], none, [assignment], score_dtype=dtype
+        )
+    assert losses.shape == scores.loss.shape == scores.score.shape == (0,)
+    assert scores.box.shape == (0, 4) and scores.label.dtype == torch.int64
+
+
 def test_keypoint_rcnn_reproduces_torchvision(keypoint_rcnn, keypoint_batch):
     """Fed torchvision's own picks, Keypoint R-CNN's losses (the keypoint loss too) are its own."""
     torch.manual_seed(0)

@@ -245,7 +245,8 @@ def _read_only_pass(
     if predictions:
         score, label = class_logits.softmax(-1)[:, 1:].max(-1)
         label = label + 1  # class 0 is the background
-        deltas = box_regression.reshape(rois.shape[0], -1, 4)
+        # The class count from the width, not -1, which is ambiguous with no RoIs.
+        deltas = box_regression.reshape(rois.shape[0], box_regression.shape[-1] // 4, 4)
         deltas = deltas[torch.arange(rois.shape[0], device=deltas.device), label]
         decoded = heads.box_coder.decode_single(deltas, rois[:, 1:])
         out |= {
