@@ -14,7 +14,10 @@ No optimiser step is taken, so every sampler sees the same weights.
 
 Time: the samplers' steps are interleaved (one step of each, in a freshly shuffled order,
 ``--steps`` times) so that drift in the machine's load, and whatever one step leaves behind for
-the next, hits all of them alike; the median is reported.
+the next, hits all of them alike; the median is reported. ``--clock thread`` times the CPU time of
+the calling thread instead of wall time: on a loaded machine it leaves out the time the process
+waits for a core (use it with ``--threads 1`` on the CPU only: every step then runs in that
+thread).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the steps (reset per sampler). On CPU no
 allocator statistic sees torch's tensors (``tracemalloc`` does not), so each sampler runs in its
@@ -38,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -114,17 +118,19 @@ def sync(device: str) -> None:
 class ReadOnlyClock:
     """Times the read-only pass (``roi_losses``) of one model's RoI heads, and counts its RoIs."""
 
-    def __init__(self, heads: SamplingRoIHeads, device: str) -> None:
+    def __init__(
+        self, heads: SamplingRoIHeads, device: str, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.seconds = 0.0
         self.rois: list[int] = []
         inner = heads.roi_losses
 
         def timed(features, proposals, *rest):
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             out = inner(features, proposals, *rest)
             sync(device)
-            self.seconds += time.perf_counter() - start
+            self.seconds += clock() - start
             self.rois.append(sum(p.shape[0] for p in proposals))
             return out
 
@@ -134,8 +140,9 @@ class ReadOnlyClock:
 def measure_time(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step of every model, and of the read-only pass inside OHEM's steps."""
     models, batch = make_models(args), make_batch(args)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     clocks = {
-        name: ReadOnlyClock(model.roi_heads, args.device)
+        name: ReadOnlyClock(model.roi_heads, args.device, clock)
         for name, model in models.items()
         if isinstance(model.roi_heads, SamplingRoIHeads) and model.roi_heads.sampler.needs_losses
     }
@@ -152,14 +159,14 @@ def measure_time(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
             if name in clocks:
                 clocks[name].seconds = 0.0
             sync(args.device)
-            start = time.perf_counter()
+            start = clock()
             step(model, batch)
             sync(args.device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
             if name in clocks:
                 read_only[name].append(clocks[name].seconds)
-    for name, clock in clocks.items():
-        per_image = statistics.mean(clock.rois) / args.batch
+    for name, read_only_clock in clocks.items():
+        per_image = statistics.mean(read_only_clock.rois) / args.batch
         print(f"{name}: the read-only pass scored {per_image:.0f} RoIs per image (proposals + GT)")
     return (
         {name: statistics.median(t) for name, t in times.items()},
@@ -221,6 +228,12 @@ def main() -> None:
         help="only these rows besides random (torchvision, iou_balanced, overlap, ohem, "
         "ohem@f32, random@512); default: all",
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall time, or the calling thread's CPU time (--threads 1 on a loaded CPU)",
+    )
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA's AMP)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,7 +250,8 @@ def main() -> None:
     auto = resolve_score_dtype("auto", torch.device(args.device))
     print(
         f"{args.model} on {args.device}: batch {args.batch} x {args.image_size} px, "
-        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps; "
+        f"{args.proposals} proposals/image, {args.num} RoIs/image, median of {args.steps} steps "
+        f"({args.clock} clock); "
         f"ohem scores in {auto or 'float32'}{'; AMP' if args.amp else ''}"
     )
     print(

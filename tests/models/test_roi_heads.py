@@ -442,6 +442,51 @@ def test_read_only_pass_in_bfloat16_ranks_nearly_alike(batch):
     assert shared >= 0.8, shared
 
 
+def test_read_only_pass_shares_no_weight_casts_with_an_enclosing_autocast(batch):
+    """The pass casts the box head's weights once (autocast's cache), but an enclosing autocast
+    of another type neither hands it its casts nor gets the pass's: the losses are those scored
+    alone, and the enclosing autocast still computes in its own type afterwards."""
+    torch.manual_seed(0)
+    model = build("faster_rcnn_tiny", 3)
+    features, proposals, sizes, targets = head_inputs(model, *batch)
+    boxes = [t["boxes"] for t in targets]
+    assignments = MaxIoUAssigner()(proposals, boxes, [t["labels"] for t in targets])
+    heads = model.roi_heads
+    x = torch.randn(5, 64, 7, 7)
+    with torch.no_grad():
+        alone = roi_heads.score_rois(
+            heads, features, proposals, sizes, boxes, assignments, score_dtype=torch.bfloat16
+        )
+        with torch.autocast("cpu", dtype=torch.float16):
+            before = heads.box_head(x)  # fills the enclosing autocast's cache in float16
+            enclosed = roi_heads.score_rois(
+                heads, features, proposals, sizes, boxes, assignments, score_dtype=torch.bfloat16
+            )
+            after = heads.box_head(x)
+    for a, b in zip(alone, enclosed, strict=True):
+        assert torch.equal(a, b)
+    assert before.dtype == after.dtype == torch.float16
+    assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_read_only_pass_with_no_rois(dtype):
+    """No proposals and no ground truth: every field empty, predictions (PISA's) included."""
+    heads = build("faster_rcnn_tiny", 3).train().roi_heads
+    features = {k: torch.randn(1, 64, s, s) for k, s in (("0", 16), ("1", 8), ("2", 4))}
+    none = [torch.zeros(0, 4)]
+    (assignment,) = MaxIoUAssigner()(none, none, [torch.zeros(0, dtype=torch.int64)])
+    with torch.no_grad():
+        (scores,) = roi_heads.predict_rois(
+            heads, features, none, [(128, 128)], none, [assignment], score_dtype=dtype
+        )
+        (losses,) = roi_heads.score_rois(
+            heads, features, none, [(128, 128)], none, [assignment], score_dtype=dtype
+        )
+    assert losses.shape == scores.loss.shape == scores.score.shape == (0,)
+    assert scores.box.shape == (0, 4) and scores.label.dtype == torch.int64
+
+
 def test_keypoint_rcnn_reproduces_torchvision(keypoint_rcnn, keypoint_batch):
     """Fed torchvision's own picks, Keypoint R-CNN's losses (the keypoint loss too) are its own."""
     torch.manual_seed(0)

@@ -159,7 +159,9 @@ def predict_rois(
     pooling (``pool_parts``: a pyramid level's share of one thread) goes through the box head as
     it is, so pooled features are never copied into one tensor. The slices follow the raster
     order of the RoIs, so that each pools RoIs near each other (cache locality; see ``_pool``);
-    the results come back in the proposals' order.
+    the results come back in the proposals' order. Only the head's outputs are kept per slice;
+    the losses and predictions are computed from them once, over all RoIs, and the head's weights
+    are cast to ``score_dtype`` once per pass.
 
     Args:
         heads: torchvision's ``RoIHeads`` (or ``SamplingRoIHeads``).
@@ -210,50 +212,57 @@ def _read_only_pass(
     rois = to_rois(list(proposals))
     labels = torch.cat([a.gt_class for a in assignments])
     targets_reg = torch.cat(targets_reg)
-    precision = contextlib.nullcontext()
     score_dtype = resolve_score_dtype(score_dtype, rois.device)
-    if score_dtype is not None:
-        # No cast cache: inside a training step's own autocast of another type (float16 AMP
-        # around bfloat16 scoring), the cache would hand the head weights of the outer type.
-        precision = torch.autocast(rois.device.type, dtype=score_dtype, cache_enabled=False)
     feature = next(iter(features.values()))
     rows = _slice_rows(heads.box_roi_pool, feature, rois.shape[0])
-    total = rois.shape[0] if predictions else 0
-    # float32 whatever the features' type (under autocast they are float16 / bfloat16): the losses
-    # are ranked, and ties made by a coarse type would decide the picks.
-    out = {
-        "loss": feature.new_empty(rois.shape[0], dtype=torch.float32),
-        "cls_loss": feature.new_empty(total, dtype=torch.float32),
-        "score": feature.new_empty(total, dtype=torch.float32),
-        "label": feature.new_empty(total, dtype=torch.int64),
-        "box": feature.new_empty((total, 4), dtype=torch.float32),
-    }
-    for part in raster_order(rois).split(rows):
-        # Each part of the pooling straight through the box head: its few numbers per RoI are
-        # all that is kept, so the pooled features are never copied into one tensor.
-        shapes = list(image_shapes)
-        for index, pooled in pool_parts(heads.box_roi_pool, features, rois[part], shapes):
-            which = part if index is None else part[index]
-            with precision:
-                class_logits, box_regression = run_read_only(
+    # Only the box head's outputs are kept, a few numbers per RoI, in the pooled features' type
+    # (their own under autocast: float16 / bfloat16 ones are cast up to it, exactly); the losses
+    # and predictions are computed from them once, over all RoIs, after the loop.
+    class_logits: Tensor | None = None
+    box_regression = feature.new_empty(0)
+    with _scoring_precision(rois.device.type, score_dtype):
+        for part in raster_order(rois).split(rows):
+            # Each part of the pooling straight through the box head, so the pooled features
+            # are never copied into one tensor.
+            shapes = list(image_shapes)
+            for index, pooled in pool_parts(heads.box_roi_pool, features, rois[part], shapes):
+                which = part if index is None else part[index]
+                logits, deltas = run_read_only(
                     heads.box_predictor, run_read_only(heads.box_head, pooled)
                 )
-            class_logits = class_logits.to(pooled.dtype)
-            box_regression = box_regression.to(pooled.dtype)
-            cls, box = fastrcnn_roi_losses(
-                class_logits, box_regression, labels[which], targets_reg[which], beta=box_loss_beta
-            )
-            out["loss"][which] = (cls + box).float()
-            if predictions:
-                score, label = class_logits.softmax(-1)[:, 1:].max(-1)
-                label = label + 1  # class 0 is the background
-                deltas = box_regression.reshape(which.numel(), -1, 4)
-                deltas = deltas[torch.arange(which.numel(), device=deltas.device), label]
-                out["cls_loss"][which] = cls.float()
-                out["score"][which] = score.float()
-                out["label"][which] = label
-                decoded = heads.box_coder.decode_single(deltas, rois[which, 1:])
-                out["box"][which] = decoded.float()
+                if class_logits is None:
+                    class_logits = pooled.new_empty((rois.shape[0], logits.shape[1]))
+                    box_regression = pooled.new_empty((rois.shape[0], deltas.shape[1]))
+                class_logits[which] = logits.to(pooled.dtype)
+                box_regression[which] = deltas.to(pooled.dtype)
+    assert class_logits is not None  # the loop pools at least one (possibly empty) part
+    cls, box = fastrcnn_roi_losses(
+        class_logits, box_regression, labels, targets_reg, beta=box_loss_beta
+    )
+    # float32 whatever the features' type (under autocast they are float16 / bfloat16): the
+    # losses are ranked, and ties made by a coarse type would decide the picks.
+    out = {"loss": (cls + box).float()}
+    if predictions:
+        score, label = class_logits.softmax(-1)[:, 1:].max(-1)
+        label = label + 1  # class 0 is the background
+        # The class count from the width, not -1, which is ambiguous with no RoIs.
+        deltas = box_regression.reshape(rois.shape[0], box_regression.shape[-1] // 4, 4)
+        deltas = deltas[torch.arange(rois.shape[0], device=deltas.device), label]
+        decoded = heads.box_coder.decode_single(deltas, rois[:, 1:])
+        out |= {
+            "cls_loss": cls.float(),
+            "score": score.float(),
+            "label": label,
+            "box": decoded.float(),
+        }
+    else:
+        empty = feature.new_empty(0, dtype=torch.float32)
+        out |= {
+            "cls_loss": empty,
+            "score": empty,
+            "label": feature.new_empty(0, dtype=torch.int64),
+            "box": feature.new_empty((0, 4), dtype=torch.float32),
+        }
     sizes = [p.shape[0] for p in proposals]
     split = {
         name: list(values.split(sizes)) if values.shape[0] else [values] * len(sizes)
@@ -262,13 +271,37 @@ def _read_only_pass(
     return [RoIScores(**{name: split[name][i] for name in out}) for i in range(len(sizes))]
 
 
+@contextlib.contextmanager
+def _scoring_precision(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast to ``dtype`` (nothing for None) with the box head's weights cast once per pass.
+
+    Autocast's cast cache holds a weight's cast by the weight alone, not by type: it is emptied
+    on entry, so that an enclosing autocast of another type (float16 AMP around bfloat16
+    scoring) cannot hand the head its casts, and on exit, so that the training pass that follows
+    under that autocast gets none of these. Emptying it costs an enclosing autocast at most a
+    cast it makes again. Without the cache, every part of every slice cast the weights anew.
+    """
+    if dtype is None:
+        yield
+        return
+    torch.clear_autocast_cache()
+    try:
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
+
+
 def _slice_rows(pool: nn.Module, feature: Tensor, total: int) -> int:
-    """RoIs per slice of the read-only pass: ``READ_ONLY_SLICE_BYTES`` of pooled features."""
+    """RoIs per slice of the read-only pass: at most ``READ_ONLY_SLICE_BYTES`` of pooled features,
+    in slices of equal size (none of a few RoIs left over, each costing a call of the box head)."""
     size = getattr(pool, "output_size", None)
     if size is None:  # not torchvision's pooler: one slice
         return max(1, total)
     h, w = (size, size) if isinstance(size, int) else size
-    return max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
+    rows = max(1, READ_ONLY_SLICE_BYTES // (feature.shape[1] * h * w * feature.element_size()))
+    slices = -(-total // rows)  # ceil
+    return max(1, -(-total // max(1, slices)))
 
 
 def rcnn_heads(model: nn.Module) -> RoIHeads | None:
