@@ -65,3 +65,26 @@ def test_boxes_whose_areas_overflow_are_refused(function) -> None:
             function(GOOD, torch.tensor([bad]))
     at_limit = torch.tensor([[0.0, 0.0, 2.0**62, 2.0**62]])
     assert torch.isfinite(function(GOOD, at_limit)).all()
+
+
+def test_integer_boxes_are_a_value_error() -> None:
+    with pytest.raises(ValueError, match=r"^a: expected a floating-point tensor, got torch.int64"):
+        box_iou(GOOD.long(), GOOD)
+
+
+def test_the_public_building_blocks_check_their_boxes() -> None:
+    # Both gave silent wrong answers on NaN and on boxes whose areas overflow.
+    from hardmine.sample.overlap import overlap_with_positives
+    from hardmine.sample.pisa import nms_match
+    from hardmine.sample.quota import flatten
+    from hardmine.structures import Assignment
+
+    for bad in (math.nan, 3e38):
+        boxes = torch.tensor([[0.0, 0.0, bad, bad], [0.0, 0.0, 10.0, 9.0]])
+        with pytest.raises(ValueError, match=r"^boxes: "):
+            nms_match(boxes, torch.tensor([0.9, 0.8]), torch.zeros(2).long(), 1, 0.5)
+        flat = flatten([Assignment.empty(2)])
+        with pytest.raises(ValueError, match=r"^boxes: "):
+            overlap_with_positives(boxes, flat, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"^scores: contains NaN"):
+        nms_match(GOOD, torch.tensor([math.nan, 0.5]), torch.zeros(2).long(), 1, 0.5)

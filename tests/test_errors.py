@@ -120,6 +120,11 @@ def _world(root: Path) -> dict[str, str]:
     far = {**other_ids, "images": [{"image_id": 1, "boxes": [[-500, -500, 5000, 5000]]}]}
     far["images"][0] |= {"scores": [0.9], "labels": [1]}
     (root / "far_negatives.json").write_text(json.dumps(far))
+    # Finite in JSON, infinite in float32 (a traceback), or beyond float32's box geometry (with a
+    # wide data.box_tolerance it trained, then stopped as if the learning rate diverged).
+    for name, box in (("f32inf", [0, 0, 3.5e38, 10]), ("huge", [0, 0, 1e30, 1e30])):
+        huge = {**far, "images": [{**far["images"][0], "boxes": [box]}]}
+        (root / f"{name}_negatives.json").write_text(json.dumps(huge))
     # COCO data with one category: the run was trained on three.
     write_coco(SceneDataset(2, seed=5, image_size=64, num_classes=1), root / "one_class")
     # COCO data without images.
@@ -248,6 +253,17 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
             2,
             "far_negatives.json: hard negatives mined from elsewhere: image id 1: box "
             "[-500.0, -500.0, 5000.0, 5000.0] reaches more than 1 px outside the 64x64 image",
+        ),
+        "hard negatives beyond float32": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/f32inf_negatives.json"],
+            2,
+            "f32inf_negatives.json: images[0] (image_id 1): boxes[0] = [0, 0, 3.5e+38, 10] "
+            "reaches beyond ±4.61169e+18 px",
+        ),
+        "hard negatives with overflowing areas": (
+            ["train", *TINY, *out, "--hard-negatives", f"{r}/huge_negatives.json"],
+            2,
+            "huge_negatives.json: images[0] (image_id 1): boxes[0] = [0, 0, 1e+30, 1e+30] reaches",
         ),
         "mine other categories": (
             ["mine", "--run", f"{r}/run", "--data", *coco, "--output", f"{r}/x.json"],

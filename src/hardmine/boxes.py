@@ -57,16 +57,19 @@ def check_boxes(boxes: Tensor, name: str) -> None:
         check_magnitude(float(boxes.detach().abs().amax()), boxes.dtype, name)
 
 
-def check_magnitude(largest: float, dtype: torch.dtype, name: str) -> None:
-    """Raise ``NonFiniteError`` if ``largest``, the largest absolute coordinate of boxes in
-    ``dtype``, is NaN, infinite or beyond ``coordinate_limit(dtype)``, naming ``name``."""
+def check_magnitude(
+    largest: float, dtype: torch.dtype, name: str, *, error: type[ValueError] = NonFiniteError
+) -> None:
+    """Raise ``error`` if ``largest``, the largest absolute coordinate of boxes in ``dtype``, is
+    NaN, infinite or beyond ``coordinate_limit(dtype)``, naming ``name``."""
     if not math.isfinite(largest):
-        raise NonFiniteError(f"{name}: contains NaN or infinite coordinates")
+        raise error(f"{name}: contains NaN or infinite coordinates")
     limit = coordinate_limit(dtype)
     if largest > limit:
-        raise NonFiniteError(
-            f"{name}: coordinates up to {largest:.3g}, beyond ±{limit:.3g}: the boxes' widths "
-            f"and areas would overflow {str(_geometry_dtype(dtype)).removeprefix('torch.')}"
+        geometry = str(_geometry_dtype(dtype)).removeprefix("torch.")
+        raise error(
+            f"{name}: coordinates up to {largest:.6g}, beyond ±2**{math.log2(limit):.0f} "
+            f"({limit:.3g}): the boxes' widths and areas would overflow {geometry}"
         )
 
 
@@ -131,9 +134,9 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     ``float32``.
 
     Raises:
-        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity, whose IoU would
-            be a silent NaN or 0.
-        ValueError: a last dimension other than 4.
+        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity, or coordinates
+            beyond ``±coordinate_limit`` (areas overflow), whose IoU would be a silent NaN or 0.
+        ValueError: a last dimension other than 4, or integer boxes.
 
     Example:
         >>> import torch
@@ -154,8 +157,9 @@ def box_iof(a: Tensor, b: Tensor) -> Tensor:
     box ``j``.
 
     Raises:
-        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity.
-        ValueError: a last dimension other than 4.
+        NonFiniteError: (a ``ValueError``) ``a`` or ``b`` holds NaN or infinity, or coordinates
+            beyond ``±coordinate_limit``.
+        ValueError: a last dimension other than 4, or integer boxes.
     """
     _check_pair(a, b)
     return iof_matrix(a, b)
@@ -165,7 +169,9 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
     for name, boxes in (("a", a), ("b", b)):
         if boxes.shape[-1:] != (4,):
             raise ValueError(f"{name}: expected boxes of shape [..., 4], got {list(boxes.shape)}")
-        if boxes.is_floating_point() and boxes.numel():
+        if not boxes.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {boxes.dtype}")
+        if boxes.numel():
             check_magnitude(float(boxes.detach().abs().amax()), boxes.dtype, name)
 
 

@@ -50,6 +50,16 @@ CASES = [
     (_damaged("labels", torch.tensor([1])), T1.format("labels") + "1 labels for 2 boxes"),
     (_damaged("boxes", NAN_BOXES, image=0), r'targets\[0\]\["boxes"\]: contains NaN'),
     (_damaged("labels", None), T1.format("labels") + "missing"),
+    # Finite, but their areas overflow float32: named as the ground truth, not as a candidate
+    # after the transform's resize, and refused by the plain builds too (they trained on it).
+    (
+        _damaged("boxes", torch.tensor([[0.0, 0.0, 1e30, 1e30], [20.0, 10.0, 60.0, 50.0]])),
+        T1.format("boxes") + r"coordinates up to 1e\+30, beyond ±2\*\*62",
+    ),
+    (
+        _damaged("hard_negatives", torch.tensor([[-3e38, 5.0, 3e38, 5.0]])),
+        T1.format("hard_negatives") + "coordinates up to 3e",
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """Comparison reports: statistics over seeds, paired differences, failures that do not spread."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,35 @@ def test_recording_a_failure_never_raises(tmp_path, caplog) -> None:
     outcome = Outcome("m", 1, tmp_path / "m" / "seed1")
     _record_failure(outcome, "RuntimeError: x", "the traceback")
     assert (outcome.run_dir / "error.txt").read_text() == "the traceback"
+
+
+def test_a_finished_run_without_evaluation_is_a_failure_that_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """A run trained by hand with train.eval_every 0 was read as finished and reported as
+    "AP n/a" among "0 runs"; it is now a failed run whose error names its folder."""
+    done = tmp_path / "random" / "seed0"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text(json.dumps({"metrics": {}, "steps": 1, "seconds": 1.0}))
+    (result,) = run_comparison(default_compare_base(), METHODS[:1], [0], tmp_path)
+    assert result.error is not None
+    assert f"{done}: this run finished without an evaluation (train.eval_every 0)" in result.error
+    assert "delete its folder" in result.error
+
+
+@pytest.mark.parametrize(
+    ("methods", "overrides", "where"),
+    [
+        (METHODS, {"train.eval_every": 0}, r"^train.eval_every 0"),  # every run: no method named
+        ((METHODS[0], parse_method("ohem:train.eval_every=0")), {}, r"^--methods ohem:train"),
+    ],
+)
+def test_a_comparison_without_evaluation_is_refused_before_any_run(
+    tmp_path: Path, methods: tuple, overrides: dict, where: str
+) -> None:
+    base = default_compare_base()
+    if overrides:
+        base = replace(base, train=replace(base.train, eval_every=overrides["train.eval_every"]))
+    with pytest.raises(ConfigError, match=where):
+        run_comparison(base, methods, [0], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()

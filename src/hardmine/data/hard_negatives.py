@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hardmine._atomic import write_atomic
+from hardmine.boxes import coordinate_limit
 from hardmine.data.coco import coco_gt_of
 from hardmine.errors import DataError
 
@@ -56,6 +57,8 @@ VERSION = 1
 FOLDER_VERSION = 2
 #: The target entry that carries an image's mined boxes, ``float32 [M, 4]`` xyxy pixels.
 HARD_NEGATIVES_KEY = "hard_negatives"
+#: The largest |coordinate| of a mined box (they are read as float32): beyond it, areas overflow.
+COORDINATE_LIMIT = coordinate_limit(torch.float32)
 
 
 class HardNegativesFormatError(DataError):
@@ -190,6 +193,11 @@ def _parse_entry(entry: Any, where: str) -> tuple[int, MinedBoxes]:
             raise HardNegativesFormatError(
                 f"{where}: boxes[{j}] must be four finite numbers, got {box!r}"
             )
+        if max(map(abs, box)) > COORDINATE_LIMIT:
+            raise HardNegativesFormatError(
+                f"{where}: boxes[{j}] = {box} reaches beyond ±{COORDINATE_LIMIT:.6g} px, where "
+                "the boxes' areas overflow float32"
+            )
         if box[2] < box[0] or box[3] < box[1]:
             raise HardNegativesFormatError(
                 f"{where}: boxes[{j}] = {box} is not xyxy (x2 < x1 or y2 < y1)"
@@ -211,8 +219,8 @@ def load_hard_negatives(path: str | Path) -> HardNegatives:
     Raises:
         HardNegativesFormatError: the file is missing, not JSON, of another format or version,
             or has a malformed entry (wrong keys, boxes that are not four finite numbers in xyxy
-            order, lengths that disagree, a duplicate image id); the message names the file and
-            the entry.
+            order within ±``COORDINATE_LIMIT``, lengths that disagree, a duplicate image id); the
+            message names the file and the entry.
     """
     path = Path(path)
     try:

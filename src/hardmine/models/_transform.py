@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from hardmine.boxes import upcast
+from hardmine.boxes import check_magnitude, upcast
 from hardmine.data.hard_negatives import HARD_NEGATIVES_KEY
 
 #: Target entries holding ``[M, 4]`` boxes in image pixels besides ``boxes``: ignore regions
@@ -24,10 +24,11 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | No
     targets that would otherwise fail obscurely later (a NaN ground truth reported as a NaN
     *candidate* once it is copied among the proposals; an ``IndexError`` inside the sampler).
 
-    Per image ``i``: ``boxes`` a finite floating ``[G, 4]`` tensor; ``labels`` an integer ``[G]``
-    tensor of object classes, ``1 <= label < num_classes`` (0 is the background, and
-    ``num_classes`` counts it, as the detector's own does); ``ignore_boxes`` and
-    ``hard_negatives``, where present, finite floating ``[M, 4]``.
+    Per image ``i``: ``boxes`` a finite floating ``[G, 4]`` tensor within
+    ``±hardmine.boxes.coordinate_limit``; ``labels`` an integer ``[G]`` tensor of object classes,
+    ``1 <= label < num_classes`` (0 is the background, and ``num_classes`` counts it, as the
+    detector's own does); ``ignore_boxes`` and ``hard_negatives``, where present, the same as
+    ``boxes`` in shape ``[M, 4]``.
 
     Args:
         targets: per image, as the detector's ``forward`` takes them in training.
@@ -48,8 +49,10 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], num_classes: int | No
                 raise ValueError(f"{where}: expected a floating-point [M, 4] tensor, got {got}")
             if boxes.dim() != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"{where}: expected shape [M, 4] (xyxy), got {list(boxes.shape)}")
-            if boxes.numel() and not bool(torch.isfinite(boxes).all()):
-                raise ValueError(f"{where}: contains NaN or infinite coordinates")
+            if boxes.numel():  # NaN, infinity, or coordinates whose areas would overflow
+                # A plain ValueError: a NonFiniteError in training means that the run diverged.
+                largest = float(boxes.detach().abs().amax())
+                check_magnitude(largest, boxes.dtype, where, error=ValueError)
         labels = target.get("labels")
         where = f'targets[{i}]["labels"]'
         if labels is None:

@@ -330,12 +330,21 @@ def _run_configs(
         for method in methods
         for seed in seeds
     }
-    for (name, _), config in configs.items():
-        if not config.train.eval_every:
-            raise ConfigError(
-                f"{name}: train.eval_every 0 trains without evaluation, and the comparison is of "
-                "each run's AP: give 1 or more (the runs are evaluated at the end whatever it is)"
-            )
+    unevaluated = [name for (name, _), c in configs.items() if not c.train.eval_every]
+    if unevaluated:
+        variants = [m.name for m in methods if "train.eval_every" in m.overrides]
+        named = [n for n in unevaluated if n in variants]
+        # Named where a variant set it; where every run has it, it is the comparison's own.
+        if named:
+            where = f"--methods {named[0]}: "
+        elif len(unevaluated) < len(configs):
+            where = f"{unevaluated[0]}: "
+        else:
+            where = ""
+        raise ConfigError(
+            f"{where}train.eval_every 0 trains without evaluation, and the comparison is of each "
+            "run's AP: give 1 or more (the runs are evaluated at the end whatever it is)"
+        )
     return configs
 
 
@@ -380,13 +389,17 @@ def train_run(config: RunConfig) -> None:
 def _read_results(outcome: Outcome) -> None:
     """Fill ``outcome`` from its run's ``results.json``."""
     results = json.loads((outcome.run_dir / RESULTS_NAME).read_text())
+    if "AP" not in results["metrics"]:  # trained by hand with train.eval_every 0
+        raise RunError(
+            f"{outcome.run_dir}: this run finished without an evaluation (train.eval_every 0), "
+            "so it has no AP to compare: delete its folder, and the comparison trains it again"
+        )
     outcome.metrics, outcome.seconds = results["metrics"], results["seconds"]
-    ap = outcome.metrics.get("AP")
     log.info(
-        "%s, seed %d: AP %s, %.1f min",
+        "%s, seed %d: AP %.1f, %.1f min",
         outcome.method,
         outcome.seed,
-        "n/a" if ap is None else f"{100 * ap:.1f}",
+        100 * outcome.metrics["AP"],
         outcome.seconds / 60,
     )
 

@@ -155,7 +155,11 @@ def overlap_with_positives(
         of 1 included; 0 in an image without positives), and ``iou_pe: float [N]``: for
         positives, max IoU with any *other* candidate of the image among ``examples``, 0
         elsewhere. ``float32`` for half-precision boxes.
+
+    Raises:
+        ValueError: non-finite or overflowing boxes (``hardmine.boxes.check_boxes``).
     """
+    check_boxes(boxes, "boxes")
     return _overlaps(boxes, flat, positive, with_pe=with_pe, examples=examples, budget=budget)
 
 

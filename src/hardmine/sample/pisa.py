@@ -257,7 +257,19 @@ def nms_match(
         >>> leader, rank = nms_match(boxes, scores, torch.zeros(3).long(), 1, 0.5)
         >>> leader.tolist(), rank.tolist()
         ([0, 0, 2], [0, 1, 0])
+
+    Raises:
+        ValueError: non-finite or overflowing boxes or non-finite scores (``check_boxes``).
     """
+    check_boxes(boxes, "boxes")
+    check_finite(scores, "scores")
+    return _nms_match(boxes, scores, segment, num_segments, iou_thr)
+
+
+def _nms_match(
+    boxes: Tensor, scores: Tensor, segment: Tensor, num_segments: int, iou_thr: float
+) -> tuple[Tensor, Tensor]:
+    """``nms_match`` without the input check: the sampler checked its input once."""
     n = scores.numel()
     leader = torch.full((n,), -1, dtype=torch.int64, device=scores.device)
     rank = leader.clone()
@@ -309,7 +321,7 @@ def score_hlr(
     Returns:
         ``int64 [N]``: 0-based HLR within the image where ``valid``, -1 elsewhere.
     """
-    _, group_rank = nms_match(boxes, scores, torch.where(valid, image, -1), num_images, iou_thr)
+    _, group_rank = _nms_match(boxes, scores, torch.where(valid, image, -1), num_images, iou_thr)
     index = torch.nonzero(valid).flatten()
     order = torch.argsort(scores[index], descending=True, stable=True)
     order = order[torch.argsort(group_rank[index][order], stable=True)]
