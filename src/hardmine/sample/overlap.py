@@ -10,6 +10,7 @@ docstring, the text's reading as the default and the others by name.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -233,8 +234,10 @@ def _keyed_overlaps(
     iou_pn = planes.new_zeros(n)
     central = _central_positives(planes, flat, pos_index)
     iou_pn[read] = first = _central_overlaps(central, read, None)
-    rows = torch.zeros(n, dtype=torch.bool)
-    rows[read[pn_key.rise(first) < float("inf")]] = True
+    # The least IoU that may raise each candidate's key; infinite where nothing can (or unread).
+    need = planes.new_full((n,), float("inf"))
+    need[read] = pn_key.rise(first)
+    rows = need < float("inf")
     pos_count = flat.count(positive)
     p_max = int(pos_count.max())
     most = _TREE_ABOVE[True] * n
@@ -246,7 +249,7 @@ def _keyed_overlaps(
         pairs *= torch.bincount(group[rows], minlength=b * span)
         found = None
         if int(pairs.sum()) <= _PAIRS_ABOVE * n:
-            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, need)
         if found is None and b * p_max * flat.max_size <= most:
             found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
         if found is not None:
@@ -283,6 +286,18 @@ def _iou_block(cand: Tensor, pos: Tensor) -> Tensor:
     union = cand[4] + pos[4]
     union -= inter
     return inter.div_(union.clamp_(min=BOX_EPS))
+
+
+def _group_bounds(planes: Tensor, size: Tensor) -> Tensor:
+    """The ``_bound_block`` node of each run of ``planes: [P, 5]``, ``size: int64 [G]`` long
+    (none empty) -> ``[11, G]``: least and greatest x1, y1, x2, y2, least width, height, area."""
+    x1, y1, x2, y2, area = planes.unbind(1)
+    width, height = (x2 - x1).clamp_(min=0), (y2 - y1).clamp_(min=0)
+    least = torch.stack([x1, y1, x2, y2, width, height, area], 1)  # [P, 7]
+    least = torch.segment_reduce(least, "min", lengths=size, axis=0, unsafe=True)  # [G, 7]
+    most = torch.segment_reduce(planes[:, :4], "max", lengths=size, axis=0, unsafe=True)
+    corners = torch.stack([least[:, :4], most], 2).view(-1, 8)  # [G, 8]: least, greatest x1, ...
+    return torch.cat([corners, least[:, 4:]], 1).T.contiguous()
 
 
 def _dense_overlaps(
@@ -353,7 +368,7 @@ def _sparse_overlaps(
     budget: int,
     p_max: int,
     most: int | None = None,
-    rows: Tensor | None = None,
+    need: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
 
@@ -366,15 +381,18 @@ def _sparse_overlaps(
     Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
     groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
     the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
-    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it. With
-    ``rows: bool [N]`` (``with_pe`` False), only those candidates are listed: the others'
-    ``iou_pn`` is 0.
+    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
+
+    With ``need: float [N]`` (``with_pe`` False), only a key of ``iou_pn`` is wanted
+    (``_keyed_overlaps``): only the candidates of finite ``need`` are listed (the others'
+    ``iou_pn`` is 0), and each only in the groups whose ``_bound_block`` bound of the IoU with
+    any of their positives reaches its ``need``; an IoU below it cannot raise the candidate's key.
 
     Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
     pairs than ``_dense_overlaps``, or more than ``most``.
     """
     n, device = planes.shape[0], planes.device
-    b, size = flat.num_images, flat.max_size
+    b = flat.num_images
     pos_index = positive.nonzero()[:, 0]  # [P]
     gt = flat.gt_index[pos_index].clamp(min=0)
     key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
@@ -392,20 +410,29 @@ def _sparse_overlaps(
         torch.arange(groups, device=device) - (torch.cumsum(per_image, 0) - per_image)[group_image]
     )
     g_max = int(per_image.max())
-    pos_planes = planes[pos_index]  # [P, 5]
-    index = pos_group[:, None].expand(-1, 2)
-    lo = planes.new_full((groups, 2), float("inf")).scatter_reduce_(
-        0, index, pos_planes[:, :2], "amin"
-    )
-    hi = planes.new_full((groups, 2), float("-inf")).scatter_reduce_(
-        0, index, pos_planes[:, 2:4], "amax"
-    )
+    pos_planes = planes[pos_index]  # [P, 5], sorted by group
+    node = _group_bounds(pos_planes, group_size)  # [11, G]
     union = planes.new_empty(b, g_max, 4)
     union[..., :2], union[..., 2:] = float("inf"), float("-inf")  # padding meets nothing
-    union[group_image, local] = torch.cat([lo, hi], 1)
+    union[group_image, local] = node[[0, 2, 5, 7]].T  # least x1, y1, greatest x2, y2
     union = union[..., None]  # [B, G_max, 4, 1]
+    if need is None:  # every candidate, at its position in its image
+        size, row_image, row_position = flat.max_size, flat.image, flat.position
+        listed_planes, candidate = planes, None
+    else:  # only the candidates whose key may rise, packed at the front of each image's row
+        candidate = (need < float("inf")).nonzero()[:, 0]  # [R]
+        row_count = flat.count(need < float("inf"))  # [B]
+        size = int(row_count.max())
+        row_image = flat.image[candidate]
+        row_position = (
+            torch.arange(candidate.shape[0]) - (row_count.cumsum(0) - row_count)[row_image]
+        )
+        listed_planes = planes[candidate]
+        candidate = candidate.new_full((b, size), n).index_put_(
+            (row_image, row_position), candidate
+        )  # [B, R_max]: the candidate in each place, n for padding
     padded = planes.new_zeros(b, size, 5)  # zero-area padding meets nothing either
-    padded[flat.image, flat.position] = planes
+    padded[row_image, row_position] = listed_planes
     cand = padded.transpose(1, 2)[:, None]  # [B, 1, 5, N_max]
     hit = torch.empty(b, g_max, size, dtype=torch.bool, device=device)
     step = max(1, budget // (b * size))  # groups per block: bounded temporaries
@@ -415,10 +442,6 @@ def _sparse_overlaps(
         meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
         meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
         hit[:, start : start + step] = meet
-    if rows is not None:  # only these candidates' iou_pn is wanted
-        wanted = torch.zeros(b, 1, size, dtype=torch.bool, device=device)
-        wanted[flat.image, 0, flat.position] = rows
-        hit &= wanted
 
     # Largest groups first: the groups with a k-th positive are then a prefix.
     by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
@@ -426,6 +449,7 @@ def _sparse_overlaps(
     rename[by_size] = torch.arange(groups, device=device)
     group_size, group_image = group_size[by_size], group_image[by_size]
     hit = hit.view(b * g_max, size)[group_image * g_max + local[by_size]]  # [G, N_max]
+    node = node[:, by_size]
     pos_group = rename[pos_group]
     slot = torch.arange(pos_index.shape[0], device=device) - group_first[by_size][pos_group]
     # Entries (group, flag, row), flag 1 for candidates that are no example of iou_pe.
@@ -438,7 +462,17 @@ def _sparse_overlaps(
         hit = torch.stack([hit & is_example, hit & ~is_example], 1)
     hit = hit.view(groups, flags, size)
     entries = hit.nonzero()  # [E, 3]: (group, flag, row), sorted
-    if entries.shape[0] == 0:  # every positive has zero area: every IoU is 0
+    planes_t = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]
+    if candidate is None:
+        entry_candidate = flat.bounds[group_image[entries[:, 0]]] + entries[:, 2]  # [E]
+    else:
+        entry_candidate = candidate.view(-1)[group_image[entries[:, 0]] * size + entries[:, 2]]
+        # The margin of _search_tree: the bound is at least every IoU to the bit.
+        margin = 1 + 64 * torch.finfo(planes.dtype).eps
+        bound = _bound_block(_take(planes_t, entry_candidate), _take(node, entries[:, 0]))
+        keep = bound.mul_(margin) >= need.index_select(0, entry_candidate)
+        entries, entry_candidate = entries[keep], entry_candidate[keep]
+    if entries.shape[0] == 0:  # no IoU above 0 (every positive has zero area), or none needed
         return planes.new_zeros(n), planes.new_zeros(n)
     segment = entries[:, 0] * flags + entries[:, 1]
     seg_count = torch.bincount(segment, minlength=groups * flags)
@@ -451,7 +485,9 @@ def _sparse_overlaps(
     k_max = sizes[0]
     chunk = max(1, budget // (tiles * _TILE))
     starts = range(0, k_max, chunk)
-    active = [sum(s > k for s in sizes) for k in starts]  # groups with a k-th positive
+    # Groups with a k-th positive: sizes run largest first, so a bisection counts them.
+    negated = [-s for s in sizes]
+    active = [bisect_left(negated, -k) for k in starts]
     work = sum(min(chunk, k_max - k) * prefix[g] for k, g in zip(starts, active, strict=True))
     if work * _TILE >= b * p_max * size or (most is not None and work * _TILE > most):
         return None
@@ -461,9 +497,8 @@ def _sparse_overlaps(
     at = seg_start[segment] + e - seg_first[segment]  # [E]: place in the tiled list
     row = entries[:, 2]
     cand_of = torch.full((tiles * _TILE,), n, dtype=torch.int64, device=device)
-    cand_of[at] = flat.bounds[group_image[entries[:, 0]]] + row
-    listed = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous().index_select(1, cand_of)
-    listed = listed.view(5, 1, tiles, _TILE)
+    cand_of[at] = entry_candidate
+    listed = _take(planes_t, cand_of).view(5, 1, tiles, _TILE)
     tile_segment = torch.repeat_interleave(torch.arange(groups * flags, device=device), seg_tiles)
     tile_group = torch.cat([tile_segment.new_tensor([groups]), tile_segment // flags])  # [T]
     left_out = torch.cat(
