@@ -249,7 +249,9 @@ def _keyed_overlaps(
         pairs *= torch.bincount(group[rows], minlength=b * span)
         found = None
         if int(pairs.sum()) <= _PAIRS_ABOVE * n:
-            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, need)
+            found = _sparse_overlaps(
+                planes, flat, positive, False, None, budget, p_max, most, need, central
+            )
         if found is None and b * p_max * flat.max_size <= most:
             found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
         if found is not None:
@@ -355,8 +357,10 @@ def _dense_overlaps(
 
 
 # Candidates per tile of a group's list: long enough a contiguous axis for every pass to vectorise
-# (shorter rows cost the CPU several times more per IoU), short enough to pad little.
-_TILE = 32
+# (shorter rows cost the CPU several times more per IoU), short enough to pad little. Half that
+# with ``need``: the bounds leave a group a few dozen candidates, which longer tiles pad by half
+# (at B = 16, 16 costs about 7% less than 32, and 8 more again).
+_TILE = {False: 32, True: 16}
 
 
 def _sparse_overlaps(
@@ -369,6 +373,7 @@ def _sparse_overlaps(
     p_max: int,
     most: int | None = None,
     need: Tensor | None = None,
+    central: _Central | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
 
@@ -378,7 +383,7 @@ def _sparse_overlaps(
     left out have an intersection of exactly 0, hence an IoU of 0, the floor of both maxima. Any
     grouping would be exact; ground truths make tight ones.
 
-    Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
+    Each group's candidates are listed in tiles (``_TILE``; padded with a zero-area box), the
     groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
     the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
     candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
@@ -387,20 +392,26 @@ def _sparse_overlaps(
     (``_keyed_overlaps``): only the candidates of finite ``need`` are listed (the others'
     ``iou_pn`` is 0), and each only in the groups whose ``_bound_block`` bound of the IoU with
     any of their positives reaches its ``need``; an IoU below it cannot raise the candidate's key.
+    ``central`` (of ``positive``, ``_central_positives``) spares sorting the positives again.
 
     Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
     pairs than ``_dense_overlaps``, or more than ``most``.
     """
     n, device = planes.shape[0], planes.device
-    b = flat.num_images
-    pos_index = positive.nonzero()[:, 0]  # [P]
-    gt = flat.gt_index[pos_index].clamp(min=0)
-    key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
-    key, order = torch.sort(key, stable=True)
-    pos_index = pos_index[order]
-    _, pos_group, group_size = torch.unique_consecutive(
-        key, return_inverse=True, return_counts=True
-    )
+    b, tile = flat.num_images, _TILE[need is not None]
+    if central is None:
+        pos_index = positive.nonzero()[:, 0]  # [P]
+        gt = flat.gt_index[pos_index].clamp(min=0)
+        key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
+        key, order = torch.sort(key, stable=True)
+        pos_index = pos_index[order]
+        _, pos_group, group_size = torch.unique_consecutive(
+            key, return_inverse=True, return_counts=True
+        )
+        planes_t = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]
+    else:  # the same grouping, already sorted
+        pos_index, group_size, planes_t = central.ranked, central.size, central.table
+        pos_group = torch.repeat_interleave(torch.arange(group_size.shape[0]), group_size)
     groups = group_size.shape[0]
     # Each group's union box, then where it lies in a [B, G_max] layout of the groups per image.
     group_first = torch.cumsum(group_size, 0) - group_size
@@ -410,7 +421,7 @@ def _sparse_overlaps(
         torch.arange(groups, device=device) - (torch.cumsum(per_image, 0) - per_image)[group_image]
     )
     g_max = int(per_image.max())
-    pos_planes = planes[pos_index]  # [P, 5], sorted by group
+    pos_planes = planes.index_select(0, pos_index)  # [P, 5], sorted by group
     node = _group_bounds(pos_planes, group_size)  # [11, G]
     union = planes.new_empty(b, g_max, 4)
     union[..., :2], union[..., 2:] = float("inf"), float("-inf")  # padding meets nothing
@@ -462,7 +473,6 @@ def _sparse_overlaps(
         hit = torch.stack([hit & is_example, hit & ~is_example], 1)
     hit = hit.view(groups, flags, size)
     entries = hit.nonzero()  # [E, 3]: (group, flag, row), sorted
-    planes_t = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]
     if candidate is None:
         entry_candidate = flat.bounds[group_image[entries[:, 0]]] + entries[:, 2]  # [E]
     else:
@@ -476,29 +486,29 @@ def _sparse_overlaps(
         return planes.new_zeros(n), planes.new_zeros(n)
     segment = entries[:, 0] * flags + entries[:, 1]
     seg_count = torch.bincount(segment, minlength=groups * flags)
-    seg_tiles = (seg_count + _TILE - 1) // _TILE
+    seg_tiles = (seg_count + tile - 1) // tile
     group_tiles = seg_tiles.view(groups, flags).sum(1)  # [G]
     tiles = 1 + int(group_tiles.sum())  # tile 0: padding only, the "nowhere" of own cells
     # Compare the work with the dense path's before building anything large.
     sizes = group_size.tolist()
     prefix = list(accumulate(group_tiles.tolist(), initial=1))  # [G + 1]: tiles before group g
     k_max = sizes[0]
-    chunk = max(1, budget // (tiles * _TILE))
+    chunk = max(1, budget // (tiles * tile))
     starts = range(0, k_max, chunk)
     # Groups with a k-th positive: sizes run largest first, so a bisection counts them.
     negated = [-s for s in sizes]
     active = [bisect_left(negated, -k) for k in starts]
     work = sum(min(chunk, k_max - k) * prefix[g] for k, g in zip(starts, active, strict=True))
-    if work * _TILE >= b * p_max * size or (most is not None and work * _TILE > most):
+    if work * tile >= b * p_max * size or (most is not None and work * tile > most):
         return None
     seg_first = torch.cumsum(seg_count, 0) - seg_count
-    seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * _TILE
+    seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * tile
     e = torch.arange(entries.shape[0], device=device)
     at = seg_start[segment] + e - seg_first[segment]  # [E]: place in the tiled list
     row = entries[:, 2]
-    cand_of = torch.full((tiles * _TILE,), n, dtype=torch.int64, device=device)
+    cand_of = torch.full((tiles * tile,), n, dtype=torch.int64, device=device)
     cand_of[at] = entry_candidate
-    listed = _take(planes_t, cand_of).view(5, 1, tiles, _TILE)
+    listed = _take(planes_t, cand_of).view(5, 1, tiles, tile)
     tile_segment = torch.repeat_interleave(torch.arange(groups * flags, device=device), seg_tiles)
     tile_group = torch.cat([tile_segment.new_tensor([groups]), tile_segment // flags])  # [T]
     left_out = torch.cat(
@@ -508,7 +518,7 @@ def _sparse_overlaps(
     # a chunk of slots at a time: the whole [5, K_max, T] would outgrow the budget.
     table = planes.new_zeros(5, k_max, groups + 1)
     table[:, slot, pos_group] = pos_planes.T
-    best_pn = planes.new_zeros(tiles * _TILE)  # [L]
+    best_pn = planes.new_zeros(tiles * tile)  # [L]
     iou_pe = planes.new_zeros(n)
     if with_pe:
         # A positive's own cell in the list, found by its (segment, row) key; 0 (padding) if absent.
@@ -523,8 +533,8 @@ def _sparse_overlaps(
         t = prefix[g]
         per_tile = table[:, k : k + chunk].index_select(2, tile_group[:t])[..., None]
         iou = _iou_block(listed[:, :, :t], per_tile)  # [c, t, TILE]
-        flat_iou = iou.view(iou.shape[0], t * _TILE)
-        torch.maximum(best_pn[: t * _TILE], flat_iou.amax(0), out=best_pn[: t * _TILE])
+        flat_iou = iou.view(iou.shape[0], t * tile)
+        torch.maximum(best_pn[: t * tile], flat_iou.amax(0), out=best_pn[: t * tile])
         if with_pe:
             flat_iou.scatter_(1, own[k : k + chunk, :g], 0)
             part = iou.amax(2).masked_fill_(left_out[:t], 0)  # [c, t]
@@ -637,6 +647,8 @@ class _Central(NamedTuple):
     index: Tensor  # int64 [G + 1, C]: the group's central positives, N where it has fewer
     lookup: Tensor  # int64 [B * span]: a group number's row of ``index`` (G: none)
     table: Tensor  # [5, N + 1]: the candidates' planes, column N a box of IoU 0
+    ranked: Tensor  # int64 [P]: the positives by group, then by overlap with the ground truth
+    size: Tensor  # int64 [G]: positives per group
 
 
 def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _Central:
@@ -656,7 +668,7 @@ def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _C
     lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
     lookup[keys] = torch.arange(keys.shape[0])
     table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
-    return _Central(group, span, central, lookup, table)
+    return _Central(group, span, central, lookup, table, ranked, size)
 
 
 def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) -> Tensor:
