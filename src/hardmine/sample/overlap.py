@@ -649,6 +649,7 @@ class _Central(NamedTuple):
     table: Tensor  # [5, N + 1]: the candidates' planes, column N a box of IoU 0
     ranked: Tensor  # int64 [P]: the positives by group, then by overlap with the ground truth
     size: Tensor  # int64 [G]: positives per group
+    planes: Tensor  # [5 * C, G + 1]: the planes of ``index``, x1 of each, then y1, ...
 
 
 def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _Central:
@@ -668,7 +669,9 @@ def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _C
     lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
     lookup[keys] = torch.arange(keys.shape[0])
     table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
-    return _Central(group, span, central, lookup, table, ranked, size)
+    # Gathered once: each query then reads a small table, not columns across all the planes.
+    near = _take(table, central.T.reshape(-1)).view(5 * _CENTRAL, -1)
+    return _Central(group, span, central, lookup, table, ranked, size, near)
 
 
 def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) -> Tensor:
@@ -676,14 +679,14 @@ def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) 
     (``_central_positives``): a lower bound of ``iou_pn``, or with ``counted: bool [N]`` (the
     others left out, and the query itself) of ``iou_pe``. ``query: int64 [Q]`` lists the
     candidates -> ``[Q]`` (0 where the ground truth has no positive)."""
-    n = central.group.shape[0]
     row = central.lookup.index_select(0, central.group.index_select(0, query))
-    pick = central.index.index_select(0, row)  # [Q, C]
+    near = _take(central.planes, row).view(5, _CENTRAL, -1)  # [5, C, Q]
+    iou = _iou_block(_take(central.table, query)[:, None], near)  # [C, Q]
     if counted is not None:
-        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
-        pick = pick.masked_fill(out, n)
-    near = _take(central.table, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
-    return _iou_block(_take(central.table, query)[:, None], near).amax(0)
+        pick = central.index.index_select(0, row).T  # [C, Q]
+        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query)
+        iou.masked_fill_(out, 0)  # the floor of the maximum
+    return iou.amax(0)
 
 
 def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
