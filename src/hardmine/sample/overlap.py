@@ -1072,6 +1072,36 @@ def _soft_observed(
     return draw(flat, weight, group, target[:, None], max_quota=max_quota, generator=generator)
 
 
+def _best_matched(flat: FlatBatch, matched: Tensor) -> Tensor:
+    """Each (image, ground truth)'s ``matched: bool [N]`` candidate of the largest ``max_iou``,
+    ties to the lower index -> ``bool [N]``.
+
+    On the CPU, where a host read is free, two scatters over the matched candidates (each ground
+    truth's largest overlap, then the least index that holds it) take the place of the sorts of
+    ``segment_by_key`` and ``take_top_in_segments``: the same picks.
+    """
+    if flat.device.type != "cpu":
+        keys = torch.where(matched, flat.max_iou, float("-inf"))
+        per_gt = segment_by_key(flat.image, flat.gt_index, matched)
+        return take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
+    n = matched.shape[0]
+    index = matched.nonzero()[:, 0]  # [M]
+    if index.shape[0] == 0:
+        return torch.zeros_like(matched)
+    gt = flat.gt_index.index_select(0, index)
+    low, high = (int(v) for v in torch.aminmax(gt))
+    span = high - low + 1
+    segment = flat.image.index_select(0, index) * span + (gt - low)  # [M]: (image, ground truth)
+    iou = flat.max_iou.index_select(0, index)
+    top = iou.new_full((flat.num_images * span,), float("-inf"))
+    top.scatter_reduce_(0, segment, iou, "amax")
+    holds = iou == top.index_select(0, segment)
+    first = torch.full_like(top, n, dtype=torch.int64)
+    first.scatter_reduce_(0, segment, torch.where(holds, index, n), "amin")
+    best = first.index_select(0, segment) == index
+    return torch.zeros_like(matched).index_put_((index,), best)
+
+
 def sample_overlap(
     boxes: Sequence[Tensor],
     assignments: Sequence[Assignment],
@@ -1273,8 +1303,5 @@ def sample_overlap(
     weight = mask.to(upcast(flat.max_iou).dtype)
     if epsilon != 1.0:
         matched = pos_mask if epsilon_on == "any_positive" else pos_mask & ~gt_copy
-        keys = torch.where(matched, flat.max_iou, float("-inf"))
-        per_gt = segment_by_key(flat.image, flat.gt_index, matched)
-        best = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
-        weight = torch.where(best, epsilon, weight)
+        weight = torch.where(_best_matched(flat, matched), epsilon, weight)
     return flat.split(mask, weight)
