@@ -555,15 +555,16 @@ def _sparse_overlaps(
 _LEAF = 8
 _SHIFT = _LEAF.bit_length() - 1
 # Work of ``_sparse_overlaps`` (IoUs per candidate of the batch) above which trees cost less,
-# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave) and for
-# exact ones (``_tree_overlaps``): measured on proposals around their ground truths
-# (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between 16,000 and 32,000
-# proposals per image, keyed or exact).
-_TREE_ABOVE = {True: 400, False: 1000}
+# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave, in the
+# pairs its bounds keep) and for exact ones (``_tree_overlaps``): measured on proposals around
+# their ground truths (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between
+# 48,000 and 64,000 proposals per image keyed, work about 260 and 360; between 16,000 and
+# 32,000 exact).
+_TREE_ABOVE = {True: 300, False: 1000}
 # The same for ``_keyed_overlaps``, estimated before listing the pairs: (positives of a ground
 # truth) x (candidates left matched to it), per candidate of the batch. 20 ground truths:
-# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000.
-_PAIRS_ABOVE = 110
+# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000, 320 at 64,000.
+_PAIRS_ABOVE = 240
 # Candidates per batch above which keys pay: below, ``_keyed_overlaps``'s passes cost more than
 # they save (measured on proposals around their ground truths).
 _KEYED_ABOVE = 2048
