@@ -620,6 +620,8 @@ def _others(
     Returns ``found`` raised to the maxima (their keys, with ``key``): ``[P]``.
     """
     n, b = planes.shape[0], flat.num_images
+    if todo.shape[0] == 0:  # the usual case with keys: the central positives settled them all
+        return found
     left = torch.zeros(n, dtype=torch.bool)
     left[pos_index[todo]] = True
     left_count = flat.count(left)
