@@ -10,8 +10,14 @@ import torch
 import hardmine.sample.overlap as overlap_module
 from hardmine.boxes import box_area, box_iou, upcast
 from hardmine.sample import OverlapSampler, overlap_with_positives, sample_overlap
-from hardmine.sample.overlap import _dense_overlaps, _overlap_key, _overlaps, _sparse_overlaps
-from hardmine.sample.quota import flatten
+from hardmine.sample.overlap import (
+    _best_matched,
+    _dense_overlaps,
+    _overlap_key,
+    _overlaps,
+    _sparse_overlaps,
+)
+from hardmine.sample.quota import flatten, segment_by_key, take_top_in_segments
 from hardmine.structures import Assignment
 
 POSITIVE_BOX = [0.0, 0.0, 100.0, 100.0]
@@ -159,6 +165,28 @@ def test_epsilon_weights_each_ground_truths_best_matched_pick():
     assert (sel.weight[5:] == 1).all()
     sel = sample_overlap([boxes], [a], num=25, pos_fraction=0.5, epsilon=1.0)[0]
     assert (sel.weight == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_best_matched_on_the_cpu_picks_what_the_sorted_segments_pick(dtype) -> None:
+    """The CPU's scatters of ε's best-matched picks against the sorts of every other device: one
+    per (image, ground truth), the largest max IoU, ties (many, on a coarse grid) to the lower
+    index; negative ground-truth indices, an image with nothing matched, an empty one: 2 x 8."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [300, 0, 40, 200]
+    assignments = []
+    for n in sizes:
+        gt = torch.randint(-1, 7, (n,), generator=gen)
+        iou = (torch.randint(0, 5, (n,), generator=gen) / 4).to(dtype)
+        assignments.append(Assignment(torch.ones(n, dtype=torch.int8), gt, iou, gt))
+    flat = flatten(assignments)
+    matched = torch.rand(flat.total, generator=gen) < 0.5
+    matched[300:340] = False  # the third image: nothing matched
+    keys = torch.where(matched, flat.max_iou, float("-inf"))
+    per_gt = segment_by_key(flat.image, flat.gt_index, matched)
+    want = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
+    assert torch.equal(_best_matched(flat, matched), want) and int(want.sum()) == 16
+    assert not _best_matched(flat, torch.zeros_like(matched)).any()
 
 
 def test_positives_over_quota_follow_pos_strategy():

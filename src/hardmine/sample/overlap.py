@@ -10,6 +10,7 @@ docstring, the text's reading as the default and the others by name.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -237,8 +238,10 @@ def _keyed_overlaps(
     iou_pn = planes.new_zeros(n)
     central = _central_positives(planes, flat, pos_index)
     iou_pn[read] = first = _central_overlaps(central, read, None)
-    rows = torch.zeros(n, dtype=torch.bool)
-    rows[read[pn_key.rise(first) < float("inf")]] = True
+    # The least IoU that may raise each candidate's key; infinite where nothing can (or unread).
+    need = planes.new_full((n,), float("inf"))
+    need[read] = pn_key.rise(first)
+    rows = need < float("inf")
     pos_count = flat.count(positive)
     p_max = int(pos_count.max())
     most = _TREE_ABOVE[True] * n
@@ -250,7 +253,9 @@ def _keyed_overlaps(
         pairs *= torch.bincount(group[rows], minlength=b * span)
         found = None
         if int(pairs.sum()) <= _PAIRS_ABOVE * n:
-            found = _sparse_overlaps(planes, flat, positive, False, None, budget, p_max, most, rows)
+            found = _sparse_overlaps(
+                planes, flat, positive, False, None, budget, p_max, most, need, central
+            )
         if found is None and b * p_max * flat.max_size <= most:
             found = _dense_overlaps(planes, flat, positive, pos_count, p_max, False, None, budget)
         if found is not None:
@@ -287,6 +292,18 @@ def _iou_block(cand: Tensor, pos: Tensor) -> Tensor:
     union = cand[4] + pos[4]
     union -= inter
     return inter.div_(union.clamp_(min=BOX_EPS))
+
+
+def _group_bounds(planes: Tensor, size: Tensor) -> Tensor:
+    """The ``_bound_block`` node of each run of ``planes: [P, 5]``, ``size: int64 [G]`` long
+    (none empty) -> ``[11, G]``: least and greatest x1, y1, x2, y2, least width, height, area."""
+    x1, y1, x2, y2, area = planes.unbind(1)
+    width, height = (x2 - x1).clamp_(min=0), (y2 - y1).clamp_(min=0)
+    least = torch.stack([x1, y1, x2, y2, width, height, area], 1)  # [P, 7]
+    least = torch.segment_reduce(least, "min", lengths=size, axis=0, unsafe=True)  # [G, 7]
+    most = torch.segment_reduce(planes[:, :4], "max", lengths=size, axis=0, unsafe=True)
+    corners = torch.stack([least[:, :4], most], 2).view(-1, 8)  # [G, 8]: least, greatest x1, ...
+    return torch.cat([corners, least[:, 4:]], 1).T.contiguous()
 
 
 def _dense_overlaps(
@@ -344,8 +361,10 @@ def _dense_overlaps(
 
 
 # Candidates per tile of a group's list: long enough a contiguous axis for every pass to vectorise
-# (shorter rows cost the CPU several times more per IoU), short enough to pad little.
-_TILE = 32
+# (shorter rows cost the CPU several times more per IoU), short enough to pad little. Half that
+# with ``need``: the bounds leave a group a few dozen candidates, which longer tiles pad by half
+# (at B = 16, 16 costs about 7% less than 32, and 8 more again).
+_TILE = {False: 32, True: 16}
 
 
 def _sparse_overlaps(
@@ -357,7 +376,8 @@ def _sparse_overlaps(
     budget: int,
     p_max: int,
     most: int | None = None,
-    rows: Tensor | None = None,
+    need: Tensor | None = None,
+    central: _Central | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``overlap_with_positives`` over the (positive, candidate) pairs that may intersect.
 
@@ -367,26 +387,35 @@ def _sparse_overlaps(
     left out have an intersection of exactly 0, hence an IoU of 0, the floor of both maxima. Any
     grouping would be exact; ground truths make tight ones.
 
-    Each group's candidates are listed in tiles of ``_TILE`` (padded with a zero-area box), the
+    Each group's candidates are listed in tiles (``_TILE``; padded with a zero-area box), the
     groups largest first, so that the groups holding a k-th positive own a prefix of the tiles;
     the positives are compared slot by slot, a chunk of slots at a time, with that prefix. The
-    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it. With
-    ``rows: bool [N]`` (``with_pe`` False), only those candidates are listed: the others'
-    ``iou_pn`` is 0.
+    candidates that are no example of ``iou_pe`` get tiles of their own, left out of it.
+
+    With ``need: float [N]`` (``with_pe`` False), only a key of ``iou_pn`` is wanted
+    (``_keyed_overlaps``): only the candidates of finite ``need`` are listed (the others'
+    ``iou_pn`` is 0), and each only in the groups whose ``_bound_block`` bound of the IoU with
+    any of their positives reaches its ``need``; an IoU below it cannot raise the candidate's key.
+    ``central`` (of ``positive``, ``_central_positives``) spares sorting the positives again.
 
     Reads sizes from the host throughout (CPU only). Returns None where it would compare no fewer
     pairs than ``_dense_overlaps``, or more than ``most``.
     """
     n, device = planes.shape[0], planes.device
-    b, size = flat.num_images, flat.max_size
-    pos_index = positive.nonzero()[:, 0]  # [P]
-    gt = flat.gt_index[pos_index].clamp(min=0)
-    key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
-    key, order = torch.sort(key, stable=True)
-    pos_index = pos_index[order]
-    _, pos_group, group_size = torch.unique_consecutive(
-        key, return_inverse=True, return_counts=True
-    )
+    b, tile = flat.num_images, _TILE[need is not None]
+    if central is None:
+        pos_index = positive.nonzero()[:, 0]  # [P]
+        gt = flat.gt_index[pos_index].clamp(min=0)
+        key = flat.image[pos_index] * (int(gt.max()) + 1) + gt  # (image, ground truth)
+        key, order = torch.sort(key, stable=True)
+        pos_index = pos_index[order]
+        _, pos_group, group_size = torch.unique_consecutive(
+            key, return_inverse=True, return_counts=True
+        )
+        planes_t = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]
+    else:  # the same grouping, already sorted
+        pos_index, group_size, planes_t = central.ranked, central.size, central.table
+        pos_group = torch.repeat_interleave(torch.arange(group_size.shape[0]), group_size)
     groups = group_size.shape[0]
     # Each group's union box, then where it lies in a [B, G_max] layout of the groups per image.
     group_first = torch.cumsum(group_size, 0) - group_size
@@ -396,20 +425,29 @@ def _sparse_overlaps(
         torch.arange(groups, device=device) - (torch.cumsum(per_image, 0) - per_image)[group_image]
     )
     g_max = int(per_image.max())
-    pos_planes = planes[pos_index]  # [P, 5]
-    index = pos_group[:, None].expand(-1, 2)
-    lo = planes.new_full((groups, 2), float("inf")).scatter_reduce_(
-        0, index, pos_planes[:, :2], "amin"
-    )
-    hi = planes.new_full((groups, 2), float("-inf")).scatter_reduce_(
-        0, index, pos_planes[:, 2:4], "amax"
-    )
+    pos_planes = planes.index_select(0, pos_index)  # [P, 5], sorted by group
+    node = _group_bounds(pos_planes, group_size)  # [11, G]
     union = planes.new_empty(b, g_max, 4)
     union[..., :2], union[..., 2:] = float("inf"), float("-inf")  # padding meets nothing
-    union[group_image, local] = torch.cat([lo, hi], 1)
+    union[group_image, local] = node[[0, 2, 5, 7]].T  # least x1, y1, greatest x2, y2
     union = union[..., None]  # [B, G_max, 4, 1]
+    if need is None:  # every candidate, at its position in its image
+        size, row_image, row_position = flat.max_size, flat.image, flat.position
+        listed_planes, candidate = planes, None
+    else:  # only the candidates whose key may rise, packed at the front of each image's row
+        candidate = (need < float("inf")).nonzero()[:, 0]  # [R]
+        row_count = flat.count(need < float("inf"))  # [B]
+        size = int(row_count.max())
+        row_image = flat.image[candidate]
+        row_position = (
+            torch.arange(candidate.shape[0]) - (row_count.cumsum(0) - row_count)[row_image]
+        )
+        listed_planes = planes[candidate]
+        candidate = candidate.new_full((b, size), n).index_put_(
+            (row_image, row_position), candidate
+        )  # [B, R_max]: the candidate in each place, n for padding
     padded = planes.new_zeros(b, size, 5)  # zero-area padding meets nothing either
-    padded[flat.image, flat.position] = planes
+    padded[row_image, row_position] = listed_planes
     cand = padded.transpose(1, 2)[:, None]  # [B, 1, 5, N_max]
     hit = torch.empty(b, g_max, size, dtype=torch.bool, device=device)
     step = max(1, budget // (b * size))  # groups per block: bounded temporaries
@@ -419,10 +457,6 @@ def _sparse_overlaps(
         meet = torch.minimum(cand[:, :, 2], u[:, :, 2]) > torch.maximum(cand[:, :, 0], u[:, :, 0])
         meet &= torch.minimum(cand[:, :, 3], u[:, :, 3]) > torch.maximum(cand[:, :, 1], u[:, :, 1])
         hit[:, start : start + step] = meet
-    if rows is not None:  # only these candidates' iou_pn is wanted
-        wanted = torch.zeros(b, 1, size, dtype=torch.bool, device=device)
-        wanted[flat.image, 0, flat.position] = rows
-        hit &= wanted
 
     # Largest groups first: the groups with a k-th positive are then a prefix.
     by_size = torch.argsort(group_size, descending=True, stable=True)  # new -> old
@@ -430,6 +464,7 @@ def _sparse_overlaps(
     rename[by_size] = torch.arange(groups, device=device)
     group_size, group_image = group_size[by_size], group_image[by_size]
     hit = hit.view(b * g_max, size)[group_image * g_max + local[by_size]]  # [G, N_max]
+    node = node[:, by_size]
     pos_group = rename[pos_group]
     slot = torch.arange(pos_index.shape[0], device=device) - group_first[by_size][pos_group]
     # Entries (group, flag, row), flag 1 for candidates that are no example of iou_pe.
@@ -442,42 +477,52 @@ def _sparse_overlaps(
         hit = torch.stack([hit & is_example, hit & ~is_example], 1)
     hit = hit.view(groups, flags, size)
     entries = hit.nonzero()  # [E, 3]: (group, flag, row), sorted
-    if entries.shape[0] == 0:  # every positive has zero area: every IoU is 0
+    if candidate is None:
+        entry_candidate = flat.bounds[group_image[entries[:, 0]]] + entries[:, 2]  # [E]
+    else:
+        entry_candidate = candidate.view(-1)[group_image[entries[:, 0]] * size + entries[:, 2]]
+        # The margin of _search_tree: the bound is at least every IoU to the bit.
+        margin = 1 + 64 * torch.finfo(planes.dtype).eps
+        bound = _bound_block(_take(planes_t, entry_candidate), _take(node, entries[:, 0]))
+        keep = bound.mul_(margin) >= need.index_select(0, entry_candidate)
+        entries, entry_candidate = entries[keep], entry_candidate[keep]
+    if entries.shape[0] == 0:  # no IoU above 0 (every positive has zero area), or none needed
         return planes.new_zeros(n), planes.new_zeros(n)
     segment = entries[:, 0] * flags + entries[:, 1]
     seg_count = torch.bincount(segment, minlength=groups * flags)
-    seg_tiles = (seg_count + _TILE - 1) // _TILE
+    seg_tiles = (seg_count + tile - 1) // tile
     group_tiles = seg_tiles.view(groups, flags).sum(1)  # [G]
     tiles = 1 + int(group_tiles.sum())  # tile 0: padding only, the "nowhere" of own cells
     # Compare the work with the dense path's before building anything large.
     sizes = group_size.tolist()
     prefix = list(accumulate(group_tiles.tolist(), initial=1))  # [G + 1]: tiles before group g
     k_max = sizes[0]
-    chunk = max(1, budget // (tiles * _TILE))
+    chunk = max(1, budget // (tiles * tile))
     starts = range(0, k_max, chunk)
-    active = [sum(s > k for s in sizes) for k in starts]  # groups with a k-th positive
+    # Groups with a k-th positive: sizes run largest first, so a bisection counts them.
+    negated = [-s for s in sizes]
+    active = [bisect_left(negated, -k) for k in starts]
     work = sum(min(chunk, k_max - k) * prefix[g] for k, g in zip(starts, active, strict=True))
-    if work * _TILE >= b * p_max * size or (most is not None and work * _TILE > most):
+    if work * tile >= b * p_max * size or (most is not None and work * tile > most):
         return None
     seg_first = torch.cumsum(seg_count, 0) - seg_count
-    seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * _TILE
+    seg_start = (1 + torch.cumsum(seg_tiles, 0) - seg_tiles) * tile
     e = torch.arange(entries.shape[0], device=device)
     at = seg_start[segment] + e - seg_first[segment]  # [E]: place in the tiled list
     row = entries[:, 2]
-    cand_of = torch.full((tiles * _TILE,), n, dtype=torch.int64, device=device)
-    cand_of[at] = flat.bounds[group_image[entries[:, 0]]] + row
-    listed = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous().index_select(1, cand_of)
-    listed = listed.view(5, 1, tiles, _TILE)
+    cand_of = torch.full((tiles * tile,), n, dtype=torch.int64, device=device)
+    cand_of[at] = entry_candidate
+    listed = _take(planes_t, cand_of).view(5, 1, tiles, tile)
     tile_segment = torch.repeat_interleave(torch.arange(groups * flags, device=device), seg_tiles)
     tile_group = torch.cat([tile_segment.new_tensor([groups]), tile_segment // flags])  # [T]
     left_out = torch.cat(
         [tile_segment.new_tensor([True], dtype=torch.bool), tile_segment % flags == 1]
     )
-    # Positives by slot and group, [5, K_max, G + 1]; group G is padding. Spread over the tiles
-    # a chunk of slots at a time: the whole [5, K_max, T] would outgrow the budget.
-    table = planes.new_zeros(5, k_max, groups + 1)
-    table[:, slot, pos_group] = pos_planes.T
-    best_pn = planes.new_zeros(tiles * _TILE)  # [L]
+    # Positives by group and slot, [G + 1, K_max, 5]; group G is padding. Spread over the tiles
+    # a chunk of slots at a time: the whole [T, K_max, 5] would outgrow the budget.
+    table = planes.new_zeros(groups + 1, k_max, 5)
+    table[pos_group, slot] = pos_planes
+    best_pn = planes.new_zeros(tiles * tile)  # [L]
     iou_pe = planes.new_zeros(n)
     if with_pe:
         # A positive's own cell in the list, found by its (segment, row) key; 0 (padding) if absent.
@@ -490,10 +535,13 @@ def _sparse_overlaps(
         best_pe = planes.new_zeros(k_max, groups)
     for k, g in zip(starts, active, strict=True):
         t = prefix[g]
-        per_tile = table[:, k : k + chunk].index_select(2, tile_group[:t])[..., None]
+        # Whole rows of the slots' planes per tile, then the block's layout [5, c, t]: several
+        # times faster than gathering single values across the planes.
+        per_tile = table[:, k : k + chunk].index_select(0, tile_group[:t]).permute(2, 1, 0)
+        per_tile = per_tile.contiguous()[..., None]
         iou = _iou_block(listed[:, :, :t], per_tile)  # [c, t, TILE]
-        flat_iou = iou.view(iou.shape[0], t * _TILE)
-        torch.maximum(best_pn[: t * _TILE], flat_iou.amax(0), out=best_pn[: t * _TILE])
+        flat_iou = iou.view(iou.shape[0], t * tile)
+        torch.maximum(best_pn[: t * tile], flat_iou.amax(0), out=best_pn[: t * tile])
         if with_pe:
             flat_iou.scatter_(1, own[k : k + chunk, :g], 0)
             part = iou.amax(2).masked_fill_(left_out[:t], 0)  # [c, t]
@@ -511,15 +559,16 @@ def _sparse_overlaps(
 _LEAF = 8
 _SHIFT = _LEAF.bit_length() - 1
 # Work of ``_sparse_overlaps`` (IoUs per candidate of the batch) above which trees cost less,
-# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave) and for
-# exact ones (``_tree_overlaps``): measured on proposals around their ground truths
-# (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between 16,000 and 32,000
-# proposals per image, keyed or exact).
-_TREE_ABOVE = {True: 400, False: 1000}
+# for keyed maxima (``_keyed_overlaps``, on the candidates the central positives leave, in the
+# pairs its bounds keep) and for exact ones (``_tree_overlaps``): measured on proposals around
+# their ground truths (``benchmarks/scaling.py``, 20 ground truths: the trees overtake between
+# 48,000 and 64,000 proposals per image keyed, work about 260 and 360; between 16,000 and
+# 32,000 exact).
+_TREE_ABOVE = {True: 300, False: 1000}
 # The same for ``_keyed_overlaps``, estimated before listing the pairs: (positives of a ground
 # truth) x (candidates left matched to it), per candidate of the batch. 20 ground truths:
-# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000.
-_PAIRS_ABOVE = 110
+# about 40 at 8,000 proposals per image, 80 at 16,000, 160 at 32,000, 320 at 64,000.
+_PAIRS_ABOVE = 240
 # Candidates per batch above which keys pay: below, ``_keyed_overlaps``'s passes cost more than
 # they save (measured on proposals around their ground truths).
 _KEYED_ABOVE = 2048
@@ -575,6 +624,8 @@ def _others(
     Returns ``found`` raised to the maxima (their keys, with ``key``): ``[P]``.
     """
     n, b = planes.shape[0], flat.num_images
+    if todo.shape[0] == 0:  # the usual case with keys: the central positives settled them all
+        return found
     left = torch.zeros(n, dtype=torch.bool)
     left[pos_index[todo]] = True
     left_count = flat.count(left)
@@ -606,18 +657,31 @@ class _Central(NamedTuple):
     index: Tensor  # int64 [G + 1, C]: the group's central positives, N where it has fewer
     lookup: Tensor  # int64 [B * span]: a group number's row of ``index`` (G: none)
     table: Tensor  # [5, N + 1]: the candidates' planes, column N a box of IoU 0
+    ranked: Tensor  # int64 [P]: the positives by group, then by overlap with the ground truth
+    size: Tensor  # int64 [G]: positives per group
+    planes: Tensor  # [5 * C, G + 1]: the planes of ``index``, x1 of each, then y1, ...
 
 
 def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _Central:
     """Each (image, ground truth) group's ``_CENTRAL`` positives of ``pos_index: int64 [P]``
-    that overlap the ground truth most, ties to the lower index."""
+    that overlap the ground truth most (in ``float32``), ties to the lower index.
+
+    Which positives are central changes only how many candidates they settle, never a key: the
+    float32 overlaps serve for any type of ``max_iou``.
+    """
     n = planes.shape[0]
     span = int(flat.gt_index.max()) + 2
     group = flat.image * span + flat.gt_index + 1  # [N]: (image, ground truth)
-    order = torch.argsort(flat.max_iou[pos_index], descending=True, stable=True)
-    order = order[torch.argsort(group[pos_index][order], stable=True)]
+    # One stable sort of int64 keys, the group in the high 32 bits and the overlap, largest
+    # first, in the low 32, instead of a float sort and a group sort (a float sort alone costs
+    # about twice an int64 one). The float's bits, all but the sign flipped for negatives, are an
+    # integer of the same order.
+    bits = flat.max_iou.index_select(0, pos_index).to(torch.float32).view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # [P]: the overlaps' order
+    pos_group = group.index_select(0, pos_index)
+    order = torch.argsort(pos_group * (1 << 32) + ((1 << 31) - 1 - ordered), stable=True)
     ranked = pos_index[order]  # by group, then by overlap with the ground truth
-    keys, size = torch.unique_consecutive(group[ranked], return_counts=True)
+    keys, size = torch.unique_consecutive(pos_group[order], return_counts=True)
     j = torch.arange(_CENTRAL)
     at = (torch.cumsum(size, 0) - size)[:, None] + j  # [G, C]
     central = torch.where(j < size[:, None], ranked[at.clamp(max=ranked.shape[0] - 1)], n)
@@ -625,7 +689,9 @@ def _central_positives(planes: Tensor, flat: FlatBatch, pos_index: Tensor) -> _C
     lookup = torch.full((flat.num_images * span,), keys.shape[0], dtype=torch.int64)
     lookup[keys] = torch.arange(keys.shape[0])
     table = torch.cat([planes, planes.new_zeros(1, 5)]).T.contiguous()  # [5, N + 1]; N: IoU 0
-    return _Central(group, span, central, lookup, table)
+    # Gathered once: each query then reads a small table, not columns across all the planes.
+    near = _take(table, central.T.reshape(-1)).view(5 * _CENTRAL, -1)
+    return _Central(group, span, central, lookup, table, ranked, size, near)
 
 
 def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) -> Tensor:
@@ -633,14 +699,14 @@ def _central_overlaps(central: _Central, query: Tensor, counted: Tensor | None) 
     (``_central_positives``): a lower bound of ``iou_pn``, or with ``counted: bool [N]`` (the
     others left out, and the query itself) of ``iou_pe``. ``query: int64 [Q]`` lists the
     candidates -> ``[Q]`` (0 where the ground truth has no positive)."""
-    n = central.group.shape[0]
     row = central.lookup.index_select(0, central.group.index_select(0, query))
-    pick = central.index.index_select(0, row)  # [Q, C]
+    near = _take(central.planes, row).view(5, _CENTRAL, -1)  # [5, C, Q]
+    iou = _iou_block(_take(central.table, query)[:, None], near)  # [C, Q]
     if counted is not None:
-        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query[:, None])
-        pick = pick.masked_fill(out, n)
-    near = _take(central.table, pick.T.reshape(-1)).view(5, _CENTRAL, -1)  # [5, C, Q]
-    return _iou_block(_take(central.table, query)[:, None], near).amax(0)
+        pick = central.index.index_select(0, row).T  # [C, Q]
+        out = ~torch.cat([counted, counted.new_zeros(1)])[pick] | (pick == query)
+        iou.masked_fill_(out, 0)  # the floor of the maximum
+    return iou.amax(0)
 
 
 def _leaf_mates(tree: _Tree, counted: Tensor) -> Tensor:
@@ -1026,6 +1092,36 @@ def _soft_observed(
     return draw(flat, weight, group, target[:, None], max_quota=max_quota, generator=generator)
 
 
+def _best_matched(flat: FlatBatch, matched: Tensor) -> Tensor:
+    """Each (image, ground truth)'s ``matched: bool [N]`` candidate of the largest ``max_iou``,
+    ties to the lower index -> ``bool [N]``.
+
+    On the CPU, where a host read is free, two scatters over the matched candidates (each ground
+    truth's largest overlap, then the least index that holds it) take the place of the sorts of
+    ``segment_by_key`` and ``take_top_in_segments``: the same picks.
+    """
+    if flat.device.type != "cpu":
+        keys = torch.where(matched, flat.max_iou, float("-inf"))
+        per_gt = segment_by_key(flat.image, flat.gt_index, matched)
+        return take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
+    n = matched.shape[0]
+    index = matched.nonzero()[:, 0]  # [M]
+    if index.shape[0] == 0:
+        return torch.zeros_like(matched)
+    gt = flat.gt_index.index_select(0, index)
+    low, high = (int(v) for v in torch.aminmax(gt))
+    span = high - low + 1
+    segment = flat.image.index_select(0, index) * span + (gt - low)  # [M]: (image, ground truth)
+    iou = flat.max_iou.index_select(0, index)
+    top = iou.new_full((flat.num_images * span,), float("-inf"))
+    top.scatter_reduce_(0, segment, iou, "amax")
+    holds = iou == top.index_select(0, segment)
+    first = torch.full_like(top, n, dtype=torch.int64)
+    first.scatter_reduce_(0, segment, torch.where(holds, index, n), "amin")
+    best = first.index_select(0, segment) == index
+    return torch.zeros_like(matched).index_put_((index,), best)
+
+
 def sample_overlap(
     boxes: Sequence[Tensor],
     assignments: Sequence[Assignment],
@@ -1227,8 +1323,5 @@ def sample_overlap(
     weight = mask.to(upcast(flat.max_iou).dtype)
     if epsilon != 1.0:
         matched = pos_mask if epsilon_on == "any_positive" else pos_mask & ~gt_copy
-        keys = torch.where(matched, flat.max_iou, float("-inf"))
-        per_gt = segment_by_key(flat.image, flat.gt_index, matched)
-        best = take_top_in_segments(keys, per_gt, torch.ones_like(per_gt))
-        weight = torch.where(best, epsilon, weight)
+        weight = torch.where(_best_matched(flat, matched), epsilon, weight)
     return flat.split(mask, weight)
