@@ -512,12 +512,12 @@ def _cases(root: Path) -> dict[str, tuple[list[str], int, str]]:
         "compare without evaluation": (
             ["compare", "--train.eval_every", "0", "--output", f"{r}/cmp_noeval"],
             2,
-            "random: train.eval_every 0 trains without evaluation",
+            "compare: error: train.eval_every 0 trains without evaluation",
         ),
         "compare variant without evaluation": (
             ["compare", "--methods", "random:train.eval_every=0", "--plan"],
             2,
-            "random:train.eval_every=0: train.eval_every 0 trains without",
+            "--methods random:train.eval_every=0: train.eval_every 0 trains without",
         ),
         "compare jobs neither a number nor auto": (
             ["compare", "--jobs", "many"],
