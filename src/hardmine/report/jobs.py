@@ -219,6 +219,7 @@ def _child(
     # The parent's SIGTERM (and _exit_with_parent's) ends the training as an exception would:
     # the DataLoader workers stop and the semaphores are unlinked on the way out.
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGINT, _stop_on_sigint)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1) as out:
@@ -239,6 +240,8 @@ def _child(
             message = (f"{type(error).__name__}: {error}".splitlines()[0], text)
         else:
             message = (None, None)
+        # Ended: the parent's SIGTERM must not cut the way out short (_stop_on_sigint).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with contextlib.suppress(OSError):  # a parent that stopped reading is gone or stopping
             send.send(message)
         send.close()
@@ -249,6 +252,17 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     status for SIGTERM), so that it is cleaned up like a process that returns."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
     raise SystemExit(128 + signum)
+
+
+def _stop_on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C in a training process (the terminal signals the whole process group): end it by
+    ``KeyboardInterrupt``, as Python would, and ignore the SIGTERM that the parent, stopped by the
+    same Ctrl-C, sends next. Raised in the middle of the way out, that ``SystemExit`` could fall
+    between a semaphore's unlink and its unregistering (``multiprocessing``'s ``SemLock``
+    finaliser), and the resource tracker then warned of a leaked semaphore that was gone. The
+    parent's SIGKILL after ``STOP_SECONDS`` still ends a process that does not stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _exit_with_parent(parent: int) -> None:
