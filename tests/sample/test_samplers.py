@@ -127,26 +127,29 @@ READS = {
 @pytest.mark.parametrize(
     ("name", "field"), [(name, field) for name in sorted(SAMPLERS) for field in READS[name]]
 )
-def test_non_finite_input_raises(name, field):
+@pytest.mark.parametrize("image", [0, 3])
+def test_non_finite_input_raises(name, field, image):
     boxes, assignments, losses = _batch()
     extra = _extra(_make(name), boxes)
     if field == "scores":
-        first = extra["scores"][0]
-        score = first.score.clone()
+        old = extra["scores"][image]
+        score = old.score.clone()
         score[3] = float("nan")
-        extra["scores"][0] = RoIScores(first.loss, first.cls_loss, score, first.label, first.box)
+        extra["scores"][image] = RoIScores(old.loss, old.cls_loss, score, old.label, old.box)
     elif field == "boxes":
-        boxes[0] = boxes[0].clone()
-        boxes[0][3, 1] = float("inf")
+        boxes[image] = boxes[image].clone()
+        boxes[image][3, 1] = float("inf")
     elif field == "losses":
-        losses[0] = losses[0].clone()
-        losses[0][3] = float("nan")
+        losses[image] = losses[image].clone()
+        losses[image][3] = float("nan")
     else:
-        a = assignments[0]
+        a = assignments[image]
         max_iou = a.max_iou.clone()
         max_iou[3] = float("nan")
-        assignments[0] = Assignment(a.label, a.gt_index, max_iou, a.gt_class)
-    with pytest.raises(ValueError, match=field):
+        assignments[image] = Assignment(a.label, a.gt_index, max_iou, a.gt_class)
+    # The error names the image (the stranger's check: the samplers said only "boxes").
+    named = rf"^{field}(\.score)?\[{image}\]: contains NaN or infinite"
+    with pytest.raises(ValueError, match=named):
         _make(name)(boxes, assignments, losses=losses, **extra)
 
 

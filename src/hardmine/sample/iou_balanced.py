@@ -344,7 +344,7 @@ def sample_iou_balanced(
     iou = upcast(flat.max_iou)  # the bin arithmetic in float32 even for half-precision IoUs
     # A sum is finite when every term is: one reduction, where isfinite and all make two passes.
     if not math.isfinite(iou.sum()):
-        check_finite(iou, "max_iou")
+        flat.check(check_finite, iou, "max_iou")
     if flat.device.type == "cpu":
         return flat.split(
             _sample_cpu(

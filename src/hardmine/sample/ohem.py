@@ -133,13 +133,13 @@ def sample_ohem(
     check_ohem_settings(num=num, nms_iou=nms_iou, pos_fraction=pos_fraction)
     flat = flatten(assignments)
     flat_boxes = flat.cat(boxes, "boxes")
-    check_boxes(flat_boxes, "boxes")
+    flat.check(check_boxes, flat_boxes, "boxes")
     loss = flat.cat(losses, "losses")
     if loss.dim() != 1 or not loss.is_floating_point():
         raise ValueError(
             f"losses: expected floating [N_i] tensors, got {loss.dtype} {loss.dim()}-D"
         )
-    check_finite(loss, "losses")
+    flat.check(check_finite, loss, "losses")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
     if pos_fraction is None:
         num_groups, group = 1, torch.where(pos | neg, 0, -1)

@@ -1277,8 +1277,8 @@ def sample_overlap(
     )
     flat = flatten(assignments)
     flat_boxes = flat.cat(boxes, "boxes")
-    check_boxes(flat_boxes, "boxes")
-    check_finite(flat.max_iou, "max_iou")
+    flat.check(check_boxes, flat_boxes, "boxes")
+    flat.check(check_finite, flat.max_iou, "max_iou")
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
     gt_copy = flat.max_iou >= 1  # positive, or ignored where an ignore region covers it
     pn_pos = pos if gt_copies_in_pn else pos & ~gt_copy  # the positives of IoU(p,n)

@@ -423,13 +423,13 @@ def sample_pisa(
         raise ValueError("sample_pisa with isr_n needs the read-only pass's scores, got None")
     flat = flatten(assignments)
     score = flat.cat([s.score for s in scores], "scores.score")
-    check_finite(score, "scores.score")
+    flat.check(check_finite, score, "scores.score")
     # Compared in float32 at least: in half, 0.05 itself rounds (bfloat16: to 0.0500488).
     score = score.to(torch.promote_types(score.dtype, torch.float32))
     pred = flat.cat([s.box for s in scores], "scores.box")
-    check_boxes(pred, "scores.box")
+    flat.check(check_boxes, pred, "scores.box")
     cls_loss = flat.cat([s.cls_loss for s in scores], "scores.cls_loss")
-    check_finite(cls_loss, "scores.cls_loss")
+    flat.check(check_finite, cls_loss, "scores.cls_loss")
 
     pos, neg = flat.label == POSITIVE, flat.label == NEGATIVE
     num_pos = flat.count(pos).clamp(max=int(num * pos_fraction))  # [B]

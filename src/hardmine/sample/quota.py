@@ -12,7 +12,7 @@ candidate may not be picked at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import accumulate
@@ -125,6 +125,17 @@ class FlatBatch:
             if v.shape[0] != n:
                 raise ValueError(f"{name}[{i}]: got {v.shape[0]} rows, expected {n} candidates")
         return torch.cat(list(values))
+
+    def check(self, check: Callable[[Tensor, str], None], values: Tensor, name: str) -> None:
+        """``check(values, name)`` on flat ``values`` (``hardmine.boxes.check_boxes`` or
+        ``check_finite``): one pass and one sync for the batch; where it fails, the error names
+        the first image that fails it, ``name[i]``."""
+        try:
+            check(values, name)
+        except ValueError:
+            for i, part in enumerate(values.split(self.sizes)):
+                check(part, f"{name}[{i}]")
+            raise
 
     def split(self, mask: Tensor, weight: Tensor | None = None) -> list[Selection]:
         """Cut flat ``mask`` / ``weight`` back into one ``Selection`` per image."""
